@@ -1,0 +1,18 @@
+"""Conversion: replace attention modules in place (one file per method, a registry by name)."""
+
+from . import lolcats  # noqa: F401  (registers the method)
+from .architectures import FAMILIES, family_of
+from .base import METHODS, SwappedAttention, attention_mode, swapped_modules
+from .swap import apply_swaps, convert_model, parse_layers
+
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "SwappedAttention",
+    "apply_swaps",
+    "attention_mode",
+    "convert_model",
+    "family_of",
+    "parse_layers",
+    "swapped_modules",
+]

@@ -1,0 +1,156 @@
+"""The swap mechanism: a base class for replacement attention modules and a registry of methods.
+
+A replacement takes over the original module's projections (q_proj, k_proj, v_proj, o_proj and, where
+the family has them, q_norm/k_norm) under the same names, so a base checkpoint's weights load into it
+unchanged and LoRA finds the usual target names. It adds only its own parameters.
+
+Every replacement runs in one of three modes, which distillation switches without knowing the method:
+- ``student``: the replacement attention (the default, and what a saved model runs);
+- ``teacher``: the original softmax attention, computed from the same projections;
+- ``transfer``: returns the teacher output, and stores the MSE between student and teacher outputs
+  in ``transfer_loss`` (stage 1 attention transfer, with teacher forcing between layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+MODES = ("student", "teacher", "transfer")
+METHODS: dict[str, type[SwappedAttention]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.method = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+class SwappedAttention(nn.Module):
+    method: ClassVar[str] = ""
+    _stolen = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+    def __init__(self, original: nn.Module, config, layer_idx: int, options: dict):
+        super().__init__()
+        for name in self._stolen:
+            if hasattr(original, name):
+                setattr(self, name, getattr(original, name))
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.options = dict(options)
+        self.mode = "student"
+        self.transfer_loss: torch.Tensor | None = None
+
+    # --- to be provided by each method -------------------------------------------------------
+    @classmethod
+    def default_options(cls, config) -> dict:
+        return {}
+
+    def student(self, q, k, v, cache_state=None) -> torch.Tensor:
+        """q: (B, T, H, D), k/v: (B, T, Hk, D) after RoPE -> (B, T, H, D)."""
+        raise NotImplementedError
+
+    def transfer_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by attention transfer (stage 1)."""
+        raise NotImplementedError
+
+    # --- shared machinery --------------------------------------------------------------------
+    def project(self, hidden_states, position_embeddings):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q, k, v
+
+    def softmax_attention(self, q, k, v, attention_mask=None):
+        """Exact causal softmax attention (the teacher), via SDPA, GQA without copying KV heads."""
+        Tq, Tk = q.shape[1], k.shape[1]
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask[..., -Tk:]
+            if mask.dtype != torch.bool:
+                mask = mask == 0
+        elif Tq > 1:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if past_key_values is not None:
+            # Full key/value history: correct for any method, not yet constant-memory.
+            kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = kc.transpose(1, 2), vc.transpose(1, 2)
+        if self.mode == "teacher":
+            out = self.softmax_attention(q, k, v, attention_mask)
+        elif self.mode == "transfer":
+            with torch.no_grad():
+                target = self.softmax_attention(q, k, v, attention_mask)
+            pred = self._student_padded(q, k, v, attention_mask)
+            self.transfer_loss = F.mse_loss(self.o_proj(pred).float(), self.o_proj(target).float())
+            out = target
+        else:
+            out = self._student_padded(q, k, v, attention_mask)
+        return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
+
+    def _student_padded(self, q, k, v, attention_mask):
+        """Run ``student``; when the queries are a suffix of the keys (decoding with the full-history
+        cache), pad them at the front; with left padding, run each sequence on its real tokens."""
+        Tq, Tk = q.shape[1], k.shape[1]
+        if Tq < Tk:
+            q = torch.cat([q.new_zeros(q.shape[0], Tk - Tq, *q.shape[2:]), q], dim=1)
+        valid = _key_padding(attention_mask, Tk)
+        if valid is None or bool(valid.all()):
+            return self.student(q, k, v)[:, Tk - Tq :]
+        outs = []
+        for b in range(q.shape[0]):
+            start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
+            o = self.student(q[b : b + 1, start:], k[b : b + 1, start:], v[b : b + 1, start:])
+            outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
+        return torch.cat(outs)[:, Tk - Tq :]
+
+
+def _key_padding(attention_mask, Tk):
+    """Which keys are real tokens, from the 4D mask transformers passes to attention layers."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    row = attention_mask[:, 0, -1, -Tk:]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def swapped_modules(model: nn.Module) -> list[SwappedAttention]:
+    return [m for m in model.modules() if isinstance(m, SwappedAttention)]
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: str):
+    """Run every replacement module of ``model`` in ``mode`` for the duration of the block."""
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}")
+    mods = swapped_modules(model)
+    old = [m.mode for m in mods]
+    for m in mods:
+        m.mode = mode
+        m.transfer_loss = None
+    try:
+        yield mods
+    finally:
+        for m, o in zip(mods, old):
+            m.mode = o

@@ -1,0 +1,60 @@
+"""LoLCATs-style attention: Hedgehog feature maps for linear attention over old keys, plus exact
+softmax attention over a sliding window of recent keys, mixed by a learned per-head factor.
+
+    phi(x) = softmax([x W + b, -(x W + b)])   per head, W initialised to the identity
+    out_i  = (gamma_h sum_{window} e^{s_ij - m_i} v_j + sum_{older} phi(q_i).phi(k_j) v_j) / (same without v)
+
+The operator itself lives in ``attnswap.kernels.hybrid_attn`` (naive.py is its specification).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import hybrid_attn
+from .base import SwappedAttention, register_method
+
+
+class HedgehogFeatureMap(nn.Module):
+    """A per-head linear map followed by a softmax over [z, -z]: positive features of size 2 * feature_dim."""
+
+    def __init__(self, n_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        eye = torch.eye(head_dim, feature_dim)
+        self.weight = nn.Parameter(eye.unsqueeze(0).repeat(n_heads, 1, 1))  # (H, D, Fd)
+        self.bias = nn.Parameter(torch.zeros(n_heads, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, T, H, 2 Fd)
+        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float()) + self.bias.float()
+        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+
+
+@register_method("lolcats")
+class LolcatsAttention(SwappedAttention):
+    def __init__(self, original, config, layer_idx, options):
+        options = {**self.default_options(config), **options}
+        super().__init__(original, config, layer_idx, options)
+        self.window = int(options["window"])
+        fd = int(options["feature_dim"])
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, fd)
+        self.feature_map_k = HedgehogFeatureMap(self.num_kv_heads, self.head_dim, fd)
+        # gamma = sigmoid(logit): weight of the window's softmax terms against the linear terms
+        self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(options["init_window_logit"])))
+        self.use_linear = bool(options.get("use_linear", True))
+
+    @classmethod
+    def default_options(cls, config) -> dict:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0}
+
+    def transfer_parameters(self):
+        return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
+
+    def student(self, q, k, v, cache_state=None):
+        fq = self.feature_map_q(q).to(q.dtype) if self.use_linear else None
+        fk = self.feature_map_k(k).to(q.dtype) if self.use_linear else None
+        gamma = torch.sigmoid(self.window_factor.float())
+        return hybrid_attn(
+            q, k, v, fq, fk, gamma, window=self.window, scale=self.scaling, use_linear=self.use_linear
+        )

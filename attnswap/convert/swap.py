@@ -1,0 +1,79 @@
+"""Module surgery: put replacement attention modules into a loaded model, in place.
+
+A model's conversion is described by a list of *swaps*, each ``{"method", "layers", "options"}``;
+the list is stored in ``config.attnswap["swaps"]`` so that loading rebuilds exactly the same modules.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import AttnSwapError
+from .architectures import family_of
+from .base import METHODS
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'all', '' or None -> every layer; otherwise comma-separated indices and ranges, e.g. '0-3,8'.
+    Negative indices count from the end."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(n_layers))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
+                lo, hi = int(a), int(b)
+                lo, hi = lo % n_layers if lo < 0 else lo, hi % n_layers if hi < 0 else hi
+                rng = range(lo, hi + 1)
+            else:
+                i = int(part)
+                rng = [i % n_layers if i < 0 else i]
+        except ValueError:
+            raise AttnSwapError(f"cannot read layer list {spec!r}: use indices and ranges like '0-3,8'") from None
+        for i in rng:
+            if not 0 <= i < n_layers:
+                raise AttnSwapError(f"layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+            out.add(i)
+    return sorted(out)
+
+
+def make_swap(method: str, layers: list[int], options: dict, config) -> dict:
+    if method not in METHODS:
+        raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    return {"method": method, "layers": list(layers), "options": {**cls.default_options(config), **options}}
+
+
+def decoder_layers(model: nn.Module):
+    inner = getattr(model, "model", model)
+    return inner.layers
+
+
+def apply_swaps(model: nn.Module, swaps: list[dict]) -> nn.Module:
+    layers = decoder_layers(model)
+    for swap in swaps:
+        if swap["method"] not in METHODS:
+            raise AttnSwapError(f"unknown attention method {swap['method']!r}; available: {', '.join(sorted(METHODS))}")
+        cls = METHODS[swap["method"]]
+        for idx in swap["layers"]:
+            old = layers[idx].self_attn
+            new = cls(old, model.config, idx, swap.get("options", {}))
+            ref = next(old.parameters())
+            layers[idx].self_attn = new.to(device=ref.device)
+    return model
+
+
+def convert_model(model: nn.Module, swaps: list[dict], source: str) -> nn.Module:
+    """Swap attention in ``model`` and turn it into the matching attnswap model class, in place."""
+    from .. import __version__
+    from ..modeling import classes_for
+
+    family = family_of(model.config.model_type)
+    apply_swaps(model, swaps)
+    cfg_cls, model_cls = classes_for(family.model_type)
+    model.config.__class__ = cfg_cls  # a subclass that adds no fields: only model_type changes
+    model.config.attnswap = {"version": __version__, "source_model": source, "swaps": swaps}
+    model.__class__ = model_cls
+    return model
