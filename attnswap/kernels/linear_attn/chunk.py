@@ -1,0 +1,459 @@
+"""Triton causal linear attention (forward and backward), same contract as ``naive.naive_linear_attn``.
+
+The kernels here are written once for a family of operators and reused by ``hybrid_attn`` and
+``gated_attn``:
+
+* ``LAG``: key j is visible to query i when j <= i - LAG (0 = ordinary causal; the hybrid's linear
+  branch uses LAG = window). Keys are read at ``query position - LAG`` so the intra-chunk mask is the
+  same lower triangle for every lag.
+* ``GATED``: scores get exp(G_i - G_j) with G the inclusive cumulative sum (fp32, per KV head) of a
+  log-space gate g <= 0.
+
+Forward: one program per (query head, block of value columns) walks the chunks in order, keeping
+the running state S (F x BV, fp32) and z (F) in registers; per chunk it does the intra-chunk
+quadratic form and the inter-chunk q @ S. No per-chunk states are written to memory. Backward:
+three kernels (dq: forward walk over a block of feature columns; dk and dv: reverse walks per KV
+head that sum the G query heads of the group, so repeated KV heads are never built).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    # fp32 inputs on a GPU: full fp32 products (tf32 would cost ~1e-3 relative error)
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def gload(Gb, pos, T, sg):
+    """Cumulative log-gate at absolute positions ``pos``: 0 before the sequence, G[T-1] after it."""
+    p = tl.minimum(tl.maximum(pos, 0), T - 1)
+    return tl.load(Gb + p * sg, mask=pos >= 0, other=0.0)
+
+
+@triton.jit
+def _la_fwd_kernel(
+    q, k, v, o, den_out, Gc, S0, z0, ST, zT,
+    T, H, Hk, GROUP, LAG, eps,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rf = tl.arange(0, BF)
+    rv = pid_v * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    causal = rc[:, None] >= rc[None, :]
+    qb = q + b * T * H * F + h * F
+    kb = k + b * T * Hk * F + hk * F
+    vb = v + b * T * Hk * DV + hk * DV
+    ob = o + b * T * H * DV + h * DV
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    else:
+        Gb = Gc
+    sb = (b * Hk + hk) * F * DV
+    S = tl.zeros([BF, BV], dtype=tl.float32)
+    z = tl.zeros([BF], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(S0 + sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        z = tl.load(z0 + (b * Hk + hk) * F + rf, mask=mf, other=0.0)
+    N = tl.cdiv(T, C)
+    for c in range(0, N):
+        tq = c * C + rc
+        tk = tq - LAG
+        mq = tq < T
+        mk = (tk >= 0) & (tk < T)
+        bq = tl.load(qb + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
+        bk = tl.load(kb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+        bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+        if GATED:
+            gq = gload(Gb, tq, T, Hk)
+            gk = gload(Gb, tk, T, Hk)
+            g0 = gload(Gb, c * C - LAG - 1, T, Hk)
+            g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
+            s = s * tl.exp(tl.where(causal, gq[:, None] - gk[None, :], 0.0))
+            qs = (bq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bq.dtype)
+        else:
+            qs = bq
+        s = tl.where(causal, s, 0.0)
+        acc = tl.dot(s.to(bv.dtype), bv, input_precision=PREC)
+        acc += tl.dot(qs, S.to(bq.dtype), input_precision=PREC)
+        if NORM:
+            den = tl.sum(s, 1) + tl.sum(qs.to(tl.float32) * z[None, :], 1)
+            acc = acc / (den + eps)[:, None]
+            if den_out is not None:
+                if pid_v == 0:
+                    tl.store(den_out + b * T * H + tq * H + h, den, mask=mq)
+        tl.store(ob + tq[:, None] * (H * DV) + rv[None, :], acc.to(o.dtype.element_ty), mask=mq[:, None] & mv[None, :])
+        if GATED:
+            kd = (bk.to(tl.float32) * tl.exp(g1 - gk)[:, None])
+            dec = tl.exp(g1 - g0)
+            S = S * dec + tl.dot(tl.trans(kd.to(bk.dtype)), bv, input_precision=PREC)
+            z = z * dec + tl.sum(kd, 0)
+        else:
+            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+            z += tl.sum(bk.to(tl.float32), 0)
+    if STORE_FINAL:
+        if (h % GROUP) == 0:
+            tl.store(ST + sb + rf[:, None] * DV + rv[None, :], S, mask=mf[:, None] & mv[None, :])
+            if pid_v == 0:
+                tl.store(zT + (b * Hk + hk) * F + rf, z, mask=mf)
+
+
+@triton.jit
+def _la_bwd_dq_kernel(
+    do, rden, dden, k, v, dq, Gc, S0, z0,
+    T, H, Hk, GROUP, LAG,
+    F: tl.constexpr, DV: tl.constexpr, BFB: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_f = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rf = pid_f * BFB + tl.arange(0, BFB)
+    rv = tl.arange(0, BDV)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    causal = rc[:, None] >= rc[None, :]
+    kb = k + b * T * Hk * F + hk * F
+    vb = v + b * T * Hk * DV + hk * DV
+    dob = do + b * T * H * DV + h * DV
+    dqb = dq + b * T * H * F + h * F
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    else:
+        Gb = Gc
+    S = tl.zeros([BFB, BDV], dtype=tl.float32)
+    z = tl.zeros([BFB], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(S0 + (b * Hk + hk) * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        z = tl.load(z0 + (b * Hk + hk) * F + rf, mask=mf, other=0.0)
+    N = tl.cdiv(T, C)
+    for c in range(0, N):
+        tq = c * C + rc
+        tk = tq - LAG
+        mq = tq < T
+        mk = (tk >= 0) & (tk < T)
+        bdo = tl.load(dob + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+        bk = tl.load(kb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+        bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORM:
+            r = tl.load(rden + b * T * H + tq * H + h, mask=mq, other=0.0)
+            dd = tl.load(dden + b * T * H + tq * H + h, mask=mq, other=0.0)
+            dn = (bdo.to(tl.float32) * r[:, None]).to(bv.dtype)
+        else:
+            dn = bdo
+        dA = tl.dot(dn, tl.trans(bv), input_precision=PREC)
+        if NORM:
+            dA += dd[:, None]
+        if GATED:
+            gq = gload(Gb, tq, T, Hk)
+            gk = gload(Gb, tk, T, Hk)
+            g0 = gload(Gb, c * C - LAG - 1, T, Hk)
+            g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
+            dA = dA * tl.exp(tl.where(causal, gq[:, None] - gk[None, :], 0.0))
+        dA = tl.where(causal, dA, 0.0)
+        acc = tl.dot(dA.to(bk.dtype), bk, input_precision=PREC)
+        inter = tl.dot(dn, tl.trans(S.to(bv.dtype)), input_precision=PREC)
+        if NORM:
+            inter += dd[:, None] * z[None, :]
+        if GATED:
+            inter = inter * tl.exp(gq - g0)[:, None]
+        acc += inter
+        tl.store(dqb + tq[:, None] * (H * F) + rf[None, :], acc.to(dq.dtype.element_ty), mask=mq[:, None] & mf[None, :])
+        if GATED:
+            kd = bk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
+            dec = tl.exp(g1 - g0)
+            S = S * dec + tl.dot(tl.trans(kd.to(bk.dtype)), bv, input_precision=PREC)
+            z = z * dec + tl.sum(kd, 0)
+        else:
+            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+            z += tl.sum(bk.to(tl.float32), 0)
+
+
+@triton.jit
+def _la_bwd_dk_kernel(
+    q, do, rden, dden, v, dk, Gc,
+    T, H, Hk, GROUP, LAG,
+    F: tl.constexpr, DV: tl.constexpr, BFB: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_f = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rf = pid_f * BFB + tl.arange(0, BFB)
+    rv = tl.arange(0, BDV)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    causal_t = rc[None, :] >= rc[:, None]  # [key, query]
+    vb = v + b * T * Hk * DV + hk * DV
+    dkb = dk + b * T * Hk * F + hk * F
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    else:
+        Gb = Gc
+    dS = tl.zeros([BFB, BDV], dtype=tl.float32)
+    dz = tl.zeros([BFB], dtype=tl.float32)
+    N = tl.cdiv(T, C)
+    for i in range(0, N):
+        c = N - 1 - i
+        tq = c * C + rc
+        tk = tq - LAG
+        mq = tq < T
+        mk = (tk >= 0) & (tk < T)
+        bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc = tl.dot(bv, tl.trans(dS.to(bv.dtype)), input_precision=PREC)
+        if NORM:
+            acc += dz[None, :]
+        if GATED:
+            gq = gload(Gb, tq, T, Hk)
+            gk = gload(Gb, tk, T, Hk)
+            g0 = gload(Gb, c * C - LAG - 1, T, Hk)
+            g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
+            acc = acc * tl.exp(g1 - gk)[:, None]
+            dec = tl.exp(g1 - g0)
+            dS = dS * dec
+            dz = dz * dec
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bq = tl.load(q + b * T * H * F + h * F + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
+            bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+            if NORM:
+                r = tl.load(rden + b * T * H + tq * H + h, mask=mq, other=0.0)
+                dd = tl.load(dden + b * T * H + tq * H + h, mask=mq, other=0.0)
+                dn = (bdo.to(tl.float32) * r[:, None]).to(bv.dtype)
+            else:
+                dn = bdo
+            dAt = tl.dot(bv, tl.trans(dn), input_precision=PREC)
+            if NORM:
+                dAt += dd[None, :]
+            if GATED:
+                dAt = dAt * tl.exp(tl.where(causal_t, gq[None, :] - gk[:, None], 0.0))
+                qs = (bq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bq.dtype)
+            else:
+                qs = bq
+            dAt = tl.where(causal_t, dAt, 0.0)
+            acc += tl.dot(dAt.to(bq.dtype), bq, input_precision=PREC)
+            dS += tl.dot(tl.trans(qs), dn, input_precision=PREC)
+            if NORM:
+                dz += tl.sum(qs.to(tl.float32) * dd[:, None], 0)
+        tl.store(dkb + tk[:, None] * (Hk * F) + rf[None, :], acc.to(dk.dtype.element_ty), mask=mk[:, None] & mf[None, :])
+
+
+@triton.jit
+def _la_bwd_dv_kernel(
+    q, k, do, rden, dv, Gc,
+    T, H, Hk, GROUP, LAG,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BVB: tl.constexpr, C: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rf = tl.arange(0, BF)
+    rv = pid_v * BVB + tl.arange(0, BVB)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    causal_t = rc[None, :] >= rc[:, None]
+    kb = k + b * T * Hk * F + hk * F
+    dvb = dv + b * T * Hk * DV + hk * DV
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    else:
+        Gb = Gc
+    dS = tl.zeros([BF, BVB], dtype=tl.float32)
+    N = tl.cdiv(T, C)
+    for i in range(0, N):
+        c = N - 1 - i
+        tq = c * C + rc
+        tk = tq - LAG
+        mq = tq < T
+        mk = (tk >= 0) & (tk < T)
+        bk = tl.load(kb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+        if GATED:
+            gq = gload(Gb, tq, T, Hk)
+            gk = gload(Gb, tk, T, Hk)
+            g0 = gload(Gb, c * C - LAG - 1, T, Hk)
+            g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
+            kd = (bk.to(tl.float32) * tl.exp(g1 - gk)[:, None]).to(bk.dtype)
+            dS = dS * tl.exp(g1 - g0)
+        else:
+            kd = bk
+        acc = tl.dot(kd, dS.to(bk.dtype), input_precision=PREC)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bq = tl.load(q + b * T * H * F + h * F + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
+            bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+            if NORM:
+                r = tl.load(rden + b * T * H + tq * H + h, mask=mq, other=0.0)
+                dn = (bdo.to(tl.float32) * r[:, None]).to(bk.dtype)
+            else:
+                dn = bdo
+            st = tl.dot(bk, tl.trans(bq), input_precision=PREC)
+            if GATED:
+                st = st * tl.exp(tl.where(causal_t, gq[None, :] - gk[:, None], 0.0))
+                qs = (bq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bq.dtype)
+            else:
+                qs = bq
+            st = tl.where(causal_t, st, 0.0)
+            acc += tl.dot(st.to(bk.dtype), dn, input_precision=PREC)
+            dS += tl.dot(tl.trans(qs), dn, input_precision=PREC)
+        tl.store(dvb + tk[:, None] * (Hk * DV) + rv[None, :], acc.to(dv.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers shared with hybrid_attn and gated_attn
+
+
+def _fwd_blocks(B: int, H: int, F: int, Dv: int) -> int:
+    BV = p2(Dv)
+    # split value columns until there are enough programs to fill the GPU (and S fits registers)
+    while BV > 32 and (B * H * triton.cdiv(Dv, BV) < 128 or p2(F) * BV > 128 * 64):
+        BV //= 2
+    return BV
+
+
+def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, output_final_state=False,
+               chunk_size=64, want_den=False):
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    o = torch.empty(B, T, H, Dv, device=q.device, dtype=q.dtype)
+    den = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if (want_den and normalize) else None
+    final = None
+    if output_final_state:
+        final = (torch.zeros(B, Hk, F, Dv, device=q.device, dtype=torch.float32),
+                 torch.zeros(B, Hk, F, device=q.device, dtype=torch.float32))
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = (x.float().contiguous() for x in initial_state)
+    BV = _fwd_blocks(B, H, F, Dv)
+    BF = p2(F)
+    grid = (triton.cdiv(Dv, BV), B * H)
+    _la_fwd_kernel[grid](
+        q, k, v, o, den, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
+        T, H, Hk, H // Hk, lag, eps,
+        F=F, DV=Dv, BF=BF, BV=BV, C=chunk_size, NORM=normalize, GATED=Gc is not None,
+        HAS_INIT=S0 is not None, STORE_FINAL=final is not None, PREC=dot_precision(q),
+        num_warps=4 if BF * BV <= 64 * 64 else 8, num_stages=2,
+    )
+    return o, den, final
+
+
+def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, chunk_size=64,
+                dk_zero=False):
+    """Gradients of sum_{j<=i-lag} a_ij v_j with a_ij = q_i.k_j (times the gate decay).
+    With ``rden``/``dden`` given (normalised forms): dnum_i = do_i * rden_i and every score also gets
+    ``dden_i``. Returns dq, dk, dv (fp32 accumulation, stored in the input dtype)."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    G = H // Hk
+    norm = rden is not None
+    prec = dot_precision(q)
+    C = chunk_size
+    alloc = torch.zeros if lag > 0 else torch.empty  # keys after T-1-lag see no query
+    dq = torch.empty_like(q)
+    dk = alloc(k.shape, device=k.device, dtype=k.dtype)
+    dv = alloc(v.shape, device=v.device, dtype=v.dtype)
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = (x.float().contiguous() for x in initial_state)
+    BF, BDV = p2(F), p2(Dv)
+    BFB = min(BF, 64)
+    nw = 8 if BFB * BDV >= 64 * 128 else 4
+    _la_bwd_dq_kernel[(triton.cdiv(F, BFB), B * H)](
+        do, rden, dden, k, v, dq, Gc, S0, z0, T, H, Hk, G, lag,
+        F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, HAS_INIT=S0 is not None,
+        PREC=prec, num_warps=nw, num_stages=2,
+    )
+    _la_bwd_dk_kernel[(triton.cdiv(F, BFB), B * Hk)](
+        q, do, rden, dden, v, dk, Gc, T, H, Hk, G, lag,
+        F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
+        num_warps=nw, num_stages=2,
+    )
+    BVB = min(BDV, 32 if BF > 128 else 64)
+    _la_bwd_dv_kernel[(triton.cdiv(Dv, BVB), B * Hk)](
+        q, k, do, rden, dv, Gc, T, H, Hk, G, lag,
+        F=F, DV=Dv, BF=BF, BVB=BVB, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
+        num_warps=8 if BF * BVB >= 128 * 64 else 4, num_stages=2,
+    )
+    return dq, dk, dv
+
+
+def norm_grads(o, do, den, eps):
+    """dnum = do * rden, dden = -(do . o) * rden for out = num / (den + eps)."""
+    rden = 1.0 / (den + eps)
+    dden = -(do.float() * o.float()).sum(-1) * rden
+    return rden.contiguous(), dden.contiguous()
+
+
+class _LinearAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size):
+        init = (S0, z0) if S0 is not None else None
+        o, den, final = la_forward(q, k, v, normalize=normalize, eps=eps, initial_state=init,
+                                   output_final_state=output_final_state, chunk_size=chunk_size,
+                                   want_den=True)
+        ctx.save_for_backward(q, k, v, o, den, S0, z0)
+        ctx.cfg = (normalize, eps, chunk_size)
+        if final is None:
+            return o
+        ctx.mark_non_differentiable(*final)
+        return o, final[0], final[1]
+
+    @staticmethod
+    def backward(ctx, do, *_):
+        q, k, v, o, den, S0, z0 = ctx.saved_tensors
+        normalize, eps, C = ctx.cfg
+        do = do.contiguous()
+        rden = dden = None
+        if normalize:
+            rden, dden = norm_grads(o, do, den, eps)
+        init = (S0, z0) if S0 is not None else None
+        dq, dk, dv = la_backward(q, k, v, do, rden, dden, initial_state=init, chunk_size=C)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+):
+    """Triton causal linear attention; returns ``(out, (S, z) or None)``. No gradient flows into or
+    out of the recurrent state (q, k, v get gradients)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = (x.detach().float().contiguous() for x in initial_state)
+    res = _LinearAttnFn.apply(q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size)
+    if output_final_state:
+        return res[0], (res[1], res[2])
+    return res, None
