@@ -1,0 +1,341 @@
+"""Triton sliding-window softmax + linear hybrid (same contract as ``naive.naive_hybrid_attn``).
+
+Forward (one fused kernel): a program per (query head, block of value columns) walks query chunks of
+C rows in order. For the chunk starting at m0 every key older than L0 = m0 - window + 1 is in the
+linear region of every row, and lives in the running state (S = sum fk^T v, z = sum fk) kept in
+registers. The keys [L0, m0 + C) are visited in C-wide tiles: window scores with an online row max
+(the exact window max m_i is what the spec subtracts) and, for the first tile only, the linear scores
+of keys j <= i - window. That first tile is also the one added to the state afterwards. Scores exist
+only as C x C register tiles. Saved for backward: total denominator, m_i and the arg-max key index.
+
+Backward: window part in two kernels (query-centric for dq and the row sums D_i, key-centric for
+dk, dv); the gradient of m_i flows to the arg-max key, as in the spec (amax). The linear branch is
+linear attention with lag = window and the hybrid's shared normaliser, so it reuses the
+``linear_attn.chunk`` backward kernels. d gamma_h = sum_i sum_{j in window} e_ij da_ij.
+The same kernels serve the gated hybrid (``GATED``: linear scores times exp(G_i - G_j)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear_attn.chunk import dot_precision, gload, la_backward, norm_grads, p2
+
+
+@triton.jit
+def _hy_fwd_kernel(
+    q, k, v, fq, fk, gamma, Gc, o, den_out, m_out, arg_out,
+    T, H, Hk, GROUP, W, scale, eps,
+    D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    BV: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr,
+    USE_LIN: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rd = tl.arange(0, BD)
+    rv = pid_v * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    md = rd < D
+    mv = rv < DV
+    qb = q + b * T * H * D + h * D
+    kb = k + b * T * Hk * D + hk * D
+    vb = v + b * T * Hk * DV + hk * DV
+    ob = o + b * T * H * DV + h * DV
+    gam = tl.load(gamma + h).to(tl.float32)
+    if USE_LIN:
+        rf = tl.arange(0, BF)
+        mf = rf < F
+        fqb = fq + b * T * H * F + h * F
+        fkb = fk + b * T * Hk * F + hk * F
+        S = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+        if GATED:
+            Gb = Gc + b * T * Hk + hk
+    N = tl.cdiv(T, C)
+    for c in range(0, N):
+        m0 = c * C
+        L0 = m0 - W + 1
+        tq = m0 + rc
+        mq = tq < T
+        bq = tl.load(qb + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+        mrow = tl.full([C], -1.0e30, dtype=tl.float32)
+        lrow = tl.zeros([C], dtype=tl.float32)
+        arg = tl.zeros([C], dtype=tl.int32)
+        acc = tl.zeros([C, BV], dtype=tl.float32)
+        if USE_LIN:
+            bfq = tl.load(fqb + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
+            if GATED:
+                gq = gload(Gb, tq, T, Hk)
+                g0 = gload(Gb, L0 - 1, T, Hk)
+                g1 = gload(Gb, L0 + C - 1, T, Hk)
+                fqs = (bfq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bfq.dtype)
+            else:
+                fqs = bfq
+            acc_l = tl.dot(fqs, S.to(bfq.dtype), input_precision=PREC)
+            den_l = tl.sum(fqs.to(tl.float32) * z[None, :], 1)
+        for kb_i in tl.static_range(NKB):
+            j0 = L0 + kb_i * C
+            tk = j0 + rc
+            mk = (tk >= 0) & (tk < T)
+            bk = tl.load(kb + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+            bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            rel = tq[:, None] - tk[None, :]
+            inw = (rel >= 0) & (rel < W) & mk[None, :]
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
+            s = tl.where(inw, s, -1.0e30)
+            bmax = tl.max(s, 1)
+            barg = tl.argmax(s, 1).to(tl.int32) + j0
+            arg = tl.where(bmax > mrow, barg, arg)
+            mnew = tl.maximum(mrow, bmax)
+            alpha = tl.exp(mrow - mnew)
+            p = tl.where(inw, tl.exp(s - mnew[:, None]), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+            lrow = lrow * alpha + tl.sum(p, 1)
+            mrow = mnew
+            if USE_LIN:
+                if kb_i == 0:
+                    bfk = tl.load(fkb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+                    lin = tl.dot(bfq, tl.trans(bfk), input_precision=PREC)
+                    older = (rel >= W) & mk[None, :]
+                    if GATED:
+                        gk = gload(Gb, tk, T, Hk)
+                        lin = lin * tl.exp(tl.where(older, gq[:, None] - gk[None, :], 0.0))
+                    lin = tl.where(older, lin, 0.0)
+                    acc_l += tl.dot(lin.to(bv.dtype), bv, input_precision=PREC)
+                    den_l += tl.sum(lin, 1)
+                    if GATED:
+                        kd = bfk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
+                        dec = tl.exp(g1 - g0)
+                        S = S * dec + tl.dot(tl.trans(kd.to(bfk.dtype)), bv, input_precision=PREC)
+                        z = z * dec + tl.sum(kd, 0)
+                    else:
+                        S += tl.dot(tl.trans(bfk), bv, input_precision=PREC)
+                        z += tl.sum(bfk.to(tl.float32), 0)
+        num = gam * acc
+        den = gam * lrow
+        if USE_LIN:
+            num += acc_l
+            den += den_l
+        out = num / (den + eps)[:, None]
+        tl.store(ob + tq[:, None] * (H * DV) + rv[None, :], out.to(o.dtype.element_ty), mask=mq[:, None] & mv[None, :])
+        if SAVE:
+            if pid_v == 0:
+                ro = b * H * T + h * T + tq
+                tl.store(den_out + ro, den, mask=mq)
+                tl.store(m_out + ro, mrow, mask=mq)
+                tl.store(arg_out + ro, arg, mask=mq)
+
+
+@triton.jit
+def _hy_bwd_dq_kernel(
+    q, k, v, do, rden, dden, gamma, m_in, arg_in, dq, dp_out,
+    T, H, Hk, GROUP, W, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    NKB: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rd = tl.arange(0, BD)
+    rv = tl.arange(0, BDV)
+    rc = tl.arange(0, C)
+    md = rd < D
+    mv = rv < DV
+    m0 = pid_t * C
+    L0 = m0 - W + 1
+    tq = m0 + rc
+    mq = tq < T
+    kb = k + b * T * Hk * D + hk * D
+    vb = v + b * T * Hk * DV + hk * DV
+    bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+    bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+    rowoff = b * T * H + tq * H + h
+    r = tl.load(rden + rowoff, mask=mq, other=0.0)
+    dd = tl.load(dden + rowoff, mask=mq, other=0.0)
+    ro = b * H * T + h * T + tq
+    mrow = tl.load(m_in + ro, mask=mq, other=0.0)
+    arg = tl.load(arg_in + ro, mask=mq, other=-1)
+    gam = tl.load(gamma + h).to(tl.float32)
+    dn = (bdo.to(tl.float32) * r[:, None]).to(bq.dtype)
+    acc1 = tl.zeros([C, BD], dtype=tl.float32)
+    acc2 = tl.zeros([C, BD], dtype=tl.float32)
+    dp = tl.zeros([C], dtype=tl.float32)
+    for kb_i in tl.static_range(NKB):
+        j0 = L0 + kb_i * C
+        tk = j0 + rc
+        mk = (tk >= 0) & (tk < T)
+        bk = tl.load(kb + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+        bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        rel = tq[:, None] - tk[None, :]
+        inw = (rel >= 0) & (rel < W) & mk[None, :] & mq[:, None]
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
+        e = tl.where(inw, tl.exp(s - mrow[:, None]), 0.0)
+        da = tl.dot(dn, tl.trans(bv), input_precision=PREC) + dd[:, None]
+        pe = e * da
+        dp += tl.sum(pe, 1)
+        acc1 += tl.dot(pe.to(bk.dtype), bk, input_precision=PREC)
+        ind = tl.where(inw & (arg[:, None] == tk[None, :]), 1.0, 0.0)
+        acc2 += tl.dot(ind.to(bk.dtype), bk, input_precision=PREC)
+    dqv = scale * gam * (acc1 - dp[:, None] * acc2)
+    tl.store(dq + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], dqv.to(dq.dtype.element_ty), mask=mq[:, None] & md[None, :])
+    tl.store(dp_out + ro, dp, mask=mq)
+
+
+@triton.jit
+def _hy_bwd_dkv_kernel(
+    q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, dk, dv,
+    T, H, Hk, GROUP, W, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    NKB: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rd = tl.arange(0, BD)
+    rv = tl.arange(0, BDV)
+    rc = tl.arange(0, C)
+    md = rd < D
+    mv = rv < DV
+    j0 = pid_t * C
+    tk = j0 + rc
+    mk = tk < T
+    bk = tl.load(k + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+    bv = tl.load(v + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    acc_k = tl.zeros([C, BD], dtype=tl.float32)
+    acc_v = tl.zeros([C, BDV], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        gam = tl.load(gamma + h).to(tl.float32)
+        for qb_i in tl.static_range(NKB):
+            tq = j0 + qb_i * C + rc
+            mq = tq < T
+            bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+            bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+            rowoff = b * T * H + tq * H + h
+            r = tl.load(rden + rowoff, mask=mq, other=0.0)
+            dd = tl.load(dden + rowoff, mask=mq, other=0.0)
+            ro = b * H * T + h * T + tq
+            mrow = tl.load(m_in + ro, mask=mq, other=0.0)
+            arg = tl.load(arg_in + ro, mask=mq, other=-1)
+            dp = tl.load(dp_in + ro, mask=mq, other=0.0)
+            dn = (bdo.to(tl.float32) * r[:, None]).to(bk.dtype)
+            rel = tq[None, :] - tk[:, None]  # [key, query]
+            inw = (rel >= 0) & (rel < W) & mk[:, None] & mq[None, :]
+            st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
+            et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
+            dat = tl.dot(bv, tl.trans(dn), input_precision=PREC) + dd[None, :]
+            dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
+            acc_k += tl.dot(dst.to(bq.dtype), bq, input_precision=PREC)
+            acc_v += tl.dot(et.to(bk.dtype), dn, input_precision=PREC)
+    tl.store(dk + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], (acc_k * scale).to(dk.dtype.element_ty), mask=mk[:, None] & md[None, :])
+    tl.store(dv + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], acc_v.to(dv.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+
+
+def _nkb(window: int, C: int) -> int:
+    return triton.cdiv(window + C - 1, C)
+
+
+def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True):
+    B, T, H, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    F = fq.shape[-1] if use_linear else 16
+    C = chunk_size
+    o = torch.empty(B, T, H, Dv, device=q.device, dtype=q.dtype)
+    den = m = arg = None
+    if save:
+        den = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        m = torch.empty_like(den)
+        arg = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
+    BV = p2(Dv)
+    while BV > 32 and (B * H * triton.cdiv(Dv, BV) < 128 or (use_linear and p2(F) * BV > 128 * 64)):
+        BV //= 2
+    grid = (triton.cdiv(Dv, BV), B * H)
+    _hy_fwd_kernel[grid](
+        q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
+        T, H, Hk, H // Hk, window, scale, eps,
+        D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C),
+        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q),
+        num_warps=8 if use_linear else 4, num_stages=2,
+    )
+    return o, den, m, arg
+
+
+def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale, use_linear, eps, chunk_size=64):
+    """Returns dq, dk, dv, dfq, dfk, dgamma (dfq/dfk None without the linear branch)."""
+    B, T, H, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    C = chunk_size
+    prec = dot_precision(q)
+    den_bth = den.transpose(1, 2)
+    rden, dden = norm_grads(o, do, den_bth, eps)  # (B, T, H)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v) if not use_linear else torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    dp = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    BD, BDV = p2(D), p2(Dv)
+    nkb = _nkb(window, C)
+    _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
+        q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, PREC=prec, num_warps=4, num_stages=2,
+    )
+    _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
+        q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, PREC=prec, num_warps=8, num_stages=2,
+    )
+    dgamma = dp.sum((0, 2)).to(gamma.dtype)
+    dfq = dfk = None
+    if use_linear:
+        dfq, dfk, dv_lin = la_backward(fq, fk, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C)
+        dv = (dv + dv_lin.float()).to(v.dtype)
+    return dq, dk, dv, dfq, dfk, dgamma
+
+
+class _HybridAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size):
+        o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, None, window=window, scale=scale,
+                                    use_linear=use_linear, eps=eps, chunk_size=chunk_size)
+        ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
+        ctx.cfg = (window, scale, use_linear, eps, chunk_size)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, fq, fk, gamma, o, den, m, arg = ctx.saved_tensors
+        window, scale, use_linear, eps, C = ctx.cfg
+        dq, dk, dv, dfq, dfk, dgamma = hy_backward(
+            q, k, v, fq, fk, gamma, None, o, den, m, arg, do.contiguous(), window=window, scale=scale,
+            use_linear=use_linear, eps=eps, chunk_size=C)
+        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None
+
+
+def triton_hybrid_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor | None,
+    fk: torch.Tensor | None,
+    gamma: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    use_linear: bool = True,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Fused Triton hybrid attention; gradients for q, k, v, fq, fk and gamma."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if use_linear:
+        fq, fk = fq.contiguous(), fk.contiguous()
+    else:
+        fq = fk = None
+    return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
+                               bool(use_linear), float(eps), int(chunk_size))
