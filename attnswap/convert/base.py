@@ -104,7 +104,11 @@ class SwappedAttention(nn.Module):
             with torch.no_grad():
                 target = self.softmax_attention(q, k, v, attention_mask)
             pred = self._student_padded(q, k, v, attention_mask)
-            self.transfer_loss = F.mse_loss(self.o_proj(pred).float(), self.o_proj(target).float())
+            flat = (B, pred.shape[1], -1)
+            self.transfer_loss = F.mse_loss(
+                self.o_proj(pred.reshape(flat).to(hidden_states.dtype)).float(),
+                self.o_proj(target.reshape(flat)).float(),
+            )
             out = target
         else:
             out = self._student_padded(q, k, v, attention_mask)

@@ -56,3 +56,30 @@ def naive_linear_attn(
     if initial_state is not None:
         S, z = S + initial_state[0].float(), z + initial_state[1].float()
     return out, (S, z)
+
+
+def naive_linear_step(
+    q: torch.Tensor,  # (B, H, F): the new token's query
+    k: torch.Tensor,  # (B, Hk, F)
+    v: torch.Tensor,  # (B, Hk, Dv)
+    state: tuple[torch.Tensor, torch.Tensor],  # S (B, Hk, F, Dv) fp32, z (B, Hk, F) fp32
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    g: torch.Tensor | None = None,  # (B, Hk) log-space gate (gated_attn); None = no decay
+):
+    """One decoding step: S <- exp(g) S + k^T v, z <- exp(g) z + k, out = q S / (q . z + eps).
+    Functional (returns a new state). Output (B, H, Dv) in q's dtype."""
+    H = q.shape[1]
+    S, z = state[0].float(), state[1].float()
+    if g is not None:
+        dec = g.float().exp()
+        S, z = S * dec[..., None, None], z * dec[..., None]
+    S = S + torch.einsum("bhf,bhd->bhfd", k.float(), v.float())
+    z = z + k.float()
+    num = torch.einsum("bhf,bhfd->bhd", q.float(), expand_kv(S, H, dim=1))
+    out = num
+    if normalize:
+        den = torch.einsum("bhf,bhf->bh", q.float(), expand_kv(z, H, dim=1))
+        out = num / (den[..., None] + eps)
+    return out.to(q.dtype), (S, z)

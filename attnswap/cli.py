@@ -1,0 +1,198 @@
+"""The ``convert`` / ``attnswap`` command line (one typer app)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .errors import AttnSwapError
+from .progress import console
+
+app = typer.Typer(
+    help="Convert pretrained transformers LLMs to efficient attention, distil them, and check their quality.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _user_errors(fn):
+    """AttnSwapError -> one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except AttnSwapError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _check_positive(**values):
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise AttnSwapError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+
+
+@app.command()
+@_user_errors
+def linearize(
+    model: str = typer.Option("llama", help="'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
+    attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window)."),
+    window: int = typer.Option(64, help="Sliding softmax window, in tokens."),
+    feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
+    layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),
+    keep_softmax: str = typer.Option("", help="Layers to leave as softmax attention (same syntax)."),
+    steps: int = typer.Option(1000, help="Total distillation steps: by default 40% attention transfer, 60% LoRA."),
+    transfer_steps: Optional[int] = typer.Option(None, help="Stage-1 (attention transfer) steps (default: 40% of --steps)."),
+    lora_steps: Optional[int] = typer.Option(None, help="Stage-2 (LoRA, KL to teacher logits) steps (default: the rest of --steps)."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the LoRA stage."),
+    transfer_lr: float = typer.Option(1e-2, help="Learning rate of the attention-transfer stage."),
+    lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
+    ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
+    seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
+    batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    data: str = typer.Option("default", help="'default' (offline Python docs corpus), a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+):
+    """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
+    from . import loading
+    from .convert import convert_model, family_of, parse_layers
+    from .convert.swap import make_swap
+    from .distill.data import build_corpus
+    from .distill.train import DistillConfig, distill, split_steps
+    from .evals.perplexity import perplexity
+    from .saving import check_out, save_converted
+
+    t0 = time.perf_counter()
+    _check_positive(steps=steps, window=window, seq_len=seq_len, batch_size=batch_size, feature_dim=feature_dim, lora_rank=lora_rank)
+    if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
+        raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
+    n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
+    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-{attention}")
+    check_out(out, overwrite)
+
+    src = loading.resolve(model)
+    cfg = loading.load_config(src)
+    if cfg.model_type.startswith("attnswap_"):
+        raise AttnSwapError(f"{model} is already a converted attnswap model")
+    family_of(cfg.model_type)
+    max_len = getattr(cfg, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+    chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
+    if not chosen:
+        raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
+    options = {"window": window} | ({"feature_dim": feature_dim} if feature_dim else {})
+    swap = make_swap(attention, chosen, options, cfg)
+
+    dev = loading.pick_device(device)
+    dt = loading.pick_dtype(dtype, dev)
+    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})")
+    net, tok = loading.load_model(src, dtype=dt, device=dev)
+    corpus = build_corpus(data, tok)
+    train = corpus.sequences("train", seq_len)
+    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+
+    report: dict = {"model": model, "attention": attention, "layers": chosen, "window": window,
+                    "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size}
+    if held is not None:
+        report["teacher"] = perplexity(net, held, label="teacher perplexity")
+    convert_model(net, [swap], source=model)
+    dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
+                         lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed)
+    net, stats = distill(net, train, dcfg)
+    if held is not None:
+        report["converted"] = perplexity(net, held, label="converted perplexity")
+    save_converted(net, tok, out, overwrite=overwrite)
+    report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
+                  tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
+                  final_losses=stats.losses, device=str(dev))
+    _summary(report)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def _summary(r: dict) -> None:
+    t = Table(title=f"linearize: {r['model']} -> {r['out']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if "teacher" in r:
+        tp, cp = r["teacher"]["ppl"], r["converted"]["ppl"]
+        t.add_row("teacher ppl (held-out)", f"{tp:.3f}")
+        t.add_row("converted ppl (held-out)", f"{cp:.3f}")
+        t.add_row("change", f"{100 * (cp / tp - 1):+.2f}%")
+        t.add_row("held-out tokens", f"{r['teacher']['tokens']:,}")
+    t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
+    t.add_row("tokens seen", f"{r['tokens_seen']:,}")
+    t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")
+    console.print(t)
+
+
+@app.command("eval")
+@_user_errors
+def evaluate(
+    model: str = typer.Argument(..., help="Model to evaluate (converted directory, alias, path or hub id)."),
+    baseline: Optional[str] = typer.Option(None, help="Model to compare against, e.g. the teacher ('llama')."),
+    data: str = typer.Option("default", help="Evaluation data; its held-out split is used."),
+    seq_len: int = typer.Option(1024, help="Window length for perplexity."),
+    eval_tokens: int = typer.Option(32768, help="Held-out tokens to score."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+):
+    """Held-out perplexity of MODEL (and of --baseline), with the relative change."""
+    from . import loading
+    from .distill.data import build_corpus
+    from .evals.perplexity import perplexity
+
+    _check_positive(seq_len=seq_len, eval_tokens=eval_tokens, batch_size=batch_size)
+    dev = loading.pick_device(device)
+    dt = loading.pick_dtype(dtype, dev)
+    names = [model] + ([baseline] if baseline else [])
+    sources = [loading.resolve(n) for n in names]
+    for n, s in zip(names, sources):
+        c = loading.load_config(s)
+        max_len = getattr(c, "max_position_embeddings", None)
+        if max_len is not None and seq_len > max_len:
+            raise AttnSwapError(f"--seq-len {seq_len} is beyond the maximum of {n} ({max_len} positions)")
+    results, held = {}, None
+    for n, s in zip(names, sources):
+        net, tok = loading.load_model(s, dtype=dt, device=dev)
+        if held is None:
+            held = build_corpus(data, tok).sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)]
+        results[n] = perplexity(net, held, batch_size=batch_size, label=f"{n} perplexity")
+        del net
+    t = Table(title=f"held-out perplexity ({held.numel():,} tokens, seq-len {seq_len})")
+    t.add_column("model")
+    t.add_column("ppl", justify="right")
+    t.add_column("change", justify="right")
+    for n in names:
+        ch = "" if not baseline or n == baseline else f"{100 * (results[n]['ppl'] / results[baseline]['ppl'] - 1):+.2f}%"
+        t.add_row(n, f"{results[n]['ppl']:.3f}", ch)
+    console.print(t)
+    if json_out:
+        json_out.write_text(json.dumps({"seq_len": seq_len, "results": results, "baseline": baseline}, indent=2))
+
+
+def main():  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

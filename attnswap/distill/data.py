@@ -1,0 +1,167 @@
+"""Training and evaluation text: where it comes from, how it is split, how it is packed.
+
+Sources (``--data``):
+- ``default``: an offline corpus that ships with every Python: the reference topics of the Python
+  documentation (``pydoc_data.topics``) plus the docstrings of the standard library's modules,
+  classes and functions, read with ``ast`` (nothing is imported). It is English technical prose of a
+  few million tokens, needs no download, and is identical on every machine with the same Python.
+- a ``.txt``/``.md`` file (one document), a ``.jsonl`` file (one document per line, from its
+  ``text`` field), or a directory of such files (read recursively, in sorted order);
+- ``hf:NAME[:CONFIG]``: a dataset's ``train`` split through the ``datasets`` library (online only).
+
+Split: documents are ordered; every tenth (index % 10 == 9) is held out for evaluation and never
+trained on. With fewer than ten documents, the last 10% of the token stream is held out instead.
+Packing: documents are tokenised, joined with EOS, and cut into ``seq_len`` sequences.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnSwapError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+HELDOUT_EVERY = 10
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise AttnSwapError(f"data file {path} looks binary (it contains NUL bytes); give UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AttnSwapError(f"data file {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 first") from None
+
+
+def _jsonl_docs(path: Path) -> list[str]:
+    docs = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise AttnSwapError(f"{path}:{n} is not valid JSON") from None
+        text = rec.get("text") if isinstance(rec, dict) else rec if isinstance(rec, str) else None
+        if not isinstance(text, str):
+            raise AttnSwapError(f"{path}:{n} has no string 'text' field")
+        docs.append(text)
+    return docs
+
+
+def _file_docs(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        return _jsonl_docs(path)
+    return [_read_text(path)]
+
+
+def default_corpus() -> list[str]:
+    """Python's documentation topics and standard-library docstrings, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k] for k in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(stdlib.rglob("*.py")):
+        rel = f.relative_to(stdlib).parts
+        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3", "turtledemo") or "tests" in rel:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    parts.append(doc)
+        if parts:
+            docs.append("\n\n".join(parts))
+    return docs
+
+
+def load_documents(spec: str) -> list[str]:
+    if spec in ("default", ""):
+        docs = default_corpus()
+    elif spec.startswith("hf:"):
+        docs = _hf_docs(spec[3:])
+    else:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+            if not files:
+                raise AttnSwapError(f"data directory {spec} holds no .txt, .md, .rst or .jsonl files")
+            docs = [d for f in files for d in _file_docs(f)]
+        elif p.is_file():
+            docs = _file_docs(p)
+        else:
+            raise AttnSwapError(f"data not found: {spec} (give a file, a directory, 'default' or hf:NAME[:CONFIG])")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise AttnSwapError(f"data {spec!r} holds no text")
+    return docs
+
+
+def _hf_docs(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise AttnSwapError("hf: data needs the datasets library: pip install datasets") from None
+    ds_name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(ds_name, config or None, split="train")
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, ...
+        raise AttnSwapError(f"could not load dataset {ds_name!r}: {str(e).splitlines()[0][:200]}") from None
+    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    return [str(t) for t in ds[col]]
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # 1-D token ids
+    heldout: torch.Tensor
+
+    def sequences(self, split: str, seq_len: int) -> torch.Tensor:
+        ids = self.train if split == "train" else self.heldout
+        n = ids.numel() // seq_len
+        if n == 0:
+            raise AttnSwapError(
+                f"the {split} split has {ids.numel()} tokens, fewer than one --seq-len {seq_len} sequence; "
+                "give more data or a shorter --seq-len"
+            )
+        return ids[: n * seq_len].view(n, seq_len)
+
+
+def _encode(tokenizer, docs: list[str]) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    batch = 256
+    for i in range(0, len(docs), batch):
+        for ids in tokenizer(docs[i : i + batch], add_special_tokens=False)["input_ids"]:
+            out.extend(ids)
+            if eos is not None:
+                out.append(eos)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def build_corpus(spec: str, tokenizer, *, max_train_tokens: int | None = None) -> Corpus:
+    docs = load_documents(spec)
+    if len(docs) >= HELDOUT_EVERY:
+        held = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+        train = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+        corpus = Corpus(_encode(tokenizer, train), _encode(tokenizer, held))
+    else:
+        ids = _encode(tokenizer, docs)
+        cut = int(ids.numel() * (1 - 1 / HELDOUT_EVERY))
+        corpus = Corpus(ids[:cut], ids[cut:])
+    if max_train_tokens is not None:
+        corpus.train = corpus.train[:max_train_tokens]
+    return corpus

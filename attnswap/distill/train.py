@@ -1,0 +1,190 @@
+"""Distillation: stage 1 attention transfer, stage 2 LoRA against the teacher's logits.
+
+The loop knows nothing of the conversion method. It asks the model's replacement modules for their
+stage-1 parameters (``transfer_parameters``) and switches them between ``transfer``, ``teacher`` and
+``student`` modes (see ``convert/base.py``). The teacher is the same model run in ``teacher`` mode
+with the LoRA adapters disabled, so no second copy of the weights is held.
+
+Multi-GPU runs go through accelerate: ``accelerate launch -m attnswap.cli linearize ...``. Each
+process takes its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from ..convert.base import attention_mode, swapped_modules
+from ..progress import progress_bar
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class DistillConfig:
+    transfer_steps: int
+    lora_steps: int
+    batch_size: int = 8
+    transfer_lr: float = 1e-2
+    lr: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    ce_weight: float = 0.0
+    seed: int = 0
+    warmup: int = 10
+
+
+@dataclass
+class DistillStats:
+    transfer_params: int = 0
+    lora_params: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: dict = field(default_factory=dict)
+
+
+def split_steps(steps: int, transfer_steps: int | None, lora_steps: int | None) -> tuple[int, int]:
+    """--steps is the total. By default 40% go to attention transfer, the rest to LoRA."""
+    if transfer_steps is None and lora_steps is None:
+        transfer_steps = max(1, round(steps * 0.4)) if steps > 1 else 1
+        lora_steps = steps - transfer_steps
+    elif transfer_steps is None:
+        transfer_steps = max(0, steps - lora_steps)
+    elif lora_steps is None:
+        lora_steps = max(0, steps - transfer_steps)
+    return transfer_steps, lora_steps
+
+
+class Batches:
+    """Deterministic shuffled batches: batch ``step`` depends only on (seed, step), so a run can
+    resume at any step. Each accelerate process takes a strided slice of the global batch."""
+
+    def __init__(self, seqs: torch.Tensor, batch_size: int, seed: int, accelerator: Accelerator):
+        self.seqs, self.bs, self.seed, self.acc = seqs, batch_size, seed, accelerator
+
+    def __call__(self, step: int) -> torch.Tensor:
+        n = self.seqs.shape[0]
+        world = self.acc.num_processes
+        global_bs = self.bs * world
+        per_epoch = max(1, n // global_bs)
+        epoch, k = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        idx = perm[(torch.arange(global_bs) + k * global_bs) % n]
+        return self.seqs[idx[self.acc.process_index :: world]].to(self.acc.device)
+
+
+def _schedule(opt, warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _freeze_all(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats):
+    """Stage 1: every converted layer sees the teacher's inputs (teacher forcing) and learns to match
+    the softmax output (MSE), all layers in one pass. Only feature maps and mixing factors train."""
+    if cfg.transfer_steps <= 0:
+        return
+    _freeze_all(model)
+    params = [p for m in swapped_modules(model) for p in m.transfer_parameters()]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    stats.transfer_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0)
+    sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
+    body = getattr(model, "model", model)  # the decoder stack: stage 1 needs no logits
+    _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params,
+          lambda ids: _transfer_loss(model, body, ids))
+
+
+def _transfer_loss(model, body, ids):
+    with attention_mode(model, "transfer") as mods:
+        body(input_ids=ids, use_cache=False)
+        losses = [m.transfer_loss for m in mods]
+    return torch.stack(losses).mean()
+
+
+def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats):
+    """Stage 2: LoRA on q/k/v/o of the converted layers, loss = KL(teacher || student) on the logits
+    (+ ce_weight * next-token cross-entropy). Returns the model with LoRA merged into its weights."""
+    if cfg.lora_steps <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    _freeze_all(model)
+    converted = sorted({m.layer_idx for m in swapped_modules(model)})
+    pattern = rf".*layers\.({'|'.join(map(str, converted))})\.self_attn\.({'|'.join(LORA_TARGETS)})"
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
+    peft_model = get_peft_model(model, lcfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    stats.lora_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
+
+    def loss_fn(ids):
+        with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
+            t_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
+        s_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
+        t_logp = F.log_softmax(t_logits, -1)
+        s_logp = F.log_softmax(s_logits, -1)
+        loss = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return loss
+
+    _loop("LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
+          step_offset=cfg.transfer_steps)
+    return peft_model.merge_and_unload()
+
+
+def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0):
+    t0 = time.perf_counter()
+    tokens = 0
+    ema = None
+    with progress_bar("loss", "tok/s") as bar:
+        task = bar.add_task(name, total=steps, loss="-", **{"tok/s": "-"})
+        for step in range(steps):
+            ids = batches(step_offset + step)
+            loss = loss_fn(ids)
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += ids.numel() * acc.num_processes
+            lv = loss.item()
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+            rate = tokens / max(1e-9, time.perf_counter() - t0)
+            bar.update(task, advance=1, loss=f"{ema:.4g}", **{"tok/s": f"{rate:,.0f}"})
+    stats.tokens += tokens
+    stats.seconds += time.perf_counter() - t0
+    stats.losses[name] = ema
+
+
+def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None):
+    """Run both stages on ``model`` (already converted). Returns (model, stats)."""
+    acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    torch.manual_seed(cfg.seed)
+    batches = Batches(train_seqs, cfg.batch_size, cfg.seed, acc)
+    stats = DistillStats()
+    model.train()
+    attention_transfer(model, batches, cfg, acc, stats)
+    model = lora_finetune(model, batches, cfg, acc, stats)
+    model.eval()
+    _freeze_all(model)
+    return model, stats

