@@ -268,7 +268,8 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     return o, den, m, arg
 
 
-def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale, use_linear, eps, chunk_size=64):
+def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale, use_linear, eps, chunk_size=64,
+                qk_grad_dtype=None):
     """Returns dq, dk, dv, dfq, dfk, dgamma (dfq/dfk None without the linear branch)."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -293,7 +294,8 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     dgamma = dp.sum((0, 2)).to(gamma.dtype)
     dfq = dfk = None
     if use_linear:
-        dfq, dfk, dv_lin = la_backward(fq, fk, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C)
+        dfq, dfk, dv_lin = la_backward(fq, fk, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C,
+                                       qk_grad_dtype=qk_grad_dtype)
         dv = (dv + dv_lin.float()).to(v.dtype)
     return dq, dk, dv, dfq, dfk, dgamma
 

@@ -299,10 +299,11 @@ def _la_bwd_dv_kernel(
             g0 = gload(Gb, c * C - LAG - 1, T, Hk)
             g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
             kd = (bk.to(tl.float32) * tl.exp(g1 - gk)[:, None]).to(bk.dtype)
-            dS = dS * tl.exp(g1 - g0)
         else:
             kd = bk
         acc = tl.dot(kd, dS.to(bk.dtype), input_precision=PREC)
+        if GATED:
+            dS = dS * tl.exp(g1 - g0)
         for g in range(0, GROUP):
             h = hk * GROUP + g
             bq = tl.load(q + b * T * H * F + h * F + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
@@ -363,7 +364,7 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
 
 
 def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, chunk_size=64,
-                dk_zero=False):
+                qk_grad_dtype=None):
     """Gradients of sum_{j<=i-lag} a_ij v_j with a_ij = q_i.k_j (times the gate decay).
     With ``rden``/``dden`` given (normalised forms): dnum_i = do_i * rden_i and every score also gets
     ``dden_i``. Returns dq, dk, dv (fp32 accumulation, stored in the input dtype)."""
@@ -374,8 +375,8 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     prec = dot_precision(q)
     C = chunk_size
     alloc = torch.zeros if lag > 0 else torch.empty  # keys after T-1-lag see no query
-    dq = torch.empty_like(q)
-    dk = alloc(k.shape, device=k.device, dtype=k.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=qk_grad_dtype or q.dtype)
+    dk = alloc(k.shape, device=k.device, dtype=qk_grad_dtype or k.dtype)
     dv = alloc(v.shape, device=v.device, dtype=v.dtype)
     S0 = z0 = None
     if initial_state is not None:

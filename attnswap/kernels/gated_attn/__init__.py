@@ -1,0 +1,1 @@
+"""Gated (decaying) linear attention and its sliding-window hybrid (Lizard-style)."""

@@ -1,0 +1,97 @@
+"""Chunked gated linear attention (and gated hybrid) in plain PyTorch; autograd for the backward.
+
+Same contracts as ``naive``. Query heads are viewed as (Hk, G). A Python loop walks the chunks and
+carries the decayed state (S, z) referenced to the last key position of the previous chunk; keys of
+the hybrid's linear branch are read with a lag of ``window`` positions (zeros before the start).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+from ..hybrid_attn.torch_chunk import chunk_hybrid_attn
+
+
+def _gated_core(q, k, v, G, *, lag: int, C: int, S0=None, z0=None):
+    """Unnormalised num (B,T,H,Dv), den (B,T,H) and final (S, z) of sum_{j<=i-lag} (q_i.k_j) e^{G_i-G_j}."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    Gr = H // Hk
+    N = -(-T // C)
+    Tp = N * C
+    q = F_.pad(q.float(), (0, 0, 0, 0, 0, Tp - T)).view(B, N, C, Hk, Gr, F)
+    # keys shifted right by lag, zeros before the start; gates of padded keys: 0 before, G[T-1] after
+    k = F_.pad(k.float(), (0, 0, 0, 0, lag, Tp - T))[:, :Tp].reshape(B, N, C, Hk, F)
+    v = F_.pad(v.float(), (0, 0, 0, 0, lag, Tp - T))[:, :Tp].reshape(B, N, C, Hk, Dv)
+    Gq = torch.cat([G, G[:, -1:].expand(B, Tp - T, Hk)], 1)
+    Gk = torch.cat([torch.zeros(B, lag, Hk, device=G.device), Gq], 1)[:, :Tp]
+    Gq, Gk = Gq.view(B, N, C, Hk), Gk.view(B, N, C, Hk)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    S = torch.zeros(B, Hk, F, Dv, device=q.device) if S0 is None else S0.float()
+    z = torch.zeros(B, Hk, F, device=q.device) if z0 is None else z0.float()
+    g_ref = torch.zeros(B, Hk, device=q.device)
+    nums, dens = [], []
+    for c in range(N):
+        gq, gk = Gq[:, c], Gk[:, c]  # (B, C, Hk)
+        dec = (gq.permute(0, 2, 1)[..., :, None] - gk.permute(0, 2, 1)[..., None, :])
+        dec = dec.masked_fill(~causal, float("-inf")).exp()  # (B, Hk, C, C)
+        s = torch.einsum("bcxgf,bsxf->bxgcs", q[:, c], k[:, c]) * dec[:, :, None]
+        qd = q[:, c] * (gq - g_ref[:, None]).exp()[..., None, None]
+        nums.append(torch.einsum("bxgcs,bsxd->bcxgd", s, v[:, c]) + torch.einsum("bcxgf,bxfd->bcxgd", qd, S))
+        dens.append(s.sum(-1).permute(0, 3, 1, 2) + torch.einsum("bcxgf,bxf->bcxg", qd, z))
+        g_end = gk[:, -1]
+        kd = k[:, c] * (g_end[:, None] - gk).exp()[..., None]
+        w = (g_end - g_ref).exp()
+        S = S * w[..., None, None] + torch.einsum("bsxf,bsxd->bxfd", kd, v[:, c])
+        z = z * w[..., None] + kd.sum(1)
+        g_ref = g_end
+    num = torch.stack(nums, 1).reshape(B, Tp, H, Dv)[:, :T]
+    den = torch.stack(dens, 1).reshape(B, Tp, H)[:, :T]
+    return num, den, (S, z)
+
+
+def chunk_gated_linear_attn(
+    q, k, v, g, *, normalize: bool = True, eps: float = 1e-6,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, output_final_state: bool = False,
+    chunk_size: int = 64,
+):
+    G = g.float().cumsum(1)
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    num, den, final = _gated_core(q, k, v, G, lag=0, C=chunk_size, S0=S0, z0=z0)
+    out = num / (den.unsqueeze(-1) + eps) if normalize else num
+    return out.to(q.dtype), (final if output_final_state else None)
+
+
+def chunk_gated_hybrid_attn(
+    q, k, v, fq, fk, g, gamma, *, window: int, scale: float, use_linear: bool = True, eps: float = 1e-6,
+    chunk_size: int = 64,
+):
+    if not use_linear:  # no linear branch, no gate
+        return chunk_hybrid_attn(q, k, v, None, None, gamma, window=window, scale=scale,
+                                 use_linear=False, eps=eps, chunk_size=chunk_size)
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    Gr = H // Hk
+    # window softmax branch, chunk by chunk (C >= window: the window lies in this chunk and the last)
+    C = max(chunk_size, window)
+    N = -(-T // C)
+    Tp = N * C
+    pad = lambda x: F_.pad(x.float(), (0, 0, 0, 0, 0, Tp - T))  # noqa: E731
+    qc = pad(q).view(B, N, C, Hk, Gr, D)
+    kc, vc = pad(k).view(B, N, C, Hk, D), pad(v).view(B, N, C, Hk, -1)
+    prev = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # noqa: E731
+    kl, vl = torch.cat([prev(kc), kc], 2), torch.cat([prev(vc), vc], 2)
+    c_ = torch.arange(C, device=q.device)[:, None]
+    s_ = torch.arange(2 * C, device=q.device)[None, :]
+    rel = s_ - C - c_
+    exists = (torch.arange(N, device=q.device).view(N, 1, 1) * C + s_ - C) >= 0
+    inw = ((rel <= 0) & (rel > -window) & exists).view(1, N, 1, 1, C, 2 * C)
+    s = torch.einsum("bncxgd,bnsxd->bnxgcs", qc, kl) * scale
+    s = s.masked_fill(~inw, float("-inf"))
+    a = gamma.float().view(1, 1, Hk, Gr, 1, 1) * torch.exp(s - s.amax(-1, keepdim=True))
+    num_w = torch.einsum("bnxgcs,bnsxd->bncxgd", a, vl).reshape(B, Tp, H, -1)[:, :T]
+    den_w = a.sum(-1).permute(0, 1, 4, 2, 3).reshape(B, Tp, H)[:, :T]
+    num_l, den_l, _ = _gated_core(fq, fk, v, g.float().cumsum(1), lag=window, C=chunk_size)
+    out = (num_w + num_l) / ((den_w + den_l).unsqueeze(-1) + eps)
+    return out.to(q.dtype)
