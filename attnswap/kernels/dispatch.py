@@ -13,7 +13,10 @@ import os
 
 import torch
 
+from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
+from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
+from .linear_attn.naive import naive_linear_step
 from .linear_attn.torch_chunk import chunk_linear_attn
 
 BACKENDS = ("auto", "torch", "triton")
@@ -36,11 +39,21 @@ def force_backend(name: str):
 @functools.lru_cache(maxsize=None)
 def _triton_ops() -> dict | None:
     try:
+        from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn
+        from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
         from .linear_attn.chunk import triton_linear_attn
+        from .linear_attn.fused_recurrent import fused_recurrent_linear_step
     except Exception:  # triton missing or too old: the PyTorch path serves
         return None
-    return {"linear": triton_linear_attn, "hybrid": triton_hybrid_attn}
+    return {
+        "linear": triton_linear_attn,
+        "hybrid": triton_hybrid_attn,
+        "gated_linear": triton_gated_linear_attn,
+        "gated_hybrid": triton_gated_hybrid_attn,
+        "linear_step": fused_recurrent_linear_step,
+        "hybrid_step": fused_recurrent_hybrid_step,
+    }
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -68,3 +81,34 @@ def hybrid_attn(q, k, v, fq, fk, gamma, **kw):
     if backend_for(q) == "triton":
         return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
     return chunk_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
+
+
+def gated_linear_attn(q, k, v, g, **kw):
+    """Gated (decaying) causal linear attention; see ``gated_attn/naive.py`` for the contract."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["gated_linear"](q, k, v, g, **kw)
+    return chunk_gated_linear_attn(q, k, v, g, **kw)
+
+
+def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw):
+    """Sliding-window softmax + gated linear attention; see ``gated_attn/naive.py``."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, **kw)
+    return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw)
+
+
+def linear_attn_step(q, k, v, state, **kw):
+    """One decoding step of (optionally gated, ``g=``) linear attention: q (B,H,F), k (B,Hk,F),
+    v (B,Hk,Dv), state (S, z). The Triton step updates the state in place, the PyTorch one returns a
+    new one; use the returned state either way. Returns (out (B,H,Dv), state)."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["linear_step"](q, k, v, state, **kw)
+    return naive_linear_step(q, k, v, state, **kw)
+
+
+def hybrid_attn_step(q, k, v, fq, fk, gamma, cache, **kw):
+    """One decoding step of the (optionally gated) hybrid; cache layout in ``hybrid_attn/naive.py``
+    (``hybrid_cache_from_prefill`` builds it). Returns (out (B,H,Dv), cache); use the returned cache."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["hybrid_step"](q, k, v, fq, fk, gamma, cache, **kw)
+    return naive_hybrid_step(q, k, v, fq, fk, gamma, cache, **kw)
