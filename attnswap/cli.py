@@ -73,7 +73,7 @@ def linearize(
     from . import loading
     from .convert import convert_model, family_of, parse_layers
     from .convert.swap import make_swap
-    from .distill.data import build_corpus
+    from .distill.data import build_corpus, load_documents
     from .distill.train import DistillConfig, distill, split_steps
     from .evals.perplexity import perplexity
     from .saving import check_out, save_converted
@@ -102,9 +102,10 @@ def linearize(
 
     dev = loading.pick_device(device)
     dt = loading.pick_dtype(dtype, dev)
+    docs = load_documents(data)
     console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})")
     net, tok = loading.load_model(src, dtype=dt, device=dev)
-    corpus = build_corpus(data, tok)
+    corpus = build_corpus(docs, tok)
     train = corpus.sequences("train", seq_len)
     held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
 
@@ -158,13 +159,14 @@ def evaluate(
 ):
     """Held-out perplexity of MODEL (and of --baseline), with the relative change."""
     from . import loading
-    from .distill.data import build_corpus
+    from .distill.data import build_corpus, load_documents
     from .evals.perplexity import perplexity
 
     _check_positive(seq_len=seq_len, eval_tokens=eval_tokens, batch_size=batch_size)
     dev = loading.pick_device(device)
     dt = loading.pick_dtype(dtype, dev)
     names = [model] + ([baseline] if baseline else [])
+    docs = load_documents(data)
     sources = [loading.resolve(n) for n in names]
     for n, s in zip(names, sources):
         c = loading.load_config(s)
@@ -175,7 +177,7 @@ def evaluate(
     for n, s in zip(names, sources):
         net, tok = loading.load_model(s, dtype=dt, device=dev)
         if held is None:
-            held = build_corpus(data, tok).sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)]
+            held = build_corpus(docs, tok).sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)]
         results[n] = perplexity(net, held, batch_size=batch_size, label=f"{n} perplexity")
         del net
     t = Table(title=f"held-out perplexity ({held.numel():,} tokens, seq-len {seq_len})")

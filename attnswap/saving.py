@@ -58,6 +58,9 @@ def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
             src, auto_map = remote_code_source(model.config.model_type)
             model.config.auto_map = auto_map
             (tmp / REMOTE_CODE_FILE).write_text(src)
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
+        from .loading import _quiet
+
+        with _quiet():
+            model.save_pretrained(tmp, max_shard_size="2GB")
+            tokenizer.save_pretrained(tmp)
     return out

@@ -152,8 +152,9 @@ def _encode(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def build_corpus(spec: str, tokenizer, *, max_train_tokens: int | None = None) -> Corpus:
-    docs = load_documents(spec)
+def build_corpus(data: str | list[str], tokenizer, *, max_train_tokens: int | None = None) -> Corpus:
+    """Tokenise and split ``data`` (a spec for ``load_documents``, or documents already loaded)."""
+    docs = load_documents(data) if isinstance(data, str) else data
     if len(docs) >= HELDOUT_EVERY:
         held = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
         train = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]

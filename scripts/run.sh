@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the embedded default model, sized for a 2-core CPU (about 5 minutes):
+# linearize SmolLM2-135M-Instruct with LoLCATs attention, distil briefly, save, report perplexity.
+# Extra arguments go to `convert linearize` (e.g. --steps 1000 --seq-len 1024 on a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+exec convert linearize --model llama --steps 40 --seq-len 256 --batch-size 2 --eval-tokens 8192 \
+  --out runs/smollm2-linear --overwrite "$@"

@@ -1,0 +1,96 @@
+"""The CLI: every bad input gets one line, exit 2, and nothing under --out; a tiny run end to end."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attnswap.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _assert_refused(res, out, needle):
+    text = res.output.strip()
+    assert res.exit_code == 2, text
+    assert needle in text, text
+    assert len(text.splitlines()) == 1, text
+    assert not out.exists()
+
+
+def _tiny_args(tiny_dir, tiny_text, out):
+    return ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 32,
+            "--batch-size", 2, "--eval-tokens", 128, "--window", 8]
+
+
+def test_missing_model_path(tmp_path):
+    out = tmp_path / "o"
+    _assert_refused(_run("linearize", "--model", tmp_path / "nope", "--out", out), out, "model path not found")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "o"
+    _assert_refused(_run("linearize", "--model", tmp_path / "gpt2", "--out", out), out, "unsupported architecture 'gpt2'")
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--steps", 0, "--steps must be at least 1"),
+                                              ("--window", 0, "--window must be at least 1"),
+                                              ("--steps", -3, "--steps must be at least 1")])
+def test_bad_numbers(tiny_dir, tiny_text, tmp_path, flag, value, needle):
+    out = tmp_path / "o"
+    _assert_refused(_run(*_tiny_args(tiny_dir, tiny_text, out), flag, value), out, needle)
+
+
+def test_seq_len_beyond_model_maximum(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"
+    _assert_refused(_run(*_tiny_args(tiny_dir, tiny_text, out), "--seq-len", 4096), out, "beyond the model's maximum of 512")
+
+
+def test_empty_data_file(tiny_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    out = tmp_path / "o"
+    _assert_refused(_run(*_tiny_args(tiny_dir, tmp_path / "empty.txt", out)), out, "holds no text")
+
+
+def test_binary_data_file(tiny_dir, tmp_path):
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 10)
+    out = tmp_path / "o"
+    _assert_refused(_run(*_tiny_args(tiny_dir, tmp_path / "blob.txt", out)), out, "looks binary")
+
+
+def test_existing_out_needs_overwrite(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = _run(*_tiny_args(tiny_dir, tiny_text, out), "--steps", 2)
+    assert res.exit_code == 2 and "already exists; pass --overwrite" in res.output
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_linearize_then_eval_tiny(tiny_dir, tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "conv"
+    res = _run(*_tiny_args(tiny_dir, tiny_text, out), "--steps", 4, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["steps"] == {"transfer": 2, "lora": 2} and rep["tokens_seen"] == 4 * 2 * 32
+    assert rep["teacher"]["ppl"] > 1 and rep["converted"]["ppl"] > 1
+    assert "converted ppl" in res.output and "change" in res.output
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.attnswap["swaps"][0]["options"]["window"] == 8
+    assert not any("lora" in k for k in m.state_dict())  # LoRA merged before saving
+    assert not list(tmp_path.glob(".conv.tmp-*"))
+    res = _run("eval", out, "--baseline", tiny_dir, "--data", tiny_text, "--seq-len", 32, "--eval-tokens", 128,
+               "--json", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["results"][str(out)]["ppl"] == pytest.approx(rep["converted"]["ppl"], rel=1e-4)
+    assert ev["results"][str(tiny_dir)]["ppl"] == pytest.approx(rep["teacher"]["ppl"], rel=1e-4)

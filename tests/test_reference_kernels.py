@@ -1,0 +1,66 @@
+"""The chunked PyTorch paths against their naive specifications: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnswap.kernels.hybrid_attn.naive import naive_hybrid_attn
+from attnswap.kernels.hybrid_attn.torch_chunk import chunk_hybrid_attn
+from attnswap.kernels.linear_attn.naive import naive_linear_attn
+from attnswap.kernels.linear_attn.torch_chunk import chunk_linear_attn
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _inputs(B, T, H, Hk, D, Fd, seed, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s, pos=False: (torch.rand(*s, generator=g) if pos else torch.randn(*s, generator=g)).requires_grad_(grad)
+    return dict(
+        q=mk(B, T, H, D), k=mk(B, T, Hk, D), v=mk(B, T, Hk, D),
+        fq=mk(B, T, H, Fd, pos=True), fk=mk(B, T, Hk, Fd, pos=True),
+    )
+
+
+def _grads(out, tensors):
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # same weights for any layout
+    return torch.autograd.grad((out * w).sum(), tensors)
+
+
+@pytest.mark.parametrize("B,T,H,Hk,chunk", [(1, 64, 2, 2, 16), (2, 77, 6, 2, 32), (1, 5, 3, 1, 64)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunk_linear_matches_naive(B, T, H, Hk, chunk, normalize):
+    x = _inputs(B, T, H, Hk, 8, 12, seed=T + H)
+    q, k, v = x["fq"], x["fk"], x["v"]
+    S0 = torch.rand(B, Hk, 12, 8)
+    z0 = torch.rand(B, Hk, 12)
+    for init in (None, (S0, z0)):
+        ref, sref = naive_linear_attn(q, k, v, normalize=normalize, initial_state=init, output_final_state=True)
+        out, sout = chunk_linear_attn(q, k, v, normalize=normalize, initial_state=init, output_final_state=True, chunk_size=chunk)
+        assert rel_err(out, ref) < 1e-5
+        assert rel_err(sout[0], sref[0]) < 1e-5 and rel_err(sout[1], sref[1]) < 1e-5
+        for ga, gb in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            assert rel_err(ga, gb) < 1e-4
+
+
+@pytest.mark.parametrize("B,T,H,Hk,W,chunk", [(1, 64, 2, 2, 16, 16), (2, 100, 6, 2, 7, 32), (1, 130, 4, 1, 64, 64), (1, 9, 2, 1, 3, 64)])
+def test_chunk_hybrid_matches_naive(B, T, H, Hk, W, chunk):
+    x = _inputs(B, T, H, Hk, 8, 10, seed=T * W)
+    gamma = torch.rand(H).requires_grad_(True)
+    args = (x["q"], x["k"], x["v"], x["fq"], x["fk"], gamma)
+    ref = naive_hybrid_attn(*args, window=W, scale=0.35)
+    out = chunk_hybrid_attn(*args, window=W, scale=0.35, chunk_size=chunk)
+    assert rel_err(out, ref) < 1e-5
+    for ga, gb in zip(_grads(out, args), _grads(ref, args)):
+        assert rel_err(ga, gb) < 1e-4
+
+
+@pytest.mark.parametrize("impl", [naive_hybrid_attn, chunk_hybrid_attn])
+def test_full_window_without_linear_is_softmax(impl):
+    x = _inputs(2, 50, 6, 2, 16, 8, seed=3, grad=False)
+    out = impl(x["q"], x["k"], x["v"], None, None, torch.ones(6), window=50, scale=0.25, use_linear=False)
+    ref = F.scaled_dot_product_attention(
+        x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2), is_causal=True, scale=0.25, enable_gqa=True
+    ).transpose(1, 2)
+    assert rel_err(out, ref) < 1e-5
