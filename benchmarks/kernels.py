@@ -28,6 +28,17 @@ from attnswap.kernels.linear_attn.chunk import triton_linear_attn
 from attnswap.kernels.linear_attn.fused_recurrent import fused_recurrent_linear_step
 
 try:
+    # load fla.ops without fla/__init__ (which pulls in fla.layers -> transformers, a circular import
+    # with recent transformers)
+    import importlib.util
+    import sys
+    import types
+
+    _spec = importlib.util.find_spec("fla")
+    if _spec is not None and "fla" not in sys.modules:
+        _m = types.ModuleType("fla")
+        _m.__path__ = list(_spec.submodule_search_locations)
+        sys.modules["fla"] = _m
     from fla.ops.linear_attn import chunk_linear_attn as fla_linear
     from fla.ops.simple_gla import chunk_simple_gla as fla_gla
 except Exception as e:  # noqa: BLE001
@@ -41,7 +52,10 @@ dev = "cuda"
 
 def bench(fn, grad_of=None):
     """(fwd ms, fwd+bwd ms)."""
+    import sys, time
+    t0 = time.time()
     f = do_bench(lambda: fn(), warmup=10, rep=50, return_mode="median")
+    print(f"#   fwd {f:.3f} ms (bench {time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
     if grad_of is None:
         return f, None
 
@@ -65,6 +79,7 @@ def row(name, L):
     g = (-torch.rand(1, L, Hk, device=dev) * 0.05).requires_grad_()
     gamma = torch.full((H,), 0.5, device=dev, dtype=DT, requires_grad=True)
     res = {}
+    print(f"# row {name} L={L}", file=__import__("sys").stderr, flush=True)
     res["lin"] = bench(lambda: triton_linear_attn(fq, fk, v)[0], [fq, fk, v])
     res["gated"] = bench(lambda: triton_gated_linear_attn(fq, fk, v, g)[0], [fq, fk, v, g])
     res["hyb64"] = bench(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5), [q, k, v, fq, fk, gamma])

@@ -69,10 +69,11 @@ class _GatedHybridFn(torch.autograd.Function):
     def forward(ctx, q, k, v, fq, fk, g, gamma, window, scale, eps, chunk_size):
         Gc = g.float().cumsum(1).contiguous()
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, Gc, window=window, scale=scale,
-                                    use_linear=True, eps=eps, chunk_size=chunk_size)
+                                    use_linear=True, eps=eps, chunk_size=chunk_size,
+                                    out_fp32=q.dtype != torch.float32)
         ctx.save_for_backward(q, k, v, fq, fk, Gc, gamma, o, den, m, arg)
         ctx.cfg = (window, scale, eps, chunk_size, g.dtype)
-        return o
+        return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):

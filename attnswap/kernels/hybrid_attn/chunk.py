@@ -163,7 +163,7 @@ def _hy_bwd_dq_kernel(
     mrow = tl.load(m_in + ro, mask=mq, other=0.0)
     arg = tl.load(arg_in + ro, mask=mq, other=-1)
     gam = tl.load(gamma + h).to(tl.float32)
-    dn = (bdo.to(tl.float32) * r[:, None]).to(bq.dtype)
+    dnf = bdo.to(tl.float32) * r[:, None]
     acc1 = tl.zeros([C, BD], dtype=tl.float32)
     acc2 = tl.zeros([C, BD], dtype=tl.float32)
     dp = tl.zeros([C], dtype=tl.float32)
@@ -177,7 +177,8 @@ def _hy_bwd_dq_kernel(
         inw = (rel >= 0) & (rel < W) & mk[None, :] & mq[:, None]
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
         e = tl.where(inw, tl.exp(s - mrow[:, None]), 0.0)
-        da = tl.dot(dn, tl.trans(bv), input_precision=PREC) + dd[:, None]
+        # fp32 (tf32 on GPU) on purpose: sum_j e_ij da_ij cancels strongly, bf16 dnum would show
+        da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision=PREC) + dd[:, None]
         pe = e * da
         dp += tl.sum(pe, 1)
         acc1 += tl.dot(pe.to(bk.dtype), bk, input_precision=PREC)
@@ -226,12 +227,13 @@ def _hy_bwd_dkv_kernel(
             mrow = tl.load(m_in + ro, mask=mq, other=0.0)
             arg = tl.load(arg_in + ro, mask=mq, other=-1)
             dp = tl.load(dp_in + ro, mask=mq, other=0.0)
-            dn = (bdo.to(tl.float32) * r[:, None]).to(bk.dtype)
+            dnf = bdo.to(tl.float32) * r[:, None]
+            dn = dnf.to(bk.dtype)
             rel = tq[None, :] - tk[:, None]  # [key, query]
             inw = (rel >= 0) & (rel < W) & mk[:, None] & mq[None, :]
             st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
             et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
-            dat = tl.dot(bv, tl.trans(dn), input_precision=PREC) + dd[None, :]
+            dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision=PREC) + dd[None, :]
             dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
             acc_k += tl.dot(dst.to(bq.dtype), bq, input_precision=PREC)
             acc_v += tl.dot(et.to(bk.dtype), dn, input_precision=PREC)
@@ -243,12 +245,15 @@ def _nkb(window: int, C: int) -> int:
     return triton.cdiv(window + C - 1, C)
 
 
-def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True):
+def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
+               out_fp32=False):
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     F = fq.shape[-1] if use_linear else 16
     C = chunk_size
-    o = torch.empty(B, T, H, Dv, device=q.device, dtype=q.dtype)
+    # out_fp32: the backward's dden = -(do . out) / den feeds a sum that cancels strongly (the
+    # gamma and q/k gradients), so it gets the unrounded output
+    o = torch.empty(B, T, H, Dv, device=q.device, dtype=torch.float32 if out_fp32 else q.dtype)
     den = m = arg = None
     if save:
         den = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
@@ -304,10 +309,11 @@ class _HybridAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size):
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, None, window=window, scale=scale,
-                                    use_linear=use_linear, eps=eps, chunk_size=chunk_size)
+                                    use_linear=use_linear, eps=eps, chunk_size=chunk_size,
+                                    out_fp32=q.dtype != torch.float32)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
         ctx.cfg = (window, scale, use_linear, eps, chunk_size)
-        return o
+        return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
