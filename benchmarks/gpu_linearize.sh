@@ -13,7 +13,7 @@ start=$(date +%s.%N)
 python3 -m attnswap.cli linearize --model "$gguf" --steps "${STEPS:-1000}" --out /tmp/smollm2-linear --overwrite \
   --json "$out/report.json" "$@" 2>&1 | tee "$out/log.txt"
 end=$(date +%s.%N)
-echo "linearize wall seconds: $(echo "$end - $start" | bc)" | tee -a "$out/log.txt"
+echo "linearize wall seconds: $(python3 -c "print(round($end - $start, 1))")" | tee -a "$out/log.txt"
 python3 - <<'PY' 2>&1 | tee -a "$out/log.txt"
 import attnswap, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 MODES = ("student", "teacher", "transfer")
@@ -57,7 +58,7 @@ class SwappedAttention(nn.Module):
     def default_options(cls, config) -> dict:
         return {}
 
-    def student(self, q, k, v, cache_state=None) -> torch.Tensor:
+    def student(self, q, k, v) -> torch.Tensor:
         """q: (B, T, H, D), k/v: (B, T, Hk, D) after RoPE -> (B, T, H, D)."""
         raise NotImplementedError
 
@@ -91,28 +92,58 @@ class SwappedAttention(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         return out.transpose(1, 2)
 
+    # --- recurrent generation (constant memory); a method that cannot decode leaves these out ----
+    def prefill_state(self, q, k, v, valid):
+        """Return the decoding state after keys/values k, v (B, T, Hk, D); ``valid`` (B, T) marks
+        real tokens. The state's size must not depend on T."""
+        raise NotImplementedError
+
+    def decode(self, q, k, v, state):
+        """Attend new queries (B, Tq, H, D) given ``state``; return (out, new state)."""
+        raise NotImplementedError
+
+    @property
+    def can_decode(self) -> bool:
+        return type(self).decode is not SwappedAttention.decode
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         B, T, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
-        if past_key_values is not None:
-            # Full key/value history: correct for any method, not yet constant-memory.
-            kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            k, v = kc.transpose(1, 2), vc.transpose(1, 2)
-        if self.mode == "teacher":
-            out = self.softmax_attention(q, k, v, attention_mask)
-        elif self.mode == "transfer":
-            with torch.no_grad():
-                target = self.softmax_attention(q, k, v, attention_mask)
-            pred = self._student_padded(q, k, v, attention_mask)
-            flat = (B, pred.shape[1], -1)
-            self.transfer_loss = F.mse_loss(
-                self.o_proj(pred.reshape(flat).to(hidden_states.dtype)).float(),
-                self.o_proj(target.reshape(flat)).float(),
-            )
-            out = target
+        if past_key_values is not None and self.mode == "student" and self.can_decode:
+            out = self._recurrent(q, k, v, attention_mask, past_key_values)
         else:
-            out = self._student_padded(q, k, v, attention_mask)
+            if past_key_values is not None:  # softmax modes keep the whole history, as the original does
+                kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+                k, v = kc.transpose(1, 2), vc.transpose(1, 2)
+            if self.mode == "teacher":
+                out = self.softmax_attention(q, k, v, attention_mask)
+            elif self.mode == "transfer":
+                with torch.no_grad():
+                    target = self.softmax_attention(q, k, v, attention_mask)
+                pred = self._student_padded(q, k, v, attention_mask)
+                flat = (B, pred.shape[1], -1)
+                self.transfer_loss = F.mse_loss(
+                    self.o_proj(pred.reshape(flat).to(hidden_states.dtype)).float(),
+                    self.o_proj(target.reshape(flat)).float(),
+                )
+                out = target
+            else:
+                out = self._student_padded(q, k, v, attention_mask)
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
+
+    def _recurrent(self, q, k, v, attention_mask, cache):
+        """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
+        B, T = q.shape[:2]
+        layer = RecurrentLayer.install(cache, self.layer_idx)
+        if layer.state is None:
+            valid = _key_padding(attention_mask, T)
+            valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+            out = self._student_padded(q, k, v, attention_mask)
+            layer.state = self.prefill_state(q, k, v, valid)
+        else:
+            out, layer.state = self.decode(q, k, v, layer.state)
+        layer.seen += T
+        return out
 
     def _student_padded(self, q, k, v, attention_mask):
         """Run ``student``; when the queries are a suffix of the keys (decoding with the full-history
@@ -129,6 +160,56 @@ class SwappedAttention(nn.Module):
             o = self.student(q[b : b + 1, start:], k[b : b + 1, start:], v[b : b + 1, start:])
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
         return torch.cat(outs)[:, Tk - Tq :]
+
+
+class RecurrentLayer(DynamicLayer):
+    """A cache layer for a converted attention layer: it counts tokens (so positions and masks come
+    out right) and holds the method's fixed-size state instead of keys and values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.seen = 0
+        self.state: dict | None = None
+
+    @classmethod
+    def install(cls, cache, idx: int) -> "RecurrentLayer":
+        layers = cache.layers
+        while len(layers) <= idx:
+            layers.append(DynamicLayer())
+        if not isinstance(layers[idx], cls):
+            if layers[idx].get_seq_length() > 0:
+                raise RuntimeError("a converted layer cannot continue from a cache filled by softmax attention")
+            layers[idx] = cls()
+        return layers[idx]
+
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a converted attention layer keeps no key/value history")
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        self.seen, self.state = 0, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("a recurrent state cannot be rolled back (assisted decoding is not supported)")
+
+    def _map_state(self, fn) -> None:
+        if self.state is not None:
+            self.state = {k: fn(t) for k, t in self.state.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        self._map_state(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 def _key_padding(attention_mask, Tk):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import hybrid_attn
+from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
 
 
@@ -51,10 +52,21 @@ class LolcatsAttention(SwappedAttention):
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
 
-    def student(self, q, k, v, cache_state=None):
+    def student(self, q, k, v):
         fq = self.feature_map_q(q).to(q.dtype) if self.use_linear else None
         fk = self.feature_map_k(k).to(q.dtype) if self.use_linear else None
         gamma = torch.sigmoid(self.window_factor.float())
         return hybrid_attn(
             q, k, v, fq, fk, gamma, window=self.window, scale=self.scaling, use_linear=self.use_linear
         )
+
+    def prefill_state(self, q, k, v, valid):
+        return hybrid_prefill_state(k, v, self.feature_map_k(k), valid, window=self.window)
+
+    def decode(self, q, k, v, state):
+        fq = self.feature_map_q(q)
+        fk = self.feature_map_k(k)
+        if not self.use_linear:
+            fq, fk = torch.zeros_like(fq), torch.zeros_like(fk)
+        gamma = torch.sigmoid(self.window_factor.float())
+        return hybrid_step(q, k, v, fq, fk, gamma, state, window=self.window, scale=self.scaling)

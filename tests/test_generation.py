@@ -1,0 +1,86 @@
+"""Constant-memory generation: decoding from the recurrent state equals a full forward pass."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from attnswap.convert import convert_model
+from attnswap.convert.base import RecurrentLayer
+from attnswap.convert.swap import make_swap
+from tests.conftest import tiny_model
+
+
+def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0):
+    m = tiny_model(fam, seed=seed)
+    convert_model(m, [make_swap("lolcats", list(layers), {"window": window}, m.config)], "tiny")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move feature maps and mixing factors off their initial values
+        for name, p in m.named_parameters():
+            if "feature_map" in name or "window_factor" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _state_numel(cache):
+    return sum(t.numel() for l in cache.layers if isinstance(l, RecurrentLayer) for t in l.state.values())
+
+
+@pytest.mark.parametrize("fam,layers", [("llama", (0, 1, 2)), ("llama", (0, 2)), ("qwen3", (1,)), ("mistral", (0, 1, 2))])
+@pytest.mark.parametrize("prefix", [1, 3, 9])
+def test_token_by_token_equals_full_forward(fam, layers, prefix):
+    m = _converted(fam, layers)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(prefix))
+    full = m(ids).logits
+    out = m(ids[:, :prefix], past_key_values=DynamicCache(), use_cache=True)
+    logits = [out.logits]
+    sizes = []
+    for t in range(prefix, ids.shape[1]):
+        out = m(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+        sizes.append(_state_numel(out.past_key_values))
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
+    assert len(set(sizes)) == 1  # the state does not grow with the tokens seen
+    for i in layers:
+        assert isinstance(out.past_key_values.layers[i], RecurrentLayer)
+
+
+def test_chunked_continuation_equals_full_forward():
+    m = _converted()
+    ids = torch.randint(0, 300, (1, 30))
+    full = m(ids).logits
+    o1 = m(ids[:, :11], past_key_values=DynamicCache(), use_cache=True)
+    o2 = m(ids[:, 11:], past_key_values=o1.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([o1.logits, o2.logits], 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_greedy_matches_recomputation():
+    m = _converted(layers=(0, 2))
+    ids = torch.randint(0, 300, (1, 10))
+    out = m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    seq = ids
+    for _ in range(12):
+        seq = torch.cat([seq, m(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_batched_generation_with_left_padding_matches_single():
+    m = _converted()
+    a = torch.randint(1, 300, (1, 12))
+    b = torch.randint(1, 300, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1)]).long()
+    out = m.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ga = m.generate(a, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    gb = m.generate(b, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0], ga[0])
+    assert torch.equal(out[1, 5:], gb[0])
+
+
+def test_sampling_runs_and_is_seeded():
+    m = _converted()
+    ids = torch.randint(0, 300, (2, 6))
+    torch.manual_seed(3)
+    x = m.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(3)
+    y = m.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    assert x.shape == (2, 12) and torch.equal(x, y)
