@@ -59,6 +59,8 @@ def linearize(
     transfer_lr: float = typer.Option(1e-2, help="Learning rate of the attention-transfer stage."),
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
+    lora_feature_maps: bool = typer.Option(False, help="Keep training feature maps and mixing factors during the LoRA stage."),
+    feature_rope: bool = typer.Option(True, help="Feature maps see q/k after RoPE (LoLCATs); --no-feature-rope feeds them q/k before RoPE."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -97,7 +99,7 @@ def linearize(
     chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
-    options = {"window": window} | ({"feature_dim": feature_dim} if feature_dim else {})
+    options = {"window": window, "feature_rope": feature_rope} | ({"feature_dim": feature_dim} if feature_dim else {})
     swap = make_swap(attention, chosen, options, cfg)
 
     dev = loading.pick_device(device)
@@ -115,7 +117,8 @@ def linearize(
         report["teacher"] = perplexity(net, held, label="teacher perplexity")
     convert_model(net, [swap], source=model)
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
-                         lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed)
+                         lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
+                         lora_trains_features=lora_feature_maps)
     net, stats = distill(net, train, dcfg)
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")

@@ -14,7 +14,7 @@ Every replacement runs in one of three modes, which distillation switches withou
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,19 @@ from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 MODES = ("student", "teacher", "transfer")
+
+
+class QKV(NamedTuple):
+    """Projected heads, (B, T, heads, D): q, k after RoPE; qn, kn the same before RoPE."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qn: torch.Tensor
+    kn: torch.Tensor
+
+    def rows(self, b: int, start: int = 0) -> "QKV":
+        return QKV(*(t[b : b + 1, start:] for t in self))
 METHODS: dict[str, type[SwappedAttention]] = {}
 
 
@@ -58,8 +71,8 @@ class SwappedAttention(nn.Module):
     def default_options(cls, config) -> dict:
         return {}
 
-    def student(self, q, k, v) -> torch.Tensor:
-        """q: (B, T, H, D), k/v: (B, T, Hk, D) after RoPE -> (B, T, H, D)."""
+    def student(self, x: QKV) -> torch.Tensor:
+        """Attention output (B, T, H, D) of the replacement, causal over x's T tokens."""
         raise NotImplementedError
 
     def transfer_parameters(self) -> list[nn.Parameter]:
@@ -75,8 +88,8 @@ class SwappedAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        return q, k, v
+        qr, kr = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return QKV(qr, kr, v, q, k)
 
     def softmax_attention(self, q, k, v, attention_mask=None):
         """Exact causal softmax attention (the teacher), via SDPA, GQA without copying KV heads."""
@@ -93,13 +106,13 @@ class SwappedAttention(nn.Module):
         return out.transpose(1, 2)
 
     # --- recurrent generation (constant memory); a method that cannot decode leaves these out ----
-    def prefill_state(self, q, k, v, valid):
-        """Return the decoding state after keys/values k, v (B, T, Hk, D); ``valid`` (B, T) marks
-        real tokens. The state's size must not depend on T."""
+    def prefill_state(self, x: QKV, valid: torch.Tensor) -> dict:
+        """The decoding state after x's tokens; ``valid`` (B, T) marks real (not padding) tokens.
+        Its size must not depend on T."""
         raise NotImplementedError
 
-    def decode(self, q, k, v, state):
-        """Attend new queries (B, Tq, H, D) given ``state``; return (out, new state)."""
+    def decode(self, x: QKV, state: dict):
+        """Attend x's new tokens, which directly follow ``state``; return (out, new state)."""
         raise NotImplementedError
 
     @property
@@ -108,58 +121,51 @@ class SwappedAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         B, T, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, position_embeddings)
+        x = self.project(hidden_states, position_embeddings)
         if past_key_values is not None and self.mode == "student" and self.can_decode:
-            out = self._recurrent(q, k, v, attention_mask, past_key_values)
+            out = self._recurrent(x, attention_mask, past_key_values)
+        elif self.mode == "student":
+            out = self._student_padded(x, attention_mask)
         else:
-            if past_key_values is not None:  # softmax modes keep the whole history, as the original does
+            q, k, v = x.q, x.k, x.v
+            if past_key_values is not None:  # softmax keeps the whole history, as the original does
                 kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
                 k, v = kc.transpose(1, 2), vc.transpose(1, 2)
-            if self.mode == "teacher":
-                out = self.softmax_attention(q, k, v, attention_mask)
-            elif self.mode == "transfer":
-                with torch.no_grad():
-                    target = self.softmax_attention(q, k, v, attention_mask)
-                pred = self._student_padded(q, k, v, attention_mask)
-                flat = (B, pred.shape[1], -1)
+            out = self.softmax_attention(q, k, v, attention_mask)
+            if self.mode == "transfer":
+                pred = self._student_padded(x, attention_mask).reshape(B, T, -1)
                 self.transfer_loss = F.mse_loss(
-                    self.o_proj(pred.reshape(flat).to(hidden_states.dtype)).float(),
-                    self.o_proj(target.reshape(flat)).float(),
+                    self.o_proj(pred.to(hidden_states.dtype)).float(),
+                    self.o_proj(out.detach().reshape(B, T, -1)).float(),
                 )
-                out = target
-            else:
-                out = self._student_padded(q, k, v, attention_mask)
+                out = out.detach()
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
 
-    def _recurrent(self, q, k, v, attention_mask, cache):
+    def _recurrent(self, x: QKV, attention_mask, cache):
         """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
-        B, T = q.shape[:2]
+        B, T = x.q.shape[:2]
         layer = RecurrentLayer.install(cache, self.layer_idx)
         if layer.state is None:
             valid = _key_padding(attention_mask, T)
-            valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
-            out = self._student_padded(q, k, v, attention_mask)
-            layer.state = self.prefill_state(q, k, v, valid)
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
+            out = self._student_padded(x, attention_mask)
+            layer.state = self.prefill_state(x, valid)
         else:
-            out, layer.state = self.decode(q, k, v, layer.state)
+            out, layer.state = self.decode(x, layer.state)
         layer.seen += T
         return out
 
-    def _student_padded(self, q, k, v, attention_mask):
-        """Run ``student``; when the queries are a suffix of the keys (decoding with the full-history
-        cache), pad them at the front; with left padding, run each sequence on its real tokens."""
-        Tq, Tk = q.shape[1], k.shape[1]
-        if Tq < Tk:
-            q = torch.cat([q.new_zeros(q.shape[0], Tk - Tq, *q.shape[2:]), q], dim=1)
-        valid = _key_padding(attention_mask, Tk)
+    def _student_padded(self, x: QKV, attention_mask):
+        """Run ``student``; with left padding, run each sequence on its real tokens only."""
+        valid = _key_padding(attention_mask, x.k.shape[1])
         if valid is None or bool(valid.all()):
-            return self.student(q, k, v)[:, Tk - Tq :]
+            return self.student(x)
         outs = []
-        for b in range(q.shape[0]):
+        for b in range(x.q.shape[0]):
             start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
-            o = self.student(q[b : b + 1, start:], k[b : b + 1, start:], v[b : b + 1, start:])
+            o = self.student(x.rows(b, start))
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
-        return torch.cat(outs)[:, Tk - Tq :]
+        return torch.cat(outs)
 
 
 class RecurrentLayer(DynamicLayer):

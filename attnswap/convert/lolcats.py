@@ -43,30 +43,37 @@ class LolcatsAttention(SwappedAttention):
         # gamma = sigmoid(logit): weight of the window's softmax terms against the linear terms
         self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(options["init_window_logit"])))
         self.use_linear = bool(options.get("use_linear", True))
+        self.feature_rope = bool(options.get("feature_rope", True))
 
     @classmethod
     def default_options(cls, config) -> dict:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0}
+        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": True}
 
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
 
-    def student(self, q, k, v):
-        fq = self.feature_map_q(q).to(q.dtype) if self.use_linear else None
-        fk = self.feature_map_k(k).to(q.dtype) if self.use_linear else None
-        gamma = torch.sigmoid(self.window_factor.float())
+    def _features(self, x):
+        """Feature-mapped q and k: after RoPE (LoLCATs) or before it (``feature_rope: false``)."""
+        q, k = (x.q, x.k) if self.feature_rope else (x.qn, x.kn)
+        return self.feature_map_q(q), self.feature_map_k(k)
+
+    def student(self, x):
+        fq, fk = self._features(x) if self.use_linear else (None, None)
+        dt = x.q.dtype
         return hybrid_attn(
-            q, k, v, fq, fk, gamma, window=self.window, scale=self.scaling, use_linear=self.use_linear
+            x.q, x.k, x.v, fq.to(dt) if fq is not None else None, fk.to(dt) if fk is not None else None,
+            self.gamma(), window=self.window, scale=self.scaling, use_linear=self.use_linear,
         )
 
-    def prefill_state(self, q, k, v, valid):
-        return hybrid_prefill_state(k, v, self.feature_map_k(k), valid, window=self.window)
+    def gamma(self):
+        return torch.sigmoid(self.window_factor.float())
 
-    def decode(self, q, k, v, state):
-        fq = self.feature_map_q(q)
-        fk = self.feature_map_k(k)
+    def prefill_state(self, x, valid):
+        return hybrid_prefill_state(x.k, x.v, self._features(x)[1], valid, window=self.window)
+
+    def decode(self, x, state):
+        fq, fk = self._features(x)
         if not self.use_linear:
             fq, fk = torch.zeros_like(fq), torch.zeros_like(fk)
-        gamma = torch.sigmoid(self.window_factor.float())
-        return hybrid_step(q, k, v, fq, fk, gamma, state, window=self.window, scale=self.scaling)
+        return hybrid_step(x.q, x.k, x.v, fq, fk, self.gamma(), state, window=self.window, scale=self.scaling)

@@ -37,6 +37,7 @@ class DistillConfig:
     ce_weight: float = 0.0
     seed: int = 0
     warmup: int = 10
+    lora_trains_features: bool = False  # also train the stage-1 parameters during stage 2
 
 
 @dataclass
@@ -131,6 +132,10 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     pattern = rf".*layers\.({'|'.join(map(str, converted))})\.self_attn\.({'|'.join(LORA_TARGETS)})"
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
     peft_model = get_peft_model(model, lcfg)
+    if cfg.lora_trains_features:
+        for m in swapped_modules(model):
+            for p in m.transfer_parameters():
+                p.requires_grad_(True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     stats.lora_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
