@@ -195,6 +195,128 @@ def evaluate(
         json_out.write_text(json.dumps({"seq_len": seq_len, "results": results, "baseline": baseline}, indent=2))
 
 
+@app.command("gqa")
+@_user_errors
+def gqa(
+    model: str = typer.Option("llama", help="'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."),
+    kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
+    grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
+    merge: str = typer.Option("aligned", help="aligned (rotate heads to a common basis, then average) or mean (plain average)."),
+    train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj) or none (merge only)."),
+    steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
+    calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
+    seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
+    batch_size: int = typer.Option(8, help="Sequences per step."),
+    seed: int = typer.Option(0, help="Random seed."),
+    data: str = typer.Option("default", help="'default' (offline Python docs corpus), a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+):
+    """Merge key/value heads (MHA/GQA -> fewer KV heads), then distil against the original model.
+    Writes a stock transformers checkpoint with the smaller num_key_value_heads."""
+    import copy
+
+    import torch
+
+    from . import loading
+    from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
+    from .distill.data import build_corpus, load_documents
+    from .distill.train import DistillConfig, distill
+    from .evals.perplexity import perplexity
+    from .saving import check_out, save_converted
+
+    t0 = time.perf_counter()
+    if kv_heads is None:
+        raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
+    _check_positive(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, calib_batches=calib_batches)
+    if train not in ("lora", "kv", "none"):
+        raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, none")
+    lr = lr if lr is not None else (1e-4 if train == "kv" else 1e-3)
+    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-gqa{kv_heads}")
+    check_out(out, overwrite)
+
+    src = loading.resolve(model)
+    cfg = loading.load_config(src)
+    geom = check_request(cfg, kv_heads, grouping, merge)
+    max_len = getattr(cfg, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+
+    dev = loading.pick_device(device)
+    dt = loading.pick_dtype(dtype, dev)
+    docs = load_documents(data)
+    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})")
+    net, tok = loading.load_model(src, dtype=dt, device=dev)
+    corpus = build_corpus(docs, tok)
+    train_seqs = corpus.sequences("train", seq_len)
+    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    report: dict = {"model": model, "kv_heads": {"before": geom.kv_heads, "after": kv_heads}, "query_heads": geom.heads,
+                    "grouping": grouping, "merge": merge, "train": train, "steps": steps if train != "none" else 0,
+                    "seq_len": seq_len, "batch_size": batch_size,
+                    "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}}
+    if held is not None:
+        report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
+    tm = time.perf_counter()
+    stats = None
+    if grouping == "similarity" or merge == "aligned":
+        pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(seed))
+        pick = pick[: calib_batches * batch_size]
+        stats = calibrate(net, [train_seqs[pick[i : i + batch_size]] for i in range(0, pick.numel(), batch_size)])
+        report["calibration_tokens"] = pick.numel() * seq_len
+    info = merge_to_gqa(net, kv_heads, grouping=grouping, merge=merge, stats=stats)
+    report.update(merge_seconds=time.perf_counter() - tm, groups=info["groups"], expanded_to_mha=info["expanded"],
+                  kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
+    if held is not None:
+        report["merged"] = perplexity(net, held, label="merged perplexity")
+    trained, tokens, train_s, losses = 0, 0, 0.0, {}
+    if train != "none":
+        dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
+                             ce_weight=ce_weight, seed=seed, full_train=("k_proj", "v_proj") if train == "kv" else ())
+        net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
+        trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
+        if held is not None:
+            report["distilled"] = perplexity(net, held, label="distilled perplexity")
+    del teacher
+    save_converted(net, tok, out, overwrite=overwrite)
+    report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
+                  lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
+                  dtype=str(dt).removeprefix("torch."))
+    _gqa_summary(report)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def _gqa_summary(r: dict) -> None:
+    t = Table(title=f"gqa: {r['model']} -> {r['out']} ({r['kv_heads']['before']} -> {r['kv_heads']['after']} KV heads, "
+                    f"{r['grouping']} grouping, {r['merge']} merge)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if "teacher" in r:
+        tp = r["teacher"]["ppl"]
+        t.add_row("teacher ppl (held-out)", f"{tp:.3f}")
+        for key, name in (("merged", "merged ppl (before training)"), ("distilled", "distilled ppl")):
+            if key in r:
+                t.add_row(name, f"{r[key]['ppl']:.3f} ({100 * (r[key]['ppl'] / tp - 1):+.2f}%)")
+        t.add_row("held-out tokens", f"{r['teacher']['tokens']:,}")
+    kb = r["kv_bytes_per_token"]
+    t.add_row("KV cache bytes / token", f"{kb['before']:,} -> {kb['after']:,} ({kb['after'] / kb['before']:.3f}x)")
+    t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
+    t.add_row("tokens seen", f"{r['tokens_seen']:,}")
+    t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")
+    console.print(t)
+
+
 def main():  # console-script entry point
     app()
 

@@ -38,6 +38,7 @@ class DistillConfig:
     seed: int = 0
     warmup: int = 10
     lora_trains_features: bool = False  # also train the stage-1 parameters during stage 2
+    full_train: tuple[str, ...] = ()  # stage 2 trains these modules (e.g. k_proj, v_proj) in full instead of LoRA
 
 
 @dataclass
@@ -120,30 +121,43 @@ def _transfer_loss(model, body, ids):
     return torch.stack(losses).mean()
 
 
-def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats):
-    """Stage 2: LoRA on q/k/v/o of the converted layers, loss = KL(teacher || student) on the logits
-    (+ ce_weight * next-token cross-entropy). Returns the model with LoRA merged into its weights."""
+def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats, teacher=None):
+    """Stage 2: LoRA on q/k/v/o of the converted layers (all layers if none is converted), loss =
+    KL(teacher || student) on the logits (+ ce_weight * next-token cross-entropy). The teacher is
+    ``teacher`` when given (a separate frozen model), else the model itself in teacher mode with the
+    adapters off. ``cfg.full_train`` trains those modules in full instead (needs ``teacher``).
+    Returns the model with LoRA merged into its weights."""
     if cfg.lora_steps <= 0:
         return model
     from peft import LoraConfig, get_peft_model
 
     _freeze_all(model)
-    converted = sorted({m.layer_idx for m in swapped_modules(model)})
-    pattern = rf".*layers\.({'|'.join(map(str, converted))})\.self_attn\.({'|'.join(LORA_TARGETS)})"
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
-    peft_model = get_peft_model(model, lcfg)
-    if cfg.lora_trains_features:
-        for m in swapped_modules(model):
-            for p in m.transfer_parameters():
-                p.requires_grad_(True)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if cfg.full_train:
+        if teacher is None:
+            raise ValueError("full_train needs a separate teacher model")
+        peft_model, (params, undo) = model, _full_train(model, cfg.full_train)
+    else:
+        converted = sorted({m.layer_idx for m in swapped_modules(model)})
+        which = "|".join(map(str, converted)) if converted else r"\d+"
+        pattern = rf".*layers\.({which})\.self_attn\.({'|'.join(LORA_TARGETS)})"
+        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
+        peft_model = get_peft_model(model, lcfg)
+        if cfg.lora_trains_features:
+            for m in swapped_modules(model):
+                for p in m.transfer_parameters():
+                    p.requires_grad_(True)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
     stats.lora_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
     def loss_fn(ids):
-        with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
-            t_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+        else:
+            with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
+                t_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
         s_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
         t_logp = F.log_softmax(t_logits, -1)
         s_logp = F.log_softmax(s_logits, -1)
@@ -154,7 +168,33 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
 
     _loop("LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
           step_offset=cfg.transfer_steps)
+    if cfg.full_train:
+        undo()
+        return model
     return peft_model.merge_and_unload()
+
+
+def _full_train(model, names: tuple[str, ...]):
+    """Make the weights (and biases) of modules named ``names`` trainable, kept in float32 while
+    training (inputs cast up, outputs cast back). Returns (params, undo)."""
+    mods = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    dtype = next(model.parameters()).dtype
+    hooks = []
+    for m in mods:
+        m.float()
+        hooks.append(m.register_forward_pre_hook(lambda _m, args: tuple(a.float() for a in args)))
+        hooks.append(m.register_forward_hook(lambda _m, args, out: out.to(dtype)))
+    params = [p for m in mods for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        for m in mods:
+            m.to(dtype)
+
+    return params, undo
 
 
 def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0):
@@ -181,15 +221,16 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     stats.losses[name] = ema
 
 
-def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None):
-    """Run both stages on ``model`` (already converted). Returns (model, stats)."""
+def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None, teacher=None):
+    """Run both stages on ``model`` (already converted). Returns (model, stats). ``teacher``: a separate
+    frozen model whose logits stage 2 matches (for conversions that change the weights, e.g. GQA)."""
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     torch.manual_seed(cfg.seed)
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed, acc)
     stats = DistillStats()
     model.train()
     attention_transfer(model, batches, cfg, acc, stats)
-    model = lora_finetune(model, batches, cfg, acc, stats)
+    model = lora_finetune(model, batches, cfg, acc, stats, teacher=teacher)
     model.eval()
     _freeze_all(model)
     return model, stats

@@ -1,0 +1,389 @@
+"""GQA merging: fewer key/value heads by weight surgery (no training here; see docs/GQA.md).
+
+A layer with H query heads and K key/value heads becomes one with G < K key/value heads:
+
+1. *Calibrate*: run the model on a few batches and accumulate, per layer, the cross second moments
+   of every pair of KV heads' keys and values (``C[a, b] = sum_t x_a(t) x_b(t)^T``, before RoPE).
+2. *Group*: split the K heads into G groups of equal size, either in order (``adjacent``) or so
+   that heads which are close after alignment share a group (``similarity``: greedy balanced
+   assignment, then pairwise swaps while the within-group cost falls).
+3. *Align* (``aligned``): rotate every head of a group toward a common basis (generalised orthogonal
+   Procrustes on the calibration moments). Key rotations are 2x2 rotations inside each RoPE
+   frequency pair (dims i and i + D/2, the rotate_half convention), so they commute with RoPE; the
+   same rotation is applied to the query heads reading that KV head, leaving q.k unchanged. Value
+   rotations are any orthogonal matrices, undone in the o_proj columns of the heads reading them.
+4. *Permute* KV heads (and their query heads: q_proj rows, o_proj columns) so that each group is
+   contiguous, as stock GQA expects (query head h reads KV head h // (H / G)).
+5. *Pool*: the K/V projections (weights and biases) of each group are averaged.
+
+Steps 3 and 4 do not change the model's function (tests check the logits); step 5 is the only lossy
+one. When G does not divide K, every layer is first expanded to one KV head per query head (a copy,
+which does not change the function either) and the H copies are grouped instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AttnSwapError
+from .architectures import family_of
+
+GROUPINGS = ("similarity", "adjacent")
+MERGES = ("aligned", "mean")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> "Geometry":
+        h = config.num_attention_heads
+        k = getattr(config, "num_key_value_heads", None) or h
+        d = getattr(config, "head_dim", None) or config.hidden_size // h
+        return cls(h, k, d)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token costs across all layers (keys and values)."""
+    g = Geometry.of(config)
+    return 2 * config.num_hidden_layers * g.kv_heads * g.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _has_qk_norm(config) -> bool:
+    return config.model_type.removeprefix("attnswap_") == "qwen3"
+
+
+def check_request(config, kv_heads: int, grouping: str = "similarity", merge: str = "aligned") -> Geometry:
+    """Refuse (one line) what this module cannot do; return the model's attention geometry."""
+    if config.model_type.startswith("attnswap_"):
+        raise AttnSwapError("this is a converted attnswap model; convert gqa needs a stock transformers model")
+    family_of(config.model_type)
+    if grouping not in GROUPINGS:
+        raise AttnSwapError(f"unknown --grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
+    if merge not in MERGES:
+        raise AttnSwapError(f"unknown --merge {merge!r}; choose from {', '.join(MERGES)}")
+    g = Geometry.of(config)
+    if kv_heads < 1:
+        raise AttnSwapError(f"--kv-heads must be at least 1 (got {kv_heads})")
+    if g.heads % kv_heads:
+        raise AttnSwapError(f"--kv-heads {kv_heads} must divide the number of query heads ({g.heads})")
+    if kv_heads >= g.kv_heads:
+        raise AttnSwapError(f"--kv-heads {kv_heads} must be smaller than the model's current {g.kv_heads} key/value heads")
+    if merge == "aligned":
+        if _has_qk_norm(config):
+            raise AttnSwapError("--merge aligned does not support per-head q/k norms (qwen3): their weights do not commute "
+                                "with the key rotations; use --merge mean")
+        rope = getattr(config, "rope_parameters", None) or {}
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+        if partial not in (None, 1, 1.0) or g.head_dim % 2:
+            raise AttnSwapError("--merge aligned needs RoPE over the whole (even) head dim; use --merge mean")
+    return g
+
+
+def _layers(model):
+    return getattr(model, "model", model).layers
+
+
+# --- 1. calibration --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def calibrate(model, batches) -> list[dict]:
+    """Per layer {"k": (K, K, D, D), "v": (K, K, D, D)} float32 cross moments of the KV heads'
+    projections (keys before RoPE), summed over every token of ``batches`` (an iterable of id tensors)."""
+    g = Geometry.of(model.config)
+    layers = _layers(model)
+    stats = [{"k": None, "v": None} for _ in layers]
+    hooks = []
+
+    def hook(i, kind):
+        def fn(_mod, _inp, out):
+            x = out.detach().float().reshape(-1, g.kv_heads, g.head_dim)
+            c = torch.einsum("nad,nbe->abde", x, x)
+            stats[i][kind] = c if stats[i][kind] is None else stats[i][kind] + c
+        return fn
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(hook(i, "k")))
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(hook(i, "v")))
+    body = getattr(model, "model", model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in batches:
+            body(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if any(s["k"] is None for s in stats):
+        raise AttnSwapError("calibration saw no tokens")
+    return stats
+
+
+# --- rotations -------------------------------------------------------------------------------------
+
+def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """(..., D/2) angles -> (..., D, D) block rotation acting on the RoPE pairs (i, i + D/2)."""
+    half = angles.shape[-1]
+    c, s = torch.cos(angles), torch.sin(angles)
+    r = torch.zeros(*angles.shape[:-1], 2 * half, 2 * half, dtype=angles.dtype, device=angles.device)
+    i = torch.arange(half, device=angles.device)
+    r[..., i, i] = c
+    r[..., i, i + half] = -s
+    r[..., i + half, i] = s
+    r[..., i + half, i + half] = c
+    return r
+
+
+def _pair_blocks(m: torch.Tensor):
+    """The 2x2 entries (ii, ij, ji, jj) of every RoPE pair of (..., D, D) matrices, each (..., D/2)."""
+    h = m.shape[-1] // 2
+    return (m[..., :h, :h].diagonal(dim1=-2, dim2=-1), m[..., :h, h:].diagonal(dim1=-2, dim2=-1),
+            m[..., h:, :h].diagonal(dim1=-2, dim2=-1), m[..., h:, h:].diagonal(dim1=-2, dim2=-1))
+
+
+def best_rotation(m: torch.Tensor, kind: str) -> torch.Tensor:
+    """argmax_R <R, m> over orthogonal R ('full') or over RoPE-pair rotations ('rope')."""
+    if kind == "full":
+        u, _, vh = torch.linalg.svd(m.double())
+        return (u @ vh).to(m.dtype)
+    ii, ij, ji, jj = _pair_blocks(m)
+    return rope_rotation(torch.atan2(ji - ij, ii + jj))
+
+
+def _aligned_overlap(c: torch.Tensor, kind: str) -> torch.Tensor:
+    """max_R <R, c> for each (..., D, D) moment (the overlap after the best alignment)."""
+    if kind == "full":
+        return torch.linalg.svdvals(c.double()).sum(-1).to(c.dtype)
+    ii, ij, ji, jj = _pair_blocks(c)
+    return torch.sqrt((ii + jj) ** 2 + (ji - ij) ** 2).sum(-1)
+
+
+# --- 2. grouping -----------------------------------------------------------------------------------
+
+def pair_costs(stats: dict, aligned: bool) -> torch.Tensor:
+    """(U, U) dissimilarity of KV heads: relative squared distance of their keys plus that of their
+    values, after the best alignment of each pair (``aligned``) or as they are."""
+    cost = 0
+    for kind, rot in (("k", "rope"), ("v", "full")):
+        c = stats[kind].double()
+        tr = c.diagonal(dim1=-2, dim2=-1).sum(-1).diagonal()  # (U,) sum_t |x_a|^2
+        overlap = _aligned_overlap(c, rot) if aligned else c.diagonal(dim1=-2, dim2=-1).sum(-1)
+        denom = (tr[:, None] + tr[None, :]).clamp_min(1e-12)
+        cost = cost + (tr[:, None] + tr[None, :] - 2 * overlap) / denom
+    return cost.float()
+
+
+def _within(cost: torch.Tensor, group: list[int]) -> float:
+    return float(sum(cost[a, b] for i, a in enumerate(group) for b in group[i + 1:]))
+
+
+def balanced_groups(cost: torch.Tensor, n_groups: int, passes: int = 20) -> list[list[int]]:
+    """Split range(U) into n_groups equal groups of mutually close heads: greedy (seed the group with
+    the remaining head farthest from the others, add its nearest remaining heads), then swap heads
+    between groups while the total within-group cost falls."""
+    u = cost.shape[0]
+    size = u // n_groups
+    left = list(range(u))
+    groups: list[list[int]] = []
+    while left:
+        seed = max(left, key=lambda a: (float(sum(cost[a, b] for b in left)), -a))
+        g = [seed]
+        left.remove(seed)
+        while len(g) < size:
+            nxt = min(left, key=lambda a: (float(sum(cost[a, b] for b in g)), a))
+            g.append(nxt)
+            left.remove(nxt)
+        groups.append(g)
+    for _ in range(passes):
+        improved = False
+        for gi in range(len(groups)):
+            for gj in range(gi + 1, len(groups)):
+                for a in list(groups[gi]):
+                    for b in list(groups[gj]):
+                        A = [x for x in groups[gi] if x != a] + [b]
+                        B = [x for x in groups[gj] if x != b] + [a]
+                        before = _within(cost, groups[gi]) + _within(cost, groups[gj])
+                        if _within(cost, A) + _within(cost, B) < before - 1e-9:
+                            groups[gi], groups[gj] = A, B
+                            improved = True
+                            break
+                    else:
+                        continue
+                    break
+        if not improved:
+            break
+    return sorted(sorted(g) for g in groups)
+
+
+def adjacent_groups(u: int, n_groups: int) -> list[list[int]]:
+    size = u // n_groups
+    return [list(range(i * size, (i + 1) * size)) for i in range(n_groups)]
+
+
+# --- 3. alignment ----------------------------------------------------------------------------------
+
+def align_group(c: torch.Tensor, members: list[int], kind: str, iters: int = 20) -> dict[int, torch.Tensor]:
+    """Generalised Procrustes: rotations R_a (a in members) maximising sum_{a<b} <R_a x_a, R_b x_b>,
+    by exact block-coordinate ascent (each R_a in turn is aligned to the sum of the others)."""
+    d = c.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=c.device)
+    rots = {a: eye.clone() for a in members}
+    if len(members) < 2:
+        return rots
+    c = c.double()
+    for _ in range(iters):
+        change = 0.0
+        for a in members:
+            m = sum(rots[b] @ c[b, a] for b in members if b != a)  # (sum_b R_b x_b) x_a^T
+            new = best_rotation(m, kind)
+            change = max(change, float((new - rots[a]).abs().max()))
+            rots[a] = new
+        if change < 1e-6:
+            break
+    return rots
+
+
+# --- in-place, function-preserving surgery ---------------------------------------------------------
+
+def _set_linear(attn, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    old = getattr(attn, name)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    setattr(attn, name, new)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Surgery runs in float32, or float64 for a float64 model."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _heads(lin: nn.Linear, d: int):
+    """weight (n*D, in) -> (n, D, in) float32, bias -> (n, D) or None."""
+    dt = _work_dtype(lin.weight)
+    w = lin.weight.detach().to(dt).reshape(-1, d, lin.weight.shape[1])
+    b = None if lin.bias is None else lin.bias.detach().to(dt).reshape(-1, d)
+    return w, b
+
+
+def _flat(w: torch.Tensor, b: torch.Tensor | None):
+    return w.reshape(-1, w.shape[-1]), None if b is None else b.reshape(-1)
+
+
+def expand_to_mha(attn, g: Geometry) -> None:
+    """Give every query head its own copy of its KV head (same function, H KV heads)."""
+    n_rep = g.heads // g.kv_heads
+    for name in ("k_proj", "v_proj"):
+        w, b = _heads(getattr(attn, name), g.head_dim)
+        w, b = w.repeat_interleave(n_rep, 0), None if b is None else b.repeat_interleave(n_rep, 0)
+        _set_linear(attn, name, *_flat(w, b))
+    attn.num_key_value_groups = 1
+
+
+def rotate_heads(attn, head_dim: int, rk: torch.Tensor | None, rv: torch.Tensor | None) -> None:
+    """Rotate KV head u's keys by rk[u] (RoPE-pair rotations) and its values by rv[u] (orthogonal),
+    compensated in the query heads that read it (q_proj rows, o_proj columns): same function."""
+    wk, bk = _heads(attn.k_proj, head_dim)
+    wq, bq = _heads(attn.q_proj, head_dim)
+    u, h = wk.shape[0], wq.shape[0]
+    src = torch.arange(h, device=wq.device) // (h // u)  # the KV head each query head reads
+    if rk is not None:
+        rk = rk.to(wk.device, wk.dtype)
+        rot = lambda r, w: torch.einsum("nij,nj...->ni...", r, w)  # noqa: E731
+        _set_linear(attn, "k_proj", *_flat(rot(rk, wk), None if bk is None else rot(rk, bk)))
+        _set_linear(attn, "q_proj", *_flat(rot(rk[src], wq), None if bq is None else rot(rk[src], bq)))
+    if rv is not None:
+        rv = rv.to(wk.device, wk.dtype)
+        wv, bv = _heads(attn.v_proj, head_dim)
+        rot = lambda r, w: torch.einsum("nij,nj...->ni...", r, w)  # noqa: E731
+        _set_linear(attn, "v_proj", *_flat(rot(rv, wv), None if bv is None else rot(rv, bv)))
+        wo = attn.o_proj.weight.detach().to(wk.dtype).reshape(attn.o_proj.weight.shape[0], h, head_dim)
+        wo = torch.einsum("ohj,hij->ohi", wo, rv[src])  # W_o[:, h] R^T
+        bo = None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
+        _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), bo)
+
+
+def permute_heads(attn, head_dim: int, order: list[int]) -> None:
+    """Reorder the KV heads as ``order`` and the query heads with them (same function)."""
+    wk, bk = _heads(attn.k_proj, head_dim)
+    u = wk.shape[0]
+    h = attn.q_proj.weight.shape[0] // head_dim
+    n_rep = h // u
+    order_t = torch.tensor(order, device=wk.device)
+    q_order = (order_t[:, None] * n_rep + torch.arange(n_rep, device=wk.device)).reshape(-1)
+    for name, idx in (("k_proj", order_t), ("v_proj", order_t), ("q_proj", q_order)):
+        w, b = _heads(getattr(attn, name), head_dim)
+        _set_linear(attn, name, *_flat(w[idx], None if b is None else b[idx]))
+    wo = attn.o_proj.weight.detach().reshape(attn.o_proj.weight.shape[0], h, head_dim)[:, q_order]
+    bo = None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
+    _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), bo)
+
+
+def pool_heads(attn, head_dim: int, n_groups: int) -> None:
+    """Average the K/V projections of each contiguous block of KV heads: n_groups KV heads remain."""
+    h = attn.q_proj.weight.shape[0] // head_dim
+    for name in ("k_proj", "v_proj"):
+        w, b = _heads(getattr(attn, name), head_dim)
+        size = w.shape[0] // n_groups
+        w = w.reshape(n_groups, size, head_dim, -1).mean(1)
+        b = None if b is None else b.reshape(n_groups, size, head_dim).mean(1)
+        _set_linear(attn, name, *_flat(w, b))
+    attn.num_key_value_groups = h // n_groups
+
+
+# --- the whole recipe ------------------------------------------------------------------------------
+
+def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: str = "aligned",
+                 stats: list[dict] | None = None, pool: bool = True) -> dict:
+    """Reduce every layer of ``model`` to ``kv_heads`` KV heads, in place. ``stats`` comes from
+    ``calibrate`` (needed by similarity grouping and aligned merging). With ``pool=False`` it stops
+    before the (lossy) averaging: the model then computes the same function, grouped and aligned.
+    Returns {"groups": per layer the groups of (original, or expanded) KV heads, "expanded": bool}."""
+    g = check_request(model.config, kv_heads, grouping, merge)
+    if stats is None and (grouping == "similarity" or merge == "aligned"):
+        raise ValueError("similarity grouping and aligned merging need calibration stats")
+    expand = g.kv_heads % kv_heads != 0
+    n_rep = g.heads // g.kv_heads
+    info = {"groups": [], "expanded": expand, "within_cost": []}
+    for i, layer in enumerate(_layers(model)):
+        attn = layer.self_attn
+        st = None
+        if stats is not None:
+            st = {k: v.to(attn.k_proj.weight.device) for k, v in stats[i].items()}
+            if expand:
+                src = torch.arange(g.heads, device=st["k"].device) // n_rep
+                st = {k: v[src][:, src] for k, v in st.items()}
+        if expand:
+            expand_to_mha(attn, g)
+        u = g.heads if expand else g.kv_heads
+        cost = pair_costs(st, merge == "aligned") if st is not None else None
+        groups = balanced_groups(cost, kv_heads) if grouping == "similarity" else adjacent_groups(u, kv_heads)
+        info["groups"].append(groups)
+        if cost is not None:
+            info["within_cost"].append(sum(_within(cost, grp) for grp in groups))
+        if merge == "aligned":
+            rk = torch.empty(u, g.head_dim, g.head_dim, dtype=torch.float64, device=st["k"].device)
+            rv = torch.empty_like(rk)
+            for grp in groups:
+                for kind, out, rot in (("k", rk, "rope"), ("v", rv, "full")):
+                    for a, r in align_group(st[kind], grp, rot).items():
+                        out[a] = r
+            rotate_heads(attn, g.head_dim, rk, rv)
+        permute_heads(attn, g.head_dim, [a for grp in groups for a in grp])
+        if pool:
+            pool_heads(attn, g.head_dim, kv_heads)
+    if pool:
+        model.config.num_key_value_heads = kv_heads
+    elif expand:
+        model.config.num_key_value_heads = g.heads
+    return info
