@@ -167,6 +167,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """Resolve --device. On CUDA this also lets fp32 matmuls use TF32 (the fp32 parts of attention
+    and the trainable fp32 parameters then run at tensor-core speed)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

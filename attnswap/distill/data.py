@@ -1,16 +1,18 @@
 """Training and evaluation text: where it comes from, how it is split, how it is packed.
 
 Sources (``--data``):
-- ``default``: an offline corpus that ships with every Python: the reference topics of the Python
-  documentation (``pydoc_data.topics``) plus the docstrings of the standard library's modules,
-  classes and functions, read with ``ast`` (nothing is imported). It is English technical prose of a
-  few million tokens, needs no download, and is identical on every machine with the same Python.
+- ``default``: an offline corpus that ships with every Python. Prose: the reference topics of the
+  Python documentation (``pydoc_data.topics``) and the docstrings of the standard library's modules,
+  classes and functions, read with ``ast`` (nothing is imported), about 0.5 M SmolLM2 tokens. Code:
+  the standard library's own source files, about 3.5 M tokens, used for training only, so that a
+  1000-step run sees each training token about twice rather than sixteen times. It needs no
+  download and is identical on every machine with the same Python.
 - a ``.txt``/``.md`` file (one document), a ``.jsonl`` file (one document per line, from its
   ``text`` field), or a directory of such files (read recursively, in sorted order);
 - ``hf:NAME[:CONFIG]``: a dataset's ``train`` split through the ``datasets`` library (online only).
 
 Split: documents are ordered; every tenth (index % 10 == 9) is held out for evaluation and never
-trained on. With fewer than ten documents, the last 10% of the token stream is held out instead.
+trained on (for ``default``, every tenth prose document; the code is training-only). With fewer than ten documents, the last 10% of the token stream is held out instead.
 Packing: documents are tokenised, joined with EOS, and cut into ``seq_len`` sequences.
 """
 
@@ -63,16 +65,39 @@ def _file_docs(path: Path) -> list[str]:
     return [_read_text(path)]
 
 
+class Documents(list):
+    """Documents that take part in the train/held-out split, plus ``train_only`` ones that never
+    reach the held-out split."""
+
+    def __init__(self, docs=(), train_only=()):
+        super().__init__(docs)
+        self.train_only = list(train_only)
+
+
+def _stdlib_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "test", "idlelib", "lib2to3", "turtledemo")
+    return [f for f in sorted(stdlib.rglob("*.py"))
+            if f.relative_to(stdlib).parts[0] not in skip and "tests" not in f.relative_to(stdlib).parts]
+
+
+def default_code() -> list[str]:
+    """The standard library's source files, one document each, in a fixed order."""
+    out = []
+    for f in _stdlib_files():
+        try:
+            out.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return out
+
+
 def default_corpus() -> list[str]:
     """Python's documentation topics and standard-library docstrings, in a fixed order."""
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for f in sorted(stdlib.rglob("*.py")):
-        rel = f.relative_to(stdlib).parts
-        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3", "turtledemo") or "tests" in rel:
-            continue
+    for f in _stdlib_files():
         try:
             tree = ast.parse(f.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -90,7 +115,7 @@ def default_corpus() -> list[str]:
 
 def load_documents(spec: str) -> list[str]:
     if spec in ("default", ""):
-        docs = default_corpus()
+        return Documents(default_corpus(), default_code())
     elif spec.startswith("hf:"):
         docs = _hf_docs(spec[3:])
     else:
@@ -155,14 +180,15 @@ def _encode(tokenizer, docs: list[str]) -> torch.Tensor:
 def build_corpus(data: str | list[str], tokenizer, *, max_train_tokens: int | None = None) -> Corpus:
     """Tokenise and split ``data`` (a spec for ``load_documents``, or documents already loaded)."""
     docs = load_documents(data) if isinstance(data, str) else data
+    extra = getattr(docs, "train_only", [])
     if len(docs) >= HELDOUT_EVERY:
         held = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
         train = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-        corpus = Corpus(_encode(tokenizer, train), _encode(tokenizer, held))
+        corpus = Corpus(_encode(tokenizer, train + extra), _encode(tokenizer, held))
     else:
-        ids = _encode(tokenizer, docs)
+        ids = _encode(tokenizer, list(docs))
         cut = int(ids.numel() * (1 - 1 / HELDOUT_EVERY))
-        corpus = Corpus(ids[:cut], ids[cut:])
+        corpus = Corpus(torch.cat([ids[:cut], _encode(tokenizer, extra)]) if extra else ids[:cut], ids[cut:])
     if max_train_tokens is not None:
         corpus.train = corpus.train[:max_train_tokens]
     return corpus
