@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,6 +35,9 @@ def _user_errors(fn):
         except AttnSwapError as e:
             console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:  # outside training (there Ctrl-C checkpoints first); outputs are atomic
+            console.print("[red]error:[/red] interrupted; no output was written", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -70,12 +76,18 @@ def linearize(
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+    save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
+    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoint directory after a successful run."),
+    nan_retries: int = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops."),
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
     from . import loading
     from .convert import convert_model, family_of, parse_layers
     from .convert.swap import make_swap
     from .distill.data import build_corpus, load_documents
+    from .distill.checkpoint import Checkpointer, TrainingRun, use_run
     from .distill.train import DistillConfig, distill, split_steps
     from .evals.perplexity import perplexity
     from .saving import check_out, save_converted
@@ -87,6 +99,10 @@ def linearize(
     n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
     out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-{attention}")
     check_out(out, overwrite)
+    if save_every < 0 or nan_retries < 0:
+        raise AttnSwapError("--save-every and --nan-retries must not be negative")
+    ckpts = Checkpointer(checkpoint_dir or out.with_name(out.name + ".ckpt"), save_every)
+    ckpts.check_start(resume)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -110,6 +126,10 @@ def linearize(
     corpus = build_corpus(docs, tok)
     train = corpus.sequences("train", seq_len)
     held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
+                "swap": swap, "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": seq_len, "batch_size": batch_size,
+                "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
+                "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps}, resume)
 
     report: dict = {"model": model, "attention": attention, "layers": chosen, "window": window,
                     "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size}
@@ -119,16 +139,32 @@ def linearize(
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
                          lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
                          lora_trains_features=lora_feature_maps)
-    net, stats = distill(net, train, dcfg)
+    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command())):
+        net, stats = distill(net, train, dcfg)
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")
-    save_converted(net, tok, out, overwrite=overwrite)
+    try:
+        save_converted(net, tok, out, overwrite=overwrite)
+    except AttnSwapError as e:
+        kept = f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
+        raise AttnSwapError(f"{e}{kept}") from None
+    if not keep_checkpoints:
+        ckpts.remove()
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(dev))
     _summary(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+def _resume_command() -> str:
+    """The command line that continues this run (what the user typed, plus --resume)."""
+    args = sys.argv[1:]
+    if "linearize" not in args:
+        return "convert linearize <the same options> --resume"
+    args = ["convert", *args[args.index("linearize"):]]
+    return shlex.join(args if "--resume" in args else [*args, "--resume"])
 
 
 def _summary(r: dict) -> None:
@@ -203,6 +239,7 @@ def gqa(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
     grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
     merge: str = typer.Option("aligned", help="aligned (rotate heads to a common basis, then average) or mean (plain average)."),
+    value_refit: Optional[bool] = typer.Option(None, "--value-refit/--no-value-refit", help="Refit each head's value read-out (o_proj) to the pooled values by least squares (default: on with --merge aligned)."),
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj) or none (merge only)."),
     steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv)."),
@@ -269,13 +306,14 @@ def gqa(
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     tm = time.perf_counter()
     stats = None
-    if grouping == "similarity" or merge == "aligned":
+    value_refit = merge == "aligned" if value_refit is None else value_refit
+    if grouping == "similarity" or merge == "aligned" or value_refit:
         pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(seed))
         pick = pick[: calib_batches * batch_size]
         stats = calibrate(net, [train_seqs[pick[i : i + batch_size]] for i in range(0, pick.numel(), batch_size)])
         report["calibration_tokens"] = pick.numel() * seq_len
-    info = merge_to_gqa(net, kv_heads, grouping=grouping, merge=merge, stats=stats)
-    report.update(merge_seconds=time.perf_counter() - tm, groups=info["groups"], expanded_to_mha=info["expanded"],
+    info = merge_to_gqa(net, kv_heads, grouping=grouping, merge=merge, stats=stats, refit=value_refit)
+    report.update(value_refit=value_refit, merge_seconds=time.perf_counter() - tm, groups=info["groups"], expanded_to_mha=info["expanded"],
                   kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
     if held is not None:
         report["merged"] = perplexity(net, held, label="merged perplexity")
@@ -299,7 +337,7 @@ def gqa(
 
 def _gqa_summary(r: dict) -> None:
     t = Table(title=f"gqa: {r['model']} -> {r['out']} ({r['kv_heads']['before']} -> {r['kv_heads']['after']} KV heads, "
-                    f"{r['grouping']} grouping, {r['merge']} merge)")
+                    f"{r['grouping']} grouping, {r['merge']} merge{', value refit' if r['value_refit'] else ''})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     if "teacher" in r:

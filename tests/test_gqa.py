@@ -141,6 +141,20 @@ def test_aligned_merge_is_closer_than_mean(kv):
         assert errs["aligned"] * factor < errs["mean"], errs
 
 
+@pytest.mark.parametrize("merge", ["aligned", "mean"])
+def test_value_refit_brings_the_merge_closer(merge):
+    m = tiny_model("llama", seed=4, **MHA).double()
+    ids = _ids(4, 64)
+    ref = m(ids).logits.log_softmax(-1)
+    stats = gqa.calibrate(m, [ids])
+    errs = []
+    for refit in (False, True):
+        mm = copy.deepcopy(m)
+        gqa.merge_to_gqa(mm, 2, merge=merge, stats=stats, refit=refit)
+        errs.append(torch.nn.functional.kl_div(mm(ids).logits.log_softmax(-1), ref, log_target=True, reduction="batchmean").item())
+    assert errs[1] < 0.9 * errs[0], errs
+
+
 def test_qwen3_mean_only():
     from attnswap.errors import AttnSwapError
 

@@ -14,7 +14,9 @@ A layer with H query heads and K key/value heads becomes one with G < K key/valu
    rotations are any orthogonal matrices, undone in the o_proj columns of the heads reading them.
 4. *Permute* KV heads (and their query heads: q_proj rows, o_proj columns) so that each group is
    contiguous, as stock GQA expects (query head h reads KV head h // (H / G)).
-5. *Pool*: the K/V projections (weights and biases) of each group are averaged.
+5. *Pool*: the K/V projections (weights and biases) of each group are averaged. Optionally
+   (``refit``, on by default with aligned merging) each head's value read-out is refitted to the
+   pooled values by least squares, M_a = E[v_a vbar^T] E[vbar vbar^T]^-1, folded into o_proj.
 
 Steps 3 and 4 do not change the model's function (tests check the logits); step 5 is the only lossy
 one. When G does not divide K, every layer is first expanded to one KV head per query head (a copy,
@@ -313,6 +315,31 @@ def rotate_heads(attn, head_dim: int, rk: torch.Tensor | None, rv: torch.Tensor 
         _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), bo)
 
 
+def refit_value_readout(attn, head_dim: int, cv: torch.Tensor, groups: list[list[int]], rv: torch.Tensor | None) -> None:
+    """Least-squares read-out of the pooled values: for every KV head a (values already rotated by
+    rv[a]) find M_a minimising E|v_a - M_a v_bar|^2, v_bar the mean of its group's values, and fold
+    it into the o_proj columns of the query heads reading a. Exact before pooling only if M_a = I,
+    so apply it right before ``pool_heads`` (after any permutation has been accounted for)."""
+    h = attn.q_proj.weight.shape[0] // head_dim
+    u = attn.k_proj.weight.shape[0] // head_dim
+    cv = cv.double()
+    maps = torch.eye(head_dim, dtype=torch.float64, device=cv.device).repeat(u, 1, 1)
+    for grp in groups:
+        m = len(grp)
+        r = {a: (rv[a].double() if rv is not None else torch.eye(head_dim, dtype=torch.float64, device=cv.device)) for a in grp}
+        cr = {(a, b): r[a] @ cv[a, b] @ r[b].T for a in grp for b in grp}
+        s = sum(cr.values()) / m**2  # E[v_bar v_bar^T]
+        s = s + 1e-6 * s.diagonal().mean() * torch.eye(head_dim, dtype=s.dtype, device=s.device)
+        for a in grp:
+            x = sum(cr[a, b] for b in grp) / m  # E[v_a v_bar^T]
+            maps[a] = torch.linalg.solve(s, x.T).T  # x s^-1
+    src = torch.arange(h, device=cv.device) // (h // u)
+    wo = attn.o_proj.weight.detach()
+    wo = wo.to(_work_dtype(wo)).reshape(wo.shape[0], h, head_dim)
+    wo = torch.einsum("ohi,hij->ohj", wo, maps[src].to(wo.device, wo.dtype))
+    _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), attn.o_proj.bias)
+
+
 def permute_heads(attn, head_dim: int, order: list[int]) -> None:
     """Reorder the KV heads as ``order`` and the query heads with them (same function)."""
     wk, bk = _heads(attn.k_proj, head_dim)
@@ -344,14 +371,15 @@ def pool_heads(attn, head_dim: int, n_groups: int) -> None:
 # --- the whole recipe ------------------------------------------------------------------------------
 
 def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: str = "aligned",
-                 stats: list[dict] | None = None, pool: bool = True) -> dict:
+                 stats: list[dict] | None = None, pool: bool = True, refit: bool = False) -> dict:
     """Reduce every layer of ``model`` to ``kv_heads`` KV heads, in place. ``stats`` comes from
-    ``calibrate`` (needed by similarity grouping and aligned merging). With ``pool=False`` it stops
-    before the (lossy) averaging: the model then computes the same function, grouped and aligned.
+    ``calibrate`` (needed by similarity grouping, aligned merging and ``refit``). With ``pool=False``
+    it stops before the (lossy) averaging: the model then computes the same function, grouped and
+    aligned. ``refit``: also fit each head's value read-out to the pooled values (least squares).
     Returns {"groups": per layer the groups of (original, or expanded) KV heads, "expanded": bool}."""
     g = check_request(model.config, kv_heads, grouping, merge)
-    if stats is None and (grouping == "similarity" or merge == "aligned"):
-        raise ValueError("similarity grouping and aligned merging need calibration stats")
+    if stats is None and (grouping == "similarity" or merge == "aligned" or refit):
+        raise ValueError("similarity grouping, aligned merging and refit need calibration stats")
     expand = g.kv_heads % kv_heads != 0
     n_rep = g.heads // g.kv_heads
     info = {"groups": [], "expanded": expand, "within_cost": []}
@@ -379,6 +407,8 @@ def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: s
                     for a, r in align_group(st[kind], grp, rot).items():
                         out[a] = r
             rotate_heads(attn, g.head_dim, rk, rv)
+        if refit and pool:
+            refit_value_readout(attn, g.head_dim, st["v"], groups, rv if merge == "aligned" else None)
         permute_heads(attn, g.head_dim, [a for grp in groups for a in grp])
         if pool:
             pool_heads(attn, g.head_dim, kv_heads)
