@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
 from ..progress import progress_bar
+from .checkpoint import current_run
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -111,7 +112,7 @@ def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Acceler
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
     body = getattr(model, "model", model)  # the decoder stack: stage 1 needs no logits
     _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params,
-          lambda ids: _transfer_loss(model, body, ids))
+          lambda ids: _transfer_loss(model, body, ids), module=model)
 
 
 def _transfer_loss(model, body, ids):
@@ -167,7 +168,7 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
         return loss
 
     _loop("LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
-          step_offset=cfg.transfer_steps)
+          step_offset=cfg.transfer_steps, module=peft_model)
     if cfg.full_train:
         undo()
         return model
@@ -197,28 +198,33 @@ def _full_train(model, names: tuple[str, ...]):
     return params, undo
 
 
-def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0):
-    t0 = time.perf_counter()
-    tokens = 0
-    ema = None
-    with progress_bar("loss", "tok/s") as bar:
-        task = bar.add_task(name, total=steps, loss="-", **{"tok/s": "-"})
-        for step in range(steps):
+def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0, module=None):
+    """One stage's optimisation. The current TrainingRun (checkpoint.py) resumes it, checkpoints it,
+    handles Ctrl-C, and skips steps with NaN/inf (see faults.py); ``module`` names the parameters."""
+    run = current_run()
+    run.main_process = acc.is_main_process
+    t0, seen = time.perf_counter(), 0
+    st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
+    with st, progress_bar("loss", "tok/s") as bar:
+        task = bar.add_task(name, total=steps, completed=st.start, loss="-", **{"tok/s": "-"})
+        for step in range(st.start, steps):
             ids = batches(step_offset + step)
             loss = loss_fn(ids)
             acc.backward(loss)
-            acc.clip_grad_norm_(params, 1.0)
-            opt.step()
+            if st.finite(step, loss, lambda: loss_fn(ids)):
+                acc.clip_grad_norm_(params, 1.0)
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            tokens += ids.numel() * acc.num_processes
-            lv = loss.item()
-            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-            rate = tokens / max(1e-9, time.perf_counter() - t0)
-            bar.update(task, advance=1, loss=f"{ema:.4g}", **{"tok/s": f"{rate:,.0f}"})
-    stats.tokens += tokens
+            seen += ids.numel() * acc.num_processes
+            st.tokens += ids.numel() * acc.num_processes
+            st.add_loss(loss.item())
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            bar.update(task, advance=1, loss="-" if st.ema is None else f"{st.ema:.4g}", **{"tok/s": f"{rate:,.0f}"})
+            st.step_done(step + 1)
+    stats.tokens += st.tokens
     stats.seconds += time.perf_counter() - t0
-    stats.losses[name] = ema
+    stats.losses[name] = st.ema
 
 
 def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None, teacher=None):

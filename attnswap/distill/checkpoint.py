@@ -1,0 +1,301 @@
+"""Checkpoints of a distillation run, resuming from them, and the per-stage bookkeeping of the loop.
+
+A run directory (default ``<out>.ckpt`` beside --out) holds the newest complete checkpoint:
+
+    step-00000120/            global step 120 (stage-1 steps count first, then stage-2 steps)
+        meta.json             stage, step in it, global step, the run's settings and their hash, counters
+        params.safetensors    the stage's trainable parameters + every replacement layer's stage-1 parameters
+        state.pt              optimizer and scheduler state, RNG states (torch CPU/CUDA, python random)
+
+It is written into a hidden temporary directory, fsynced, and renamed into place; older checkpoints are
+deleted only afterwards, so a crash at any moment leaves a complete checkpoint. Loading reads
+safetensors and ``torch.load(weights_only=True)`` only. Batches depend only on (seed, global step)
+and every piece of state that the next steps read is restored, so a resumed run computes bit for bit
+what an uninterrupted run computes (on the same device and software).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..convert.base import swapped_modules
+from ..errors import AttnSwapError
+from ..progress import console
+from .faults import KILL_HOOK, SIGINT_HOOK, InterruptFlag, Interrupted, StepGuard, test_hook
+
+FORMAT = 1
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _why(e: OSError) -> str:
+    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Saved:
+    path: Path
+    meta: dict
+
+
+class Checkpointer:
+    """Where and how often a run is checkpointed; checks that a resumed run has the same settings."""
+
+    def __init__(self, root: Path, save_every: int = 200):
+        self.root, self.save_every = Path(root), save_every
+        self.settings: dict = {}
+        self.hash = ""
+        self.resumed: Saved | None = None
+
+    def latest(self) -> Saved | None:
+        if not self.root.is_dir():
+            return None
+        found = [(int(m.group(1)), d) for d in self.root.iterdir()
+                 if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "meta.json").is_file()]
+        if not found:
+            return None
+        path = max(found)[1]
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            raise AttnSwapError(f"checkpoint {path} is unreadable (meta.json); delete {self.root} to start over") from None
+        return Saved(path, meta)
+
+    def check_start(self, resume: bool) -> None:
+        """Before any work: --resume needs a checkpoint, and a fresh run must not bury an old one."""
+        last = self.latest()
+        if resume and last is None:
+            raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
+        if not resume and last is not None:
+            raise AttnSwapError(f"{self.root} holds a checkpoint of an earlier run ({last.path.name}); "
+                                "pass --resume to continue it, or delete that directory to start over")
+
+    def bind(self, settings: dict, resume: bool) -> None:
+        """Record the run's settings; with ``resume``, refuse a checkpoint made with other settings."""
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.hash = settings_hash(self.settings)
+        if not resume:
+            return
+        last = self.latest()
+        if last is None:
+            raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
+        if last.meta.get("format") != FORMAT:
+            raise AttnSwapError(f"checkpoint {last.path} has an unknown format; delete {self.root} to start over")
+        if last.meta.get("config_hash") != self.hash:
+            old = last.meta.get("settings") if isinstance(last.meta.get("settings"), dict) else {}
+            diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+            raise AttnSwapError(f"the checkpoint in {self.root} was made with different settings "
+                                f"({', '.join(diff) or 'unknown'}); rerun with the original ones, or delete "
+                                f"{self.root} to start over")
+        self.resumed = last
+
+    def save(self, meta: dict, tensors: dict[str, torch.Tensor], state: dict) -> Path:
+        from safetensors.torch import save as st_bytes
+
+        g = meta["global_step"]
+        final = self.root / f"step-{g:08d}"
+        tmp = self.root / f".step-{g:08d}.tmp-{os.getpid()}"
+        meta = {"format": FORMAT, "config_hash": self.hash, "settings": self.settings, **meta}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _write(tmp / "params.safetensors", st_bytes(tensors))
+            with open(tmp / "state.pt", "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            prev = self.latest()
+            kept = f"the previous checkpoint ({prev.path.name}) is intact" if prev else "no checkpoint was kept"
+            raise AttnSwapError(f"could not write a checkpoint to {self.root}: {_why(e)}; {kept}") from None
+        for old in self.root.iterdir():
+            if old != final and old.name.startswith(("step-", ".step-")):
+                shutil.rmtree(old, ignore_errors=True)
+        test_hook(KILL_HOOK, g)
+        return final
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
+        from safetensors.torch import load_file
+
+        s = self.resumed
+        try:
+            tensors = load_file(s.path / "params.safetensors")
+            state = torch.load(s.path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise AttnSwapError(f"checkpoint {s.path} is damaged ({first}); delete {self.root} to start over") from None
+        return s.meta, tensors, state
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingRun:
+    """What the loop needs beyond the maths: checkpoints and resuming, Ctrl-C, non-finite guards.
+    With no Checkpointer nothing is written and Ctrl-C behaves as usual."""
+
+    def __init__(self, checkpoints: Checkpointer | None = None, *, max_retries: int = 3,
+                 resume_hint: str = "the same command with --resume"):
+        self.checkpoints, self.max_retries, self.resume_hint = checkpoints, max_retries, resume_hint
+        self.main_process = True
+        self.done_stages: dict[str, dict] = {}
+
+    def stage(self, name, offset, steps, module, opt, sched, params) -> "StageRun":
+        return StageRun(self, name, offset, steps, module, opt, sched, params)
+
+
+_CURRENT: contextvars.ContextVar[TrainingRun | None] = contextvars.ContextVar("attnswap_run", default=None)
+
+
+@contextlib.contextmanager
+def use_run(run: TrainingRun):
+    """Make ``run`` the one the distillation loop uses (``current_run``) inside the block."""
+    token = _CURRENT.set(run)
+    try:
+        yield run
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_run() -> TrainingRun:
+    return _CURRENT.get() or TrainingRun()
+
+
+class StageRun:
+    """One stage of the loop: where it starts (0, or a checkpoint's step), counters, saving."""
+
+    def __init__(self, run: TrainingRun, name, offset, steps, module, opt, sched, params):
+        self.run, self.name, self.offset, self.steps = run, name, offset, steps
+        self.opt, self.sched = opt, sched
+        trainable = {id(p) for p in params}
+        kept = trainable | {id(p) for m in swapped_modules(module) for p in m.transfer_parameters()}
+        self.named = [(n, p) for n, p in module.named_parameters() if id(p) in kept]
+        self.trainable = [(n, p) for n, p in self.named if id(p) in trainable]
+        self.guard = StepGuard(name, module, run.max_retries)
+        self.flag = InterruptFlag()
+        self.start, self.tokens, self.ema = 0, 0, None
+        self._resume()
+
+    def _resume(self):
+        ck = self.run.checkpoints
+        if ck is None or ck.resumed is None:
+            return
+        meta = ck.resumed.meta
+        if meta.get("stage") != self.name:
+            if meta.get("global_step", 0) > self.offset:  # a later stage's checkpoint: this one is done
+                done = meta.get("done_stages", {}).get(self.name, {})
+                self.start, self.tokens, self.ema = self.steps, done.get("tokens", 0), done.get("ema")
+            return
+        meta, tensors, state = ck.load()
+        names = [n for n, _ in self.named]
+        if sorted(names) != sorted(tensors):
+            raise AttnSwapError(f"checkpoint {ck.resumed.path} does not hold this model's {self.name} parameters; "
+                                f"delete {ck.root} to start over")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.data = tensors[n].to(p.device)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.start, self.tokens, self.ema = meta["step"], meta["tokens"], meta["ema"]
+        self.guard.fails = meta["fails"]
+        self.run.done_stages.update(meta.get("done_stages", {}))
+        console.print(f"resuming {self.name} at step {self.start}/{self.steps} from {ck.resumed.path}")
+
+    def __enter__(self):
+        if self.run.checkpoints is not None:
+            self.flag.__enter__()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.flag.__exit__()
+        if exc_type is None:
+            self.run.done_stages[self.name] = {"tokens": self.tokens, "ema": self.ema}
+        return False
+
+    def add_loss(self, value: float) -> None:
+        if math.isfinite(value):
+            self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
+
+    def finite(self, step: int, loss, forward) -> bool:
+        return self.guard.check(step, loss, self.trainable, self.opt, self.sched, forward)
+
+    def step_done(self, done: int) -> None:
+        """After step ``done`` (1-based within the stage): test hook, periodic checkpoint, Ctrl-C."""
+        test_hook(SIGINT_HOOK, self.offset + done)
+        ck = self.run.checkpoints
+        if ck is None:
+            return
+        due = ck.save_every > 0 and (done % ck.save_every == 0 or done == self.steps)
+        if (due or self.flag.hit) and self.run.main_process:
+            self.save(done)
+        if self.flag.hit:
+            raise Interrupted(f"interrupted during {self.name} at step {done}/{self.steps}; checkpoint saved in "
+                              f"{ck.root}; resume with: {self.run.resume_hint}")
+
+    def save(self, done: int) -> Path:
+        meta = {"stage": self.name, "step": done, "steps": self.steps, "global_step": self.offset + done,
+                "fails": self.guard.fails, "tokens": self.tokens, "ema": self.ema,
+                "done_stages": self.run.done_stages, "params": [n for n, _ in self.named]}
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.named}
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+        return self.run.checkpoints.save(meta, tensors, state)
