@@ -32,28 +32,30 @@ def bench(model, context: int, new_tokens: int, batch: int, vocab: int, seed: in
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, vocab, (batch, context - new_tokens), generator=g).to(dev)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = DynamicCache(config=model.config)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
+    sync()
     prefill_s = time.perf_counter() - t0
     kv = cache_bytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     steps = []
     for _ in range(new_tokens):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        sync()
         steps.append(time.perf_counter() - t)
     warm = steps[len(steps) // 4:]  # the first steps include allocator warm-up
     per_step = sum(warm) / len(warm)
     return {"batch": batch, "context": context, "prefill_tokens": context - new_tokens, "prefill_s": prefill_s,
             "kv_cache_bytes_after_prefill": kv, "kv_bytes_per_token": kv / (batch * (context - new_tokens)),
             "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": batch / per_step,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def main():
@@ -63,6 +65,7 @@ def main():
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -70,16 +73,18 @@ def main():
 
     rows = []
     for name, spec in (("teacher", a.teacher), ("merged", a.merged)):
-        model, tok = loading.load_model(loading.resolve(spec), dtype=torch.bfloat16, device="cuda")
+        model, tok = loading.load_model(loading.resolve(spec), dtype=torch.bfloat16, device=a.device)
         model.config.use_cache = True
         bench(model, 512, 8, 1, len(tok))  # warm-up (kernels, allocator)
         for b in map(int, a.batches.split(",")):
-            torch.cuda.reset_peak_memory_stats()
+            if a.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             r = {"model": name, "kv_heads": model.config.num_key_value_heads, **bench(model, a.context, a.new_tokens, b, len(tok))}
             rows.append(r)
             print(json.dumps(r), flush=True)
         del model
-        torch.cuda.empty_cache()
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     print(f"{'model':8} {'kv':>3} {'batch':>5} {'KV bytes/token':>15} {'KV cache GiB':>12} {'decode tok/s':>12} {'ms/step':>8}")
     for r in rows:
         print(f"{r['model']:8} {r['kv_heads']:>3} {r['batch']:>5} {r['kv_bytes_per_token']:>15,.0f} "

@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--save", help="also save the aligned+refit merged model here (untrained; e.g. for decode timing)")
     a = ap.parse_args()
 
     from attnswap import loading
@@ -53,6 +54,9 @@ def main():
             res[key] = perplexity(m, held, label=key) | {"merge_seconds": time.perf_counter() - t}
             res["kv_bytes_per_token_after"] = kv_bytes_per_token(m.config, dt)
             print(key, json.dumps(res[key]), flush=True)
+            if a.save and key == "aligned+refit":
+                m.save_pretrained(a.save)
+                tok.save_pretrained(a.save)
             del m
     tp = res["teacher"]["ppl"]
     print(f"teacher ppl {tp:.3f}")
