@@ -10,9 +10,9 @@ from attnswap.convert.swap import make_swap
 from tests.conftest import tiny_model
 
 
-def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0):
+def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0, sinks=0):
     m = tiny_model(fam, seed=seed)
-    convert_model(m, [make_swap("lolcats", list(layers), {"window": window}, m.config)], "tiny")
+    convert_model(m, [make_swap("lolcats", list(layers), {"window": window, "sinks": sinks}, m.config)], "tiny")
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # move feature maps and mixing factors off their initial values
         for name, p in m.named_parameters():
@@ -27,8 +27,9 @@ def _state_numel(cache):
 
 @pytest.mark.parametrize("fam,layers", [("llama", (0, 1, 2)), ("llama", (0, 2)), ("qwen3", (1,)), ("mistral", (0, 1, 2))])
 @pytest.mark.parametrize("prefix", [1, 3, 9])
-def test_token_by_token_equals_full_forward(fam, layers, prefix):
-    m = _converted(fam, layers)
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_token_by_token_equals_full_forward(fam, layers, prefix, sinks):
+    m = _converted(fam, layers, sinks=sinks)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(prefix))
     full = m(ids).logits
     out = m(ids[:, :prefix], past_key_values=DynamicCache(), use_cache=True)
@@ -63,8 +64,9 @@ def test_generate_greedy_matches_recomputation():
     assert torch.equal(out, seq)
 
 
-def test_batched_generation_with_left_padding_matches_single():
-    m = _converted()
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_batched_generation_with_left_padding_matches_single(sinks):
+    m = _converted(sinks=sinks)
     a = torch.randint(1, 300, (1, 12))
     b = torch.randint(1, 300, (1, 7))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])

@@ -45,12 +45,13 @@ def test_chunk_linear_matches_naive(B, T, H, Hk, chunk, normalize):
 
 
 @pytest.mark.parametrize("B,T,H,Hk,W,chunk", [(1, 64, 2, 2, 16, 16), (2, 100, 6, 2, 7, 32), (1, 130, 4, 1, 64, 64), (1, 9, 2, 1, 3, 64)])
-def test_chunk_hybrid_matches_naive(B, T, H, Hk, W, chunk):
-    x = _inputs(B, T, H, Hk, 8, 10, seed=T * W)
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+def test_chunk_hybrid_matches_naive(B, T, H, Hk, W, chunk, sinks):
+    x = _inputs(B, T, H, Hk, 8, 10, seed=T * W + sinks)
     gamma = torch.rand(H).requires_grad_(True)
     args = (x["q"], x["k"], x["v"], x["fq"], x["fk"], gamma)
-    ref = naive_hybrid_attn(*args, window=W, scale=0.35)
-    out = chunk_hybrid_attn(*args, window=W, scale=0.35, chunk_size=chunk)
+    ref = naive_hybrid_attn(*args, window=W, scale=0.35, sinks=sinks)
+    out = chunk_hybrid_attn(*args, window=W, scale=0.35, chunk_size=chunk, sinks=sinks)
     assert rel_err(out, ref) < 1e-5
     for ga, gb in zip(_grads(out, args), _grads(ref, args)):
         assert rel_err(ga, gb) < 1e-4

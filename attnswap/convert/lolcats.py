@@ -4,6 +4,8 @@ softmax attention over a sliding window of recent keys, mixed by a learned per-h
     phi(x) = softmax([x W + b, -(x W + b)])   per head, W initialised to the identity
     out_i  = (gamma_h sum_{window} e^{s_ij - m_i} v_j + sum_{older} phi(q_i).phi(k_j) v_j) / (same without v)
 
+Option ``sinks`` = S keeps the first S tokens in the exact part for every query (attention sinks).
+
 The operator itself lives in ``attnswap.kernels.hybrid_attn`` (naive.py is its specification).
 """
 
@@ -44,11 +46,12 @@ class LolcatsAttention(SwappedAttention):
         self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(options["init_window_logit"])))
         self.use_linear = bool(options.get("use_linear", True))
         self.feature_rope = bool(options.get("feature_rope", True))
+        self.sinks = int(options.get("sinks", 0))
 
     @classmethod
     def default_options(cls, config) -> dict:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": True}
+        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": True, "sinks": 0}
 
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
@@ -63,17 +66,18 @@ class LolcatsAttention(SwappedAttention):
         dt = x.q.dtype
         return hybrid_attn(
             x.q, x.k, x.v, fq.to(dt) if fq is not None else None, fk.to(dt) if fk is not None else None,
-            self.gamma(), window=self.window, scale=self.scaling, use_linear=self.use_linear,
+            self.gamma(), window=self.window, scale=self.scaling, use_linear=self.use_linear, sinks=self.sinks,
         )
 
     def gamma(self):
         return torch.sigmoid(self.window_factor.float())
 
     def prefill_state(self, x, valid):
-        return hybrid_prefill_state(x.k, x.v, self._features(x)[1], valid, window=self.window)
+        return hybrid_prefill_state(x.k, x.v, self._features(x)[1], valid, window=self.window, sinks=self.sinks)
 
     def decode(self, x, state):
         fq, fk = self._features(x)
         if not self.use_linear:
             fq, fk = torch.zeros_like(fq), torch.zeros_like(fk)
-        return hybrid_step(x.q, x.k, x.v, fq, fk, self.gamma(), state, window=self.window, scale=self.scaling)
+        return hybrid_step(x.q, x.k, x.v, fq, fk, self.gamma(), state, window=self.window, scale=self.scaling,
+                           sinks=self.sinks)

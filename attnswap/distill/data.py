@@ -1,18 +1,18 @@
 """Training and evaluation text: where it comes from, how it is split, how it is packed.
 
 Sources (``--data``):
-- ``default``: an offline corpus that ships with every Python. Prose: the reference topics of the
-  Python documentation (``pydoc_data.topics``) and the docstrings of the standard library's modules,
-  classes and functions, read with ``ast`` (nothing is imported), about 0.5 M SmolLM2 tokens. Code:
-  the standard library's own source files, about 3.5 M tokens, used for training only, so that a
-  1000-step run sees each training token about twice rather than sixteen times. It needs no
-  download and is identical on every machine with the same Python.
+- ``default``: an offline corpus that ships with every Python: the reference topics of the Python
+  documentation (``pydoc_data.topics``) and the docstrings of the standard library's modules,
+  classes and functions, read with ``ast`` (nothing is imported), about 0.5 M SmolLM2 tokens of
+  English technical prose. It needs no download and is identical on every machine with the same
+  Python. (Adding the standard library's source code, 3.5 M more tokens, made the held-out prose
+  perplexity worse on the GPU: see docs/BENCHMARKS.md; ``--data default+code`` still offers it.)
 - a ``.txt``/``.md`` file (one document), a ``.jsonl`` file (one document per line, from its
   ``text`` field), or a directory of such files (read recursively, in sorted order);
 - ``hf:NAME[:CONFIG]``: a dataset's ``train`` split through the ``datasets`` library (online only).
 
 Split: documents are ordered; every tenth (index % 10 == 9) is held out for evaluation and never
-trained on (for ``default``, every tenth prose document; the code is training-only). With fewer than ten documents, the last 10% of the token stream is held out instead.
+trained on (for ``default+code``, every tenth prose document; the code is training-only). With fewer than ten documents, the last 10% of the token stream is held out instead.
 Packing: documents are tokenised, joined with EOS, and cut into ``seq_len`` sequences.
 """
 
@@ -35,6 +35,10 @@ HELDOUT_EVERY = 10
 
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
+    for bom, enc in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise AttnSwapError(f"data file {path} is {enc} text; convert it to UTF-8 first (e.g. iconv -f {enc} -t UTF-8)")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is harmless
     if b"\x00" in raw[:65536]:
         raise AttnSwapError(f"data file {path} looks binary (it contains NUL bytes); give UTF-8 text")
     try:
@@ -115,6 +119,8 @@ def default_corpus() -> list[str]:
 
 def load_documents(spec: str) -> list[str]:
     if spec in ("default", ""):
+        return Documents(default_corpus())
+    if spec == "default+code":
         return Documents(default_corpus(), default_code())
     elif spec.startswith("hf:"):
         docs = _hf_docs(spec[3:])

@@ -77,9 +77,14 @@ def linear_attn(q, k, v, **kw):
 
 
 def hybrid_attn(q, k, v, fq, fk, gamma, **kw):
-    """Sliding-window softmax + linear attention; see ``hybrid_attn/naive.py`` for the contract."""
-    if backend_for(q) == "triton":
-        return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
+    """Sliding-window softmax + linear attention; see ``hybrid_attn/naive.py`` for the contract.
+    Sink tokens (``sinks`` > 0) exist only in the PyTorch path so far."""
+    if kw.get("sinks", 0) == 0:
+        kw.pop("sinks", None)
+        if backend_for(q) == "triton":
+            return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
+    elif backend_for(q) == "triton" and (_forced or os.environ.get("ATTNSWAP_KERNELS")) == "triton":
+        raise RuntimeError("the Triton hybrid kernel does not support sink tokens yet")
     return chunk_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
 
 

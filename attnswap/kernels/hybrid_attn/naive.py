@@ -12,6 +12,9 @@ m_i = max over the window of s_ij:
 q, k feed the softmax branch; fq, fk are the feature-mapped q, k of the linear branch; both may be
 differently shaped in their last dim. GQA as in ``linear_attn.naive``.
 With ``use_linear=False`` and window >= T this is exactly causal softmax attention.
+
+``sinks`` = S > 0 keeps the first S keys in the exact (softmax) part for every later query, as
+StreamingLLM's attention sinks do: they never enter the linear branch, and m_i also covers them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def naive_hybrid_attn(
     scale: float,
     use_linear: bool = True,
     eps: float = 1e-6,
+    sinks: int = 0,
 ) -> torch.Tensor:
     B, T, H, D = q.shape
     dtype = q.dtype
@@ -40,8 +44,8 @@ def naive_hybrid_attn(
     s = torch.einsum("bihd,bjhd->bhij", q.float(), kq) * scale
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
-    in_window = (j <= i) & (j > i - window)
-    older = j <= i - window
+    in_window = (j <= i) & ((j > i - window) | (j < sinks))
+    older = (j <= i - window) & (j >= sinks)
     s = s.masked_fill(~in_window, float("-inf"))
     m = s.amax(-1, keepdim=True)
     a = gamma.float().view(1, H, 1, 1) * torch.exp(s - m)

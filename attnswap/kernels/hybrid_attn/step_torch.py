@@ -1,10 +1,12 @@
 """Continuing the hybrid window + linear attention from a constant-size state, in PyTorch.
 
-State after t tokens (all fp32 except the window, which keeps the input dtype):
-    S (B, Hk, F, Dv)  sum of fk_j^T v_j over keys that have left the window
-    z (B, Hk, F)      sum of fk_j over the same keys
+State after t tokens (fp32 sums; the window and sinks keep the input dtype):
+    S (B, Hk, F, Dv), z (B, Hk, F)   sums of fk_j^T v_j and fk_j over keys that left the window
     win_k (B, W, Hk, D), win_v (B, W, Hk, Dv), win_fk (B, W, Hk, F): the last W keys, oldest first
-    win_valid (B, W)  False for slots not yet filled (or left padding)
+    win_rank (B, W)                  each slot's index among the sequence's real tokens; -1 = empty
+    sink_k (B, Sk, Hk, D), sink_v    the first Sk real tokens (Sk = max(sinks, 1); unused if sinks=0)
+    sink_on (B, Sk)                  sinks that have left the window (attended through this store)
+    n_real (B,)                      real tokens seen
 Its size is independent of t. ``hybrid_step`` attends Tq new queries (usually 1) and returns the
 updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test_generation.py).
 """
@@ -15,55 +17,84 @@ import torch
 import torch.nn.functional as F_
 
 
-def hybrid_prefill_state(k, v, fk, valid, *, window: int) -> dict:
+def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0) -> dict:
     """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool."""
-    B, T, Hk, _ = k.shape
-    W = window
-    m = valid.to(torch.float32)[..., None, None]
-    fkm, vm = fk.float() * m, v.float() * m
+    B, T, Hk, D = k.shape
+    W, Sk = window, max(sinks, 1)
+    rank = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
+    is_sink = valid & (rank < sinks)
     old = max(0, T - W)
-    S = torch.einsum("btxf,btxd->bxfd", fkm[:, :old], vm[:, :old])
-    z = fkm[:, :old].sum(1)
+    lin = (valid & ~is_sink)[:, :old].float()[..., None, None]
+    S = torch.einsum("btxf,btxd->bxfd", fk[:, :old].float() * lin, v[:, :old].float())
+    z = (fk[:, :old].float() * lin).sum(1)
     pad = max(0, W - T)
 
     def last(x, fill=0):
         x = x[:, old:]
         return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else x
 
+    sink_k = k.new_zeros(B, Sk, Hk, D)
+    sink_v = v.new_zeros(B, Sk, Hk, v.shape[-1])
+    sink_on = torch.zeros(B, Sk, dtype=torch.bool, device=k.device)
+    if sinks:
+        b, t = is_sink.nonzero(as_tuple=True)
+        sink_k[b, rank[b, t]] = k[b, t]
+        sink_v[b, rank[b, t]] = v[b, t]
+        sink_on[b, rank[b, t]] = t < old
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk.float()),
-            "win_valid": F_.pad(valid[:, old:], (pad, 0), value=False) if pad else valid[:, old:].clone()}
+            "win_rank": last(rank, fill=-1), "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on,
+            "n_real": valid.long().sum(1)}
 
 
-def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, eps: float = 1e-6):
+def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6):
     """Attend queries q (B, Tq, H, D) whose keys k/v/fk (B, Tq, Hk, .) directly follow the state."""
     B, Tq, H, D = q.shape
     Hk = k.shape[2]
     G, W = H // Hk, window
-    kl = torch.cat([state["win_k"], k.to(state["win_k"].dtype)], 1).float()  # (B, W+Tq, Hk, D)
-    vl = torch.cat([state["win_v"], v.to(state["win_v"].dtype)], 1).float()
+    dev = q.device
+    new_rank = state["n_real"][:, None] + torch.arange(Tq, device=dev)  # (B, Tq)
+    kl = torch.cat([state["win_k"], k.to(state["win_k"].dtype)], 1)  # (B, W+Tq, Hk, D)
+    vl = torch.cat([state["win_v"], v.to(state["win_v"].dtype)], 1)
     fkl = torch.cat([state["win_fk"], fk.float()], 1)
-    ok = torch.cat([state["win_valid"], torch.ones(B, Tq, dtype=torch.bool, device=q.device)], 1)
-    t = torch.arange(Tq, device=q.device)[:, None]
-    j = torch.arange(W + Tq, device=q.device)[None, :]
-    in_win = (j <= W + t) & (j > t) & ok[:, None, :]  # (B, Tq, W+Tq): query t sits at local W+t
-    older = (j <= t) & ok[:, None, :]
+    rank = torch.cat([state["win_rank"], new_rank], 1)
+    ok = rank >= 0
+    sink_tok = ok & (rank < sinks)
+    t = torch.arange(Tq, device=dev)[:, None]
+    j = torch.arange(W + Tq, device=dev)[None, :]
+    older = (j <= t) & ok[:, None, :]  # query t sits at local index W + t
+    exact = ((j <= W + t) & (j > t) & ok[:, None, :]) | (older & sink_tok[:, None, :])
+    linear = older & ~sink_tok[:, None, :]
     qg = q.float().view(B, Tq, Hk, G, D)
     fqg = fq.float().view(B, Tq, Hk, G, -1)
-    s = torch.einsum("btxgd,bjxd->bxgtj", qg, kl) * scale
-    s = s.masked_fill(~in_win[:, None, None], float("-inf"))
-    a = gamma.float().view(1, Hk, G, 1, 1) * torch.exp(s - s.amax(-1, keepdim=True))
-    a = a + torch.einsum("btxgf,bjxf->bxgtj", fqg, fkl).masked_fill(~older[:, None, None], 0.0)
-    num = torch.einsum("bxgtj,bjxd->btxgd", a, vl) + torch.einsum("btxgf,bxfd->btxgd", fqg, state["S"])
-    den = a.sum(-1).permute(0, 3, 1, 2) + torch.einsum("btxgf,bxf->btxg", fqg, state["z"])
+    s = torch.einsum("btxgd,bjxd->bxgtj", qg, kl.float()) * scale
+    s = s.masked_fill(~exact[:, None, None], float("-inf"))
+    ss = torch.einsum("btxgd,bjxd->bxgtj", qg, state["sink_k"].float()) * scale
+    ss = ss.masked_fill(~state["sink_on"][:, None, None, None, :], float("-inf"))
+    m = torch.maximum(s.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+    gam = gamma.float().view(1, Hk, G, 1, 1)
+    a = gam * torch.exp(s - m)
+    a_s = gam * torch.exp(ss - m)
+    lin = torch.einsum("btxgf,bjxf->bxgtj", fqg, fkl).masked_fill(~linear[:, None, None], 0.0)
+    a = a + lin
+    num = (torch.einsum("bxgtj,bjxd->btxgd", a, vl.float())
+           + torch.einsum("bxgtj,bjxd->btxgd", a_s, state["sink_v"].float())
+           + torch.einsum("btxgf,bxfd->btxgd", fqg, state["S"]))
+    den = (a.sum(-1) + a_s.sum(-1)).permute(0, 3, 1, 2) + torch.einsum("btxgf,bxf->btxg", fqg, state["z"])
     out = (num / (den.unsqueeze(-1) + eps)).reshape(B, Tq, H, -1)
-    # the first Tq slots of the local keys leave the window: fold them into the linear state
-    leave = ok[:, :Tq].float()[..., None, None]
+
+    # new sinks enter the sink store; the first Tq local slots leave the window
+    sink_k, sink_v, sink_on = state["sink_k"].clone(), state["sink_v"].clone(), state["sink_on"].clone()
+    if sinks:
+        b, tt = (new_rank < sinks).nonzero(as_tuple=True)
+        sink_k[b, new_rank[b, tt]] = k[b, tt].to(sink_k.dtype)
+        sink_v[b, new_rank[b, tt]] = v[b, tt].to(sink_v.dtype)
+        lb, lt = sink_tok[:, :Tq].nonzero(as_tuple=True)
+        sink_on[lb, rank[lb, lt]] = True
+    leave = (ok & ~sink_tok)[:, :Tq].float()[..., None, None]
     new = {
-        "S": state["S"] + torch.einsum("btxf,btxd->bxfd", fkl[:, :Tq] * leave, vl[:, :Tq]),
+        "S": state["S"] + torch.einsum("btxf,btxd->bxfd", fkl[:, :Tq] * leave, vl[:, :Tq].float()),
         "z": state["z"] + (fkl[:, :Tq] * leave).sum(1),
-        "win_k": torch.cat([state["win_k"], k.to(state["win_k"].dtype)], 1)[:, Tq:],
-        "win_v": torch.cat([state["win_v"], v.to(state["win_v"].dtype)], 1)[:, Tq:],
-        "win_fk": fkl[:, Tq:],
-        "win_valid": ok[:, Tq:],
+        "win_k": kl[:, Tq:], "win_v": vl[:, Tq:], "win_fk": fkl[:, Tq:], "win_rank": rank[:, Tq:],
+        "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on, "n_real": state["n_real"] + Tq,
     }
     return out.to(q.dtype), new

@@ -36,6 +36,7 @@ def chunk_hybrid_attn(
     use_linear: bool = True,
     eps: float = 1e-6,
     chunk_size: int = 64,
+    sinks: int = 0,
 ) -> torch.Tensor:
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -60,13 +61,27 @@ def chunk_hybrid_attn(
     s = s.masked_fill(~in_window.view(1, N, 1, 1, C, 2 * C), float("-inf"))
     m = s.amax(-1, keepdim=True)
     gam = gamma.float().view(1, 1, Hk, G, 1, 1)
+    S = min(sinks, T)
+    if S:  # sink keys outside a query's window still count exactly
+        pos = (torch.arange(N, device=q.device).view(N, 1) * C + torch.arange(C, device=q.device)).view(N, C, 1)
+        far = torch.arange(S, device=q.device).view(1, 1, S) <= pos - window  # (N, C, S)
+        ss = torch.einsum("bncxgd,bsxd->bnxgcs", qc, k[:, :S].float()) * scale
+        ss = ss.masked_fill(~far.view(1, N, 1, 1, C, S), float("-inf"))
+        m = torch.maximum(m, ss.amax(-1, keepdim=True))
+        a_s = gam * torch.exp(ss - m)
     a = gam * torch.exp(s - m)
     num = torch.einsum("bnxgcs,bnsxd->bncxgd", a, vl)
     den = a.sum(-1).permute(0, 1, 4, 2, 3)
+    if S:
+        num = num + torch.einsum("bnxgcs,bsxd->bncxgd", a_s, v[:, :S].float())
+        den = den + a_s.sum(-1).permute(0, 1, 4, 2, 3)
     if use_linear:
         F = fq.shape[-1]
         fqc = _chunks(fq.float(), N, C).view(B, N, C, Hk, G, F)
-        fkc = _chunks(fk.float(), N, C)
+        fk = fk.float()
+        if S:  # sinks never enter the linear branch
+            fk = torch.cat([torch.zeros_like(fk[:, :S]), fk[:, S:]], 1)
+        fkc = _chunks(fk, N, C)
         lin = torch.einsum("bncxgf,bnsxf->bnxgcs", fqc, _with_previous(fkc))
         lin = lin.masked_fill(~older.view(1, N, 1, 1, C, 2 * C), 0.0)
         num = num + torch.einsum("bnxgcs,bnsxd->bncxgd", lin, vl)
