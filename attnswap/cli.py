@@ -66,11 +66,12 @@ def linearize(
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     lora_feature_maps: bool = typer.Option(False, help="Keep training feature maps and mixing factors during the LoRA stage."),
+    sinks: int = typer.Option(0, help="Attention sinks: the first N tokens stay in the exact softmax part for every query."),
     feature_rope: bool = typer.Option(True, help="Feature maps see q/k after RoPE (LoLCATs); --no-feature-rope feeds them q/k before RoPE."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help="'default' (offline Python docs corpus), a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    data: str = typer.Option("default", help="'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
@@ -115,7 +116,9 @@ def linearize(
     chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
-    options = {"window": window, "feature_rope": feature_rope} | ({"feature_dim": feature_dim} if feature_dim else {})
+    if sinks < 0:
+        raise AttnSwapError(f"--sinks must not be negative (got {sinks})")
+    options = {"window": window, "feature_rope": feature_rope, "sinks": sinks} | ({"feature_dim": feature_dim} if feature_dim else {})
     swap = make_swap(attention, chosen, options, cfg)
 
     dev = loading.pick_device(device)
@@ -249,7 +252,7 @@ def gqa(
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help="'default' (offline Python docs corpus), a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    data: str = typer.Option("default", help="'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
