@@ -1,0 +1,89 @@
+"""Generation speed and memory against context length: a converted model vs its teacher.
+
+For each context length L: prefill L tokens, then greedily decode N tokens, on the same device in
+the same run. Prints one table (median of --repeats) and writes JSON with --json.
+
+    python benchmarks/generation.py --model runs/smollm2-linear --baseline llama --lengths 2048,8192,32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import attnswap  # noqa: F401  (registers converted models)
+from attnswap import loading
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
+    g = torch.Generator().manual_seed(L)
+    ids = torch.randint(100, vocab - 1, (1, L), generator=g).to(dev)
+    pref, dec, peak = [], [], []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        _sync(dev)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        for _ in range(new):
+            o = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+        _sync(dev)
+        t2 = time.perf_counter()
+        pref.append(L / (t1 - t0))
+        dec.append(new / (t2 - t1))
+        peak.append(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan"))
+        del past
+    return {"prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec),
+            "peak_mib": statistics.median(peak)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--baseline", default=None)
+    ap.add_argument("--lengths", default="1024,2048,8192,32768")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dev = loading.pick_device(a.device)
+    dt = loading.pick_dtype("auto", dev)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    results = {}
+    for name in [a.model] + ([a.baseline] if a.baseline else []):
+        model, tok = loading.load_model(loading.resolve(name), dtype=dt, device=dev)
+        model.generation_config.max_length = None
+        results[name] = {L: measure(model, L, a.new_tokens, dev, a.repeats, len(tok)) for L in lengths}
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, dtype {dt}, "
+          f"{a.new_tokens} decoded tokens, median of {a.repeats}")
+    print(f"{'model':40s} {'L':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak MiB':>9s}")
+    for name, rows in results.items():
+        for L, r in rows.items():
+            print(f"{name[-40:]:40s} {L:7d} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f} {r['peak_mib']:9,.0f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({n: {str(L): r for L, r in rows.items()} for n, rows in results.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
