@@ -122,25 +122,47 @@ def load_config(source: ModelSource):
 
     try:
         with _quiet():
-            return AutoConfig.from_pretrained(source.path, **source.kwargs())
+            cfg = AutoConfig.from_pretrained(source.path, **source.kwargs())
     except AttnSwapError:
         raise
     except Exception as e:  # noqa: BLE001 - the hub, a broken file, an unknown model type...
+        if source.gguf_file:
+            raise AttnSwapError(f"could not read GGUF file {source.spec!r} (truncated or corrupt?): {_one_line(e)}") from None
         what = "could not fetch" if source.kind == "hub" else "could not read the config of"
         raise AttnSwapError(f"{what} {source.spec!r}: {_one_line(e)}") from None
+    if str(getattr(cfg, "model_type", "")).startswith("attnswap_"):
+        from .convert.spec import validate_attnswap_config
+
+        spec = getattr(cfg, "attnswap", None)
+        if spec is None:
+            raise AttnSwapError(f"{source.spec}: a converted model's config has no 'attnswap' entry")
+        validate_attnswap_config(spec, getattr(cfg, "num_hidden_layers", None))
+    return cfg
 
 
 def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    if source.kind in ("dir", "alias") and not list(Path(source.path).glob("*.safetensors")):
+        raise AttnSwapError(f"{source.spec} holds no .safetensors weights; attnswap loads safetensors only "
+                            "(pickled .bin files can run code)")
     try:
-        with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
+        with _quiet():  # safetensors only (never pickle); a GGUF file is read by the gguf library
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, output_loading_info=True,
+                **(source.kwargs() or {"use_safetensors": True}))
             tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except AttnSwapError:
         raise
     except Exception as e:  # noqa: BLE001
         raise AttnSwapError(f"could not load model {source.spec!r}: {_one_line(e)}") from None
+    if info.get("missing_keys"):
+        miss = sorted(info["missing_keys"])
+        raise AttnSwapError(f"the weights of {source.spec!r} are incomplete: {len(miss)} tensors missing (e.g. {miss[0]})")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise AttnSwapError(f"the tokenizer of {source.spec!r} has {len(tok)} tokens but the model's embedding has "
+                            f"{rows} rows: tokenizer and model do not belong together")
     try:
         model.generation_config = GenerationConfig.from_pretrained(source.path)
     except Exception:  # noqa: BLE001 - not every checkpoint has one; keep what from_pretrained made

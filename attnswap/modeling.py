@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .convert.architectures import FAMILIES
+from .convert.spec import validate_attnswap_config
 from .convert.swap import apply_swaps
 
 _CLASSES: dict[str, tuple[type, type]] = {}
@@ -24,7 +25,9 @@ def _build(family):
 
     def __init__(self, config):
         base.__init__(self, config)
-        apply_swaps(self, (getattr(config, "attnswap", None) or {}).get("swaps", []))
+        spec = getattr(config, "attnswap", None)  # checked in one place: convert/spec.py
+        spec = validate_attnswap_config(spec, config.num_hidden_layers) if spec is not None else {"swaps": []}
+        apply_swaps(self, spec["swaps"])
 
     model_cls = type(model_name, (base,), {"config_class": cfg_cls, "__init__": __init__, "__module__": __name__})
     return cfg_cls, model_cls

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,23 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise AttnSwapError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise AttnSwapError(f"{out} exists and is not a directory")
+    parent = Path(out).absolute().parent  # fail before hours of training, not after
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise AttnSwapError(f"cannot write to {parent}: not a writable directory (read-only or no permission)")
+
+
+def io_failure(e: BaseException) -> str | None:
+    """Why a write failed, if ``e`` is an I/O failure: an OSError, or a library's error wrapping one
+    (safetensors reports a full disk as "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    text = str(e)
+    if "No space left on device" in text or "(os error 28)" in text:
+        return "the disk is full"
+    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text.strip().split("\n")[0])
+    return m.group(1) if m else None
 
 
 @contextlib.contextmanager
@@ -37,12 +55,19 @@ def atomic_dir(out: Path, overwrite: bool):
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old is not None:
+                old.rename(out)  # put the previous output back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - I/O failures become one line; anything else propagates
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        why = io_failure(e)
+        if why is None:
+            raise
         raise AttnSwapError(f"could not write {out}: {why}; nothing was changed there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

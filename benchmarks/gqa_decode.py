@@ -50,18 +50,20 @@ def bench(model, context: int, new_tokens: int, batch: int, vocab: int, seed: in
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         steps.append(time.perf_counter() - t)
-    warm = steps[len(steps) // 4:]  # the first steps include allocator warm-up
+    warm = sorted(steps[len(steps) // 4:])  # the first steps include allocator warm-up
     per_step = sum(warm) / len(warm)
+    median = warm[len(warm) // 2]
     return {"batch": batch, "context": context, "prefill_tokens": context - new_tokens, "prefill_s": prefill_s,
             "kv_cache_bytes_after_prefill": kv, "kv_bytes_per_token": kv / (batch * (context - new_tokens)),
-            "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": batch / per_step,
+            "decode_ms_per_step": 1000 * per_step, "decode_ms_median": 1000 * median, "decode_tokens_per_s": batch / per_step,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--merged", required=True)
+    ap.add_argument("--merged", required=True, help="a merged model, or 'auto:G' to mean-merge the teacher to G KV heads "
+                    "in process (same shapes as any G-head merge: decode speed does not depend on the weights)")
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
@@ -72,8 +74,15 @@ def main():
     from attnswap import loading
 
     rows = []
+    teacher = None
     for name, spec in (("teacher", a.teacher), ("merged", a.merged)):
-        model, tok = loading.load_model(loading.resolve(spec), dtype=torch.bfloat16, device=a.device)
+        if spec.startswith("auto:"):
+            from attnswap.convert.gqa import merge_to_gqa
+
+            model = teacher
+            merge_to_gqa(model, int(spec[5:]), grouping="adjacent", merge="mean")
+        else:
+            model, tok = loading.load_model(loading.resolve(spec), dtype=torch.bfloat16, device=a.device)
         model.config.use_cache = True
         bench(model, 512, 8, 1, len(tok))  # warm-up (kernels, allocator)
         for b in map(int, a.batches.split(",")):
@@ -82,6 +91,7 @@ def main():
             r = {"model": name, "kv_heads": model.config.num_key_value_heads, **bench(model, a.context, a.new_tokens, b, len(tok))}
             rows.append(r)
             print(json.dumps(r), flush=True)
+        teacher = model if name == "teacher" and a.merged.startswith("auto:") else None
         del model
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -231,7 +231,7 @@ def test_existing_out_needs_overwrite(mha_dir, tiny_text, tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("train", ["lora", "kv"])
+@pytest.mark.parametrize("train", ["lora", "kv", "attn"])
 def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train):
     from transformers import AutoModelForCausalLM
 

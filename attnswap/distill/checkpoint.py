@@ -149,6 +149,8 @@ class Checkpointer:
             _fsync_dir(self.root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # only if empty: a directory we just created
             prev = self.latest()
             kept = f"the previous checkpoint ({prev.path.name}) is intact" if prev else "no checkpoint was kept"
             raise AttnSwapError(f"could not write a checkpoint to {self.root}: {_why(e)}; {kept}") from None
