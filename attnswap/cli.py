@@ -53,8 +53,9 @@ def _check_positive(**values):
 def linearize(
     model: str = typer.Option("llama", help="'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
-    attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window)."),
-    window: int = typer.Option(64, help="Sliding softmax window, in tokens."),
+    attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
+    window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 64 for lolcats, 128 for lizard)."),
+    meta_tokens: Optional[int] = typer.Option(None, help="lizard: learned meta-memory sink tokens (default: 4)."),
     feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
     layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),
     keep_softmax: str = typer.Option("", help="Layers to leave as softmax attention (same syntax)."),
@@ -118,7 +119,12 @@ def linearize(
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
     if sinks < 0:
         raise AttnSwapError(f"--sinks must not be negative (got {sinks})")
-    options = {"window": window, "feature_rope": feature_rope, "sinks": sinks} | ({"feature_dim": feature_dim} if feature_dim else {})
+    given = {"window": window, "feature_dim": feature_dim, "meta_tokens": meta_tokens}
+    options = {k: v for k, v in given.items() if v is not None}
+    if attention == "lolcats":
+        options |= {"feature_rope": feature_rope, "sinks": sinks}
+    elif meta_tokens is not None and meta_tokens < 0:
+        raise AttnSwapError(f"--meta-tokens must not be negative (got {meta_tokens})")
     swap = make_swap(attention, chosen, options, cfg)
 
     dev = loading.pick_device(device)
@@ -134,7 +140,7 @@ def linearize(
                 "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
                 "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps}, resume)
 
-    report: dict = {"model": model, "attention": attention, "layers": chosen, "window": window,
+    report: dict = {"model": model, "attention": attention, "layers": chosen, "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size}
     if held is not None:
         report["teacher"] = perplexity(net, held, label="teacher perplexity")

@@ -17,9 +17,9 @@ from tests.conftest import tiny_model, tiny_tokenizer
 FAMS = sorted(FAMILIES)
 
 
-def _convert(model, layers=None, **opts):
+def _convert(model, layers=None, method="lolcats", **opts):
     layers = list(range(model.config.num_hidden_layers)) if layers is None else layers
-    return convert_model(model, [make_swap("lolcats", layers, opts, model.config)], source="tiny")
+    return convert_model(model, [make_swap(method, layers, opts, model.config)], source="tiny")
 
 
 @pytest.mark.parametrize("fam", FAMS)
@@ -64,11 +64,11 @@ def test_transfer_mode_passes_teacher_output_and_records_loss():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("fam", FAMS)
-def test_save_reload_both_ways_identical_logits(fam, tmp_path):
+@pytest.mark.parametrize("fam,method", [(f, "lolcats") for f in FAMS] + [("llama", "lizard"), ("qwen3", "lizard")])
+def test_save_reload_both_ways_identical_logits(fam, method, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    m = _convert(tiny_model(fam), window=8)
+    m = _convert(tiny_model(fam), method=method, window=8)
     with torch.no_grad():
         for p in swapped_modules(m)[0].transfer_parameters():
             p.add_(0.05 * torch.randn_like(p))  # make sure trained values, not inits, round-trip
@@ -76,7 +76,7 @@ def test_save_reload_both_ways_identical_logits(fam, tmp_path):
     ref = m(ids).logits
     save_converted(m, tiny_tokenizer(), tmp_path / "out", overwrite=False)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["attnswap"]["swaps"][0]["method"] == "lolcats" and "auto_map" in cfg
+    assert cfg["attnswap"]["swaps"][0]["method"] == method and "auto_map" in cfg
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "out").iterdir())
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(again(ids).logits, ref)

@@ -10,13 +10,14 @@ from attnswap.convert.swap import make_swap
 from tests.conftest import tiny_model
 
 
-def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0, sinks=0):
+def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0, sinks=0, method="lolcats"):
     m = tiny_model(fam, seed=seed)
-    convert_model(m, [make_swap("lolcats", list(layers), {"window": window, "sinks": sinks}, m.config)], "tiny")
+    opts = {"window": window, "sinks": sinks} if method == "lolcats" else {"window": window}
+    convert_model(m, [make_swap(method, list(layers), opts, m.config)], "tiny")
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move feature maps and mixing factors off their initial values
+    with torch.no_grad():  # move feature maps, gates, sinks and mixing factors off their initial values
         for name, p in m.named_parameters():
-            if "feature_map" in name or "window_factor" in name:
+            if any(s in name for s in ("feature_map", "window_factor", "gate_proj", "meta_")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     return m
 
@@ -86,3 +87,29 @@ def test_sampling_runs_and_is_seeded():
     torch.manual_seed(3)
     y = m.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
     assert x.shape == (2, 12) and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+@pytest.mark.parametrize("prefix", [1, 6])
+def test_lizard_token_by_token_equals_full_forward(fam, prefix):
+    m = _converted(fam, (0, 2), method="lizard")
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(prefix))
+    full = m(ids).logits
+    out = m(ids[:, :prefix], past_key_values=DynamicCache(), use_cache=True)
+    logits = [out.logits]
+    for t in range(prefix, ids.shape[1]):
+        out = m(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_lizard_batched_generation_with_left_padding_matches_single():
+    m = _converted(method="lizard")
+    a = torch.randint(1, 300, (1, 10))
+    b = torch.randint(1, 300, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = (batch != 0).long()
+    mask[0] = 1
+    out = m.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0], m.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
+    assert torch.equal(out[1, 4:], m.generate(b, max_new_tokens=6, do_sample=False, pad_token_id=0)[0])

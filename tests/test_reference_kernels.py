@@ -65,3 +65,56 @@ def test_full_window_without_linear_is_softmax(impl):
         x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2), is_causal=True, scale=0.25, enable_gqa=True
     ).transpose(1, 2)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("W", [1, 7, 32])
+@pytest.mark.parametrize("meta", [0, 3])
+def test_chunk_gated_hybrid_with_meta_tokens_matches_naive(W, meta):
+    from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn
+    from attnswap.kernels.gated_attn.torch_chunk import chunk_gated_hybrid_attn
+
+    x = _inputs(2, 90, 6, 2, 8, 10, seed=W + meta)
+    g = torch.Generator().manual_seed(W)
+    gate = (-0.2 * torch.rand(2, 90, 2, generator=g)).requires_grad_(True)
+    gamma = torch.rand(6, generator=g).requires_grad_(True)
+    mk = torch.randn(meta, 2, 8, generator=g).requires_grad_(True) if meta else None
+    mv = torch.randn(meta, 2, 8, generator=g).requires_grad_(True) if meta else None
+    args = (x["q"], x["k"], x["v"], x["fq"], x["fk"], gate, gamma)
+    ref = naive_gated_hybrid_attn(*args, window=W, scale=0.35, meta_k=mk, meta_v=mv)
+    out = chunk_gated_hybrid_attn(*args, window=W, scale=0.35, chunk_size=32, meta_k=mk, meta_v=mv)
+    assert rel_err(out, ref) < 1e-5
+    wrt = args + ((mk, mv) if meta else ())
+    for ga, gb in zip(_grads(out, wrt), _grads(ref, wrt)):
+        assert rel_err(ga, gb) < 1e-4
+
+
+@pytest.mark.parametrize("W,S,gated", [(1, 0, False), (4, 2, False), (9, 0, True), (4, 0, True)])
+def test_decode_state_continues_the_full_sequence(W, S, gated):
+    """Prefill n tokens into the state, then decode the rest (one by one and as one chunk)."""
+    from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn
+    from attnswap.kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
+
+    x = _inputs(2, 26, 4, 2, 8, 6, seed=W * 10 + S, grad=False)
+    g = torch.Generator().manual_seed(5)
+    gamma = torch.rand(4, generator=g)
+    gate = -0.3 * torch.rand(2, 26, 2, generator=g) if gated else None
+    meta = dict(meta_k=torch.randn(3, 2, 8, generator=g), meta_v=torch.randn(3, 2, 8, generator=g)) if gated else {}
+    q, k, v, fq, fk = x["q"], x["k"], x["v"], x["fq"], x["fk"]
+    if gated:
+        full = naive_gated_hybrid_attn(q, k, v, fq, fk, gate, gamma, window=W, scale=0.3, **meta)
+    else:
+        full = naive_hybrid_attn(q, k, v, fq, fk, gamma, window=W, scale=0.3, sinks=S)
+    sl = lambda t, a, b: None if t is None else t[:, a:b]  # noqa: E731
+    for n in (1, 5, 11):
+        ones = torch.ones(2, n, dtype=torch.bool)
+        st = hybrid_prefill_state(k[:, :n], v[:, :n], fk[:, :n], ones, window=W, sinks=S, g=sl(gate, 0, n))
+        outs = []
+        for t in range(n, 26):
+            o, st = hybrid_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], fq[:, t:t + 1], fk[:, t:t + 1], gamma, st,
+                                window=W, scale=0.3, sinks=S, g=sl(gate, t, t + 1), **meta)
+            outs.append(o)
+        assert rel_err(torch.cat(outs, 1), full[:, n:]) < 1e-5
+        st = hybrid_prefill_state(k[:, :n], v[:, :n], fk[:, :n], ones, window=W, sinks=S, g=sl(gate, 0, n))
+        o, _ = hybrid_step(q[:, n:], k[:, n:], v[:, n:], fq[:, n:], fk[:, n:], gamma, st, window=W, scale=0.3, sinks=S,
+                           g=sl(gate, n, 26), **meta)
+        assert rel_err(o, full[:, n:]) < 1e-5

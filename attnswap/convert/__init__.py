@@ -1,6 +1,6 @@
 """Conversion: replace attention modules in place (one file per method, a registry by name)."""
 
-from . import lolcats  # noqa: F401  (registers the method)
+from . import lizard, lolcats  # noqa: F401  (register the methods)
 from .architectures import FAMILIES, family_of
 from .base import METHODS, SwappedAttention, attention_mode, swapped_modules
 from .swap import apply_swaps, convert_model, parse_layers

@@ -26,13 +26,15 @@ MODES = ("student", "teacher", "transfer")
 
 
 class QKV(NamedTuple):
-    """Projected heads, (B, T, heads, D): q, k after RoPE; qn, kn the same before RoPE."""
+    """Projected heads, (B, T, heads, D): q, k after RoPE; qn, kn the same before RoPE; h the
+    layer's input (B, T, hidden), for methods that compute more from it (gates)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     qn: torch.Tensor
     kn: torch.Tensor
+    h: torch.Tensor
 
     def rows(self, b: int, start: int = 0) -> "QKV":
         return QKV(*(t[b : b + 1, start:] for t in self))
@@ -89,7 +91,7 @@ class SwappedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         qr, kr = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        return QKV(qr, kr, v, q, k)
+        return QKV(qr, kr, v, q, k, hidden_states)
 
     def softmax_attention(self, q, k, v, attention_mask=None):
         """Exact causal softmax attention (the teacher), via SDPA, GQA without copying KV heads."""

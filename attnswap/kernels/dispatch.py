@@ -96,8 +96,10 @@ def gated_linear_attn(q, k, v, g, **kw):
 
 
 def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw):
-    """Sliding-window softmax + gated linear attention; see ``gated_attn/naive.py``."""
-    if backend_for(q) == "triton":
+    """Sliding-window softmax + gated linear attention; see ``gated_attn/naive.py``. Learned sink
+    tokens (``meta_k``/``meta_v``) exist only in the PyTorch path so far."""
+    if kw.get("meta_k") is None and backend_for(q) == "triton":
+        kw.pop("meta_k", None), kw.pop("meta_v", None)
         return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, **kw)
     return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw)
 

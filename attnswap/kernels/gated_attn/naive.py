@@ -65,7 +65,10 @@ def naive_gated_linear_attn(
 
 def naive_gated_hybrid_attn(
     q, k, v, fq, fk, g, gamma, *, window: int, scale: float, use_linear: bool = True, eps: float = 1e-6,
+    meta_k: torch.Tensor | None = None, meta_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``meta_k`` (M, Hk, D) / ``meta_v`` (M, Hk, Dv): learned sink tokens (Lizard's meta-memory) that
+    every query scores exactly, like window keys, sharing the window's max and the normaliser."""
     B, T, H, D = q.shape
     dtype = q.dtype
     s = torch.einsum("bihd,bjhd->bhij", q.float(), expand_kv(k.float(), H)) * scale
@@ -74,9 +77,17 @@ def naive_gated_hybrid_attn(
     in_window = (j <= i) & (j > i - window)
     older = j <= i - window
     s = s.masked_fill(~in_window, float("-inf"))
+    vq = expand_kv(v.float(), H)
+    if meta_k is not None:  # meta tokens become extra key columns before the sequence
+        sm = torch.einsum("bihd,mhd->bhim", q.float(), expand_kv(meta_k.float(), H, dim=1)) * scale
+        s = torch.cat([sm, s], -1)
+        vq = torch.cat([expand_kv(meta_v.float(), H, dim=1).unsqueeze(0).expand(B, -1, -1, -1), vq], 1)
     a = gamma.float().view(1, H, 1, 1) * torch.exp(s - s.amax(-1, keepdim=True))
     if use_linear:
         lin = torch.einsum("bihf,bjhf->bhij", fq.float(), expand_kv(fk.float(), H)) * _decay(g, H)
-        a = a + lin.masked_fill(~older, 0.0)
-    out = torch.einsum("bhij,bjhd->bihd", a, expand_kv(v.float(), H)) / (a.sum(-1).transpose(1, 2).unsqueeze(-1) + eps)
+        lin = lin.masked_fill(~older, 0.0)
+        if meta_k is not None:
+            lin = torch.cat([lin.new_zeros(*lin.shape[:-1], meta_k.shape[0]), lin], -1)
+        a = a + lin
+    out = torch.einsum("bhij,bjhd->bihd", a, vq) / (a.sum(-1).transpose(1, 2).unsqueeze(-1) + eps)
     return out.to(dtype)

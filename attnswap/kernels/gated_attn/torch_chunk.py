@@ -65,9 +65,9 @@ def chunk_gated_linear_attn(
 
 def chunk_gated_hybrid_attn(
     q, k, v, fq, fk, g, gamma, *, window: int, scale: float, use_linear: bool = True, eps: float = 1e-6,
-    chunk_size: int = 64,
+    chunk_size: int = 64, meta_k=None, meta_v=None,
 ):
-    if not use_linear:  # no linear branch, no gate
+    if not use_linear and meta_k is None:  # no linear branch, no gate
         return chunk_hybrid_attn(q, k, v, None, None, gamma, window=window, scale=scale,
                                  use_linear=False, eps=eps, chunk_size=chunk_size)
     B, T, H, D = q.shape
@@ -89,9 +89,22 @@ def chunk_gated_hybrid_attn(
     inw = ((rel <= 0) & (rel > -window) & exists).view(1, N, 1, 1, C, 2 * C)
     s = torch.einsum("bncxgd,bnsxd->bnxgcs", qc, kl) * scale
     s = s.masked_fill(~inw, float("-inf"))
-    a = gamma.float().view(1, 1, Hk, Gr, 1, 1) * torch.exp(s - s.amax(-1, keepdim=True))
-    num_w = torch.einsum("bnxgcs,bnsxd->bncxgd", a, vl).reshape(B, Tp, H, -1)[:, :T]
-    den_w = a.sum(-1).permute(0, 1, 4, 2, 3).reshape(B, Tp, H)[:, :T]
+    m = s.amax(-1, keepdim=True)
+    gam = gamma.float().view(1, 1, Hk, Gr, 1, 1)
+    if meta_k is not None:  # learned sink tokens: exact terms for every query
+        sm = torch.einsum("bncxgd,mxd->bnxgcm", qc, meta_k.float()) * scale
+        m = torch.maximum(m, sm.amax(-1, keepdim=True))
+        am = gam * torch.exp(sm - m)
+    a = gam * torch.exp(s - m)
+    num_w = torch.einsum("bnxgcs,bnsxd->bncxgd", a, vl)
+    den_w = a.sum(-1).permute(0, 1, 4, 2, 3)
+    if meta_k is not None:
+        num_w = num_w + torch.einsum("bnxgcm,mxd->bncxgd", am, meta_v.float())
+        den_w = den_w + am.sum(-1).permute(0, 1, 4, 2, 3)
+    num_w = num_w.reshape(B, Tp, H, -1)[:, :T]
+    den_w = den_w.reshape(B, Tp, H)[:, :T]
+    if not use_linear:
+        return (num_w / (den_w.unsqueeze(-1) + eps)).to(q.dtype)
     num_l, den_l, _ = _gated_core(fq, fk, v, g.float().cumsum(1), lag=window, C=chunk_size)
     out = (num_w + num_l) / ((den_w + den_l).unsqueeze(-1) + eps)
     return out.to(q.dtype)

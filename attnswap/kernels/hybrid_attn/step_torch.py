@@ -7,6 +7,10 @@ State after t tokens (fp32 sums; the window and sinks keep the input dtype):
     sink_k (B, Sk, Hk, D), sink_v    the first Sk real tokens (Sk = max(sinks, 1); unused if sinks=0)
     sink_on (B, Sk)                  sinks that have left the window (attended through this store)
     n_real (B,)                      real tokens seen
+    win_g (B, W, Hk)                 log-gates of the window's tokens (gated variant; zeros otherwise)
+With gates (``g``, log-space, <= 0), S and z are decayed to the last token seen, and a linear key j
+counts exp(g_{j+1} + ... + g_i) for query i, as in ``gated_attn/naive.py``. ``meta_k``/``meta_v``
+(M, Hk, D) are learned sink tokens every query scores exactly (Lizard's meta-memory).
 Its size is independent of t. ``hybrid_step`` attends Tq new queries (usually 1) and returns the
 updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test_generation.py).
 """
@@ -17,14 +21,18 @@ import torch
 import torch.nn.functional as F_
 
 
-def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0) -> dict:
-    """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool."""
+def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None) -> dict:
+    """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool;
+    ``g`` (B, T, Hk) log-gates for the gated variant."""
     B, T, Hk, D = k.shape
     W, Sk = window, max(sinks, 1)
     rank = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
     is_sink = valid & (rank < sinks)
     old = max(0, T - W)
     lin = (valid & ~is_sink)[:, :old].float()[..., None, None]
+    g = torch.zeros(B, T, Hk, device=k.device) if g is None else g.float() * valid[..., None]
+    G = g.cumsum(1)
+    lin = lin * (G[:, -1:] - G[:, :old]).exp()[..., None]
     S = torch.einsum("btxf,btxd->bxfd", fk[:, :old].float() * lin, v[:, :old].float())
     z = (fk[:, :old].float() * lin).sum(1)
     pad = max(0, W - T)
@@ -43,10 +51,11 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0) -> dic
         sink_on[b, rank[b, t]] = t < old
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk.float()),
             "win_rank": last(rank, fill=-1), "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on,
-            "n_real": valid.long().sum(1)}
+            "n_real": valid.long().sum(1), "win_g": last(g)}
 
 
-def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6):
+def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
+                g=None, meta_k=None, meta_v=None):
     """Attend queries q (B, Tq, H, D) whose keys k/v/fk (B, Tq, Hk, .) directly follow the state."""
     B, Tq, H, D = q.shape
     Hk = k.shape[2]
@@ -71,15 +80,27 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
     ss = torch.einsum("btxgd,bjxd->bxgtj", qg, state["sink_k"].float()) * scale
     ss = ss.masked_fill(~state["sink_on"][:, None, None, None, :], float("-inf"))
     m = torch.maximum(s.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+    if meta_k is not None:
+        sm = torch.einsum("btxgd,mxd->bxgtm", qg, meta_k.float()) * scale
+        m = torch.maximum(m, sm.amax(-1, keepdim=True))
     gam = gamma.float().view(1, Hk, G, 1, 1)
     a = gam * torch.exp(s - m)
     a_s = gam * torch.exp(ss - m)
-    lin = torch.einsum("btxgf,bjxf->bxgtj", fqg, fkl).masked_fill(~linear[:, None, None], 0.0)
-    a = a + lin
+    gl = torch.cat([state["win_g"], torch.zeros(B, Tq, Hk, device=dev) if g is None else g.float()], 1)
+    Gc = gl.cumsum(1)  # (B, W+Tq, Hk)
+    Gq = Gc[:, W:]  # at each query
+    dec = (Gq.permute(0, 2, 1)[..., :, None] - Gc.permute(0, 2, 1)[..., None, :]).clamp_max(0).exp()  # (B,Hk,Tq,W+Tq)
+    lin = torch.einsum("btxgf,bjxf->bxgtj", fqg, fkl) * dec[:, :, None]
+    a = a + lin.masked_fill(~linear[:, None, None], 0.0)
+    fqs = fqg * (Gq - Gc[:, W - 1 : W]).exp()[..., None, None]  # the state is referenced to local W-1
     num = (torch.einsum("bxgtj,bjxd->btxgd", a, vl.float())
            + torch.einsum("bxgtj,bjxd->btxgd", a_s, state["sink_v"].float())
-           + torch.einsum("btxgf,bxfd->btxgd", fqg, state["S"]))
-    den = (a.sum(-1) + a_s.sum(-1)).permute(0, 3, 1, 2) + torch.einsum("btxgf,bxf->btxg", fqg, state["z"])
+           + torch.einsum("btxgf,bxfd->btxgd", fqs, state["S"]))
+    den = (a.sum(-1) + a_s.sum(-1)).permute(0, 3, 1, 2) + torch.einsum("btxgf,bxf->btxg", fqs, state["z"])
+    if meta_k is not None:
+        am = gam * torch.exp(sm - m)
+        num = num + torch.einsum("bxgtm,mxd->btxgd", am, meta_v.float())
+        den = den + am.sum(-1).permute(0, 3, 1, 2)
     out = (num / (den.unsqueeze(-1) + eps)).reshape(B, Tq, H, -1)
 
     # new sinks enter the sink store; the first Tq local slots leave the window
@@ -90,10 +111,13 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
         sink_v[b, new_rank[b, tt]] = v[b, tt].to(sink_v.dtype)
         lb, lt = sink_tok[:, :Tq].nonzero(as_tuple=True)
         sink_on[lb, rank[lb, lt]] = True
-    leave = (ok & ~sink_tok)[:, :Tq].float()[..., None, None]
+    leave = (ok & ~sink_tok)[:, :Tq].float()[..., None]
+    leave = leave * (Gc[:, -1:] - Gc[:, :Tq]).exp()  # decayed to the last new token
+    carry = (Gc[:, -1] - Gc[:, W - 1]).exp()  # (B, Hk)
     new = {
-        "S": state["S"] + torch.einsum("btxf,btxd->bxfd", fkl[:, :Tq] * leave, vl[:, :Tq].float()),
-        "z": state["z"] + (fkl[:, :Tq] * leave).sum(1),
+        "S": state["S"] * carry[..., None, None] + torch.einsum("btxf,btxd->bxfd", fkl[:, :Tq] * leave[..., None], vl[:, :Tq].float()),
+        "z": state["z"] * carry[..., None] + (fkl[:, :Tq] * leave[..., None]).sum(1),
+        "win_g": gl[:, Tq:],
         "win_k": kl[:, Tq:], "win_v": vl[:, Tq:], "win_fk": fkl[:, Tq:], "win_rank": rank[:, Tq:],
         "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on, "n_real": state["n_real"] + Tq,
     }

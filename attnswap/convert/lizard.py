@@ -1,0 +1,73 @@
+"""Lizard-style attention: gated linear attention plus a sliding softmax window with learned
+meta-memory sink tokens.
+
+- Hedgehog feature maps on q and k, taken before RoPE (no RoPE in the linear branch);
+- a scalar gate per KV head and token, g = log sigmoid(h W_g + b) <= 0, applied as a decay
+  exp(g_{j+1} + ... + g_i) on the linear branch;
+- exact softmax over the last ``window`` keys (default 128) and over ``meta_tokens`` (default 4)
+  learned key/value pairs every query can attend to; both share one normaliser with the linear terms.
+
+The operators live in ``attnswap.kernels.gated_attn`` (naive.py is their specification) and
+``kernels/hybrid_attn/step_torch.py`` (decoding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import gated_hybrid_attn
+from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
+from .base import SwappedAttention, register_method
+from .lolcats import HedgehogFeatureMap
+
+
+@register_method("lizard")
+class LizardAttention(SwappedAttention):
+    def __init__(self, original, config, layer_idx, options):
+        options = {**self.default_options(config), **options}
+        super().__init__(original, config, layer_idx, options)
+        self.window = int(options["window"])
+        fd = int(options["feature_dim"])
+        M = int(options["meta_tokens"])
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, fd)
+        self.feature_map_k = HedgehogFeatureMap(self.num_kv_heads, self.head_dim, fd)
+        self.gate_proj = nn.Linear(config.hidden_size, self.num_kv_heads)
+        nn.init.normal_(self.gate_proj.weight, std=1e-3)
+        nn.init.constant_(self.gate_proj.bias, float(options["init_gate_bias"]))
+        self.meta_k = nn.Parameter(torch.zeros(M, self.num_kv_heads, self.head_dim)) if M else None
+        self.meta_v = nn.Parameter(torch.zeros(M, self.num_kv_heads, self.head_dim)) if M else None
+        self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(options["init_window_logit"])))
+
+    @classmethod
+    def default_options(cls, config) -> dict:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # sigmoid(5) = 0.993: a memory of a few hundred tokens to start from
+        return {"window": 128, "feature_dim": head_dim, "meta_tokens": 4, "init_window_logit": 0.0,
+                "init_gate_bias": 5.0}
+
+    def transfer_parameters(self):
+        extra = [self.meta_k, self.meta_v] if self.meta_k is not None else []
+        return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(),
+                *self.gate_proj.parameters(), self.window_factor, *extra]
+
+    def _parts(self, x):
+        fq, fk = self.feature_map_q(x.qn), self.feature_map_k(x.kn)
+        g = F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())  # (B, T, Hk)
+        meta = {} if self.meta_k is None else {"meta_k": self.meta_k.float(), "meta_v": self.meta_v.float()}
+        return fq, fk, g, torch.sigmoid(self.window_factor.float()), meta
+
+    def student(self, x):
+        fq, fk, g, gamma, meta = self._parts(x)
+        dt = x.q.dtype
+        return gated_hybrid_attn(x.q, x.k, x.v, fq.to(dt), fk.to(dt), g, gamma, window=self.window,
+                                 scale=self.scaling, **meta)
+
+    def prefill_state(self, x, valid):
+        _, fk, g, _, _ = self._parts(x)
+        return hybrid_prefill_state(x.k, x.v, fk, valid, window=self.window, g=g)
+
+    def decode(self, x, state):
+        fq, fk, g, gamma, meta = self._parts(x)
+        return hybrid_step(x.q, x.k, x.v, fq, fk, gamma, state, window=self.window, scale=self.scaling, g=g, **meta)
