@@ -55,7 +55,7 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, action="append", help="repeat for several models")
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--lengths", default="1024,2048,8192,32768")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -67,7 +67,7 @@ def main():
     dt = loading.pick_dtype("auto", dev)
     lengths = [int(x) for x in a.lengths.split(",")]
     results = {}
-    for name in [a.model] + ([a.baseline] if a.baseline else []):
+    for name in a.model + ([a.baseline] if a.baseline else []):
         model, tok = loading.load_model(loading.resolve(name), dtype=dt, device=dev)
         model.generation_config.max_length = None
         results[name] = {L: measure(model, L, a.new_tokens, dev, a.repeats, len(tok)) for L in lengths}
