@@ -197,6 +197,8 @@ def _summary(r: dict) -> None:
 def evaluate(
     model: str = typer.Argument(..., help="Model to evaluate (converted directory, alias, path or hub id)."),
     baseline: Optional[str] = typer.Option(None, help="Model to compare against, e.g. the teacher ('llama')."),
+    baseline_report: Optional[Path] = typer.Option(None, help="Compare against the baseline numbers of a saved report.json (or its directory) instead of running a baseline model."),
+    tasks: str = typer.Option("ppl", help="Comma-separated tasks: ppl, passkey, niah, mqar, speed."),
     data: str = typer.Option("default", help="Evaluation data; its held-out split is used."),
     seq_len: int = typer.Option(1024, help="Window length for perplexity."),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens to score."),
@@ -204,40 +206,61 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    ppl_lengths: Optional[str] = typer.Option(None, help="Perplexity context lengths, e.g. 512,2048,8192 (default: --seq-len plus those of 512, 2048, 8192 within the model's maximum)."),
+    lengths: Optional[str] = typer.Option(None, help="passkey/niah context lengths (default: 1024,2048,4096,8192 within the model's maximum)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="passkey/niah needle depths (0 = start, 1 = end)."),
+    samples: int = typer.Option(5, help="Samples per passkey/niah cell and per mqar list size."),
+    mqar_pairs: str = typer.Option("4,8,16,32,64", help="mqar: numbers of key-value pairs in context."),
+    speed_lengths: Optional[str] = typer.Option(None, help="speed: context lengths (default: 512..8192 within the model's maximum)."),
+    decode_tokens: int = typer.Option(32, help="speed: decode steps timed after each prefill."),
+    speed_repeats: int = typer.Option(2, help="speed: runs per length; the fastest is kept."),
+    seed: int = typer.Option(0, help="Seed of the recall prompts and the speed inputs."),
+    report_dir: Optional[Path] = typer.Option(None, help="Where report.json, report.md and the plots go (default: <MODEL>-eval beside a model directory, else ./eval-<MODEL>); replaced atomically."),
+    checks: Optional[Path] = typer.Option(None, help="TOML file of regression checks (keys as the --max-* flags); flags override it."),
+    max_ppl_increase: Optional[str] = typer.Option(None, help="Fail (exit 1) if perplexity at any length rises more than this, e.g. 5%."),
+    max_recall_drop: Optional[str] = typer.Option(None, help="Fail if passkey/niah/mqar accuracy drops more than this many points, e.g. 10."),
+    max_speed_drop: Optional[str] = typer.Option(None, help="Fail if prefill or decode tokens/s at the longest speed length drops more than this, e.g. 20%."),
+    max_memory_increase: Optional[str] = typer.Option(None, help="Fail if peak memory at the longest speed length rises more than this (CUDA only)."),
 ):
-    """Held-out perplexity of MODEL (and of --baseline), with the relative change."""
-    from . import loading
-    from .distill.data import build_corpus, load_documents
-    from .evals.perplexity import perplexity
+    """Evaluate MODEL (perplexity, recall, speed) against --baseline or --baseline-report; with
+    --max-* checks it is a regression gate: exit 1 when the candidate regresses."""
+    from .evals import Checks, compare
+    from .evals.runner import default_report_dir
 
-    _check_positive(seq_len=seq_len, eval_tokens=eval_tokens, batch_size=batch_size)
-    dev = loading.pick_device(device)
-    dt = loading.pick_dtype(dtype, dev)
-    names = [model] + ([baseline] if baseline else [])
-    docs = load_documents(data)
-    sources = [loading.resolve(n) for n in names]
-    for n, s in zip(names, sources):
-        c = loading.load_config(s)
-        max_len = getattr(c, "max_position_embeddings", None)
-        if max_len is not None and seq_len > max_len:
-            raise AttnSwapError(f"--seq-len {seq_len} is beyond the maximum of {n} ({max_len} positions)")
-    results, held = {}, None
-    for n, s in zip(names, sources):
-        net, tok = loading.load_model(s, dtype=dt, device=dev)
-        if held is None:
-            held = build_corpus(docs, tok).sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)]
-        results[n] = perplexity(net, held, batch_size=batch_size, label=f"{n} perplexity")
-        del net
-    t = Table(title=f"held-out perplexity ({held.numel():,} tokens, seq-len {seq_len})")
-    t.add_column("model")
-    t.add_column("ppl", justify="right")
-    t.add_column("change", justify="right")
-    for n in names:
-        ch = "" if not baseline or n == baseline else f"{100 * (results[n]['ppl'] / results[baseline]['ppl'] - 1):+.2f}%"
-        t.add_row(n, f"{results[n]['ppl']:.3f}", ch)
+    gate = Checks.from_toml(checks) if checks else Checks()
+    gate = gate.override(Checks(max_ppl_increase=max_ppl_increase, max_recall_drop=max_recall_drop,
+                                max_speed_drop=max_speed_drop, max_memory_increase=max_memory_increase))
+    report = compare(
+        model, baseline, gate, baseline_report=baseline_report, command=shlex.join(["convert", *sys.argv[1:]]),
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()], data=data, seq_len=seq_len, eval_tokens=eval_tokens,
+        batch_size=batch_size, device=device, dtype=dtype, ppl_lengths=_numbers(ppl_lengths, "--ppl-lengths"),
+        lengths=_numbers(lengths, "--lengths"), depths=_numbers(depths, "--depths", float),
+        samples=samples, mqar_pairs=_numbers(mqar_pairs, "--mqar-pairs"), speed_lengths=_numbers(speed_lengths, "--speed-lengths"),
+        decode_tokens=decode_tokens, speed_repeats=speed_repeats, seed=seed)
+    out = report.write(report_dir or default_report_dir(model))
+    t = Table(title=f"convert eval: {model}" + (f" vs {report.baseline['name']}" if report.baseline else ""))
+    for col in ("metric", "baseline", "candidate", "change", "check"):
+        t.add_column(col, justify="left" if col in ("metric", "check") else "right")
+    for row in report._rows():
+        t.add_row(*[c.replace("**", "") for c in row])
     console.print(t)
+    colour = "green" if report.passed else "red"
+    console.print(f"[{colour}]{report.verdict()}[/{colour}]", highlight=False, soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
     if json_out:
-        json_out.write_text(json.dumps({"seq_len": seq_len, "results": results, "baseline": baseline}, indent=2))
+        json_out.write_text(report.to_json())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _numbers(text: Optional[str], flag: str, kind=int):
+    """'512,2048' -> [512, 2048]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AttnSwapError(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'} (got {text!r})") from None
 
 
 @app.command("gqa")

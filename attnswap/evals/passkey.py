@@ -1,0 +1,80 @@
+"""Passkey retrieval: a five-digit number hidden in repetitive filler; the model has to repeat it.
+
+A prompt of (about) ``length`` tokens is: an instruction, filler sentences, and, at ``depth``
+(0 = right after the instruction, 1 = right before the question) a needle sentence naming the key;
+then the question "What is the pass key? The pass key is". The model decodes a few tokens greedily;
+the sample counts as correct when the first number in them is the key. Prompts are built from token
+pieces (no re-tokenisation at the seams), so lengths are exact to within one filler sentence.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from ..errors import AttnSwapError
+from ..progress import progress_bar
+from .common import LM, accuracy, encode, rng_for
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about it.")
+FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again.")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
+    """Token ids of one prompt of at most ``length`` tokens, and where the needle starts."""
+    intro, needle, question = encode(tokenizer, INTRO), encode(tokenizer, NEEDLE.format(key=key)), encode(tokenizer, QUESTION)
+    units = [encode(tokenizer, s) for s in FILLER]
+    budget = length - len(intro) - len(needle) - len(question)
+    if budget < 0:
+        raise AttnSwapError(f"passkey length {length} is too short: the prompt needs at least "
+                            f"{length - budget} tokens without filler")
+    filler: list[list[int]] = []
+    used, i = 0, 0
+    while used + len(units[i % len(units)]) <= budget:
+        filler.append(units[i % len(units)])
+        used += len(filler[-1])
+        i += 1
+    cut = round(depth * len(filler))
+    before = [t for u in filler[:cut] for t in u]
+    after = [t for u in filler[cut:] for t in u]
+    ids = intro + before + needle + after + question
+    return ids, len(intro) + len(before)
+
+
+def first_number(text: str) -> str | None:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int = 0,
+        label: str = "passkey") -> dict:
+    """Accuracy per (length, depth) cell, per length, per depth and overall (fractions in [0, 1])."""
+    grid: dict[str, dict[str, float]] = {}
+    all_hits: list[bool] = []
+    by_depth: dict[str, list[bool]] = {f"{d:g}": [] for d in depths}
+    examples = []
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=len(lengths) * len(depths) * samples)
+        for n in lengths:
+            row = {}
+            for d in depths:
+                hits = []
+                for s in range(samples):
+                    key = str(rng_for(seed, "passkey", n, d, s).randint(10000, 99999))
+                    ids, _ = build_prompt(tokenizer, n, d, key)
+                    new = lm.complete(ids, len(encode(tokenizer, " " + key)) + 3)
+                    answer = tokenizer.decode(new, skip_special_tokens=True)
+                    hits.append(first_number(answer) == key)
+                    if len(examples) < 3 and s == 0:
+                        examples.append({"length": n, "depth": d, "key": key, "answer": answer.strip()[:40]})
+                    bar.update(task, advance=1)
+                row[f"{d:g}"] = accuracy(hits)
+                by_depth[f"{d:g}"] += hits
+                all_hits += hits
+            grid[str(n)] = row
+    return {"accuracy": accuracy(all_hits), "samples": len(all_hits),
+            "by_length": {n: sum(r.values()) / len(r) for n, r in grid.items()},
+            "by_depth": {d: accuracy(h) for d, h in by_depth.items()}, "grid": grid, "examples": examples}

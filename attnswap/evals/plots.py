@@ -1,0 +1,147 @@
+"""PNG plots of a report (matplotlib, Agg backend: no display needed).
+
+Each function takes ``{label: results}`` (one or two models) and a path, draws what those results
+hold, and returns the path, or None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = ("#1f77b4", "#d62728")  # baseline blue, candidate red
+MARKERS = ("o", "s")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(d: dict) -> tuple[list[int], list]:
+    keys = sorted(d, key=lambda k: float(k))
+    return [float(k) for k in keys], [d[k] for k in keys]
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str, logx: bool = True):
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+
+
+def ppl(models: dict[str, dict], path: Path) -> Path | None:
+    models = {k: v["ppl"] for k, v in models.items() if "ppl" in v}
+    if not models:
+        return None
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, r) in enumerate(models.items()):
+        xs, ys = _series({k: v["ppl"] for k, v in r["by_length"].items()})
+        a.plot(xs, ys, marker=MARKERS[i], color=COLORS[i], label=name)
+        buckets = r["by_position"]["buckets"]
+        mids = [(bk["from"] + bk["to"]) / 2 for bk in buckets]
+        b.plot(mids, [bk["ppl"] for bk in buckets], marker=MARKERS[i], color=COLORS[i], label=name)
+    _style(a, "perplexity vs context length", "context length (tokens)", "held-out perplexity")
+    n = next(iter(models.values()))["by_position"]["length"]
+    _style(b, f"perplexity by token position ({n}-token windows)", "token position (bucket middle)", "perplexity")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speed(models: dict[str, dict], path: Path) -> Path | None:
+    models = {k: v["speed"] for k, v in models.items() if "speed" in v}
+    if not models:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    exact = all(r.get("exact_memory") for r in models.values())
+    for i, (name, r) in enumerate(models.items()):
+        rows = r["by_length"]
+        for ax, key, scale in ((axes[0], "prefill_tok_s", 1), (axes[1], "decode_tok_s", 1)):
+            xs, ys = _series({k: v[key] for k, v in rows.items() if v.get(key) is not None})
+            ax.plot(xs, ys, marker=MARKERS[i], color=COLORS[i], label=name)
+        xs, ys = _series({k: v["cache_bytes"] / 2**20 for k, v in rows.items()})
+        axes[2].plot(xs, ys, marker=MARKERS[i], color=COLORS[i], label=f"{name}: cache")
+        xs, ys = _series({k: v["peak_memory_bytes"] / 2**20 for k, v in rows.items()})
+        axes[2].plot(xs, ys, marker=MARKERS[i], color=COLORS[i], linestyle="--",
+                     label=f"{name}: peak" + ("" if exact else " RSS growth (approx.)"))
+    dev = ", ".join(sorted({r["device"] for r in models.values()}))
+    _style(axes[0], f"prefill throughput ({dev})", "context length (tokens)", "tokens/s")
+    _style(axes[1], f"decode throughput after the context ({dev})", "context length (tokens)", "tokens/s")
+    _style(axes[2], "memory", "context length (tokens)", "MiB")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def niah(models: dict[str, dict], path: Path) -> Path | None:
+    models = {k: v["niah"] for k, v in models.items() if "niah" in v}
+    if not models:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(models), figsize=(1.2 + 4.2 * len(models), 3.6), squeeze=False)
+    im = None
+    for ax, (name, r) in zip(axes[0], models.items()):
+        lengths = sorted(r["grid"], key=int)
+        depths = sorted(r["grid"][lengths[0]], key=float)
+        grid = [[r["grid"][n][d] for n in lengths] for d in depths]
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}: {100 * r['accuracy']:.0f}% found", fontsize=10)
+        for y, row in enumerate(grid):
+            for x, v in enumerate(row):
+                ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy", fraction=0.05)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def recall(models: dict[str, dict], path: Path) -> Path | None:
+    has = [t for t in ("passkey", "mqar") if any(t in v for v in models.values())]
+    if not has:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(has), figsize=(5 * len(has), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], has):
+        for i, (name, r) in enumerate(models.items()):
+            if t not in r:
+                continue
+            xs, ys = _series(r[t]["by_length" if t == "passkey" else "by_pairs"])
+            ax.plot(xs, [100 * y for y in ys], marker=MARKERS[i], color=COLORS[i], label=name)
+        if t == "passkey":
+            _style(ax, "passkey retrieval (mean over depths)", "context length (tokens)", "accuracy (%)")
+        else:
+            _style(ax, "multi-query associative recall", "key-value pairs in context", "accuracy (%)")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def all_plots(models: dict[str, dict], folder: Path) -> dict[str, str]:
+    """Draw every plot the results allow into ``folder``; {plot name: file name}."""
+    out = {}
+    for name, fn in (("ppl", ppl), ("speed", speed), ("niah", niah), ("recall", recall)):
+        p = fn(models, Path(folder) / f"{name}.png")
+        if p is not None:
+            out[name] = p.name
+    return out
