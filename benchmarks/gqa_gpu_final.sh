@@ -11,10 +11,10 @@ nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv,noheader |
 timeout "${DECODE_TIMEOUT:-90}" python3 benchmarks/gqa_decode.py --teacher "$gguf" --merged auto:1 --context 8192 \
   --new-tokens 64 --batches 1,16 --json "$out/decode.json" 2>&1 | grep -v '━' | tee "$out/decode.log"
 start=$(date +%s.%N)
-timeout "${GQA_TIMEOUT:-340}" python3 -m attnswap.cli gqa --model "$gguf" --kv-heads 1 --steps 1000 --train "${TRAIN:-attn}" \
+[ "${TRAIN:-attn}" = skip ] || timeout "${GQA_TIMEOUT:-340}" python3 -m attnswap.cli gqa --model "$gguf" --kv-heads 1 --steps 1000 --train "${TRAIN:-attn}" \
   --out /tmp/smollm2-mqa-attn --overwrite --json "$out/gqa_attn.json" 2>&1 | grep -v '━' | tee "$out/gqa_attn.log"
 echo "gqa wall seconds: $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$out/gqa_attn.log"
 models="$gguf"
 test -f /tmp/smollm2-mqa-attn/config.json && models="$models,/tmp/smollm2-mqa-attn"
-timeout "${PASSKEY_TIMEOUT:-100}" python3 benchmarks/gqa_passkey.py --models "$models" --length 4096 --samples 4 \
+timeout "${PASSKEY_TIMEOUT:-100}" python3 benchmarks/gqa_passkey.py --models "$models" --length 4096 --samples "${PASSKEY_SAMPLES:-4}" \
   --json "$out/passkey.json" 2>&1 | grep -v '━' | tee "$out/passkey.log"
