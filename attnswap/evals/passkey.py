@@ -1,4 +1,6 @@
 """Passkey retrieval: a five-digit number hidden in repetitive filler; the model has to repeat it.
+(The needle states the key once: a needle ending in "... is the pass key." right before the question
+at depth 1 invites copying those words instead of the number.)
 
 A prompt of (about) ``length`` tokens is: an instruction, filler sentences, and, at ``depth``
 (0 = right after the instruction, 1 = right before the question) a needle sentence naming the key;
@@ -19,7 +21,7 @@ from .common import LM, accuracy, encode, rng_for
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.")
 FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again.")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+NEEDLE = " The pass key is {key}. Remember it."
 QUESTION = " What is the pass key? The pass key is"
 
 

@@ -31,7 +31,11 @@ def _style(ax, title: str, xlabel: str, ylabel: str, logx: bool = True):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logx:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, alpha=0.3)
 
 
