@@ -4,7 +4,10 @@ softmax attention over a sliding window of recent keys, mixed by a learned per-h
     phi(x) = softmax([x W + b, -(x W + b)])   per head, W initialised to the identity
     out_i  = (gamma_h sum_{window} e^{s_ij - m_i} v_j + sum_{older} phi(q_i).phi(k_j) v_j) / (same without v)
 
-Option ``sinks`` = S keeps the first S tokens in the exact part for every query (attention sinks).
+Two departures from the LoLCATs paper, both measured on SmolLM2 (docs/BENCHMARKS.md): ``sinks`` = S
+(default 4) keeps the first S tokens in the exact part for every query (attention sinks), and the
+feature maps read q/k before RoPE (``feature_rope: false``) while the window keeps RoPE. Setting
+``sinks: 0, feature_rope: true`` gives the paper's form.
 
 The operator itself lives in ``attnswap.kernels.hybrid_attn`` (naive.py is its specification).
 """
@@ -45,13 +48,13 @@ class LolcatsAttention(SwappedAttention):
         # gamma = sigmoid(logit): weight of the window's softmax terms against the linear terms
         self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(options["init_window_logit"])))
         self.use_linear = bool(options.get("use_linear", True))
-        self.feature_rope = bool(options.get("feature_rope", True))
-        self.sinks = int(options.get("sinks", 0))
+        self.feature_rope = bool(options["feature_rope"])
+        self.sinks = int(options["sinks"])
 
     @classmethod
     def default_options(cls, config) -> dict:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": True, "sinks": 0}
+        return {"window": 64, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": False, "sinks": 4}
 
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]

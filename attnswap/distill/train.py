@@ -38,7 +38,7 @@ class DistillConfig:
     ce_weight: float = 0.0
     seed: int = 0
     warmup: int = 10
-    lora_trains_features: bool = False  # also train the stage-1 parameters during stage 2
+    lora_trains_features: bool = True  # also train the stage-1 parameters during stage 2
     full_train: tuple[str, ...] = ()  # stage 2 trains these modules (e.g. k_proj, v_proj) in full instead of LoRA
 
 
