@@ -103,14 +103,17 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
         den = den + am.sum(-1).permute(0, 3, 1, 2)
     out = (num / (den.unsqueeze(-1) + eps)).reshape(B, Tq, H, -1)
 
-    # new sinks enter the sink store; the first Tq local slots leave the window
-    sink_k, sink_v, sink_on = state["sink_k"].clone(), state["sink_v"].clone(), state["sink_on"].clone()
+    # new sinks enter the sink store; the first Tq local slots leave the window (no host syncs here)
+    sink_k, sink_v, sink_on = state["sink_k"], state["sink_v"], state["sink_on"]
     if sinks:
-        b, tt = (new_rank < sinks).nonzero(as_tuple=True)
-        sink_k[b, new_rank[b, tt]] = k[b, tt].to(sink_k.dtype)
-        sink_v[b, new_rank[b, tt]] = v[b, tt].to(sink_v.dtype)
-        lb, lt = sink_tok[:, :Tq].nonzero(as_tuple=True)
-        sink_on[lb, rank[lb, lt]] = True
+        Sk = sink_k.shape[1]
+        slots = torch.arange(Sk, device=dev)
+        enter = (new_rank[..., None] == slots).to(sink_k.dtype)  # (B, Tq, Sk) one-hot
+        filled = enter.amax(1)[..., None, None]  # (B, Sk, 1, 1)
+        sink_k = sink_k * (1 - filled) + torch.einsum("bts,btxd->bsxd", enter, k.to(sink_k.dtype))
+        sink_v = sink_v * (1 - filled) + torch.einsum("bts,btxd->bsxd", enter, v.to(sink_v.dtype))
+        gone = sink_tok[:, :Tq, None] & (rank[:, :Tq, None] == slots)  # (B, Tq, Sk)
+        sink_on = sink_on | gone.any(1)
     leave = (ok & ~sink_tok)[:, :Tq].float()[..., None]
     leave = leave * (Gc[:, -1:] - Gc[:, :Tq]).exp()  # decayed to the last new token
     carry = (Gc[:, -1] - Gc[:, W - 1]).exp()  # (B, Hk)
