@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from attnswap.cli import app
