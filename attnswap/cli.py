@@ -25,6 +25,15 @@ app = typer.Typer(
 )
 
 
+# Options shared by several commands (one definition, one help text).
+MODEL_HELP = "'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."
+DATA_HELP = "'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."
+DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
+DTYPE_OPT = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
+JSON_OPT = typer.Option(None, "--json", help="Also write the summary as JSON here.")
+
+
 def _user_errors(fn):
     """AttnSwapError -> one line on stderr and exit code 2."""
 
@@ -51,7 +60,7 @@ def _check_positive(**values):
 @app.command()
 @_user_errors
 def linearize(
-    model: str = typer.Option("llama", help="'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."),
+    model: str = typer.Option("llama", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
     attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
     window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 64 for lolcats, 128 for lizard)."),
@@ -72,12 +81,12 @@ def linearize(
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help="'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    data: str = typer.Option("default", help=DATA_HELP),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    json_out: Optional[Path] = JSON_OPT,
     save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
@@ -203,8 +212,8 @@ def evaluate(
     seq_len: int = typer.Option(1024, help="Window length for perplexity."),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens to score."),
     batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     ppl_lengths: Optional[str] = typer.Option(None, help="Perplexity context lengths, e.g. 512,2048,8192 (default: --seq-len plus those of 512, 2048, 8192 within the model's maximum)."),
     lengths: Optional[str] = typer.Option(None, help="passkey/niah context lengths (default: 1024,2048,4096,8192 within the model's maximum)."),
@@ -266,7 +275,7 @@ def _numbers(text: Optional[str], flag: str, kind=int):
 @app.command("gqa")
 @_user_errors
 def gqa(
-    model: str = typer.Option("llama", help="'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."),
+    model: str = typer.Option("llama", help=MODEL_HELP),
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
     grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
@@ -281,12 +290,12 @@ def gqa(
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help="'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."),
+    data: str = typer.Option("default", help=DATA_HELP),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    json_out: Optional[Path] = JSON_OPT,
 ):
     """Merge key/value heads (MHA/GQA -> fewer KV heads), then distil against the original model.
     Writes a stock transformers checkpoint with the smaller num_key_value_heads."""
