@@ -1,7 +1,8 @@
 """Chunked gated linear attention (and gated hybrid) in plain PyTorch; autograd for the backward.
 
-Same contracts as ``naive``. Query heads are viewed as (Hk, G). A Python loop walks the chunks and
-carries the decayed state (S, z) referenced to the last key position of the previous chunk; keys of
+Same contracts as ``naive``. Query heads are viewed as (Hk, G). Intra-chunk terms are computed for
+all chunks at once; a short Python loop over chunks carries only the decayed state (S, z),
+referenced to the last key position of the previous chunk; keys of
 the hybrid's linear branch are read with a lag of ``window`` positions (zeros before the start).
 """
 
@@ -28,26 +29,36 @@ def _gated_core(q, k, v, G, *, lag: int, C: int, S0=None, z0=None):
     Gk = torch.cat([torch.zeros(B, lag, Hk, device=G.device), Gq], 1)[:, :Tp]
     Gq, Gk = Gq.view(B, N, C, Hk), Gk.view(B, N, C, Hk)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # Intra-chunk terms for all chunks at once.
+    dec = (Gq.permute(0, 1, 3, 2)[..., :, None] - Gk.permute(0, 1, 3, 2)[..., None, :])  # (B, N, Hk, C, C)
+    dec = dec.masked_fill(~causal, float("-inf")).exp()
+    s = torch.einsum("bncxgf,bnsxf->bnxgcs", q, k) * dec[:, :, :, None]
+    num = torch.einsum("bnxgcs,bnsxd->bncxgd", s, v)
+    den = s.sum(-1).permute(0, 1, 4, 2, 3)
+    # Each chunk's keys decayed to its last key position, then a short scan over chunks for the state
+    # entering each chunk (referenced to the previous chunk's last key).
+    g_end = Gk[:, :, -1]  # (B, N, Hk)
+    kd = k * (g_end[:, :, None] - Gk).exp()[..., None]
+    kv = torch.einsum("bnsxf,bnsxd->bnxfd", kd, v)
+    ks = kd.sum(2)
     S = torch.zeros(B, Hk, F, Dv, device=q.device) if S0 is None else S0.float()
     z = torch.zeros(B, Hk, F, device=q.device) if z0 is None else z0.float()
     g_ref = torch.zeros(B, Hk, device=q.device)
-    nums, dens = [], []
+    refs, S_in, z_in = [], [], []
     for c in range(N):
-        gq, gk = Gq[:, c], Gk[:, c]  # (B, C, Hk)
-        dec = (gq.permute(0, 2, 1)[..., :, None] - gk.permute(0, 2, 1)[..., None, :])
-        dec = dec.masked_fill(~causal, float("-inf")).exp()  # (B, Hk, C, C)
-        s = torch.einsum("bcxgf,bsxf->bxgcs", q[:, c], k[:, c]) * dec[:, :, None]
-        qd = q[:, c] * (gq - g_ref[:, None]).exp()[..., None, None]
-        nums.append(torch.einsum("bxgcs,bsxd->bcxgd", s, v[:, c]) + torch.einsum("bcxgf,bxfd->bcxgd", qd, S))
-        dens.append(s.sum(-1).permute(0, 3, 1, 2) + torch.einsum("bcxgf,bxf->bcxg", qd, z))
-        g_end = gk[:, -1]
-        kd = k[:, c] * (g_end[:, None] - gk).exp()[..., None]
-        w = (g_end - g_ref).exp()
-        S = S * w[..., None, None] + torch.einsum("bsxf,bsxd->bxfd", kd, v[:, c])
-        z = z * w[..., None] + kd.sum(1)
-        g_ref = g_end
-    num = torch.stack(nums, 1).reshape(B, Tp, H, Dv)[:, :T]
-    den = torch.stack(dens, 1).reshape(B, Tp, H)[:, :T]
+        refs.append(g_ref)
+        S_in.append(S)
+        z_in.append(z)
+        w = (g_end[:, c] - g_ref).exp()
+        S = S * w[..., None, None] + kv[:, c]
+        z = z * w[..., None] + ks[:, c]
+        g_ref = g_end[:, c]
+    S_in, z_in, refs = torch.stack(S_in, 1), torch.stack(z_in, 1), torch.stack(refs, 1)  # (B, N, ...)
+    qd = q * (Gq - refs[:, :, None]).exp()[..., None, None]
+    num = num + torch.einsum("bncxgf,bnxfd->bncxgd", qd, S_in)
+    den = den + torch.einsum("bncxgf,bnxf->bncxg", qd, z_in)
+    num = num.reshape(B, Tp, H, Dv)[:, :T]
+    den = den.reshape(B, Tp, H)[:, :T]
     return num, den, (S, z)
 
 
