@@ -8,8 +8,10 @@ from attnswap.kernels.hybrid_attn.naive import hybrid_cache_from_prefill, naive_
 from attnswap.kernels.hybrid_attn.torch_chunk import chunk_hybrid_attn
 
 # (B, T, H, Hk, D, F, Dv, W, chunk)
-CPU_SHAPES = [(1, 37, 2, 1, 16, 16, 16, 8, 16), (2, 45, 6, 2, 16, 24, 16, 20, 16), (1, 40, 2, 2, 32, 16, 20, 1, 16)]
-GPU_SHAPES = [(2, 300, 6, 2, 64, 128, 64, 64, 64), (1, 700, 8, 2, 128, 128, 128, 128, 64), (1, 200, 4, 4, 64, 64, 64, 30, 64)]
+CPU_SHAPES = [(1, 37, 2, 1, 16, 16, 16, 8, 16), (2, 45, 6, 2, 16, 24, 16, 20, 16), (1, 40, 2, 2, 32, 16, 20, 1, 16),
+              (1, 130, 9, 3, 64, 128, 64, 64, 64)]  # the last one: SmolLM2's heads, head dim and features
+GPU_SHAPES = [(2, 300, 6, 2, 64, 128, 64, 64, 64), (1, 700, 8, 2, 128, 128, 128, 128, 64), (1, 200, 4, 4, 64, 64, 64, 30, 64),
+              (2, 1024, 9, 3, 64, 128, 64, 64, 64)]
 
 
 def _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=0):
@@ -30,7 +32,7 @@ def _impl(name):
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("use_linear", [True, False])
-@pytest.mark.parametrize("shape_i", [0, 1, 2])
+@pytest.mark.parametrize("shape_i", [0, 1, 2, 3])
 def test_hybrid_attn_matches_naive(device, dtype, impl, use_linear, shape_i):
     if impl == "triton":
         skip_triton_on(device)
