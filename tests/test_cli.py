@@ -94,3 +94,22 @@ def test_linearize_then_eval_tiny(tiny_dir, tiny_text, tmp_path):
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["results"][str(out)]["ppl"] == pytest.approx(rep["converted"]["ppl"], rel=1e-4)
     assert ev["results"][str(tiny_dir)]["ppl"] == pytest.approx(rep["teacher"]["ppl"], rel=1e-4)
+
+
+def test_linearize_lizard_tiny(tiny_dir, tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "liz"
+    res = _run(*_tiny_args(tiny_dir, tiny_text, out), "--attention", "lizard", "--meta-tokens", 2, "--steps", 3,
+               "--layers", "0,2", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    swap = AutoModelForCausalLM.from_pretrained(out).config.attnswap["swaps"][0]
+    assert swap["method"] == "lizard" and swap["layers"] == [0, 2]
+    assert swap["options"]["meta_tokens"] == 2 and swap["options"]["window"] == 8
+    assert "sinks" not in swap["options"]  # lolcats-only flags do not leak into other methods
+
+
+def test_unknown_attention_method(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"
+    _assert_refused(_run(*_tiny_args(tiny_dir, tiny_text, out), "--attention", "mamba"), out,
+                    "unknown attention method 'mamba'; available: lizard, lolcats")
