@@ -1,7 +1,10 @@
 """Generation speed and memory against context length: a converted model vs its teacher.
 
-For each context length L: prefill L tokens, then greedily decode N tokens, on the same device in
-the same run. Prints one table (median of --repeats) and writes JSON with --json.
+For each context length L: prefill L tokens (keeping only the last position's logits, as generate()
+does), then greedily decode N tokens, on the same device in the same run. Peak memory is reported
+for the prefill and, separately, for the decode phase (the peak above what the prefill left
+allocated, i.e. what generating more tokens costs). Prints one table (median of --repeats) and
+writes JSON with --json.
 
     python benchmarks/generation.py --model runs/smollm2-linear --baseline llama --lengths 2048,8192,32768
 """
@@ -28,18 +31,23 @@ def _sync(dev):
 def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
     g = torch.Generator().manual_seed(L)
     ids = torch.randint(100, vocab - 1, (1, L), generator=g).to(dev)
-    pref, dec, peak = [], [], []
+    pref, dec, peak, dpeak = [], [], [], []
+    cuda = dev.type == "cuda"
     for _ in range(repeats):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         _sync(dev)
         t1 = time.perf_counter()
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
+        if cuda:
+            peak.append(torch.cuda.max_memory_allocated() / 2**20)
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(new):
             o = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
@@ -47,10 +55,13 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
         t2 = time.perf_counter()
         pref.append(L / (t1 - t0))
         dec.append(new / (t2 - t1))
-        peak.append(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan"))
+        if cuda:
+            dpeak.append((torch.cuda.max_memory_allocated() - base) / 2**20)
         del past
+    nan = float("nan")
     return {"prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec),
-            "peak_mib": statistics.median(peak)}
+            "prefill_peak_mib": statistics.median(peak) if peak else nan,
+            "decode_extra_peak_mib": statistics.median(dpeak) if dpeak else nan}
 
 
 def main():
@@ -76,10 +87,12 @@ def main():
             torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, dtype {dt}, "
           f"{a.new_tokens} decoded tokens, median of {a.repeats}")
-    print(f"{'model':40s} {'L':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak MiB':>9s}")
+    print(f"{'model':40s} {'L':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill peak MiB':>17s} "
+          f"{'decode extra MiB':>17s}")
     for name, rows in results.items():
         for L, r in rows.items():
-            print(f"{name[-40:]:40s} {L:7d} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f} {r['peak_mib']:9,.0f}")
+            print(f"{name[-40:]:40s} {L:7d} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f} "
+                  f"{r['prefill_peak_mib']:17,.0f} {r['decode_extra_peak_mib']:17,.1f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({n: {str(L): r for L, r in rows.items()} for n, rows in results.items()}, f, indent=2)
