@@ -57,6 +57,9 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
 def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
                 g=None, meta_k=None, meta_v=None):
     """Attend queries q (B, Tq, H, D) whose keys k/v/fk (B, Tq, Hk, .) directly follow the state."""
+    if q.shape[1] == 1:
+        return _step_one(q, k, v, fq, fk, gamma, state, scale=scale, sinks=sinks, eps=eps, g=g,
+                         meta_k=meta_k, meta_v=meta_v)
     B, Tq, H, D = q.shape
     Hk = k.shape[2]
     G, W = H // Hk, window
@@ -123,5 +126,69 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
         "win_g": gl[:, Tq:],
         "win_k": kl[:, Tq:], "win_v": vl[:, Tq:], "win_fk": fkl[:, Tq:], "win_rank": rank[:, Tq:],
         "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on, "n_real": state["n_real"] + Tq,
+    }
+    return out.to(q.dtype), new
+
+
+def _step_one(q, k, v, fq, fk, gamma, state, *, scale, sinks, eps, g, meta_k, meta_v):
+    """``hybrid_step`` for one new token (the decoding case), with about a fifth of the operations:
+    the new query scores window slots 1..W-1 and itself exactly; slot 0, which leaves the window
+    now, is scored through its features (or exactly, if it is a sink) and then folded into S, z."""
+    B, _, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    wk, wv, wfk, wr = state["win_k"], state["win_v"], state["win_fk"], state["win_rank"]
+    nr = state["n_real"]
+    kx = torch.cat([wk, k.to(wk.dtype)], 1)  # (B, W+1, Hk, D), slot 0 first
+    vx = torch.cat([wv, v.to(wv.dtype)], 1)
+    rx = torch.cat([wr, nr[:, None]], 1)
+    ok = rx >= 0
+    sink0 = ok[:, 0] & (wr[:, 0] < sinks)  # (B,)
+    lin0 = ok[:, 0] & ~sink0
+    exact = torch.cat([sink0[:, None], ok[:, 1:]], 1)
+    qg = q.float().view(B, Hk, G, D)
+    fqg = fq.float().view(B, Hk, G, -1)
+    gam = gamma.float().view(1, Hk, G, 1)
+    s = torch.einsum("bxgd,bjxd->bxgj", qg, kx.float()) * scale
+    s = s.masked_fill(~exact[:, None, None, :], float("-inf"))
+    ss = torch.einsum("bxgd,bsxd->bxgs", qg, state["sink_k"].float()) * scale
+    ss = ss.masked_fill(~state["sink_on"][:, None, None, :], float("-inf"))
+    m = torch.maximum(s.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+    if meta_k is not None:
+        sm = torch.einsum("bxgd,mxd->bxgm", qg, meta_k.float()) * scale
+        m = torch.maximum(m, sm.amax(-1, keepdim=True))
+    a = gam * torch.exp(s - m)
+    a_s = gam * torch.exp(ss - m)
+    if g is None:
+        d0 = lin0.float()[:, None]  # (B, Hk) broadcast: weight of slot 0 in the linear branch
+        S, z = state["S"], state["z"]
+    else:
+        gn = g.float()[:, 0]  # (B, Hk)
+        d0 = lin0.float()[:, None] * (state["win_g"][:, 1:].sum(1) + gn).exp()
+        S, z = state["S"] * gn.exp()[..., None, None], state["z"] * gn.exp()[..., None]
+    fk0 = wfk[:, 0].float() * d0[..., None]  # (B, Hk, F), decayed to the new token
+    v0 = wv[:, 0].float()
+    l0 = torch.einsum("bxgf,bxf->bxg", fqg, fk0)
+    num = (torch.einsum("bxgj,bjxd->bxgd", a, vx.float()) + torch.einsum("bxgs,bsxd->bxgd", a_s, state["sink_v"].float())
+           + l0[..., None] * v0[:, :, None] + torch.einsum("bxgf,bxfd->bxgd", fqg, S))
+    den = a.sum(-1) + a_s.sum(-1) + l0 + torch.einsum("bxgf,bxf->bxg", fqg, z)
+    if meta_k is not None:
+        am = gam * torch.exp(sm - m)
+        num = num + torch.einsum("bxgm,mxd->bxgd", am, meta_v.float())
+        den = den + am.sum(-1)
+    out = (num / (den[..., None] + eps)).reshape(B, 1, H, -1)
+
+    sink_k, sink_v, sink_on = state["sink_k"], state["sink_v"], state["sink_on"]
+    if sinks:
+        slots = torch.arange(sink_k.shape[1], device=q.device)
+        enter = (nr[:, None] == slots).to(sink_k.dtype)[..., None, None]  # (B, Sk, 1, 1)
+        sink_k = sink_k * (1 - enter) + enter * k.to(sink_k.dtype)
+        sink_v = sink_v * (1 - enter) + enter * v.to(sink_v.dtype)
+        sink_on = sink_on | (sink0[:, None] & (wr[:, :1] == slots))
+    new = {
+        "S": S + fk0[..., None] * v0[:, :, None, :], "z": z + fk0,
+        "win_k": kx[:, 1:], "win_v": vx[:, 1:], "win_fk": torch.cat([wfk[:, 1:], fk.float()], 1), "win_rank": rx[:, 1:],
+        "win_g": torch.cat([state["win_g"][:, 1:], torch.zeros_like(state["win_g"][:, :1]) if g is None else g.float()], 1),
+        "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on, "n_real": nr + 1,
     }
     return out.to(q.dtype), new
