@@ -113,3 +113,11 @@ def test_lizard_batched_generation_with_left_padding_matches_single():
     out = m.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out[0], m.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
     assert torch.equal(out[1, 4:], m.generate(b, max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_beam_search_with_the_state_matches_beam_search_without_cache(method):
+    m = _converted(sinks=2) if method == "lolcats" else _converted(method="lizard")
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(m.generate(ids, **kw), m.generate(ids, use_cache=False, **kw))
