@@ -137,9 +137,13 @@ def linearize(
     swap = make_swap(attention, chosen, options, cfg)
 
     dev = loading.pick_device(device)
+    procs = _processes(dev)  # under `accelerate launch`: this process's device and rank
+    dev = procs.device if procs.num_processes > 1 else dev
+    main = procs.is_main_process
     dt = loading.pick_dtype(dtype, dev)
     docs = load_documents(data)
-    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})")
+    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})"
+                  + (f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""))
     net, tok = loading.load_model(src, dtype=dt, device=dev)
     corpus = build_corpus(docs, tok)
     train = corpus.sequences("train", seq_len)
@@ -151,7 +155,7 @@ def linearize(
 
     report: dict = {"model": model, "attention": attention, "layers": chosen, "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size}
-    if held is not None:
+    if held is not None and main:
         report["teacher"] = perplexity(net, held, label="teacher perplexity")
     convert_model(net, [swap], source=model)
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
@@ -159,6 +163,8 @@ def linearize(
                          lora_trains_features=lora_feature_maps)
     with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command())):
         net, stats = distill(net, train, dcfg)
+    if not main:  # the other processes helped train; the main one evaluates and saves
+        return
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")
     try:
@@ -174,6 +180,13 @@ def linearize(
     _summary(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+def _processes(dev):
+    """accelerate's view of the launch: one process unless started by `accelerate launch`."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=dev.type == "cpu")
 
 
 def _resume_command() -> str:
@@ -329,9 +342,13 @@ def gqa(
         raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
 
     dev = loading.pick_device(device)
+    procs = _processes(dev)  # under `accelerate launch`: this process's device and rank
+    dev = procs.device if procs.num_processes > 1 else dev
+    main = procs.is_main_process
     dt = loading.pick_dtype(dtype, dev)
     docs = load_documents(data)
-    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})")
+    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})"
+                  + (f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""))
     net, tok = loading.load_model(src, dtype=dt, device=dev)
     corpus = build_corpus(docs, tok)
     train_seqs = corpus.sequences("train", seq_len)

@@ -211,6 +211,8 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
             ids = batches(step_offset + step)
             loss = loss_fn(ids)
             acc.backward(loss)
+            if acc.num_processes > 1:  # every process takes its slice of the global batch: average
+                loss = _all_reduce_grads(acc, params, loss)
             if st.finite(step, loss, lambda: loss_fn(ids)):
                 acc.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -225,6 +227,22 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     stats.tokens += st.tokens
     stats.seconds += time.perf_counter() - t0
     stats.losses[name] = st.ema
+
+
+def _all_reduce_grads(acc: Accelerator, params, loss):
+    """Average the trainable parameters' gradients (and the loss) over processes, in one flat buffer,
+    so every process takes the same step. Trainable sets are small (feature maps, LoRA), so this
+    costs little and needs no DDP wrapper (whose hooks would not follow the stages' changing
+    trainable sets)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().float().reshape(1)])
+    flat = acc.reduce(flat, reduction="mean")
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i : i + n].view_as(g).to(g.dtype)
+        i += n
+    return flat[-1]
 
 
 def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None, teacher=None):
