@@ -361,7 +361,7 @@ def gqa(
                     "grouping": grouping, "merge": merge, "train": train, "steps": steps if train != "none" else 0,
                     "seq_len": seq_len, "batch_size": batch_size,
                     "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}}
-    if held is not None:
+    if held is not None and main:
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     tm = time.perf_counter()
     stats = None
@@ -374,7 +374,7 @@ def gqa(
     info = merge_to_gqa(net, kv_heads, grouping=grouping, merge=merge, stats=stats, refit=value_refit)
     report.update(value_refit=value_refit, merge_seconds=time.perf_counter() - tm, groups=info["groups"], expanded_to_mha=info["expanded"],
                   kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
-    if held is not None:
+    if held is not None and main:
         report["merged"] = perplexity(net, held, label="merged perplexity")
     trained, tokens, train_s, losses = 0, 0, 0.0, {}
     if train != "none":
@@ -382,9 +382,13 @@ def gqa(
                              ce_weight=ce_weight, seed=seed, full_train=full.get(train, ()))
         net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
+        if not main:  # the other processes helped train; the main one evaluates and saves
+            return
         if held is not None:
             report["distilled"] = perplexity(net, held, label="distilled perplexity")
     del teacher
+    if not main:
+        return
     save_converted(net, tok, out, overwrite=overwrite)
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
