@@ -147,8 +147,16 @@ def _hf_docs(name: str) -> list[str]:
     except ImportError:
         raise AttnSwapError("hf: data needs the datasets library: pip install datasets") from None
     ds_name, _, config = name.partition(":")
+    import logging
+
+    from ..loading import _quiet
+
+    # the hub client logs each failed request and retry; our one line says what failed
+    for name in ("huggingface_hub", "datasets", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(ds_name, config or None, split="train")
+        with _quiet():
+            ds = datasets.load_dataset(ds_name, config or None, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, ...
         raise AttnSwapError(f"could not load dataset {ds_name!r}: {str(e).splitlines()[0][:200]}") from None
     col = "text" if "text" in ds.column_names else ds.column_names[0]
