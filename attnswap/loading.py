@@ -53,18 +53,25 @@ def smollm2_gguf() -> Path:
 
 @contextlib.contextmanager
 def _quiet():
-    """transformers and gguf print progress bars while de-quantising; keep the terminal for ours."""
+    """transformers and gguf print progress bars while de-quantising, and the hub client logs every
+    failed request and retry when offline; keep the terminal for our own bars and one-line errors."""
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    others = {n: logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")}
+    levels = {n: lg.level for n, lg in others.items()}
+    for lg in others.values():
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         hf_logging.set_verbosity(old)
         hf_logging.enable_progress_bar()
+        for n, lg in others.items():
+            lg.setLevel(levels[n])
 
 
 def _materialise_alias(name: str) -> Path:

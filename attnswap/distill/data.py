@@ -147,13 +147,8 @@ def _hf_docs(name: str) -> list[str]:
     except ImportError:
         raise AttnSwapError("hf: data needs the datasets library: pip install datasets") from None
     ds_name, _, config = name.partition(":")
-    import logging
-
     from ..loading import _quiet
 
-    # the hub client logs each failed request and retry; our one line says what failed
-    for name in ("huggingface_hub", "datasets", "fsspec"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         with _quiet():
             ds = datasets.load_dataset(ds_name, config or None, split="train")
