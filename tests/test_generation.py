@@ -121,3 +121,13 @@ def test_beam_search_with_the_state_matches_beam_search_without_cache(method):
     ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
     assert torch.equal(m.generate(ids, **kw), m.generate(ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_chunked_prefill_through_the_state_matches_one_prefill(method):
+    """transformers' prefill_chunk_size feeds the prompt through the cache in pieces: with a
+    recurrent state this bounds generation memory, and must not change the result."""
+    m = _converted(sinks=2) if method == "lolcats" else _converted(method="lizard")
+    ids = torch.randint(1, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(m.generate(ids, **kw), m.generate(ids, prefill_chunk_size=8, **kw))
