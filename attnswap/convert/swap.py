@@ -15,24 +15,17 @@ from .base import METHODS
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     """'all', '' or None -> every layer; otherwise comma-separated indices and ranges, e.g. '0-3,8'.
-    Negative indices count from the end."""
+    A single index may be negative, counting from the end ('-1' is the last layer)."""
     if spec is None or spec.strip().lower() in ("", "all"):
         return list(range(n_layers))
     out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
+    for part in (p.strip() for p in spec.split(",")):
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
-                lo, hi = int(a), int(b)
-                lo, hi = lo % n_layers if lo < 0 else lo, hi % n_layers if hi < 0 else hi
-                rng = range(lo, hi + 1)
-            else:
-                i = int(part)
-                rng = [i % n_layers if i < 0 else i]
+            idx = range(int(lo), int(hi) + 1) if sep else [int(lo) % n_layers if int(lo) < 0 else int(lo)]
         except ValueError:
             raise AttnSwapError(f"cannot read layer list {spec!r}: use indices and ranges like '0-3,8'") from None
-        for i in rng:
+        for i in idx:
             if not 0 <= i < n_layers:
                 raise AttnSwapError(f"layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
             out.add(i)
