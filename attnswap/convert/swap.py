@@ -22,7 +22,7 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            idx = range(int(lo), int(hi) + 1) if sep else [int(lo) % n_layers if int(lo) < 0 else int(lo)]
+            idx = range(int(lo), int(hi) + 1) if sep else [int(lo) + n_layers if int(lo) < 0 else int(lo)]
         except ValueError:
             raise AttnSwapError(f"cannot read layer list {spec!r}: use indices and ranges like '0-3,8'") from None
         for i in idx:
