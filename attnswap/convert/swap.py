@@ -22,13 +22,14 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            idx = range(int(lo), int(hi) + 1) if sep else [int(lo) + n_layers if int(lo) < 0 else int(lo)]
+            given = list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
         except ValueError:
             raise AttnSwapError(f"cannot read layer list {spec!r}: use indices and ranges like '0-3,8'") from None
-        for i in idx:
-            if not 0 <= i < n_layers:
+        for i in given:
+            j = i + n_layers if i < 0 else i
+            if not 0 <= j < n_layers:
                 raise AttnSwapError(f"layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
-            out.add(i)
+            out.add(j)
     return sorted(out)
 
 
