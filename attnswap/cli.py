@@ -97,7 +97,6 @@ def linearize(
     from . import loading
     from .convert import convert_model, family_of, parse_layers
     from .convert.swap import make_swap
-    from .distill.data import build_corpus, load_documents
     from .distill.checkpoint import Checkpointer, TrainingRun, use_run
     from .distill.train import DistillConfig, distill, split_steps
     from .evals.perplexity import perplexity
@@ -136,18 +135,7 @@ def linearize(
         raise AttnSwapError(f"--meta-tokens must not be negative (got {meta_tokens})")
     swap = make_swap(attention, chosen, options, cfg)
 
-    dev = loading.pick_device(device)
-    procs = _processes(dev)  # under `accelerate launch`: this process's device and rank
-    dev = procs.device if procs.num_processes > 1 else dev
-    main = procs.is_main_process
-    dt = loading.pick_dtype(dtype, dev)
-    docs = load_documents(data)
-    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})"
-                  + (f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""))
-    net, tok = loading.load_model(src, dtype=dt, device=dev)
-    corpus = build_corpus(docs, tok)
-    train = corpus.sequences("train", seq_len)
-    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    dev, dt, main, net, tok, train, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
     ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
                 "swap": swap, "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": seq_len, "batch_size": batch_size,
                 "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
@@ -180,6 +168,26 @@ def linearize(
     _summary(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
+    """Device and dtype (this process's under `accelerate launch`), the model, and the packed data.
+    Returns (device, dtype, is_main_process, model, tokenizer, train sequences, held-out sequences)."""
+    from . import loading
+    from .distill.data import build_corpus, load_documents
+
+    dev = loading.pick_device(device)
+    procs = _processes(dev)
+    dev = procs.device if procs.num_processes > 1 else dev
+    dt = loading.pick_dtype(dtype, dev)
+    docs = load_documents(data)  # before the weights: bad data fails fast
+    rank = f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""
+    console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){rank}")
+    net, tok = loading.load_model(src, dtype=dt, device=dev)
+    corpus = build_corpus(docs, tok)
+    train = corpus.sequences("train", seq_len)
+    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    return dev, dt, procs.is_main_process, net, tok, train, held
 
 
 def _processes(dev):
@@ -318,7 +326,6 @@ def gqa(
 
     from . import loading
     from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
-    from .distill.data import build_corpus, load_documents
     from .distill.train import DistillConfig, distill
     from .evals.perplexity import perplexity
     from .saving import check_out, save_converted
@@ -341,18 +348,7 @@ def gqa(
     if max_len is not None and seq_len > max_len:
         raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
 
-    dev = loading.pick_device(device)
-    procs = _processes(dev)  # under `accelerate launch`: this process's device and rank
-    dev = procs.device if procs.num_processes > 1 else dev
-    main = procs.is_main_process
-    dt = loading.pick_dtype(dtype, dev)
-    docs = load_documents(data)
-    console.print(f"loading {model} on {dev} ({str(dt).removeprefix('torch.')})"
-                  + (f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""))
-    net, tok = loading.load_model(src, dtype=dt, device=dev)
-    corpus = build_corpus(docs, tok)
-    train_seqs = corpus.sequences("train", seq_len)
-    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    dev, dt, main, net, tok, train_seqs, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path

@@ -217,7 +217,7 @@ class Report:
                 f"- passkey / niah: lengths {s.get('lengths')}, depths {s.get('depths')}, {s.get('samples')} samples per cell; "
                 f"mqar: pairs {s.get('mqar_pairs')}, {s.get('samples')} samples, up to {s.get('mqar_queries')} queries each; seed {s.get('seed')}",
                 f"- speed: lengths {s.get('speed_lengths')}, {s.get('decode_tokens')} decode steps, best of {s.get('speed_repeats')}",
-                f"- wall time: " + ", ".join(f"{side['name']} {side.get('seconds', 0):.0f} s" for side in
+                "- wall time: " + ", ".join(f"{side['name']} {side.get('seconds', 0):.0f} s" for side in
                                              ([self.baseline] if self.baseline else []) + [self.candidate]),
                 *[f"- note: {n}" for n in env.get("notes", [])], ""]
         return out

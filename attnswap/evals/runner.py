@@ -15,7 +15,6 @@ import gc
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

@@ -34,7 +34,6 @@ def naive_linear_attn(
     output_final_state: bool = False,
 ):
     B, T, H, F = q.shape
-    Hk = k.shape[2]
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
     kq, vq = expand_kv(k, H), expand_kv(v, H)
