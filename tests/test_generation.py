@@ -131,3 +131,15 @@ def test_chunked_prefill_through_the_state_matches_one_prefill(method):
     ids = torch.randint(1, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(m.generate(ids, **kw), m.generate(ids, prefill_chunk_size=8, **kw))
+
+
+def test_long_continuation_goes_through_the_state_in_pieces(monkeypatch):
+    from attnswap.convert.base import SwappedAttention
+
+    m = _converted(sinks=2)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    full = m(ids).logits
+    monkeypatch.setattr(SwappedAttention, "decode_piece", 3)
+    o1 = m(ids[:, :9], past_key_values=DynamicCache(), use_cache=True)
+    o2 = m(ids[:, 9:], past_key_values=o1.past_key_values, use_cache=True)  # 31 tokens in pieces of 3
+    torch.testing.assert_close(torch.cat([o1.logits, o2.logits], 1), full, rtol=1e-4, atol=1e-5)

@@ -38,6 +38,9 @@ class QKV(NamedTuple):
 
     def rows(self, b: int, start: int = 0) -> "QKV":
         return QKV(*(t[b : b + 1, start:] for t in self))
+
+    def span(self, a: int, b: int) -> "QKV":
+        return QKV(*(t[:, a:b] for t in self))
 METHODS: dict[str, type[SwappedAttention]] = {}
 
 
@@ -52,6 +55,7 @@ def register_method(name: str):
 
 class SwappedAttention(nn.Module):
     method: ClassVar[str] = ""
+    decode_piece: ClassVar[int] = 256  # tokens attended per call when continuing from a state
     _stolen = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
     def __init__(self, original: nn.Module, config, layer_idx: int, options: dict):
@@ -152,8 +156,12 @@ class SwappedAttention(nn.Module):
             valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
             out = self._student_padded(x, attention_mask)
             layer.state = self.prefill_state(x, valid)
-        else:
-            out, layer.state = self.decode(x, layer.state)
+        else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
+            outs = []
+            for a in range(0, T, self.decode_piece):
+                o, layer.state = self.decode(x.span(a, a + self.decode_piece), layer.state)
+                outs.append(o)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         layer.seen += T
         return out
 
