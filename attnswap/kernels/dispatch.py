@@ -79,15 +79,20 @@ def linear_attn(q, k, v, **kw):
     return chunk_linear_attn(q, k, v, **kw)
 
 
-def hybrid_attn(q, k, v, fq, fk, gamma, **kw):
+def _triton_lacks(q, feature: str) -> None:
+    """Options the Triton kernels do not implement run on PyTorch; refuse if Triton was forced."""
+    if backend_for(q) == "triton":
+        raise RuntimeError(f"the Triton kernel does not support {feature} yet; use ATTNSWAP_KERNELS=torch")
+
+
+def hybrid_attn(q, k, v, fq, fk, gamma, *, sinks: int = 0, **kw):
     """Sliding-window softmax + linear attention; see ``hybrid_attn/naive.py`` for the contract.
     Sink tokens (``sinks`` > 0) exist only in the PyTorch path so far."""
-    if kw.get("sinks", 0) == 0:
-        kw.pop("sinks", None)
-        if backend_for(q) == "triton":
-            return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
-    elif backend_for(q) == "triton" and (_forced or os.environ.get("ATTNSWAP_KERNELS")) == "triton":
-        raise RuntimeError("the Triton hybrid kernel does not support sink tokens yet")
+    if sinks:
+        _triton_lacks(q, "sink tokens")
+        return chunk_hybrid_attn(q, k, v, fq, fk, gamma, sinks=sinks, **kw)
+    if backend_for(q) == "triton":
+        return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
     return chunk_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
 
 
@@ -98,11 +103,13 @@ def gated_linear_attn(q, k, v, g, **kw):
     return chunk_gated_linear_attn(q, k, v, g, **kw)
 
 
-def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw):
+def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **kw):
     """Sliding-window softmax + gated linear attention; see ``gated_attn/naive.py``. Learned sink
     tokens (``meta_k``/``meta_v``) exist only in the PyTorch path so far."""
-    if kw.get("meta_k") is None and backend_for(q) == "triton":
-        kw.pop("meta_k", None), kw.pop("meta_v", None)
+    if meta_k is not None:
+        _triton_lacks(q, "learned sink tokens")
+        return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
+    if backend_for(q) == "triton":
         return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, **kw)
     return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw)
 
