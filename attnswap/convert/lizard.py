@@ -52,9 +52,14 @@ class LizardAttention(SwappedAttention):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(),
                 *self.gate_proj.parameters(), self.window_factor, *extra]
 
+    def _keys(self, x):
+        """Key features and log-gates (B, T, Hk): what the state needs."""
+        g = F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())
+        return self.feature_map_k(x.kn), g
+
     def _parts(self, x):
-        fq, fk = self.feature_map_q(x.qn), self.feature_map_k(x.kn)
-        g = F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())  # (B, T, Hk)
+        fk, g = self._keys(x)
+        fq = self.feature_map_q(x.qn)
         meta = {} if self.meta_k is None else {"meta_k": self.meta_k.float(), "meta_v": self.meta_v.float()}
         return fq, fk, g, torch.sigmoid(self.window_factor.float()), meta
 
@@ -65,7 +70,7 @@ class LizardAttention(SwappedAttention):
                                  scale=self.scaling, **meta)
 
     def prefill_state(self, x, valid):
-        _, fk, g, _, _ = self._parts(x)
+        fk, g = self._keys(x)
         return hybrid_prefill_state(x.k, x.v, fk, valid, window=self.window, g=g)
 
     def decode(self, x, state):
