@@ -302,9 +302,9 @@ def gqa(
     grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
     merge: str = typer.Option("aligned", help="aligned (rotate heads to a common basis, then average) or mean (plain average)."),
     value_refit: Optional[bool] = typer.Option(None, "--value-refit/--no-value-refit", help="Refit each head's value read-out (o_proj) to the pooled values by least squares (default: on with --merge aligned)."),
-    train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o) or none (merge only)."),
+    train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
     steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv and attn)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv, attn and all)."),
     lora_rank: int = typer.Option(8, help="LoRA rank."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
@@ -334,9 +334,10 @@ def gqa(
     if kv_heads is None:
         raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
     _check_positive(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, calib_batches=calib_batches)
-    full = {"kv": ("k_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj")}
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
     if train not in ("lora", "none", *full):
-        raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, none")
+        raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
     out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-gqa{kv_heads}")
     check_out(out, overwrite)

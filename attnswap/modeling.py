@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .convert.architectures import FAMILIES
 from .convert.spec import validate_attnswap_config
 from .convert.swap import apply_swaps
+from .generation import try_decode_step
 
 _CLASSES: dict[str, tuple[type, type]] = {}
 
@@ -29,7 +30,18 @@ def _build(family):
         spec = validate_attnswap_config(spec, config.num_hidden_layers) if spec is not None else {"swaps": []}
         apply_swaps(self, spec["swaps"])
 
-    model_cls = type(model_name, (base,), {"config_class": cfg_cls, "__init__": __init__, "__module__": __name__})
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        fast = try_decode_step(self, input_ids, position_ids, past_key_values, inputs_embeds, labels, kwargs)
+        if fast is not None:  # a one-token decoding step, replayed as a CUDA graph (generation.py)
+            return fast
+        return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+
+    forward.__doc__ = base.forward.__doc__
+    attrs = {"config_class": cfg_cls, "__init__": __init__, "forward": forward, "__module__": __name__}
+    model_cls = type(model_name, (base,), attrs)
     return cfg_cls, model_cls
 
 

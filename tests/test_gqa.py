@@ -202,7 +202,7 @@ def _refused(res, out, needle):
     (["--kv-heads", 2, "--steps", 0], "--steps must be at least 1"),
     (["--kv-heads", 2, "--grouping", "random"], "unknown --grouping 'random'"),
     (["--kv-heads", 2, "--merge", "max"], "unknown --merge 'max'"),
-    (["--kv-heads", 2, "--train", "all"], "unknown --train 'all'"),
+    (["--kv-heads", 2, "--train", "everything"], "unknown --train 'everything'"),
     (["--kv-heads", 2, "--seq-len", 4096], "beyond the model's maximum of 512"),
 ])
 def test_bad_inputs(mha_dir, tiny_text, tmp_path, extra, needle):
@@ -231,7 +231,7 @@ def test_existing_out_needs_overwrite(mha_dir, tiny_text, tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("train", ["lora", "kv", "attn"])
+@pytest.mark.parametrize("train", ["lora", "kv", "attn", "all"])
 def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train):
     from transformers import AutoModelForCausalLM
 

@@ -159,7 +159,8 @@ class SwappedAttention(nn.Module):
         else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
             outs = []
             for a in range(0, T, self.decode_piece):
-                o, layer.state = self.decode(x.span(a, a + self.decode_piece), layer.state)
+                o, new = self.decode(x.span(a, a + self.decode_piece), layer.state)
+                layer.set_state(new)
                 outs.append(o)
             out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         layer.seen += T
@@ -209,6 +210,9 @@ class RecurrentLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.seen, self.state = 0, None
+
+    def set_state(self, new: dict) -> None:
+        self.state = new
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:

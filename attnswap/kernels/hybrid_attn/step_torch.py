@@ -17,8 +17,22 @@ updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F_
+
+_COMPILED = None
+
+
+def _one_token_step():
+    """``_step_one``, compiled with torch.compile when ATTNSWAP_COMPILE_DECODE=1 (fused kernels)."""
+    global _COMPILED
+    if os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower() in ("0", "", "false", "off"):
+        return _step_one
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_step_one, fullgraph=True, dynamic=False)
+    return _COMPILED
 
 
 def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None) -> dict:
@@ -58,7 +72,7 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
                 g=None, meta_k=None, meta_v=None):
     """Attend queries q (B, Tq, H, D) whose keys k/v/fk (B, Tq, Hk, .) directly follow the state."""
     if q.shape[1] == 1:
-        return _step_one(q, k, v, fq, fk, gamma, state, scale=scale, sinks=sinks, eps=eps, g=g,
+        return _one_token_step()(q, k, v, fq, fk, gamma, state, scale=scale, sinks=sinks, eps=eps, g=g,
                          meta_k=meta_k, meta_v=meta_v)
     B, Tq, H, D = q.shape
     Hk = k.shape[2]

@@ -1,0 +1,179 @@
+"""Fast decoding for converted models: one whole-model decode step replayed as a CUDA graph.
+
+A converted model's cache has a fixed size (convert/base.py, ``RecurrentLayer``), so the one-token
+step has the same shapes and addresses at every position: it can be captured once as a CUDA graph
+and replayed, which removes the per-operation launch cost that dominates decoding a small model.
+``AttnSwap*ForCausalLM.forward`` sends a call here when it is a plain one-token decoding step
+(what ``generate()`` makes after the prompt); everything else takes the ordinary eager path.
+
+The graph owns static copies of the decoding state. A replay updates them in place and the cache
+layers then point at them. A cache whose state is elsewhere (the first step after a prefill, after
+an eager step, beam reordering) is copied in first; a cache that still points at the static buffers
+when another cache takes the graph over gets its own copy, so two generations never share state.
+
+``ATTNSWAP_DECODE_GRAPH`` picks the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere),
+``off`` (always eager), ``static`` (the same static-buffer step without graph capture, on any
+device: for tests and debugging). ``ATTNSWAP_COMPILE_DECODE=1`` also compiles each layer's
+attention step with torch.compile (fewer, fused kernels inside the graph; the first call compiles).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .convert.base import RecurrentLayer, SwappedAttention
+from .convert.swap import decoder_layers
+
+
+def graph_mode(device: torch.device) -> str:
+    mode = os.environ.get("ATTNSWAP_DECODE_GRAPH", "auto").lower()
+    if mode not in ("auto", "off", "static", "cuda"):
+        raise ValueError(f"ATTNSWAP_DECODE_GRAPH={mode!r}: use auto, off, static or cuda")
+    if mode == "auto":
+        return "cuda" if device.type == "cuda" else "off"
+    return mode
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class DecodeGraph:
+    """One captured decode step for a given model, batch size, dtype and device."""
+
+    def __init__(self, model, cache, ids: torch.Tensor, pos: torch.Tensor, use_graph: bool):
+        self.model = model
+        self.use_graph = use_graph
+        self.ids = ids.clone()
+        self.pos = pos.clone()
+        self.layers = list(range(len(cache.layers)))
+        self.state = [{k: t.clone() for k, t in cache.layers[i].state.items()} for i in self.layers]
+        self.cache = _StaticCache(self.state)
+        self.owner = None
+        self.logits = None
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    def _body(self):
+        m = self.model
+        inner = m.model
+        h = inner.embed_tokens(self.ids)
+        pe = inner.rotary_emb(h, position_ids=self.pos)
+        for layer in decoder_layers(m):
+            h = _layer_out(layer(h, attention_mask=None, position_embeddings=pe, position_ids=self.pos,
+                                 past_key_values=self.cache, use_cache=True))
+        return m.lm_head(inner.norm(h))
+
+    def _capture(self):
+        saved = [{k: t.clone() for k, t in s.items()} for s in self.state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocator, cuBLAS handles and any compilation, outside the graph
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+        self._load(saved)  # the warm-up and capture advanced the state: put it back
+
+    def _load(self, states):
+        for dst, src in zip(self.state, states):
+            for k, t in dst.items():
+                t.copy_(src[k])
+
+    def step(self, cache, ids, pos) -> torch.Tensor:
+        owner = self.owner() if self.owner is not None else None
+        if owner is not None and owner is not cache:  # the previous user keeps its state
+            for layer in owner.layers:
+                if isinstance(layer, RecurrentLayer) and layer.state is not None and _shares(layer.state, self.state):
+                    layer.state = {k: t.clone() for k, t in layer.state.items()}
+        for i, static in zip(self.layers, self.state):
+            cur = cache.layers[i].state
+            if not _is(cur, static):
+                for k, t in static.items():
+                    t.copy_(cur[k])
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._body()
+        for i, static in zip(self.layers, self.state):
+            layer = cache.layers[i]
+            layer.state = static
+            layer.seen += 1
+        self.owner = weakref.ref(cache)
+        return logits.clone()
+
+
+class _StaticCache:
+    """Stands in for the transformers cache inside the captured step: its layers write the new
+    state into the static buffers instead of replacing them."""
+
+    def __init__(self, states):
+        self.layers = [_StaticLayer(s) for s in states]
+
+
+class _StaticLayer(RecurrentLayer):
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def set_state(self, new: dict) -> None:
+        for k, t in self.state.items():
+            t.copy_(new[k])
+
+
+def _is(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+def _shares(a: dict, b: dict) -> bool:
+    return any(a[k] is b.get(k) for k in a)
+
+
+def _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs) -> bool:
+    if input_ids is None or inputs_embeds is not None or labels is not None or input_ids.shape[1] != 1:
+        return False
+    if torch.is_grad_enabled() or model.training or past_key_values is None:
+        return False
+    if any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states")):
+        return False
+    layers = getattr(past_key_values, "layers", None)
+    n = model.config.num_hidden_layers
+    if layers is None or len(layers) != n:
+        return False
+    mods = [layer.self_attn for layer in decoder_layers(model)]
+    return all(isinstance(mod, SwappedAttention) and mod.can_decode and mod.mode == "student" for mod in mods) and all(
+        isinstance(layer, RecurrentLayer) and layer.state is not None for layer in layers)
+
+
+def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embeds, labels, kwargs):
+    """The step's output through the decode graph, or None when this call should run eagerly."""
+    if not _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs):
+        return None
+    mode = graph_mode(input_ids.device)
+    if mode == "off":
+        return None
+    if position_ids is None:
+        position_ids = torch.full_like(input_ids, past_key_values.get_seq_length())
+    graphs = model.__dict__.setdefault("_attnswap_decode_graphs", {})
+    # a graph reads the weights at fixed addresses: replacing a tensor (not updating it) needs a new one
+    key = (input_ids.shape[0], input_ids.device, mode, model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
+    g = graphs.get(key)
+    if g is None:
+        g = graphs[key] = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda")
+    logits = g.step(past_key_values, input_ids, position_ids)
+    return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+
+def reset_decode_graphs(model) -> None:
+    """Drop the captured steps (after replacing weights or moving the model)."""
+    model.__dict__.pop("_attnswap_decode_graphs", None)
