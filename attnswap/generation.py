@@ -13,8 +13,9 @@ when another cache takes the graph over gets its own copy, so two generations ne
 
 ``ATTNSWAP_DECODE_GRAPH`` picks the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere),
 ``off`` (always eager), ``static`` (the same static-buffer step without graph capture, on any
-device: for tests and debugging). ``ATTNSWAP_COMPILE_DECODE=1`` also compiles each layer's
-attention step with torch.compile (fewer, fused kernels inside the graph; the first call compiles).
+device: for tests and debugging). ``ATTNSWAP_COMPILE_DECODE`` also compiles with torch.compile
+(fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` (or
+``1``) the whole one-token step, ``attn`` each layer's attention step only.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class DecodeGraph:
         self.pos = pos.clone()
         self.layers = list(range(len(cache.layers)))
         self.state = [{k: t.clone() for k, t in cache.layers[i].state.items()} for i in self.layers]
-        self.cache = _StaticCache(self.state)
         self.owner = None
         self.logits = None
         self.graph = None
@@ -60,14 +60,20 @@ class DecodeGraph:
             self._capture()
 
     def _body(self):
-        m = self.model
-        inner = m.model
-        h = inner.embed_tokens(self.ids)
-        pe = inner.rotary_emb(h, position_ids=self.pos)
-        for layer in decoder_layers(m):
-            h = _layer_out(layer(h, attention_mask=None, position_embeddings=pe, position_ids=self.pos,
-                                 past_key_values=self.cache, use_cache=True))
-        return m.lm_head(inner.norm(h))
+        """One step on the static buffers: the new state is written into them in place."""
+        logits, new = self._step_fn()(self.model, self.ids, self.pos, self.state)
+        for static, fresh in zip(self.state, new):
+            for k, t in static.items():
+                t.copy_(fresh[k])
+        return logits
+
+    def _step_fn(self):
+        if compile_setting() != "model":
+            return _pure_step
+        global _COMPILED_STEP
+        if _COMPILED_STEP is None:
+            _COMPILED_STEP = torch.compile(_pure_step, dynamic=False)
+        return _COMPILED_STEP
 
     def _capture(self):
         saved = [{k: t.clone() for k, t in s.items()} for s in self.state]
@@ -90,8 +96,9 @@ class DecodeGraph:
     def step(self, cache, ids, pos) -> torch.Tensor:
         owner = self.owner() if self.owner is not None else None
         if owner is not None and owner is not cache:  # the previous user keeps its state
+            mine = {id(t) for s in self.state for t in s.values()}
             for layer in owner.layers:
-                if isinstance(layer, RecurrentLayer) and layer.state is not None and _shares(layer.state, self.state):
+                if isinstance(layer, RecurrentLayer) and layer.state is not None and any(id(t) in mine for t in layer.state.values()):
                     layer.state = {k: t.clone() for k, t in layer.state.items()}
         for i, static in zip(self.layers, self.state):
             cur = cache.layers[i].state
@@ -113,30 +120,36 @@ class DecodeGraph:
         return logits.clone()
 
 
-class _StaticCache:
-    """Stands in for the transformers cache inside the captured step: its layers write the new
-    state into the static buffers instead of replacing them."""
+_COMPILED_STEP = None
+
+
+def _pure_step(model, ids, pos, states):
+    """The whole model's one-token step as a function of the state: returns (logits, new states)."""
+    cache = _StepCache(states)
+    inner = model.model
+    h = inner.embed_tokens(ids)
+    pe = inner.rotary_emb(h, position_ids=pos)
+    for layer in decoder_layers(model):
+        h = _layer_out(layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos,
+                             past_key_values=cache, use_cache=True))
+    return model.lm_head(inner.norm(h)), [layer.state for layer in cache.layers]
+
+
+class _StepCache:
+    """Stands in for the transformers cache inside the step: it only carries the layers' states."""
 
     def __init__(self, states):
-        self.layers = [_StaticLayer(s) for s in states]
+        self.layers = [_StepLayer(s) for s in states]
 
 
-class _StaticLayer(RecurrentLayer):
+class _StepLayer(RecurrentLayer):
     def __init__(self, state):
         super().__init__()
         self.state = state
 
-    def set_state(self, new: dict) -> None:
-        for k, t in self.state.items():
-            t.copy_(new[k])
-
 
 def _is(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-
-
-def _shares(a: dict, b: dict) -> bool:
-    return any(a[k] is b.get(k) for k in a)
 
 
 def _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs) -> bool:
@@ -166,12 +179,25 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
         position_ids = torch.full_like(input_ids, past_key_values.get_seq_length())
     graphs = model.__dict__.setdefault("_attnswap_decode_graphs", {})
     # a graph reads the weights at fixed addresses: replacing a tensor (not updating it) needs a new one
-    key = (input_ids.shape[0], input_ids.device, mode, model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
+    key = (input_ids.shape[0], input_ids.device, mode, model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype,
+           compile_setting())
     g = graphs.get(key)
     if g is None:
         g = graphs[key] = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda")
     logits = g.step(past_key_values, input_ids, position_ids)
     return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+
+def compile_setting() -> str:
+    """ATTNSWAP_COMPILE_DECODE: 0 (off), attn (each layer's attention step) or model/1 (the whole step)."""
+    v = os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower()
+    if v in ("0", "", "false", "off"):
+        return "off"
+    if v in ("1", "true", "model"):
+        return "model"
+    if v == "attn":
+        return "attn"
+    raise ValueError(f"ATTNSWAP_COMPILE_DECODE={v!r}: use 0, attn or model")
 
 
 def reset_decode_graphs(model) -> None:

@@ -7,8 +7,8 @@ allocated, i.e. what generating more tokens costs). ``generate tok/s`` times the
 new tokens through ``model.generate()`` (greedy) and subtracts the measured prefill time, so it
 includes generate()'s own per-token work. Each model first decodes a few tokens untimed (CUDA graph
 capture, allocator warm-up). ``--modes`` measures converted models under several decode paths
-(``ATTNSWAP_DECODE_GRAPH``: auto = CUDA graphs on GPU, off = eager; ``compile`` = graphs plus
-ATTNSWAP_COMPILE_DECODE=1). Prints one table (median of --repeats) and writes JSON with --json.
+(``ATTNSWAP_DECODE_GRAPH``: auto = CUDA graphs on GPU, off = eager; ``compile`` = graphs of the
+torch.compile'd whole step, ``compile-attn`` = graphs with only the attention step compiled). Prints one table (median of --repeats) and writes JSON with --json.
 
     python benchmarks/generation.py --model runs/smollm2-linear --baseline llama --lengths 2048,8192,32768
 """
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--modes", default="auto", help="decode paths for converted models: auto,off,compile")
+    ap.add_argument("--modes", default="auto", help="decode paths for converted models: auto,off,compile,compile-attn")
     a = ap.parse_args()
     dev = loading.pick_device(a.device)
     dt = loading.pick_dtype("auto", dev)
@@ -97,7 +97,7 @@ def main():
         converted = getattr(model.config, "attnswap", None) is not None
         for mode in modes if converted else ["-"]:
             os.environ["ATTNSWAP_DECODE_GRAPH"] = mode if mode in ("off", "static") else "auto"
-            os.environ["ATTNSWAP_COMPILE_DECODE"] = "1" if mode == "compile" else "0"
+            os.environ["ATTNSWAP_COMPILE_DECODE"] = {"compile": "model", "compile-attn": "attn"}.get(mode, "0")
             measure(model, min(lengths), 4, dev, 1, len(tok))  # warm-up, untimed
             label = name if mode == "-" else f"{name} [{mode}]"
             results[label] = {L: measure(model, L, a.new_tokens, dev, a.repeats, len(tok)) for L in lengths}

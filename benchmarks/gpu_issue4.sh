@@ -89,4 +89,45 @@ gqa)
 kernels)
   timeout 400 python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.txt"
   ;;
+speed)  # decode paths on short conversions (tokens/s does not depend on the trained values)
+  for m in lolcats lizard; do
+    [ -f "$runs/fast-$m/config.json" ] || python3 -m attnswap.cli linearize --model "$gguf" --attention $m --steps 4 --seq-len 256 \
+      --batch-size 2 --eval-tokens 2048 --out "$runs/fast-$m" --overwrite 2>&1 | clean | tail -2
+    timeout 150 python3 benchmarks/decode_paths.py "$runs/fast-$m" 2048 32 2>&1 | grep "vs eager" | tee -a "$out/decode_paths.txt"
+  done
+  timeout "${GEN_TIMEOUT:-300}" python3 benchmarks/generation.py --model "$runs/fast-lolcats" --model "$runs/fast-lizard" --baseline "$gguf" \
+    --lengths 2048,8192,32768 --new-tokens 64 --repeats 3 --modes "${MODES:-auto,compile}" --json "$out/generation.json" 2>&1 | clean | grep -v Warn | tee "$out/generation.txt"
+  ;;
+triton)  # is the Triton/PyTorch gap on SmolLM2 a kernel error or bf16 noise amplified by 30 layers?
+  python3 - <<'PY' 2>&1 | tee "$out/paths32.txt"
+import os, torch, attnswap
+from attnswap import loading
+from attnswap.convert import convert_model
+from attnswap.convert.swap import make_swap
+from attnswap.kernels import force_backend
+def load(dt):
+    m, _ = loading.load_model(loading.resolve(os.environ.get("GGUF", "/root/smollm2.gguf")), dtype=dt, device="cuda")
+    convert_model(m, [make_swap("lolcats", list(range(30)), {"window": 64, "sinks": 0}, m.config)], "smollm2")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "feature_map" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+ids = torch.randint(100, 40000, (2, 1024), generator=torch.Generator().manual_seed(1)).cuda()
+res = {}
+for dt in (torch.float32, torch.bfloat16):
+    m = load(dt)
+    for b in ("torch", "triton"):
+        with torch.no_grad(), force_backend(b):
+            res[(dt, b)] = m(ids).logits.float()
+    del m
+ref = res[(torch.float32, "torch")]
+for key, x in res.items():
+    err = (x - ref).abs().max().item()
+    print(f"{str(key[0])[6:]:9s} {key[1]:6s} vs fp32 torch: max|diff| {err:.4g} (rel {err / ref.abs().max().item():.3g}), "
+          f"top-1 {(x.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
+PY
+  ATTNSWAP_ERRLOG="$out/errs.tsv" timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels -k "cuda and hybrid" --tb=line 2>&1 | tail -15 | tee "$out/kernel_tests.txt"
+  ;;
 esac

@@ -34,6 +34,19 @@ def test_static_step_generates_what_the_eager_step_generates(monkeypatch, method
     assert torch.equal(seq2, ref_seq) and len(m._attnswap_decode_graphs) == 1
 
 
+def test_compiled_whole_step_generates_what_the_eager_step_generates(monkeypatch):
+    """torch.compile of the whole one-token step (ATTNSWAP_COMPILE_DECODE=model), on CPU (about 30 s)."""
+    m = _converted(sinks=2)
+    ids = torch.randint(1, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "off")
+    ref_seq, ref_scores = _greedy(m, ids, n=6)
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    monkeypatch.setenv("ATTNSWAP_COMPILE_DECODE", "model")
+    seq, scores = _greedy(m, ids, n=6)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
 def test_two_interleaved_generations_keep_their_own_state(monkeypatch):
     monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
     m = _converted(sinks=2)
@@ -86,18 +99,20 @@ def test_replaced_weights_get_a_new_step(monkeypatch):
     assert not m.__dict__.get("_attnswap_decode_graphs")
 
 
-def test_unknown_setting_is_refused(monkeypatch):
-    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "fast")
+@pytest.mark.parametrize("var", ["ATTNSWAP_DECODE_GRAPH", "ATTNSWAP_COMPILE_DECODE"])
+def test_unknown_setting_is_refused(monkeypatch, var):
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    monkeypatch.setenv(var, "fast")
     m = _converted()
-    with pytest.raises(ValueError, match="ATTNSWAP_DECODE_GRAPH"):
+    with pytest.raises(ValueError, match=var):
         m.generate(torch.randint(1, 300, (1, 5)), max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", ["0", "attn", "model"])
 def test_cuda_graph_generates_what_the_eager_step_generates(monkeypatch, method, compiled):
-    monkeypatch.setenv("ATTNSWAP_COMPILE_DECODE", "1" if compiled else "0")
+    monkeypatch.setenv("ATTNSWAP_COMPILE_DECODE", compiled)
     m = _converted(method=method, sinks=2).cuda()
     ids = torch.randint(1, 300, (2, 37), generator=torch.Generator().manual_seed(9)).cuda()
     monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "off")

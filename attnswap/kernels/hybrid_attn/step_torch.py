@@ -26,9 +26,9 @@ _COMPILED = None
 
 
 def _one_token_step():
-    """``_step_one``, compiled with torch.compile when ATTNSWAP_COMPILE_DECODE=1 (fused kernels)."""
+    """``_step_one``, compiled with torch.compile when ATTNSWAP_COMPILE_DECODE=attn (fused kernels)."""
     global _COMPILED
-    if os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower() in ("0", "", "false", "off"):
+    if os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower() != "attn":
         return _step_one
     if _COMPILED is None:
         _COMPILED = torch.compile(_step_one, fullgraph=True, dynamic=False)
