@@ -1,7 +1,7 @@
 """The one place that picks an implementation for each attention operator.
 
 ``ATTNSWAP_KERNELS`` = ``auto`` (default: the chunked PyTorch path everywhere, until the Triton
-kernels match it on the GPU for every shape the models use; see ``backend_for``), ``torch``, or
+kernels cover sinks and train gamma accurately in bf16; see ``backend_for``), ``torch``, or
 ``triton`` (always Triton; on CPU this needs ``TRITON_INTERPRET=1``). ``force_backend`` does the same from code.
 """
 
@@ -66,9 +66,9 @@ def backend_for(x: torch.Tensor) -> str:
         if _triton_ops() is None:
             raise RuntimeError("ATTNSWAP_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
-    # ``auto`` stays on PyTorch for now: on the H100, a converted SmolLM2 (head dim 64, feature dim
-    # 128, 9/3 heads) gave logits 1.4x off the PyTorch path through the Triton hybrid kernel
-    # (docs/BENCHMARKS.md), so the kernels are opt-in (ATTNSWAP_KERNELS=triton) until they agree.
+    # ``auto`` stays on PyTorch for now: the default recipes use sinks / meta tokens, which only the
+    # PyTorch paths have, and the Triton hybrid's d gamma is 6-17% off in bf16 on the H100
+    # (docs/BENCHMARKS.md, Kernels), so the kernels are opt-in (ATTNSWAP_KERNELS=triton).
     return "torch"
 
 
