@@ -20,6 +20,7 @@ device: for tests and debugging). ``ATTNSWAP_COMPILE_DECODE`` also compiles with
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
@@ -28,6 +29,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .convert.base import RecurrentLayer, SwappedAttention
 from .convert.swap import decoder_layers
+
+logger = logging.getLogger(__name__)
+MAX_GRAPHS = 4  # captured steps kept per model (one per batch size, device and setting)
 
 
 def graph_mode(device: torch.device) -> str:
@@ -183,7 +187,17 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
            compile_setting())
     g = graphs.get(key)
     if g is None:
-        g = graphs[key] = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda")
+        while len(graphs) >= MAX_GRAPHS:  # each holds a copy of the state and a memory pool
+            graphs.pop(next(iter(graphs)))
+        try:
+            g = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda")
+        except Exception as err:  # never fail a generation over the fast path: decode eagerly instead
+            logger.warning("attnswap: decoding without a CUDA graph for batch size %d (%s: %s); set "
+                           "ATTNSWAP_DECODE_GRAPH=off to skip this attempt", input_ids.shape[0], type(err).__name__, err)
+            g = False
+        graphs[key] = g
+    if g is False:
+        return None
     logits = g.step(past_key_values, input_ids, position_ids)
     return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
 

@@ -122,3 +122,32 @@ def test_cuda_graph_generates_what_the_eager_step_generates(monkeypatch, method,
     assert m._attnswap_decode_graphs and all(g.graph is not None for g in m._attnswap_decode_graphs.values())
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_that_cannot_be_captured_falls_back_to_eager(monkeypatch, caplog):
+    import attnswap.generation as gen
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    m = _converted(sinks=2)
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "off")
+    ref, _ = _greedy(m, ids, n=5)
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    monkeypatch.setattr(gen, "DecodeGraph", broken)
+    with caplog.at_level("WARNING", logger="attnswap.generation"):
+        seq, _ = _greedy(m, ids, n=5)
+        seq2, _ = _greedy(m, ids, n=5)
+    assert torch.equal(seq, ref) and torch.equal(seq2, ref)
+    assert sum("decoding without a CUDA graph" in r.message for r in caplog.records) == 1  # tried once, then eager
+
+
+def test_captured_steps_are_bounded(monkeypatch):
+    import attnswap.generation as gen
+
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    m = _converted()
+    for b in range(1, gen.MAX_GRAPHS + 3):
+        m.generate(torch.randint(1, 300, (b, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert len(m._attnswap_decode_graphs) == min(b, gen.MAX_GRAPHS)
