@@ -36,31 +36,7 @@ train)
   train_one lizard --attention lizard &
   sleep 60  # let both start, then the short GPU checks beside them
   python3 -m pytest -q -p no:cacheprovider tests/test_decode_graph.py tests/kernels -k "cuda" 2>&1 | tail -25 | tee "$out/cuda_tests.txt"
-  python3 - <<'PY' 2>&1 | tee "$out/paths.txt"
-# Triton vs PyTorch on a freshly converted SmolLM2 without sinks (the Triton hybrid kernel has none)
-import os, torch, attnswap
-from attnswap import loading
-from attnswap.convert import convert_model
-from attnswap.convert.swap import make_swap
-from attnswap.kernels import force_backend
-m, tok = loading.load_model(loading.resolve(os.environ.get("GGUF", "/root/smollm2.gguf")), dtype=torch.bfloat16, device="cuda")
-convert_model(m, [make_swap("lolcats", list(range(30)), {"window": 64, "sinks": 0}, m.config)], "smollm2")
-torch.manual_seed(0)
-with torch.no_grad():
-    for n, p in m.named_parameters():
-        if "feature_map" in n:
-            p.add_(0.05 * torch.randn_like(p))
-for L in (1024, 4096):
-    ids = torch.randint(100, 40000, (2, L), generator=torch.Generator().manual_seed(L)).cuda()
-    with torch.no_grad():
-        with force_backend("torch"):
-            ref = m(ids).logits.float()
-        with force_backend("triton"):
-            tri = m(ids).logits.float()
-    err = (tri - ref).abs().max().item()
-    print(f"sinks=0 L={L}: max|triton-torch| {err:.4g}, relative {err / ref.abs().max().item():.3g}, "
-          f"top-1 agreement {(tri.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
-PY
+  python3 benchmarks/gpu_paths.py --model "$gguf" --lengths 1024,4096 2>&1 | tee "$out/paths.txt"
   wait
   ls "$runs" | tee "$out/runs.txt"
   ;;
@@ -99,35 +75,7 @@ speed)  # decode paths on short conversions (tokens/s does not depend on the tra
     --lengths 2048,8192,32768 --new-tokens 64 --repeats 3 --modes "${MODES:-auto,compile}" --json "$out/generation.json" 2>&1 | clean | grep -v Warn | tee "$out/generation.txt"
   ;;
 triton)  # is the Triton/PyTorch gap on SmolLM2 a kernel error or bf16 noise amplified by 30 layers?
-  python3 - <<'PY' 2>&1 | tee "$out/paths32.txt"
-import os, torch, attnswap
-from attnswap import loading
-from attnswap.convert import convert_model
-from attnswap.convert.swap import make_swap
-from attnswap.kernels import force_backend
-def load(dt):
-    m, _ = loading.load_model(loading.resolve(os.environ.get("GGUF", "/root/smollm2.gguf")), dtype=dt, device="cuda")
-    convert_model(m, [make_swap("lolcats", list(range(30)), {"window": 64, "sinks": 0}, m.config)], "smollm2")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "feature_map" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    return m
-ids = torch.randint(100, 40000, (2, 1024), generator=torch.Generator().manual_seed(1)).cuda()
-res = {}
-for dt in (torch.float32, torch.bfloat16):
-    m = load(dt)
-    for b in ("torch", "triton"):
-        with torch.no_grad(), force_backend(b):
-            res[(dt, b)] = m(ids).logits.float()
-    del m
-ref = res[(torch.float32, "torch")]
-for key, x in res.items():
-    err = (x - ref).abs().max().item()
-    print(f"{str(key[0])[6:]:9s} {key[1]:6s} vs fp32 torch: max|diff| {err:.4g} (rel {err / ref.abs().max().item():.3g}), "
-          f"top-1 {(x.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
-PY
+  python3 benchmarks/gpu_paths.py --model "$gguf" --lengths 1024 2>&1 | tee "$out/paths32.txt"
   ATTNSWAP_ERRLOG="$out/errs.tsv" timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels -k "cuda and hybrid" --tb=line 2>&1 | tail -15 | tee "$out/kernel_tests.txt"
   ;;
 esac
