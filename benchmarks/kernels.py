@@ -29,7 +29,9 @@ from attnswap.kernels.linear_attn.fused_recurrent import fused_recurrent_linear_
 
 try:
     # load fla.ops without fla/__init__ (which pulls in fla.layers -> transformers, a circular import
-    # with recent transformers)
+    # with recent transformers); fla.ops reads fla.__version__, so the stand-in carries it. fla.ops
+    # also needs einops.
+    import importlib.metadata
     import importlib.util
     import sys
     import types
@@ -38,6 +40,7 @@ try:
     if _spec is not None and "fla" not in sys.modules:
         _m = types.ModuleType("fla")
         _m.__path__ = list(_spec.submodule_search_locations)
+        _m.__version__ = importlib.metadata.version("fla-core")
         sys.modules["fla"] = _m
     from fla.ops.linear_attn import chunk_linear_attn as fla_linear
     from fla.ops.simple_gla import chunk_simple_gla as fla_gla
