@@ -67,8 +67,8 @@ def backend_for(x: torch.Tensor) -> str:
             raise RuntimeError("ATTNSWAP_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
     # ``auto`` stays on PyTorch for now: the default recipes use sinks / meta tokens, which only the
-    # PyTorch paths have, and the Triton hybrid's d gamma is 6-17% off in bf16 on the H100
-    # (docs/BENCHMARKS.md, Kernels), so the kernels are opt-in (ATTNSWAP_KERNELS=triton).
+    # PyTorch paths have, and the Triton hybrid's d gamma was 6-17% off in bf16 on the H100, fixed
+    # since but only checked under the interpreter (docs/BENCHMARKS.md, Kernels); so they are opt-in.
     return "torch"
 
 

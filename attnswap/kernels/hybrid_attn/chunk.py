@@ -21,7 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.chunk import dot_precision, gload, la_backward, norm_grads, p2
+from ..linear_attn.chunk import dot_precision, gload, la_backward, norm_grads, p2, split16 as _split
+
+
+@triton.jit
+def _dot_l(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a (fp32) @ b (input dtype), without rounding a to 16 bits when SPLIT."""
+    if SPLIT:
+        hi, lo = _split(a, b.dtype)
+        return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+    return tl.dot(a.to(b.dtype), b, input_precision=PREC)
+
+
+@triton.jit
+def _dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a (input dtype) @ b (fp32), without rounding b to 16 bits when SPLIT."""
+    if SPLIT:
+        hi, lo = _split(b, a.dtype)
+        return tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
+    return tl.dot(a, b.to(a.dtype), input_precision=PREC)
 
 
 @triton.jit
@@ -30,7 +48,7 @@ def _hy_fwd_kernel(
     T, H, Hk, GROUP, W, scale, eps,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr,
-    USE_LIN: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+    USE_LIN: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -73,10 +91,15 @@ def _hy_fwd_kernel(
                 gq = gload(Gb, tq, T, Hk)
                 g0 = gload(Gb, L0 - 1, T, Hk)
                 g1 = gload(Gb, L0 + C - 1, T, Hk)
-                fqs = (bfq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bfq.dtype)
+                fqs = bfq.to(tl.float32) * tl.exp(gq - g0)[:, None]
+                if SPLIT:  # both factors are computed: hi.hi + lo.hi + hi.lo
+                    f_hi, f_lo = _split(fqs, bfq.dtype)
+                    acc_l = _dot_r(f_hi, S, PREC, SPLIT) + tl.dot(f_lo, S.to(bfq.dtype), input_precision=PREC)
+                else:
+                    acc_l = tl.dot(fqs.to(bfq.dtype), S.to(bfq.dtype), input_precision=PREC)
             else:
                 fqs = bfq
-            acc_l = tl.dot(fqs, S.to(bfq.dtype), input_precision=PREC)
+                acc_l = _dot_r(bfq, S, PREC, SPLIT)
             den_l = tl.sum(fqs.to(tl.float32) * z[None, :], 1)
         for kb_i in tl.static_range(NKB):
             j0 = L0 + kb_i * C
@@ -94,7 +117,7 @@ def _hy_fwd_kernel(
             mnew = tl.maximum(mrow, bmax)
             alpha = tl.exp(mrow - mnew)
             p = tl.where(inw, tl.exp(s - mnew[:, None]), 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+            acc = acc * alpha[:, None] + _dot_l(p, bv, PREC, SPLIT)
             lrow = lrow * alpha + tl.sum(p, 1)
             mrow = mnew
             if USE_LIN:
@@ -106,12 +129,12 @@ def _hy_fwd_kernel(
                         gk = gload(Gb, tk, T, Hk)
                         lin = lin * tl.exp(tl.where(older, gq[:, None] - gk[None, :], 0.0))
                     lin = tl.where(older, lin, 0.0)
-                    acc_l += tl.dot(lin.to(bv.dtype), bv, input_precision=PREC)
+                    acc_l += _dot_l(lin, bv, PREC, SPLIT)
                     den_l += tl.sum(lin, 1)
                     if GATED:
                         kd = bfk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
                         dec = tl.exp(g1 - g0)
-                        S = S * dec + tl.dot(tl.trans(kd.to(bfk.dtype)), bv, input_precision=PREC)
+                        S = S * dec + _dot_l(tl.trans(kd), bv, PREC, SPLIT)
                         z = z * dec + tl.sum(kd, 0)
                     else:
                         S += tl.dot(tl.trans(bfk), bv, input_precision=PREC)
@@ -268,7 +291,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
         q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
         T, H, Hk, H // Hk, window, scale, eps,
         D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C),
-        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q),
+        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=q.dtype != torch.float32,
         num_warps=8 if use_linear else 4, num_stages=2,
     )
     return o, den, m, arg

@@ -33,6 +33,14 @@ def dot_precision(x: torch.Tensor) -> str:
 
 
 @triton.jit
+def split16(x, lo_dtype: tl.constexpr):
+    """fp32 x as hi + lo in a 16-bit type: two tensor-core products keep about 16 mantissa bits
+    where one rounding to bf16 keeps 8 (which showed in gradients that cancel, e.g. d gamma)."""
+    hi = x.to(lo_dtype)
+    return hi, (x - hi.to(tl.float32)).to(lo_dtype)
+
+
+@triton.jit
 def gload(Gb, pos, T, sg):
     """Cumulative log-gate at absolute positions ``pos``: 0 before the sequence, G[T-1] after it."""
     p = tl.minimum(tl.maximum(pos, 0), T - 1)
