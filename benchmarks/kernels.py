@@ -14,7 +14,6 @@ latency at 1k vs 128k context.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F_
