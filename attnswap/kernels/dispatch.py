@@ -1,7 +1,7 @@
 """The one place that picks an implementation for each attention operator.
 
 ``ATTNSWAP_KERNELS`` = ``auto`` (default: the chunked PyTorch path everywhere, until the Triton
-kernels cover sinks and train gamma accurately in bf16; see ``backend_for``), ``torch``, or
+kernels are confirmed on a GPU with sinks and an accurate bf16 d gamma; see ``backend_for``), ``torch``, or
 ``triton`` (always Triton; on CPU this needs ``TRITON_INTERPRET=1``). ``force_backend`` does the same from code.
 """
 
@@ -66,9 +66,9 @@ def backend_for(x: torch.Tensor) -> str:
         if _triton_ops() is None:
             raise RuntimeError("ATTNSWAP_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
-    # ``auto`` stays on PyTorch for now: the default recipes use sinks / meta tokens, which only the
-    # PyTorch paths have, and the Triton hybrid's d gamma was 6-17% off in bf16 on the H100, fixed
-    # since but only checked under the interpreter (docs/BENCHMARKS.md, Kernels); so they are opt-in.
+    # ``auto`` stays on PyTorch for now: the Triton hybrid's d gamma was 6-17% off in bf16 on the H100,
+    # and that fix and its sink tokens are so far checked only under the interpreter; Lizard's learned
+    # meta tokens exist only in PyTorch (docs/BENCHMARKS.md, Kernels). So the kernels are opt-in.
     return "torch"
 
 
@@ -86,14 +86,11 @@ def _triton_lacks(q, feature: str) -> None:
 
 
 def hybrid_attn(q, k, v, fq, fk, gamma, *, sinks: int = 0, **kw):
-    """Sliding-window softmax + linear attention; see ``hybrid_attn/naive.py`` for the contract.
-    Sink tokens (``sinks`` > 0) exist only in the PyTorch path so far."""
-    if sinks:
-        _triton_lacks(q, "sink tokens")
-        return chunk_hybrid_attn(q, k, v, fq, fk, gamma, sinks=sinks, **kw)
+    """Sliding-window softmax + linear attention, with ``sinks`` first tokens always exact; see
+    ``hybrid_attn/naive.py`` for the contract."""
     if backend_for(q) == "triton":
-        return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, **kw)
-    return chunk_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
+        return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, sinks=sinks, **kw)
+    return chunk_hybrid_attn(q, k, v, fq, fk, gamma, sinks=sinks, **kw)
 
 
 def gated_linear_attn(q, k, v, g, **kw):

@@ -106,3 +106,28 @@ def test_hybrid_dgamma_in_16_bit_against_fp32(shape):
     out = triton_hybrid_attn(*ins, window=W, scale=D**-0.5, chunk_size=C)
     dgamma = torch.autograd.grad(out, ins[5], do.half())[0]
     assert rel_err(dgamma, dgamma_ref) < 2e-3
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("use_linear", [True, False])
+@pytest.mark.parametrize("shape_i,sinks", [(0, 4), (1, 3), (3, 4), (0, 20)])
+def test_triton_hybrid_with_sinks_matches_naive(device, dtype, use_linear, shape_i, sinks):
+    """Sink tokens (the first ``sinks`` keys, exact for every query, never in the linear branch),
+    including more sinks than a chunk holds (20 > 16)."""
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
+
+    B, T, H, Hk, D, F, Dv, W, C = (CPU_SHAPES if device == "cpu" else GPU_SHAPES)[shape_i]
+    if device == "cpu" and sinks == 20:
+        T = max(T, 100)
+    q, k, v, fq, fk, gamma = _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=3)
+    kw = dict(window=W, scale=D**-0.5, use_linear=use_linear, sinks=sinks)
+    out = triton_hybrid_attn(q, k, v, fq, fk, gamma, chunk_size=C, **kw)
+    ref = naive_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
+    do = torch.randn_like(ref)
+    names = ["q", "k", "v"] + (["fq", "fk", "gamma"] if use_linear else [])
+    ins = [dict(q=q, k=k, v=v, fq=fq, fk=fk, gamma=gamma)[n] for n in names]
+    tag = f"hybrid-sinks{sinks}/triton/{'lin' if use_linear else 'nolin'}/T{T}W{W}"
+    check(tag + "/out", out, ref, dtype)
+    for n, a, b in zip(names, torch.autograd.grad(out, ins, do), torch.autograd.grad(ref, ins, do)):
+        check(f"{tag}/d{n}", a, b, dtype, grad=True)

@@ -45,9 +45,9 @@ def _dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
 @triton.jit
 def _hy_fwd_kernel(
     q, k, v, fq, fk, gamma, Gc, o, den_out, m_out, arg_out,
-    T, H, Hk, GROUP, W, scale, eps,
+    T, H, Hk, GROUP, W, scale, eps, SINKS,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-    BV: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr,
+    BV: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr, BS: tl.constexpr,
     USE_LIN: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
@@ -101,6 +101,21 @@ def _hy_fwd_kernel(
                 fqs = bfq
                 acc_l = _dot_r(bfq, S, PREC, SPLIT)
             den_l = tl.sum(fqs.to(tl.float32) * z[None, :], 1)
+        if BS > 0:  # sink keys older than this chunk's first window tile: exact for every row
+            ts = tl.arange(0, BS)
+            ms = (ts < SINKS) & (ts < L0) & (ts < T)
+            sk = tl.load(kb + ts[:, None] * (Hk * D) + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+            sv = tl.load(vb + ts[:, None] * (Hk * DV) + rv[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+            ss = tl.dot(bq, tl.trans(sk), input_precision=PREC) * scale
+            ss = tl.where(ms[None, :], ss, -1.0e30)
+            smax = tl.max(ss, 1)
+            sarg = tl.argmax(ss, 1).to(tl.int32)
+            arg = tl.where(smax > mrow, sarg, arg)
+            mnew = tl.maximum(mrow, smax)
+            ps = tl.where(ms[None, :], tl.exp(ss - mnew[:, None]), 0.0)
+            acc = acc * tl.exp(mrow - mnew)[:, None] + _dot_l(ps, sv, PREC, SPLIT)
+            lrow = lrow * tl.exp(mrow - mnew) + tl.sum(ps, 1)
+            mrow = mnew
         for kb_i in tl.static_range(NKB):
             j0 = L0 + kb_i * C
             tk = j0 + rc
@@ -108,7 +123,7 @@ def _hy_fwd_kernel(
             bk = tl.load(kb + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
             bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             rel = tq[:, None] - tk[None, :]
-            inw = (rel >= 0) & (rel < W) & mk[None, :]
+            inw = (rel >= 0) & ((rel < W) | (tk[None, :] < SINKS)) & mk[None, :]
             s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
             s = tl.where(inw, s, -1.0e30)
             bmax = tl.max(s, 1)
@@ -122,9 +137,10 @@ def _hy_fwd_kernel(
             mrow = mnew
             if USE_LIN:
                 if kb_i == 0:
-                    bfk = tl.load(fkb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+                    lk = mk & (tk >= SINKS)  # sinks never enter the linear branch
+                    bfk = tl.load(fkb + tk[:, None] * (Hk * F) + rf[None, :], mask=lk[:, None] & mf[None, :], other=0.0)
                     lin = tl.dot(bfq, tl.trans(bfk), input_precision=PREC)
-                    older = (rel >= W) & mk[None, :]
+                    older = (rel >= W) & lk[None, :]
                     if GATED:
                         gk = gload(Gb, tk, T, Hk)
                         lin = lin * tl.exp(tl.where(older, gq[:, None] - gk[None, :], 0.0))
@@ -155,11 +171,25 @@ def _hy_fwd_kernel(
 
 
 @triton.jit
+def _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC: tl.constexpr):
+    """One key tile's share of d p_i (row sums of e da), sum_j e da k_j and the arg-max key row."""
+    s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
+    e = tl.where(inw, tl.exp(s - mrow[:, None]), 0.0)
+    # full fp32 products on purpose: sum_j e_ij da_ij (d gamma, dq) cancels strongly, and with
+    # bf16 or tf32 operands (10-bit mantissa) d gamma came out 3-6% off on the H100
+    da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision="ieee") + dd[:, None]
+    pe = e * da
+    ind = tl.where(inw & (arg[:, None] == tk[None, :]), 1.0, 0.0)
+    return (tl.sum(pe, 1), tl.dot(pe.to(bk.dtype), bk, input_precision=PREC),
+            tl.dot(ind.to(bk.dtype), bk, input_precision=PREC))
+
+
+@triton.jit
 def _hy_bwd_dq_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dq, dp_out,
-    T, H, Hk, GROUP, W, scale,
+    T, H, Hk, GROUP, W, scale, SINKS,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NKB: tl.constexpr, PREC: tl.constexpr,
+    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -190,6 +220,15 @@ def _hy_bwd_dq_kernel(
     acc1 = tl.zeros([C, BD], dtype=tl.float32)
     acc2 = tl.zeros([C, BD], dtype=tl.float32)
     dp = tl.zeros([C], dtype=tl.float32)
+    if BS > 0:  # sink keys older than the first window tile
+        ts = tl.arange(0, BS)
+        ms = (ts < SINKS) & (ts < L0) & (ts < T)
+        sk = tl.load(kb + ts[:, None] * (Hk * D) + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+        sv = tl.load(vb + ts[:, None] * (Hk * DV) + rv[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+        d0, a1, a2 = _dq_tile(bq, sk, sv, ts, ms[None, :] & mq[:, None], mrow, arg, dnf, dd, scale, PREC)
+        dp += d0
+        acc1 += a1
+        acc2 += a2
     for kb_i in tl.static_range(NKB):
         j0 = L0 + kb_i * C
         tk = j0 + rc
@@ -197,28 +236,47 @@ def _hy_bwd_dq_kernel(
         bk = tl.load(kb + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
         bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         rel = tq[:, None] - tk[None, :]
-        inw = (rel >= 0) & (rel < W) & mk[None, :] & mq[:, None]
-        s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
-        e = tl.where(inw, tl.exp(s - mrow[:, None]), 0.0)
-        # full fp32 products on purpose: sum_j e_ij da_ij (d gamma, dq) cancels strongly, and with
-        # bf16 or tf32 operands (10-bit mantissa) d gamma came out 3-6% off on the H100
-        da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision="ieee") + dd[:, None]
-        pe = e * da
-        dp += tl.sum(pe, 1)
-        acc1 += tl.dot(pe.to(bk.dtype), bk, input_precision=PREC)
-        ind = tl.where(inw & (arg[:, None] == tk[None, :]), 1.0, 0.0)
-        acc2 += tl.dot(ind.to(bk.dtype), bk, input_precision=PREC)
+        inw = (rel >= 0) & ((rel < W) | (tk[None, :] < SINKS)) & mk[None, :] & mq[:, None]
+        d0, a1, a2 = _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC)
+        dp += d0
+        acc1 += a1
+        acc2 += a2
     dqv = scale * gam * (acc1 - dp[:, None] * acc2)
     tl.store(dq + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], dqv.to(dq.dtype.element_ty), mask=mq[:, None] & md[None, :])
     tl.store(dp_out + ro, dp, mask=mq)
 
 
 @triton.jit
+def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd, rv, md, mv, bk, bv, tk, mk, gam,
+              W, SINKS, scale, PREC: tl.constexpr):
+    """One query tile's share of dk (before the scale) and dv for the key tile bk/bv."""
+    mq = tq < T
+    bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+    bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+    rowoff = b * T * H + tq * H + h
+    r = tl.load(rden + rowoff, mask=mq, other=0.0)
+    dd = tl.load(dden + rowoff, mask=mq, other=0.0)
+    ro = b * H * T + h * T + tq
+    mrow = tl.load(m_in + ro, mask=mq, other=0.0)
+    arg = tl.load(arg_in + ro, mask=mq, other=-1)
+    dp = tl.load(dp_in + ro, mask=mq, other=0.0)
+    dnf = bdo.to(tl.float32) * r[:, None]
+    dn = dnf.to(bk.dtype)
+    rel = tq[None, :] - tk[:, None]  # [key, query]
+    inw = (rel >= 0) & ((rel < W) | (tk[:, None] < SINKS)) & mk[:, None] & mq[None, :]
+    st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
+    et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
+    dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision="ieee") + dd[None, :]  # as in _dq_tile
+    dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
+    return tl.dot(dst.to(bq.dtype), bq, input_precision=PREC), tl.dot(et.to(bk.dtype), dn, input_precision=PREC)
+
+
+@triton.jit
 def _hy_bwd_dkv_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, dk, dv,
-    T, H, Hk, GROUP, W, scale,
+    T, H, Hk, GROUP, W, scale, SINKS,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NKB: tl.constexpr, PREC: tl.constexpr,
+    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -240,27 +298,17 @@ def _hy_bwd_dkv_kernel(
         h = hk * GROUP + g
         gam = tl.load(gamma + h).to(tl.float32)
         for qb_i in tl.static_range(NKB):
-            tq = j0 + qb_i * C + rc
-            mq = tq < T
-            bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
-            bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-            rowoff = b * T * H + tq * H + h
-            r = tl.load(rden + rowoff, mask=mq, other=0.0)
-            dd = tl.load(dden + rowoff, mask=mq, other=0.0)
-            ro = b * H * T + h * T + tq
-            mrow = tl.load(m_in + ro, mask=mq, other=0.0)
-            arg = tl.load(arg_in + ro, mask=mq, other=-1)
-            dp = tl.load(dp_in + ro, mask=mq, other=0.0)
-            dnf = bdo.to(tl.float32) * r[:, None]
-            dn = dnf.to(bk.dtype)
-            rel = tq[None, :] - tk[:, None]  # [key, query]
-            inw = (rel >= 0) & (rel < W) & mk[:, None] & mq[None, :]
-            st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
-            et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
-            dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision="ieee") + dd[None, :]  # as da above
-            dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
-            acc_k += tl.dot(dst.to(bq.dtype), bq, input_precision=PREC)
-            acc_v += tl.dot(et.to(bk.dtype), dn, input_precision=PREC)
+            a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, j0 + qb_i * C + rc,
+                                 rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC)
+            acc_k += a_k
+            acc_v += a_v
+        if BS > 0:
+            if j0 < SINKS:  # sink keys: every later query scores them exactly
+                for t0 in range(j0 + NKB * C, T, C):
+                    a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, t0 + rc,
+                                         rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC)
+                    acc_k += a_k
+                    acc_v += a_v
     tl.store(dk + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], (acc_k * scale).to(dk.dtype.element_ty), mask=mk[:, None] & md[None, :])
     tl.store(dv + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], acc_v.to(dv.dtype.element_ty), mask=mk[:, None] & mv[None, :])
 
@@ -269,8 +317,13 @@ def _nkb(window: int, C: int) -> int:
     return triton.cdiv(window + C - 1, C)
 
 
+def _sink_tile(sinks: int) -> int:
+    """Size of the extra key tile that holds the sink tokens (0: none; at least 16 for tl.dot)."""
+    return 0 if sinks <= 0 else max(16, triton.next_power_of_2(sinks))
+
+
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
-               out_fp32=False):
+               out_fp32=False, sinks=0):
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     F = fq.shape[-1] if use_linear else 16
@@ -289,8 +342,8 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     grid = (triton.cdiv(Dv, BV), B * H)
     _hy_fwd_kernel[grid](
         q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
-        T, H, Hk, H // Hk, window, scale, eps,
-        D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C),
+        T, H, Hk, H // Hk, window, scale, eps, sinks,
+        D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
         USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=q.dtype != torch.float32,
         num_warps=8 if use_linear else 4, num_stages=2,
     )
@@ -298,7 +351,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
 
 
 def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale, use_linear, eps, chunk_size=64,
-                qk_grad_dtype=None):
+                qk_grad_dtype=None, sinks=0):
     """Returns dq, dk, dv, dfq, dfk, dgamma (dfq/dfk None without the linear branch)."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -313,40 +366,46 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     BD, BDV = p2(D), p2(Dv)
     nkb = _nkb(window, C)
     _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
-        q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, PREC=prec, num_warps=4, num_stages=2,
+        q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale, sinks,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, num_warps=4, num_stages=2,
     )
     _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
-        q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, PREC=prec, num_warps=8, num_stages=2,
+        q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, num_warps=8, num_stages=2,
     )
     dgamma = dp.sum((0, 2)).to(gamma.dtype)
     dfq = dfk = None
     if use_linear:
-        dfq, dfk, dv_lin = la_backward(fq, fk, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C,
+        fk_lin = fk
+        if sinks:  # the sink tokens are not in the linear branch: no linear scores, no feature gradient
+            fk_lin = fk.clone()
+            fk_lin[:, :sinks] = 0
+        dfq, dfk, dv_lin = la_backward(fq, fk_lin, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C,
                                        qk_grad_dtype=qk_grad_dtype)
+        if sinks:
+            dfk[:, :sinks] = 0
         dv = (dv + dv_lin.float()).to(v.dtype)
     return dq, dk, dv, dfq, dfk, dgamma
 
 
 class _HybridAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size):
+    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size, sinks):
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, None, window=window, scale=scale,
                                     use_linear=use_linear, eps=eps, chunk_size=chunk_size,
-                                    out_fp32=q.dtype != torch.float32)
+                                    out_fp32=q.dtype != torch.float32, sinks=sinks)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
-        ctx.cfg = (window, scale, use_linear, eps, chunk_size)
+        ctx.cfg = (window, scale, use_linear, eps, chunk_size, sinks)
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, fq, fk, gamma, o, den, m, arg = ctx.saved_tensors
-        window, scale, use_linear, eps, C = ctx.cfg
+        window, scale, use_linear, eps, C, sinks = ctx.cfg
         dq, dk, dv, dfq, dfk, dgamma = hy_backward(
             q, k, v, fq, fk, gamma, None, o, den, m, arg, do.contiguous(), window=window, scale=scale,
-            use_linear=use_linear, eps=eps, chunk_size=C)
-        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None
+            use_linear=use_linear, eps=eps, chunk_size=C, sinks=sinks)
+        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None
 
 
 def triton_hybrid_attn(
@@ -362,12 +421,14 @@ def triton_hybrid_attn(
     use_linear: bool = True,
     eps: float = 1e-6,
     chunk_size: int = 64,
+    sinks: int = 0,
 ) -> torch.Tensor:
-    """Fused Triton hybrid attention; gradients for q, k, v, fq, fk and gamma."""
+    """Fused Triton hybrid attention; gradients for q, k, v, fq, fk and gamma. ``sinks``: the first
+    tokens every query scores exactly (they never enter the linear branch), as in the spec."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if use_linear:
         fq, fk = fq.contiguous(), fk.contiguous()
     else:
         fq = fk = None
     return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
-                               bool(use_linear), float(eps), int(chunk_size))
+                               bool(use_linear), float(eps), int(chunk_size), int(sinks))
