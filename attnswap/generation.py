@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .convert.base import RecurrentLayer, SwappedAttention
 from .convert.swap import decoder_layers
+from .kernels.dispatch import compile_setting
 
 logger = logging.getLogger(__name__)
 MAX_GRAPHS = 4  # captured steps kept per model (one per batch size, device and setting)
@@ -52,11 +53,9 @@ class DecodeGraph:
 
     def __init__(self, model, cache, ids: torch.Tensor, pos: torch.Tensor, use_graph: bool):
         self.model = model
-        self.use_graph = use_graph
         self.ids = ids.clone()
         self.pos = pos.clone()
-        self.layers = list(range(len(cache.layers)))
-        self.state = [{k: t.clone() for k, t in cache.layers[i].state.items()} for i in self.layers]
+        self.state = [{k: t.clone() for k, t in layer.state.items()} for layer in cache.layers]
         self.owner = None
         self.logits = None
         self.graph = None
@@ -104,8 +103,8 @@ class DecodeGraph:
             for layer in owner.layers:
                 if isinstance(layer, RecurrentLayer) and layer.state is not None and any(id(t) in mine for t in layer.state.values()):
                     layer.state = {k: t.clone() for k, t in layer.state.items()}
-        for i, static in zip(self.layers, self.state):
-            cur = cache.layers[i].state
+        for layer, static in zip(cache.layers, self.state):
+            cur = layer.state
             if not _is(cur, static):
                 for k, t in static.items():
                     t.copy_(cur[k])
@@ -116,8 +115,7 @@ class DecodeGraph:
             logits = self.logits
         else:
             logits = self._body()
-        for i, static in zip(self.layers, self.state):
-            layer = cache.layers[i]
+        for layer, static in zip(cache.layers, self.state):
             layer.state = static
             layer.seen += 1
         self.owner = weakref.ref(cache)
@@ -200,18 +198,6 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
         return None
     logits = g.step(past_key_values, input_ids, position_ids)
     return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
-
-
-def compile_setting() -> str:
-    """ATTNSWAP_COMPILE_DECODE: 0 (off), attn (each layer's attention step) or model/1 (the whole step)."""
-    v = os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower()
-    if v in ("0", "", "false", "off"):
-        return "off"
-    if v in ("1", "true", "model"):
-        return "model"
-    if v == "attn":
-        return "attn"
-    raise ValueError(f"ATTNSWAP_COMPILE_DECODE={v!r}: use 0, attn or model")
 
 
 def reset_decode_graphs(model) -> None:

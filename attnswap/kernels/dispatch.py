@@ -72,6 +72,19 @@ def backend_for(x: torch.Tensor) -> str:
     return "torch"
 
 
+def compile_setting() -> str:
+    """ATTNSWAP_COMPILE_DECODE: off (default, also 0), attn (each layer's attention decode step) or
+    model (also 1: the whole one-token step; attnswap/generation.py)."""
+    v = os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower()
+    if v in ("0", "", "false", "off"):
+        return "off"
+    if v in ("1", "true", "model"):
+        return "model"
+    if v == "attn":
+        return "attn"
+    raise ValueError(f"ATTNSWAP_COMPILE_DECODE={v!r}: use 0, attn or model")
+
+
 def linear_attn(q, k, v, **kw):
     """Causal linear attention; see ``linear_attn/naive.py`` for the contract."""
     if backend_for(q) == "triton":

@@ -17,10 +17,10 @@ updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F_
+
+from ..dispatch import compile_setting
 
 _COMPILED = None
 
@@ -28,7 +28,7 @@ _COMPILED = None
 def _one_token_step():
     """``_step_one``, compiled with torch.compile when ATTNSWAP_COMPILE_DECODE=attn (fused kernels)."""
     global _COMPILED
-    if os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower() != "attn":
+    if compile_setting() != "attn":
         return _step_one
     if _COMPILED is None:
         _COMPILED = torch.compile(_step_one, fullgraph=True, dynamic=False)
