@@ -43,6 +43,19 @@ def _dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _softmax_tile(bq, bk, bv, inw, j0, scale, mrow, lrow, acc, arg, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Online-softmax update of (row max, row sum, numerator, arg-max key) with the keys bk/bv
+    (absolute index j0 + column) where ``inw``."""
+    s = tl.where(inw, tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale, -1.0e30)
+    bmax = tl.max(s, 1)
+    arg = tl.where(bmax > mrow, tl.argmax(s, 1).to(tl.int32) + j0, arg)
+    mnew = tl.maximum(mrow, bmax)
+    alpha = tl.exp(mrow - mnew)
+    p = tl.where(inw, tl.exp(s - mnew[:, None]), 0.0)
+    return mnew, lrow * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot_l(p, bv, PREC, SPLIT), arg
+
+
+@triton.jit
 def _hy_fwd_kernel(
     q, k, v, fq, fk, gamma, Gc, o, den_out, m_out, arg_out,
     T, H, Hk, GROUP, W, scale, eps, SINKS,
@@ -106,16 +119,7 @@ def _hy_fwd_kernel(
             ms = (ts < SINKS) & (ts < L0) & (ts < T)
             sk = tl.load(kb + ts[:, None] * (Hk * D) + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
             sv = tl.load(vb + ts[:, None] * (Hk * DV) + rv[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-            ss = tl.dot(bq, tl.trans(sk), input_precision=PREC) * scale
-            ss = tl.where(ms[None, :], ss, -1.0e30)
-            smax = tl.max(ss, 1)
-            sarg = tl.argmax(ss, 1).to(tl.int32)
-            arg = tl.where(smax > mrow, sarg, arg)
-            mnew = tl.maximum(mrow, smax)
-            ps = tl.where(ms[None, :], tl.exp(ss - mnew[:, None]), 0.0)
-            acc = acc * tl.exp(mrow - mnew)[:, None] + _dot_l(ps, sv, PREC, SPLIT)
-            lrow = lrow * tl.exp(mrow - mnew) + tl.sum(ps, 1)
-            mrow = mnew
+            mrow, lrow, acc, arg = _softmax_tile(bq, sk, sv, ms[None, :], 0, scale, mrow, lrow, acc, arg, PREC, SPLIT)
         for kb_i in tl.static_range(NKB):
             j0 = L0 + kb_i * C
             tk = j0 + rc
@@ -124,17 +128,7 @@ def _hy_fwd_kernel(
             bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             rel = tq[:, None] - tk[None, :]
             inw = (rel >= 0) & ((rel < W) | (tk[None, :] < SINKS)) & mk[None, :]
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
-            s = tl.where(inw, s, -1.0e30)
-            bmax = tl.max(s, 1)
-            barg = tl.argmax(s, 1).to(tl.int32) + j0
-            arg = tl.where(bmax > mrow, barg, arg)
-            mnew = tl.maximum(mrow, bmax)
-            alpha = tl.exp(mrow - mnew)
-            p = tl.where(inw, tl.exp(s - mnew[:, None]), 0.0)
-            acc = acc * alpha[:, None] + _dot_l(p, bv, PREC, SPLIT)
-            lrow = lrow * alpha + tl.sum(p, 1)
-            mrow = mnew
+            mrow, lrow, acc, arg = _softmax_tile(bq, bk, bv, inw, j0, scale, mrow, lrow, acc, arg, PREC, SPLIT)
             if USE_LIN:
                 if kb_i == 0:
                     lk = mk & (tk >= SINKS)  # sinks never enter the linear branch
@@ -168,6 +162,21 @@ def _hy_fwd_kernel(
                 tl.store(den_out + ro, den, mask=mq)
                 tl.store(m_out + ro, mrow, mask=mq)
                 tl.store(arg_out + ro, arg, mask=mq)
+
+
+@triton.jit
+def _query_rows(q, do, rden, dden, m_in, arg_in, b, h, T, H, D, DV, tq, rd, rv, md, mv):
+    """Query rows tq of head h: q, dnum = do / den, dden, the row max and its arg-max key."""
+    mq = tq < T
+    bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+    bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
+    rowoff = b * T * H + tq * H + h
+    r = tl.load(rden + rowoff, mask=mq, other=0.0)
+    dd = tl.load(dden + rowoff, mask=mq, other=0.0)
+    ro = b * H * T + h * T + tq
+    mrow = tl.load(m_in + ro, mask=mq, other=0.0)
+    arg = tl.load(arg_in + ro, mask=mq, other=-1)
+    return bq, bdo.to(tl.float32) * r[:, None], dd, mrow, arg
 
 
 @triton.jit
@@ -207,16 +216,9 @@ def _hy_bwd_dq_kernel(
     mq = tq < T
     kb = k + b * T * Hk * D + hk * D
     vb = v + b * T * Hk * DV + hk * DV
-    bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
-    bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-    rowoff = b * T * H + tq * H + h
-    r = tl.load(rden + rowoff, mask=mq, other=0.0)
-    dd = tl.load(dden + rowoff, mask=mq, other=0.0)
+    bq, dnf, dd, mrow, arg = _query_rows(q, do, rden, dden, m_in, arg_in, b, h, T, H, D, DV, tq, rd, rv, md, mv)
     ro = b * H * T + h * T + tq
-    mrow = tl.load(m_in + ro, mask=mq, other=0.0)
-    arg = tl.load(arg_in + ro, mask=mq, other=-1)
     gam = tl.load(gamma + h).to(tl.float32)
-    dnf = bdo.to(tl.float32) * r[:, None]
     acc1 = tl.zeros([C, BD], dtype=tl.float32)
     acc2 = tl.zeros([C, BD], dtype=tl.float32)
     dp = tl.zeros([C], dtype=tl.float32)
@@ -251,16 +253,8 @@ def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd,
               W, SINKS, scale, PREC: tl.constexpr):
     """One query tile's share of dk (before the scale) and dv for the key tile bk/bv."""
     mq = tq < T
-    bq = tl.load(q + b * T * H * D + h * D + tq[:, None] * (H * D) + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
-    bdo = tl.load(do + b * T * H * DV + h * DV + tq[:, None] * (H * DV) + rv[None, :], mask=mq[:, None] & mv[None, :], other=0.0)
-    rowoff = b * T * H + tq * H + h
-    r = tl.load(rden + rowoff, mask=mq, other=0.0)
-    dd = tl.load(dden + rowoff, mask=mq, other=0.0)
-    ro = b * H * T + h * T + tq
-    mrow = tl.load(m_in + ro, mask=mq, other=0.0)
-    arg = tl.load(arg_in + ro, mask=mq, other=-1)
-    dp = tl.load(dp_in + ro, mask=mq, other=0.0)
-    dnf = bdo.to(tl.float32) * r[:, None]
+    bq, dnf, dd, mrow, arg = _query_rows(q, do, rden, dden, m_in, arg_in, b, h, T, H, D, DV, tq, rd, rv, md, mv)
+    dp = tl.load(dp_in + b * H * T + h * T + tq, mask=mq, other=0.0)
     dn = dnf.to(bk.dtype)
     rel = tq[None, :] - tk[:, None]  # [key, query]
     inw = (rel >= 0) & ((rel < W) | (tk[:, None] < SINKS)) & mk[:, None] & mq[None, :]
