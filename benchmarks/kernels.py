@@ -2,24 +2,27 @@
 
     python benchmarks/kernels.py            # full table (H100: a few minutes)
     python benchmarks/kernels.py --quick    # 4k only
+    python benchmarks/kernels.py --sweep    # forward under each tuning knob (linear_attn.chunk.TUNING)
 
 Rows: (shape, L). Shapes: "32h" = 32 query/KV heads, head dim 128, feature dim 128;
 "smollm2" = 9 query heads, 3 KV heads, head dim 64, feature dim 128 (fla gets KV expanded to 9 heads;
 fla's chunk_linear_attn needs dk == dv so it runs with feature dim = head dim there).
-Columns: ours (linear, gated, hybrid window 64), torch SDPA causal (flash), fla chunk_linear_attn and
-chunk_simple_gla when fla is importable; forward (f) and forward+backward (fb). Then decode-step
-latency at 1k vs 128k context.
+Columns: ours (linear, gated, hybrid window 64, Lizard's gated hybrid window 128 + 4 meta tokens),
+torch SDPA causal (flash), fla chunk_linear_attn and chunk_simple_gla when fla is importable; forward
+with gradients enabled (f), forward under no_grad (inf: the hybrids then skip what only the backward
+needs) and forward+backward (fb). Then decode-step latency at 1k vs 128k context.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F_
 from triton.testing import do_bench
 
-from attnswap.kernels.gated_attn.chunk import triton_gated_linear_attn
+from attnswap.kernels.gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
 from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
 from attnswap.kernels.hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
 from attnswap.kernels.hybrid_attn.naive import hybrid_cache_from_prefill
@@ -27,18 +30,15 @@ from attnswap.kernels.linear_attn.chunk import triton_linear_attn
 from attnswap.kernels.linear_attn.fused_recurrent import fused_recurrent_linear_step
 
 try:
-    # load fla.ops without fla/__init__ (which pulls in fla.layers -> transformers, a circular import
-    # with recent transformers); fla.ops reads fla.__version__, so the stand-in carries it. fla.ops
-    # also needs einops.
+    # load fla.ops without running fla/__init__ (it pulls in fla.layers -> transformers, a circular
+    # import with recent transformers): an empty package module from fla's own spec, carrying the
+    # __version__ that fla.ops reads. fla.ops also needs einops.
     import importlib.metadata
     import importlib.util
-    import sys
-    import types
 
     _spec = importlib.util.find_spec("fla")
     if _spec is not None and "fla" not in sys.modules:
-        _m = types.ModuleType("fla")
-        _m.__path__ = list(_spec.submodule_search_locations)
+        _m = importlib.util.module_from_spec(_spec)
         _m.__version__ = importlib.metadata.version("fla-core")
         sys.modules["fla"] = _m
     from fla.ops.linear_attn import chunk_linear_attn as fla_linear
@@ -52,14 +52,16 @@ DT = torch.bfloat16
 dev = "cuda"
 
 
+def ms(fn):
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
 def bench(fn, grad_of=None):
-    """(fwd ms, fwd+bwd ms)."""
-    import sys, time
-    t0 = time.time()
-    f = do_bench(lambda: fn(), warmup=10, rep=50, return_mode="median")
-    print(f"#   fwd {f:.3f} ms (bench {time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+    """(forward ms, forward+backward ms); the forward runs with gradients enabled (training)."""
+    f = ms(fn)
     if grad_of is None:
         return f, None
+    do_cache = {}
 
     def fb():
         out = fn()
@@ -68,38 +70,59 @@ def bench(fn, grad_of=None):
         for t in grad_of:
             t.grad = None
 
-    do_cache = {}
-    return f, do_bench(fb, warmup=10, rep=50, return_mode="median")
+    return f, ms(fb)
+
+
+def inference(fn):
+    with torch.no_grad():
+        return ms(fn), None
+
+
+def inputs(name, L):
+    s = SHAPES[name]
+    H, Hk, D, F = s["H"], s["Hk"], s["D"], s["F"]
+
+    def r(*sh, pos=False):
+        x = torch.rand(*sh, device=dev) if pos else torch.randn(*sh, device=dev) * 0.5
+        return x.to(DT).requires_grad_()
+
+    return dict(
+        fq=r(1, L, H, F, pos=True), fk=r(1, L, Hk, F, pos=True), v=r(1, L, Hk, D), q=r(1, L, H, D), k=r(1, L, Hk, D),
+        g=(-torch.rand(1, L, Hk, device=dev) * 0.05).requires_grad_(),
+        gamma=torch.full((H,), 0.5, device=dev, dtype=DT, requires_grad=True),
+        meta_k=r(4, Hk, D), meta_v=r(4, Hk, D), H=H, Hk=Hk, D=D, F=F,
+    )
 
 
 def row(name, L):
-    s = SHAPES[name]
-    H, Hk, D, F = s["H"], s["Hk"], s["D"], s["F"]
-    r = lambda *sh, pos=False: ((torch.rand(*sh, device=dev) if pos else torch.randn(*sh, device=dev)) * (1 if pos else 0.5)).to(DT).requires_grad_()  # noqa: E731
-    fq, fk, v = r(1, L, H, F, pos=True), r(1, L, Hk, F, pos=True), r(1, L, Hk, D)
-    q, k = r(1, L, H, D), r(1, L, Hk, D)
-    g = (-torch.rand(1, L, Hk, device=dev) * 0.05).requires_grad_()
-    gamma = torch.full((H,), 0.5, device=dev, dtype=DT, requires_grad=True)
+    x = inputs(name, L)
+    fq, fk, v, q, k, g, gamma, H, Hk, D, F = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "gamma", "H", "Hk", "D", "F"))
     res = {}
-    print(f"# row {name} L={L}", file=__import__("sys").stderr, flush=True)
+    print(f"# row {name} L={L}", file=sys.stderr, flush=True)
     res["lin"] = bench(lambda: triton_linear_attn(fq, fk, v)[0], [fq, fk, v])
     res["gated"] = bench(lambda: triton_gated_linear_attn(fq, fk, v, g)[0], [fq, fk, v, g])
-    res["hyb64"] = bench(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5), [q, k, v, fq, fk, gamma])
+    hyb = lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5)  # noqa: E731
+    res["hyb64"] = bench(hyb, [q, k, v, fq, fk, gamma])
+    res["hyb64 inf"] = inference(hyb)
+    liz = lambda: triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128, scale=D**-0.5,  # noqa: E731
+                                           meta_k=x["meta_k"], meta_v=x["meta_v"])
+    res["lizard"] = bench(liz, [q, k, v, fq, fk, g, gamma, x["meta_k"], x["meta_v"]])
+    res["lizard inf"] = inference(liz)
     G = H // Hk
-    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     res["sdpa"] = bench(lambda: F_.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=G > 1), [qt, kt, vt])
     if fla_linear is not None:
-        ke, ve = (x.detach().repeat_interleave(G, 2).contiguous().requires_grad_() for x in (fk, v))
+        ke, ve = (t.detach().repeat_interleave(G, 2).contiguous().requires_grad_() for t in (fk, v))
         qf = fq.detach().clone().requires_grad_()
         if F != D:  # fla's linear attention wants dk == dv
-            qf, ke = (x.detach()[..., :D].contiguous().requires_grad_() for x in (qf, ke))
+            qf, ke = (t.detach()[..., :D].contiguous().requires_grad_() for t in (qf, ke))
         ge = g.detach().repeat_interleave(G, 2).contiguous().requires_grad_()
         try:
             res["fla_lin"] = bench(lambda: fla_linear(qf, ke, ve, normalize=True)[0], [qf, ke, ve])
         except Exception as e:  # noqa: BLE001
             print(f"# fla linear failed: {e}")
         try:
-            qg, kg = (fq.detach().clone().requires_grad_(), fk.detach().repeat_interleave(G, 2).contiguous().requires_grad_())
+            qg, kg = fq.detach().clone().requires_grad_(), fk.detach().repeat_interleave(G, 2).contiguous().requires_grad_()
             res["fla_gla"] = bench(lambda: fla_gla(qg, kg, ve, g=ge)[0], [qg, kg, ve, ge])
         except Exception as e:  # noqa: BLE001
             print(f"# fla simple_gla failed: {e}")
@@ -113,7 +136,7 @@ def fmt(x):
 def decode(name):
     s = SHAPES[name]
     H, Hk, D, F = s["H"], s["Hk"], s["D"], s["F"]
-    out = []
+    steps = {}
     for ctx in (1024, 131072):
         fk = torch.rand(1, ctx, Hk, F, device=dev, dtype=DT)
         k, v = torch.randn(1, ctx, Hk, D, device=dev, dtype=DT), torch.randn(1, ctx, Hk, D, device=dev, dtype=DT)
@@ -122,38 +145,85 @@ def decode(name):
         q1, f1 = torch.randn(1, H, D, device=dev, dtype=DT), torch.rand(1, H, F, device=dev, dtype=DT)
         k1, v1, fk1 = torch.randn(1, Hk, D, device=dev, dtype=DT), torch.randn(1, Hk, D, device=dev, dtype=DT), torch.rand(1, Hk, F, device=dev, dtype=DT)
         gamma = torch.full((H,), 0.5, device=dev, dtype=DT)
-        t_lin = do_bench(lambda: fused_recurrent_linear_step(f1, fk1, v1, st), warmup=10, rep=50, return_mode="median")
-        t_hyb = do_bench(lambda: fused_recurrent_hybrid_step(q1, k1, v1, f1, fk1, gamma, cache, scale=D**-0.5), warmup=10, rep=50, return_mode="median")
-        out.append((ctx, t_lin, t_hyb))
-        del fk, k, v, st, cache
-    return out
+        steps[ctx] = (lambda f1=f1, fk1=fk1, v1=v1, st=st: fused_recurrent_linear_step(f1, fk1, v1, st),
+                      lambda q1=q1, k1=k1, v1=v1, f1=f1, fk1=fk1, gamma=gamma, cache=cache:
+                      fused_recurrent_hybrid_step(q1, k1, v1, f1, fk1, gamma, cache, scale=D**-0.5))
+        del fk, k, v
+    rounds = {ctx: ([], []) for ctx in steps}
+    for _ in range(3):
+        for ctx, (lin, hyb) in steps.items():
+            rounds[ctx][0].append(ms(lin))
+            rounds[ctx][1].append(ms(hyb))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return [(ctx, med(a_), med(b_)) for ctx, (a_, b_) in rounds.items()]
+
+
+def sweep(Ls):
+    """Forward ms of our kernels under the tuning knobs in linear_attn.chunk.TUNING (32h shape)."""
+    from attnswap.kernels.linear_attn import chunk as lc
+
+    base = dict(lc.TUNING)
+    variants = [{}, {"programs_per_sm": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 16},
+                {"min_segment_chunks": 4}, {"hybrid_bv": 32}, {"hybrid_warps": 4},
+                {"state_elems": 128 * 128}, {"bwd_split": False}, {"bwd_dq_warps": 4}]
+    print("| L | knobs | lin f | lin C=128 f | hyb64 train f | hyb64 inf f | hyb64 fb | lizard inf f |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L in Ls:
+        x = inputs("32h", L)
+        fq, fk, v, q, k, g, gamma, D = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "gamma", "D"))
+        hyb = lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5)  # noqa: E731
+        for var in variants:
+            lc.TUNING.clear()
+            lc.TUNING.update(base, **var)
+            cells = [ms(lambda: triton_linear_attn(fq, fk, v)[0]),
+                     ms(lambda: triton_linear_attn(fq, fk, v, chunk_size=128)[0]), ms(hyb), inference(hyb)[0]]
+            cells.append(bench(hyb, [q, k, v, fq, fk, gamma])[1] if ("bwd" in str(var) or not var) else None)
+            cells.append(inference(lambda: triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128, scale=D**-0.5,
+                                                                    meta_k=x["meta_k"], meta_v=x["meta_v"]))[0])
+            print(f"| {L // 1024}k | {var or 'default'} | " + " | ".join(fmt(c) for c in cells) + " |", flush=True)
+        torch.cuda.empty_cache()
+    lc.TUNING.clear()
+    lc.TUNING.update(base)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="4k only")
+    ap.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
+    ap.add_argument("--no-decode", action="store_true")
     a = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1  median ms "
+          "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
+    if a.sweep:
+        sweep([16384, 65536])
+        return
     Ls = [4096] if a.quick else [4096, 16384, 65536]
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1  median ms (f = forward, fb = forward+backward)")
-    cols = ["lin", "gated", "hyb64", "sdpa", "fla_lin", "fla_gla"]
-    print("| shape | L | " + " | ".join(f"{c} f | {c} fb" for c in cols) + " | lin/fla_lin f | gated/fla_gla f | hyb64/fla_lin f | sdpa/hyb64 f |")
-    print("|" + "---|" * (2 + 2 * len(cols) + 4))
+    cols = [("lin", 2), ("gated", 2), ("hyb64", 2), ("hyb64 inf", 1), ("lizard", 2), ("lizard inf", 1),
+            ("sdpa", 2), ("fla_lin", 2), ("fla_gla", 2)]
+    heads = []
+    for c, n in cols:
+        heads += [f"{c} f"] + ([f"{c} fb"] if n == 2 else [])
+    ratios = [("lin", "fla_lin"), ("gated", "fla_gla"), ("hyb64 inf", "fla_lin"), ("hyb64", "fla_lin"), ("sdpa", "hyb64 inf")]
+    print("| shape | L | " + " | ".join(heads) + " | " + " | ".join(f"{p}/{q_} f" for p, q_ in ratios) + " |")
+    print("|" + "---|" * (2 + len(heads) + len(ratios)))
     for name in SHAPES:
         for L in Ls:
             res = row(name, L)
             cells = []
-            for c in cols:
+            for c, n in cols:
                 f, fb = res.get(c, (None, None))
-                cells += [fmt(f), fmt(fb)]
-            ratio = lambda a_, b_: "-" if a_ not in res or b_ not in res else f"{res[a_][0] / res[b_][0]:.2f}"  # noqa: E731
-            print(f"| {name} | {L // 1024}k | " + " | ".join(cells) + f" | {ratio('lin', 'fla_lin')} | {ratio('gated', 'fla_gla')} | {ratio('hyb64', 'fla_lin')} | {ratio('sdpa', 'hyb64')} |", flush=True)
+                cells += [fmt(f)] + ([fmt(fb)] if n == 2 else [])
+            rat = ["-" if p not in res or q_ not in res else f"{res[p][0] / res[q_][0]:.2f}" for p, q_ in ratios]
+            print(f"| {name} | {L // 1024}k | " + " | ".join(cells) + " | " + " | ".join(rat) + " |", flush=True)
             torch.cuda.empty_cache()
-    print("\n# decode step (one token, B=1), median ms")
+    if a.no_decode:
+        return
+    print("\n# decode step (one token, B=1), median us; contexts measured alternately, 3 rounds, median of rounds")
     print("| shape | ctx | linear step | hybrid(w64) step |")
     print("|---|---|---|---|")
     for name in SHAPES:
         for ctx, tl_, th in decode(name):
-            print(f"| {name} | {ctx // 1024}k | {tl_ * 1e3:.1f} us | {th * 1e3:.1f} us |", flush=True)
+            print(f"| {name} | {ctx // 1024}k | {tl_ * 1e3:.1f} | {th * 1e3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The one place that picks an implementation for each attention operator.
 
-``ATTNSWAP_KERNELS`` = ``auto`` (default: the chunked PyTorch path everywhere, until the Triton
-kernels are confirmed on a GPU with sinks and an accurate bf16 d gamma; see ``backend_for``), ``torch``, or
-``triton`` (always Triton; on CPU this needs ``TRITON_INTERPRET=1``). ``force_backend`` does the same from code.
+``ATTNSWAP_KERNELS`` = ``auto`` (default: the Triton kernels for whole sequences on CUDA, the chunked
+PyTorch path on CPU and for the one-token decoding steps, which run inside a CUDA graph; see
+``backend_for``), ``torch``, or ``triton`` (always Triton, steps included; on CPU this needs
+``TRITON_INTERPRET=1``). ``force_backend`` does the same from code.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _triton_ops() -> dict | None:
     }
 
 
-def backend_for(x: torch.Tensor) -> str:
+def backend_for(x: torch.Tensor, step: bool = False) -> str:
+    """``torch`` or ``triton`` for an operator on ``x`` (``step``: a one-token decoding step)."""
     choice = _forced or os.environ.get("ATTNSWAP_KERNELS", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"ATTNSWAP_KERNELS={choice!r}; choose from {', '.join(BACKENDS)}")
@@ -66,10 +68,12 @@ def backend_for(x: torch.Tensor) -> str:
         if _triton_ops() is None:
             raise RuntimeError("ATTNSWAP_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
-    # ``auto`` stays on PyTorch for now: the Triton hybrid's d gamma was 6-17% off in bf16 on the H100,
-    # and that fix and its sink tokens are so far checked only under the interpreter; Lizard's learned
-    # meta tokens exist only in PyTorch (docs/BENCHMARKS.md, Kernels). So the kernels are opt-in.
-    return "torch"
+    # auto: Triton for prefill and training on CUDA (checked against the PyTorch path on the H100 in
+    # bf16, docs/BENCHMARKS.md); decoding steps stay on PyTorch, which the CUDA-graph and compiled
+    # decode paths were measured with, and which alone serves Lizard's meta tokens in a step
+    if step or not x.is_cuda or _triton_ops() is None:
+        return "torch"
+    return "triton"
 
 
 def compile_setting() -> str:
@@ -92,12 +96,6 @@ def linear_attn(q, k, v, **kw):
     return chunk_linear_attn(q, k, v, **kw)
 
 
-def _triton_lacks(q, feature: str) -> None:
-    """Options the Triton kernels do not implement run on PyTorch; refuse if Triton was forced."""
-    if backend_for(q) == "triton":
-        raise RuntimeError(f"the Triton kernel does not support {feature} yet; use ATTNSWAP_KERNELS=torch")
-
-
 def hybrid_attn(q, k, v, fq, fk, gamma, *, sinks: int = 0, **kw):
     """Sliding-window softmax + linear attention, with ``sinks`` first tokens always exact; see
     ``hybrid_attn/naive.py`` for the contract."""
@@ -114,21 +112,18 @@ def gated_linear_attn(q, k, v, g, **kw):
 
 
 def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **kw):
-    """Sliding-window softmax + gated linear attention; see ``gated_attn/naive.py``. Learned sink
-    tokens (``meta_k``/``meta_v``) exist only in the PyTorch path so far."""
-    if meta_k is not None:
-        _triton_lacks(q, "learned sink tokens")
-        return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
+    """Sliding-window softmax + gated linear attention, with optional learned sink tokens
+    (``meta_k``/``meta_v``, Lizard's meta-memory); see ``gated_attn/naive.py``."""
     if backend_for(q) == "triton":
-        return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, **kw)
-    return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, **kw)
+        return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
+    return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
 
 
 def linear_attn_step(q, k, v, state, **kw):
     """One decoding step of (optionally gated, ``g=``) linear attention: q (B,H,F), k (B,Hk,F),
     v (B,Hk,Dv), state (S, z). The Triton step updates the state in place, the PyTorch one returns a
     new one; use the returned state either way. Returns (out (B,H,Dv), state)."""
-    if backend_for(q) == "triton":
+    if backend_for(q, step=True) == "triton":
         return _triton_ops()["linear_step"](q, k, v, state, **kw)
     return naive_linear_step(q, k, v, state, **kw)
 
@@ -136,6 +131,9 @@ def linear_attn_step(q, k, v, state, **kw):
 def hybrid_attn_step(q, k, v, fq, fk, gamma, cache, **kw):
     """One decoding step of the (optionally gated) hybrid; cache layout in ``hybrid_attn/naive.py``
     (``hybrid_cache_from_prefill`` builds it). Returns (out (B,H,Dv), cache); use the returned cache."""
-    if backend_for(q) == "triton":
-        return _triton_ops()["hybrid_step"](q, k, v, fq, fk, gamma, cache, **kw)
+    if backend_for(q, step=True) == "triton":
+        if kw.get("meta_k") is not None:
+            raise RuntimeError("the Triton decoding step has no meta tokens yet; use ATTNSWAP_KERNELS=auto or torch")
+        return _triton_ops()["hybrid_step"](q, k, v, fq, fk, gamma, cache, **{n: x for n, x in kw.items()
+                                                                            if n not in ("meta_k", "meta_v")})
     return naive_hybrid_step(q, k, v, fq, fk, gamma, cache, **kw)

@@ -1,5 +1,6 @@
 """A converted model gives the same logits and gradients through the Triton kernels as through the
-PyTorch path (``force_backend``), with the default 4 sink tokens; under the interpreter on CPU."""
+PyTorch path (``force_backend``): lolcats with and without sink tokens, lizard with its learned meta
+tokens; under the interpreter on CPU. And what ``auto`` picks."""
 
 import pytest
 import torch
@@ -11,15 +12,19 @@ from attnswap.kernels import force_backend
 from tests.conftest import tiny_model
 
 
-@pytest.mark.parametrize("sinks", [0, 4])
-def test_converted_model_same_on_both_backends(sinks):
+TRAINED = ("feature_map", "window_factor", "meta_", "gate_proj")
+
+
+@pytest.mark.parametrize("method,options", [("lolcats", {"window": 8, "sinks": 0}), ("lolcats", {"window": 8, "sinks": 4}),
+                                            ("lizard", {"window": 8, "meta_tokens": 2})])
+def test_converted_model_same_on_both_backends(method, options):
     skip_triton_on("cpu")
     m = tiny_model("llama", seed=1)
-    convert_model(m, [make_swap("lolcats", [0, 1, 2], {"window": 8, "sinks": sinks}, m.config)], "tiny")
+    convert_model(m, [make_swap(method, [0, 1, 2], options, m.config)], "tiny")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if "feature_map" in name or "window_factor" in name:
+            if any(t in name for t in TRAINED):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
     out = {}
@@ -28,8 +33,30 @@ def test_converted_model_same_on_both_backends(sinks):
         with force_backend(backend):
             logits = m(ids).logits
         logits.float().pow(2).mean().backward()
-        grads = {n: p.grad.clone() for n, p in m.named_parameters() if "feature_map" in n or "window_factor" in n}
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if any(t in n for t in TRAINED)}
         out[backend] = (logits.detach(), grads)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-4)
     for n, gr in out["torch"][1].items():
         torch.testing.assert_close(out["triton"][1][n], gr, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_auto_is_pytorch_on_cpu_and_for_steps(monkeypatch):
+    from attnswap.kernels.dispatch import backend_for
+
+    monkeypatch.delenv("ATTNSWAP_KERNELS", raising=False)
+    x = torch.zeros(1)
+    assert backend_for(x) == "torch"
+    assert backend_for(x, step=True) == "torch"
+    monkeypatch.setenv("ATTNSWAP_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="ATTNSWAP_KERNELS"):
+        backend_for(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_is_triton_on_cuda_for_sequences(monkeypatch):
+    from attnswap.kernels.dispatch import backend_for
+
+    monkeypatch.delenv("ATTNSWAP_KERNELS", raising=False)
+    x = torch.zeros(1, device="cuda")
+    assert backend_for(x) == "triton"
+    assert backend_for(x, step=True) == "torch"

@@ -21,25 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.chunk import dot_precision, gload, la_backward, norm_grads, p2, split16 as _split
-
-
-@triton.jit
-def _dot_l(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """a (fp32) @ b (input dtype), without rounding a to 16 bits when SPLIT."""
-    if SPLIT:
-        hi, lo = _split(a, b.dtype)
-        return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
-    return tl.dot(a.to(b.dtype), b, input_precision=PREC)
-
-
-@triton.jit
-def _dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """a (input dtype) @ b (fp32), without rounding b to 16 bits when SPLIT."""
-    if SPLIT:
-        hi, lo = _split(b, a.dtype)
-        return tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
-    return tl.dot(a, b.to(a.dtype), input_precision=PREC)
+from ..linear_attn.chunk import (dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
+                                 TUNING, plan_segments, segment_states, split16 as _split)
 
 
 @triton.jit
@@ -58,13 +41,15 @@ def _softmax_tile(bq, bk, bv, inw, j0, scale, mrow, lrow, acc, arg, PREC: tl.con
 @triton.jit
 def _hy_fwd_kernel(
     q, k, v, fq, fk, gamma, Gc, o, den_out, m_out, arg_out,
-    T, H, Hk, GROUP, W, scale, eps, SINKS,
+    T, H, Hk, GROUP, W, scale, eps, SINKS, Sl, zl, NCH,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     BV: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr, BS: tl.constexpr,
     USE_LIN: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+    SEGINIT: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -83,12 +68,17 @@ def _hy_fwd_kernel(
         mf = rf < F
         fqb = fq + b * T * H * F + h * F
         fkb = fk + b * T * Hk * F + hk * F
-        S = tl.zeros([BF, BV], dtype=tl.float32)
-        z = tl.zeros([BF], dtype=tl.float32)
+        if SEGINIT:  # state of the keys before this segment (linear_attn.chunk.segment_states)
+            so = (b * Hk + hk) * tl.num_programs(2) + seg
+            S = tl.load(Sl + so * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+            z = tl.load(zl + so * F + rf, mask=mf, other=0.0)
+        else:
+            S = tl.zeros([BF, BV], dtype=tl.float32)
+            z = tl.zeros([BF], dtype=tl.float32)
         if GATED:
             Gb = Gc + b * T * Hk + hk
     N = tl.cdiv(T, C)
-    for c in range(0, N):
+    for c in range(seg * NCH, tl.minimum(seg * NCH + NCH, N)):
         m0 = c * C
         L0 = m0 - W + 1
         tq = m0 + rc
@@ -180,13 +170,17 @@ def _query_rows(q, do, rden, dden, m_in, arg_in, b, h, T, H, D, DV, tq, rd, rv, 
 
 
 @triton.jit
-def _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC: tl.constexpr):
+def _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC: tl.constexpr, DSPLIT: tl.constexpr):
     """One key tile's share of d p_i (row sums of e da), sum_j e da k_j and the arg-max key row."""
     s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * scale
     e = tl.where(inw, tl.exp(s - mrow[:, None]), 0.0)
-    # full fp32 products on purpose: sum_j e_ij da_ij (d gamma, dq) cancels strongly, and with
-    # bf16 or tf32 operands (10-bit mantissa) d gamma came out 3-6% off on the H100
-    da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision="ieee") + dd[:, None]
+    # sum_j e_ij da_ij (d gamma, dq) cancels strongly: with bf16 or tf32 operands (10-bit mantissa)
+    # d gamma came out 3-6% off on the H100. So dnf keeps ~16 bits as hi + lo bf16 halves (DSPLIT,
+    # two tensor-core products; v is exact in its own dtype), or full fp32 products for fp32 inputs
+    if DSPLIT:
+        da = _dot_l(dnf, tl.trans(bv), PREC, True) + dd[:, None]
+    else:
+        da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision="ieee") + dd[:, None]
     pe = e * da
     ind = tl.where(inw & (arg[:, None] == tk[None, :]), 1.0, 0.0)
     return (tl.sum(pe, 1), tl.dot(pe.to(bk.dtype), bk, input_precision=PREC),
@@ -198,7 +192,7 @@ def _hy_bwd_dq_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dq, dp_out,
     T, H, Hk, GROUP, W, scale, SINKS,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
+    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, DSPLIT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -227,7 +221,7 @@ def _hy_bwd_dq_kernel(
         ms = (ts < SINKS) & (ts < L0) & (ts < T)
         sk = tl.load(kb + ts[:, None] * (Hk * D) + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
         sv = tl.load(vb + ts[:, None] * (Hk * DV) + rv[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        d0, a1, a2 = _dq_tile(bq, sk, sv, ts, ms[None, :] & mq[:, None], mrow, arg, dnf, dd, scale, PREC)
+        d0, a1, a2 = _dq_tile(bq, sk, sv, ts, ms[None, :] & mq[:, None], mrow, arg, dnf, dd, scale, PREC, DSPLIT)
         dp += d0
         acc1 += a1
         acc2 += a2
@@ -239,7 +233,7 @@ def _hy_bwd_dq_kernel(
         bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         rel = tq[:, None] - tk[None, :]
         inw = (rel >= 0) & ((rel < W) | (tk[None, :] < SINKS)) & mk[None, :] & mq[:, None]
-        d0, a1, a2 = _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC)
+        d0, a1, a2 = _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC, DSPLIT)
         dp += d0
         acc1 += a1
         acc2 += a2
@@ -250,7 +244,7 @@ def _hy_bwd_dq_kernel(
 
 @triton.jit
 def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd, rv, md, mv, bk, bv, tk, mk, gam,
-              W, SINKS, scale, PREC: tl.constexpr):
+              W, SINKS, scale, PREC: tl.constexpr, DSPLIT: tl.constexpr):
     """One query tile's share of dk (before the scale) and dv for the key tile bk/bv."""
     mq = tq < T
     bq, dnf, dd, mrow, arg = _query_rows(q, do, rden, dden, m_in, arg_in, b, h, T, H, D, DV, tq, rd, rv, md, mv)
@@ -260,7 +254,10 @@ def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd,
     inw = (rel >= 0) & ((rel < W) | (tk[:, None] < SINKS)) & mk[:, None] & mq[None, :]
     st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
     et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
-    dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision="ieee") + dd[None, :]  # as in _dq_tile
+    if DSPLIT:  # as in _dq_tile
+        dat = _dot_r(bv, tl.trans(dnf), PREC, True) + dd[None, :]
+    else:
+        dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision="ieee") + dd[None, :]
     dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
     return tl.dot(dst.to(bq.dtype), bq, input_precision=PREC), tl.dot(et.to(bk.dtype), dn, input_precision=PREC)
 
@@ -270,7 +267,7 @@ def _hy_bwd_dkv_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, dk, dv,
     T, H, Hk, GROUP, W, scale, SINKS,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
+    NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, DSPLIT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -293,18 +290,22 @@ def _hy_bwd_dkv_kernel(
         gam = tl.load(gamma + h).to(tl.float32)
         for qb_i in tl.static_range(NKB):
             a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, j0 + qb_i * C + rc,
-                                 rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC)
+                                 rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC, DSPLIT)
             acc_k += a_k
             acc_v += a_v
         if BS > 0:
             if j0 < SINKS:  # sink keys: every later query scores them exactly
                 for t0 in range(j0 + NKB * C, T, C):
                     a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, t0 + rc,
-                                         rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC)
+                                         rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC, DSPLIT)
                     acc_k += a_k
                     acc_v += a_v
     tl.store(dk + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], (acc_k * scale).to(dk.dtype.element_ty), mask=mk[:, None] & md[None, :])
     tl.store(dv + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], acc_v.to(dv.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+
+
+def needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def _nkb(window: int, C: int) -> int:
@@ -317,7 +318,9 @@ def _sink_tile(sinks: int) -> int:
 
 
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
-               out_fp32=False, sinks=0):
+               out_fp32=False, sinks=0, split=None, segment_chunks=None):
+    """``split``: 16-bit operands as hi + lo halves (default: for 16-bit inputs); it costs extra
+    products and only matters for gradients that cancel, so forward-only callers turn it off."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     F = fq.shape[-1] if use_linear else 16
@@ -330,16 +333,24 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
         den = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         m = torch.empty_like(den)
         arg = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
-    BV = p2(Dv)
-    while BV > 32 and (B * H * triton.cdiv(Dv, BV) < 128 or (use_linear and p2(F) * BV > 128 * 64)):
+    BV = TUNING.get("hybrid_bv") or p2(Dv)  # every value block recomputes the window scores
+    while BV > 16 and use_linear and p2(F) * BV > TUNING["state_elems"]:
         BV //= 2
-    grid = (triton.cdiv(Dv, BV), B * H)
+    if split is None:
+        split = q.dtype != torch.float32
+    split = bool(split) and q.dtype != torch.float32
+    nch, nseg = plan_segments(T, C, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
+    Sl = zl = None
+    if use_linear and nseg > 1:  # the linear branch's state at each segment start (keys < start - W + 1)
+        Sl, zl = segment_states(fk, v, Gc, lag=window - 1, sinks=sinks, chunk_size=C, nch=nch, nseg=nseg,
+                                split=split)
+    grid = (triton.cdiv(Dv, BV), B * H, nseg)
     _hy_fwd_kernel[grid](
         q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
-        T, H, Hk, H // Hk, window, scale, eps, sinks,
+        T, H, Hk, H // Hk, window, scale, eps, sinks, Sl, zl, nch,
         D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
-        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=q.dtype != torch.float32,
-        num_warps=8 if use_linear else 4, num_stages=2,
+        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=split,
+        SEGINIT=Sl is not None, num_warps=TUNING.get("hybrid_warps") or (8 if use_linear else 4), num_stages=2,
     )
     return o, den, m, arg
 
@@ -359,13 +370,16 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     dp = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     BD, BDV = p2(D), p2(Dv)
     nkb = _nkb(window, C)
+    dsplit = q.dtype != torch.float32 and TUNING.get("bwd_split", True)
     _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
         q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale, sinks,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, num_warps=4, num_stages=2,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
+        num_warps=TUNING.get("bwd_dq_warps") or (8 if BD * BDV >= 128 * 128 else 4), num_stages=2,
     )
     _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
         q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, num_warps=8, num_stages=2,
+        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
+        num_warps=8, num_stages=2,
     )
     dgamma = dp.sum((0, 2)).to(gamma.dtype)
     dfq = dfk = None
@@ -384,10 +398,11 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
 
 class _HybridAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size, sinks):
+    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size, sinks, grads, segment_chunks):
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, None, window=window, scale=scale,
                                     use_linear=use_linear, eps=eps, chunk_size=chunk_size,
-                                    out_fp32=q.dtype != torch.float32, sinks=sinks)
+                                    out_fp32=grads and q.dtype != torch.float32, sinks=sinks, split=grads,
+                                    segment_chunks=segment_chunks, save=grads)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
         ctx.cfg = (window, scale, use_linear, eps, chunk_size, sinks)
         return o.to(q.dtype)
@@ -399,7 +414,7 @@ class _HybridAttnFn(torch.autograd.Function):
         dq, dk, dv, dfq, dfk, dgamma = hy_backward(
             q, k, v, fq, fk, gamma, None, o, den, m, arg, do.contiguous(), window=window, scale=scale,
             use_linear=use_linear, eps=eps, chunk_size=C, sinks=sinks)
-        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None
+        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None, None, None
 
 
 def triton_hybrid_attn(
@@ -416,13 +431,16 @@ def triton_hybrid_attn(
     eps: float = 1e-6,
     chunk_size: int = 64,
     sinks: int = 0,
+    segment_chunks: int | None = None,
 ) -> torch.Tensor:
     """Fused Triton hybrid attention; gradients for q, k, v, fq, fk and gamma. ``sinks``: the first
-    tokens every query scores exactly (they never enter the linear branch), as in the spec."""
+    tokens every query scores exactly (they never enter the linear branch), as in the spec.
+    Without gradients (inference) the forward skips what only the backward needs."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if use_linear:
         fq, fk = fq.contiguous(), fk.contiguous()
     else:
         fq = fk = None
     return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
-                               bool(use_linear), float(eps), int(chunk_size), int(sinks))
+                               bool(use_linear), float(eps), int(chunk_size), int(sinks),
+                               needs_grad(q, k, v, fq, fk, gamma), segment_chunks)

@@ -18,6 +18,8 @@ head that sum the G query heads of the group, so repeated KV heads are never bui
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,22 +43,140 @@ def split16(x, lo_dtype: tl.constexpr):
 
 
 @triton.jit
+def dot_l(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a (fp32) @ b (input dtype), without rounding a to 16 bits when SPLIT."""
+    if SPLIT:
+        hi, lo = split16(a, b.dtype)
+        return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+    return tl.dot(a.to(b.dtype), b, input_precision=PREC)
+
+
+@triton.jit
+def dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a (input dtype) @ b (fp32), without rounding b to 16 bits when SPLIT."""
+    if SPLIT:
+        hi, lo = split16(b, a.dtype)
+        return tl.dot(a, hi, input_precision=PREC) + tl.dot(a, lo, input_precision=PREC)
+    return tl.dot(a, b.to(a.dtype), input_precision=PREC)
+
+
+@triton.jit
 def gload(Gb, pos, T, sg):
     """Cumulative log-gate at absolute positions ``pos``: 0 before the sequence, G[T-1] after it."""
     p = tl.minimum(tl.maximum(pos, 0), T - 1)
     return tl.load(Gb + p * sg, mask=pos >= 0, other=0.0)
 
 
+
+@triton.jit
+def _seg_state_kernel(
+    k, v, Gc, Sl, zl,
+    T, Hk, LAG, SINKS, NCH,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """State contribution of one segment (NCH chunks) of keys, read at ``chunk position - LAG`` as in
+    the forward kernels and skipping the first SINKS keys; gated: decayed to the segment's end."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    bhk = tl.program_id(2).to(tl.int64)
+    nvb = tl.cdiv(DV, BV)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rf = (pid // nvb) * BK + tl.arange(0, BK)
+    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    kb = k + b * T * Hk * F + hk * F
+    vb = v + b * T * Hk * DV + hk * DV
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    c0 = seg * NCH
+    c1 = tl.minimum(c0 + NCH, tl.cdiv(T, C))
+    for c in range(c0, c1):
+        tk = c * C + rc - LAG
+        mk = (tk >= 0) & (tk >= SINKS) & (tk < T)
+        bk = tl.load(kb + tk[:, None] * (Hk * F) + rf[None, :], mask=mk[:, None] & mf[None, :], other=0.0)
+        bv = tl.load(vb + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if GATED:
+            gk = gload(Gb, tk, T, Hk)
+            g0 = gload(Gb, c * C - LAG - 1, T, Hk)
+            g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
+            kd = bk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
+            dec = tl.exp(g1 - g0)
+            S = S * dec + dot_l(tl.trans(kd), bv, PREC, SPLIT)
+            z = z * dec + tl.sum(kd, 0)
+        else:
+            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+            z += tl.sum(bk.to(tl.float32), 0)
+    so = ((b * Hk + hk) * tl.num_programs(1) + seg) * F * DV
+    tl.store(Sl + so + rf[:, None] * DV + rv[None, :], S, mask=mf[:, None] & mv[None, :])
+    if pid % nvb == 0:
+        tl.store(zl + ((b * Hk + hk) * tl.num_programs(1) + seg) * F + rf, z, mask=mf)
+
+
+@triton.jit
+def _seg_scan_kernel(
+    Sl, zl, Gc, S0, z0, ST, zT,
+    T, Hk, LAG, NSEG, NCH,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+):
+    """In place: segment contributions -> the state before each segment (from S0), and the final state."""
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    nvb = tl.cdiv(DV, BV)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rf = (pid // nvb) * BK + tl.arange(0, BK)
+    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    mf = rf < F
+    m2 = mf[:, None] & (rv < DV)[None, :]
+    zmask = mf & ((rf * 0 + pid % nvb) == 0)
+    sb = (b * Hk + hk) * F * DV
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(S0 + sb + rf[:, None] * DV + rv[None, :], mask=m2, other=0.0)
+        z = tl.load(z0 + (b * Hk + hk) * F + rf, mask=mf, other=0.0)
+    if GATED:
+        Gb = Gc + b * T * Hk + hk
+    N = tl.cdiv(T, C)
+    for s in range(0, NSEG):
+        po = sb * NSEG + s * F * DV + rf[:, None] * DV + rv[None, :]
+        zo = (b * Hk + hk) * NSEG * F + s * F + rf
+        loc = tl.load(Sl + po, mask=m2, other=0.0)
+        zloc = tl.load(zl + zo, mask=zmask, other=0.0)
+        tl.store(Sl + po, S, mask=m2)
+        tl.store(zl + zo, z, mask=zmask)
+        if GATED:
+            e0 = gload(Gb, s * NCH * C - LAG - 1, T, Hk)
+            e1 = gload(Gb, tl.minimum(s * NCH + NCH, N) * C - LAG - 1, T, Hk)
+            dec = tl.exp(e1 - e0)
+            S = S * dec + loc
+            z = z * dec + zloc
+        else:
+            S += loc
+            z += zloc
+    if STORE_FINAL:
+        tl.store(ST + sb + rf[:, None] * DV + rv[None, :], S, mask=m2)
+        tl.store(zT + (b * Hk + hk) * F + rf, z, mask=zmask)
+
+
 @triton.jit
 def _la_fwd_kernel(
     q, k, v, o, den_out, Gc, S0, z0, ST, zT,
-    T, H, Hk, GROUP, LAG, eps,
+    T, H, Hk, GROUP, LAG, eps, NCH,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SEGINIT: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -77,11 +197,15 @@ def _la_fwd_kernel(
     sb = (b * Hk + hk) * F * DV
     S = tl.zeros([BF, BV], dtype=tl.float32)
     z = tl.zeros([BF], dtype=tl.float32)
-    if HAS_INIT:
+    if SEGINIT:  # this segment's state from _seg_scan_kernel, (B, Hk, segments, F, DV)
+        so = (b * Hk + hk) * tl.num_programs(2) + seg
+        S = tl.load(S0 + so * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        z = tl.load(z0 + so * F + rf, mask=mf, other=0.0)
+    elif HAS_INIT:
         S = tl.load(S0 + sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
         z = tl.load(z0 + (b * Hk + hk) * F + rf, mask=mf, other=0.0)
     N = tl.cdiv(T, C)
-    for c in range(0, N):
+    for c in range(seg * NCH, tl.minimum(seg * NCH + NCH, N)):
         tq = c * C + rc
         tk = tq - LAG
         mq = tq < T
@@ -338,15 +462,67 @@ def _la_bwd_dv_kernel(
 
 
 def _fwd_blocks(B: int, H: int, F: int, Dv: int) -> int:
+    """Value columns per forward program: as many as keep the F x BV fp32 state in registers (the
+    segment split, not narrower blocks, is what fills the GPU)."""
     BV = p2(Dv)
-    # split value columns until there are enough programs to fill the GPU (and S fits registers)
-    while BV > 32 and (B * H * triton.cdiv(Dv, BV) < 128 or p2(F) * BV > 128 * 64):
+    while BV > 16 and p2(F) * BV > TUNING["state_elems"]:
         BV //= 2
     return BV
 
 
+# tuning knobs (benchmarks/kernels.py --sweep changes them): programs per SM the segment split aims
+# for, and the fewest chunks a segment may have
+# (and the most F x BV state elements one program keeps in registers)
+TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "state_elems": 128 * 64}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan_segments(T: int, C: int, programs: int, segment_chunks: int | None, device) -> tuple[int, int]:
+    """(chunks per segment, segments). The forward walks its chunks in order, so with few programs
+    (one head and value block each) a long sequence leaves most of the GPU idle; splitting it into
+    segments that start from precomputed states gives every SM several programs. ``segment_chunks``
+    forces the split (tests); on CPU the default is one segment."""
+    N = triton.cdiv(T, C)
+    if segment_chunks is None:
+        if device.type != "cuda":
+            return N, 1
+        want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
+        nseg = max(1, min(want, N // TUNING["min_segment_chunks"]))
+        segment_chunks = triton.cdiv(N, nseg)
+    nch = max(1, min(int(segment_chunks), N))
+    return nch, triton.cdiv(N, nch)
+
+
+def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state=None, final=None, split=False):
+    """The linear state (S, z) before each segment of ``nch`` chunks, as (B, Hk, nseg, F, Dv) and
+    (B, Hk, nseg, F) fp32, for keys read at ``position - lag`` (sinks skipped); fills ``final``."""
+    B, T, Hk, F = k.shape
+    Dv = v.shape[-1]
+    Sl = torch.empty(B, Hk, nseg, F, Dv, device=k.device, dtype=torch.float32)
+    zl = torch.empty(B, Hk, nseg, F, device=k.device, dtype=torch.float32)
+    BK, BV = min(p2(F), 64), min(p2(Dv), 64)
+    nblk = triton.cdiv(F, BK) * triton.cdiv(Dv, BV)
+    _seg_state_kernel[(nblk, nseg, B * Hk)](
+        k, v, Gc, Sl, zl, T, Hk, lag, sinks, nch,
+        F=F, DV=Dv, BK=BK, BV=BV, C=chunk_size, GATED=Gc is not None, PREC=dot_precision(k), SPLIT=split,
+        num_warps=4, num_stages=2,
+    )
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    _seg_scan_kernel[(nblk, B * Hk)](
+        Sl, zl, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
+        T, Hk, lag, nseg, nch,
+        F=F, DV=Dv, BK=BK, BV=BV, C=chunk_size, GATED=Gc is not None, HAS_INIT=S0 is not None,
+        STORE_FINAL=final is not None, num_warps=4,
+    )
+    return Sl, zl
+
+
 def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, output_final_state=False,
-               chunk_size=64, want_den=False):
+               chunk_size=64, want_den=False, segment_chunks=None):
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     o = torch.empty(B, T, H, Dv, device=q.device, dtype=q.dtype)
@@ -360,13 +536,17 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
         S0, z0 = (x.float().contiguous() for x in initial_state)
     BV = _fwd_blocks(B, H, F, Dv)
     BF = p2(F)
-    grid = (triton.cdiv(Dv, BV), B * H)
+    nch, nseg = plan_segments(T, chunk_size, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
+    if nseg > 1:  # segment states first, then every segment runs in parallel from its own state
+        S0, z0 = segment_states(k, v, Gc, lag=lag, sinks=0, chunk_size=chunk_size, nch=nch, nseg=nseg,
+                                initial_state=(S0, z0) if S0 is not None else None, final=final, split=False)
+    grid = (triton.cdiv(Dv, BV), B * H, nseg)
     _la_fwd_kernel[grid](
         q, k, v, o, den, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
-        T, H, Hk, H // Hk, lag, eps,
+        T, H, Hk, H // Hk, lag, eps, nch,
         F=F, DV=Dv, BF=BF, BV=BV, C=chunk_size, NORM=normalize, GATED=Gc is not None,
-        HAS_INIT=S0 is not None, STORE_FINAL=final is not None, PREC=dot_precision(q),
-        num_warps=4 if BF * BV <= 64 * 64 else 8, num_stages=2,
+        HAS_INIT=S0 is not None, STORE_FINAL=final is not None and nseg == 1, PREC=dot_precision(q),
+        SEGINIT=nseg > 1, num_warps=4 if BF * BV <= 64 * 64 else 8, num_stages=2,
     )
     return o, den, final
 
@@ -420,11 +600,11 @@ def norm_grads(o, do, den, eps):
 
 class _LinearAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size):
+    def forward(ctx, q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size, segment_chunks):
         init = (S0, z0) if S0 is not None else None
         o, den, final = la_forward(q, k, v, normalize=normalize, eps=eps, initial_state=init,
                                    output_final_state=output_final_state, chunk_size=chunk_size,
-                                   want_den=True)
+                                   want_den=True, segment_chunks=segment_chunks)
         ctx.save_for_backward(q, k, v, o, den, S0, z0)
         ctx.cfg = (normalize, eps, chunk_size)
         if final is None:
@@ -442,7 +622,7 @@ class _LinearAttnFn(torch.autograd.Function):
             rden, dden = norm_grads(o, do, den, eps)
         init = (S0, z0) if S0 is not None else None
         dq, dk, dv = la_backward(q, k, v, do, rden, dden, initial_state=init, chunk_size=C)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def triton_linear_attn(
@@ -455,14 +635,16 @@ def triton_linear_attn(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    segment_chunks: int | None = None,
 ):
     """Triton causal linear attention; returns ``(out, (S, z) or None)``. No gradient flows into or
-    out of the recurrent state (q, k, v get gradients)."""
+    out of the recurrent state (q, k, v get gradients). ``segment_chunks``: split the sequence into
+    segments of this many chunks that run in parallel (default: chosen from the GPU's size)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (x.detach().float().contiguous() for x in initial_state)
-    res = _LinearAttnFn.apply(q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size)
+    res = _LinearAttnFn.apply(q, k, v, S0, z0, normalize, eps, output_final_state, chunk_size, segment_chunks)
     if output_final_state:
         return res[0], (res[1], res[2])
     return res, None

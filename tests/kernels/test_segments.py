@@ -1,0 +1,115 @@
+"""The forward kernels' segment split (each segment of chunks starts from a precomputed state and runs
+in parallel), the meta tokens of the gated hybrid, and the forward-only (no_grad) variant, against
+naive.py. On CPU the split is off by default, so it is forced here with ``segment_chunks``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, check, skip_triton_on
+
+from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn, naive_gated_linear_attn
+from attnswap.kernels.hybrid_attn.naive import naive_hybrid_attn
+from attnswap.kernels.linear_attn.naive import naive_linear_attn
+
+# (B, T, H, Hk, D, F, Dv, W, chunk, segment_chunks)
+CPU = [(2, 150, 4, 2, 16, 32, 16, 20, 16, 2), (1, 100, 3, 1, 16, 16, 24, 16, 16, 3)]
+GPU = [(2, 1000, 6, 2, 64, 128, 64, 64, 64, 3), (1, 2100, 8, 8, 128, 128, 128, 128, 64, 4)]
+
+
+def _shape(device, i):
+    return (CPU if device == "cpu" else GPU)[i]
+
+
+def _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def mk(*s, pos=False, dt=dtype):
+        x = torch.rand(*s, generator=g) if pos else torch.randn(*s, generator=g)
+        return x.to(device, dt).requires_grad_()
+
+    return dict(q=mk(B, T, H, D), k=mk(B, T, Hk, D), v=mk(B, T, Hk, Dv), fq=mk(B, T, H, F, pos=True),
+                fk=mk(B, T, Hk, F, pos=True), g=(-0.1 * torch.rand(B, T, Hk, generator=g)).to(device).requires_grad_(),
+                gamma=mk(H, pos=True), meta_k=mk(3, Hk, D), meta_v=mk(3, Hk, Dv),
+                S0=torch.randn(B, Hk, F, Dv, generator=g).to(device), z0=torch.rand(B, Hk, F, generator=g).to(device))
+
+
+def _grads(out, ref, xs, names, tag, dtype):
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [xs[n] for n in names], do)
+    want = torch.autograd.grad(ref, [xs[n] for n in names], do)
+    for n, a, b in zip(names, got, want):
+        # d gamma is one sum over every (query, window key) pair that nearly cancels: in fp32 the
+        # reference itself is only good to ~2e-4 here (same with and without segments)
+        bound = 1e-3 if n == "gamma" and dtype == torch.float32 else None
+        check(f"{tag}/d{n}", a, b, dtype, grad=True, bound=bound)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape_i", [0, 1])
+@pytest.mark.parametrize("gated", [False, True])
+def test_linear_segments_match_naive(device, dtype, shape_i, gated):
+    skip_triton_on(device)
+    from attnswap.kernels.gated_attn.chunk import triton_gated_linear_attn
+    from attnswap.kernels.linear_attn.chunk import triton_linear_attn
+
+    B, T, H, Hk, D, F, Dv, W, C, seg = _shape(device, shape_i)
+    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype)
+    st = (x["S0"], x["z0"])
+    if gated:
+        out, (S, z) = triton_gated_linear_attn(x["fq"], x["fk"], x["v"], x["g"], initial_state=st, output_final_state=True,
+                                               chunk_size=C, segment_chunks=seg)
+        ref, (S2, z2) = naive_gated_linear_attn(x["fq"], x["fk"], x["v"], x["g"], initial_state=st, output_final_state=True)
+    else:
+        out, (S, z) = triton_linear_attn(x["fq"], x["fk"], x["v"], initial_state=st, output_final_state=True,
+                                         chunk_size=C, segment_chunks=seg)
+        ref, (S2, z2) = naive_linear_attn(x["fq"], x["fk"], x["v"], initial_state=st, output_final_state=True)
+    tag = f"segments/{'gated' if gated else 'linear'}/T{T}s{seg}"
+    check(f"{tag}/out", out, ref, dtype)
+    check(f"{tag}/S", S, S2, dtype)
+    check(f"{tag}/z", z, z2, dtype)
+    _grads(out, ref, x, ["fq", "fk", "v"] + (["g"] if gated else []), tag, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape_i", [0, 1])
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_hybrid_segments_match_naive(device, dtype, shape_i, sinks):
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
+
+    B, T, H, Hk, D, F, Dv, W, C, seg = _shape(device, shape_i)
+    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype)
+    args = [x[n] for n in ("q", "k", "v", "fq", "fk", "gamma")]
+    kw = dict(window=W, scale=D**-0.5, sinks=sinks)
+    ref = naive_hybrid_attn(*args, **kw)
+    out = triton_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
+    with torch.no_grad():  # forward only: no hi/lo products, nothing saved
+        inf = triton_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
+    tag = f"segments/hybrid/T{T}W{W}s{seg}sinks{sinks}"
+    check(f"{tag}/out", out, ref, dtype)
+    check(f"{tag}/out-no-grad", inf, ref, dtype)
+    _grads(out, ref, x, ["q", "k", "v", "fq", "fk", "gamma"], tag, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape_i", [0, 1])
+@pytest.mark.parametrize("use_linear", [True, False])
+def test_gated_hybrid_meta_tokens_match_naive(device, dtype, shape_i, use_linear):
+    skip_triton_on(device)
+    from attnswap.kernels.gated_attn.chunk import triton_gated_hybrid_attn
+
+    B, T, H, Hk, D, F, Dv, W, C, seg = _shape(device, shape_i)
+    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype)
+    args = [x[n] for n in ("q", "k", "v", "fq", "fk", "g", "gamma")]
+    kw = dict(window=W, scale=D**-0.5, use_linear=use_linear, meta_k=x["meta_k"], meta_v=x["meta_v"])
+    ref = naive_gated_hybrid_attn(*args, **kw)
+    out = triton_gated_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
+    with torch.no_grad():
+        inf = triton_gated_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
+    tag = f"segments/gated-hybrid-meta/T{T}W{W}s{seg}{'' if use_linear else '-nolin'}"
+    check(f"{tag}/out", out, ref, dtype)
+    check(f"{tag}/out-no-grad", inf, ref, dtype)
+    # without the linear branch gamma cancels out of the output (its gradient is eps-sized noise)
+    names = ["q", "k", "v", "meta_k", "meta_v"] + (["fq", "fk", "g", "gamma"] if use_linear else [])
+    _grads(out, ref, x, names, tag, dtype)
