@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..linear_attn.chunk import (dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
-                                 TUNING, plan_segments, segment_states, split16 as _split)
+                                 TUNING, launch_fitting, plan_segments, segment_states, split16 as _split)
 
 
 @triton.jit
@@ -344,14 +344,20 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     if use_linear and nseg > 1:  # the linear branch's state at each segment start (keys < start - W + 1)
         Sl, zl = segment_states(fk, v, Gc, lag=window - 1, sinks=sinks, chunk_size=C, nch=nch, nseg=nseg,
                                 split=split)
-    grid = (triton.cdiv(Dv, BV), B * H, nseg)
-    _hy_fwd_kernel[grid](
-        q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
-        T, H, Hk, H // Hk, window, scale, eps, sinks, Sl, zl, nch,
-        D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=BV, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
-        USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=split,
-        SEGINIT=Sl is not None, num_warps=TUNING.get("hybrid_warps") or (8 if use_linear else 4), num_stages=2,
-    )
+    warps = TUNING.get("hybrid_warps") or (8 if use_linear else 4)
+
+    def launch(bv, stages):
+        _hy_fwd_kernel[(triton.cdiv(Dv, bv), B * H, nseg)](
+            q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
+            T, H, Hk, H // Hk, window, scale, eps, sinks, Sl, zl, nch,
+            D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=bv, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
+            USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=split,
+            SEGINIT=Sl is not None, num_warps=warps, num_stages=stages,
+        )
+
+    configs = [(bv, st) for bv in (BV, BV // 2, BV // 4) if bv >= 16 for st in (2, 1)]
+    key = ("hy_fwd", q.dtype, D, F, Dv, window, C, sinks > 0, use_linear, Gc is not None, save, split, Sl is not None, BV, warps)
+    launch_fitting(key, configs, launch)
     return o, den, m, arg
 
 
@@ -371,16 +377,25 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     BD, BDV = p2(D), p2(Dv)
     nkb = _nkb(window, C)
     dsplit = q.dtype != torch.float32 and TUNING.get("bwd_split", True)
-    _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
-        q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale, sinks,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
-        num_warps=TUNING.get("bwd_dq_warps") or (8 if BD * BDV >= 128 * 128 else 4), num_stages=2,
-    )
-    _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
-        q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
-        D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
-        num_warps=8, num_stages=2,
-    )
+    dq_warps = TUNING.get("bwd_dq_warps") or (8 if BD * BDV >= 128 * 128 else 4)
+    key = (q.dtype, D, Dv, window, C, sinks > 0, dsplit)
+
+    def dq_launch(stages):
+        _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
+            q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale, sinks,
+            D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
+            num_warps=dq_warps, num_stages=stages,
+        )
+
+    def dkv_launch(stages):
+        _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
+            q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
+            D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
+            num_warps=8, num_stages=stages,
+        )
+
+    launch_fitting(("hy_bwd_dq", dq_warps) + key, [(2,), (1,)], dq_launch)
+    launch_fitting(("hy_bwd_dkv",) + key, [(2,), (1,)], dkv_launch)
     dgamma = dp.sum((0, 2)).to(gamma.dtype)
     dfq = dfk = None
     if use_linear:

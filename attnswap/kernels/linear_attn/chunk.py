@@ -470,6 +470,27 @@ def _fwd_blocks(B: int, H: int, F: int, Dv: int) -> int:
     return BV
 
 
+_FITS: dict = {}
+
+
+def launch_fitting(key, configs, launch):
+    """Call ``launch(*config)`` with the first config (largest blocks first) whose kernel fits the
+    GPU's shared memory; the choice is remembered per ``key``. Large head dims with a long window
+    need more shared memory than an H100 has at the widest value block."""
+    if key in _FITS:
+        return launch(*_FITS[key])
+    err = None
+    for cfg in configs:
+        try:
+            out = launch(*cfg)
+        except triton.runtime.errors.OutOfResources as e:
+            err = e
+            continue
+        _FITS[key] = cfg
+        return out
+    raise err
+
+
 # tuning knobs (benchmarks/kernels.py --sweep changes them): programs per SM the segment split aims
 # for, and the fewest chunks a segment may have
 # (and the most F x BV state elements one program keeps in registers)
