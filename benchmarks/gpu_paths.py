@@ -73,11 +73,11 @@ def main():
             ids = torch.randint(100, 40000, (2, L), generator=torch.Generator().manual_seed(L)).cuda()
             res = {}
             for dt in (torch.float32, torch.bfloat16):
-                m.to(dt)
+                torch.nn.Module.to(m, dt)  # (transformers refuses .to(dtype) on a model loaded from GGUF)
                 for b in ("torch", "triton"):
                     with torch.no_grad(), force_backend(b):
                         res[(dt, b)] = m(ids).logits.float()
-            m.float()
+            torch.nn.Module.to(m, torch.float32)
             ref = res[(torch.float32, "torch")]
             for (dt, b), x in res.items():
                 err = (x - ref).abs().max().item()
@@ -89,7 +89,7 @@ def main():
                   f"top-1 {(tb.argmax(-1) == pb.argmax(-1)).float().mean().item():.4f}", flush=True)
             del res
         if a.speed:
-            m.to(torch.bfloat16)
+            torch.nn.Module.to(m, torch.bfloat16)
             for L in (int(x) for x in a.speed.split(",")):
                 speed(m, L, name)
         del m

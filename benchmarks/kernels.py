@@ -191,13 +191,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="4k only")
     ap.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla's columns (its autotuning compiles for minutes)")
+    ap.add_argument("--lengths", default="", help="comma-separated L (default 4k,16k,64k)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
     a = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1  median ms "
           "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
     if a.sweep:
         sweep([16384, 65536])
         return
-    Ls = [4096] if a.quick else [4096, 16384, 65536]
+    global fla_linear, fla_gla
+    if a.no_fla:
+        fla_linear = fla_gla = None
+    Ls = [int(x) for x in a.lengths.split(",")] if a.lengths else [4096] if a.quick else [4096, 16384, 65536]
     cols = [("lin", 2), ("gated", 2), ("hyb64", 2), ("hyb64 inf", 1), ("lizard", 2), ("lizard inf", 1),
             ("sdpa", 2), ("fla_lin", 2), ("fla_gla", 2)]
     heads = []
@@ -206,7 +212,8 @@ def main():
     ratios = [("lin", "fla_lin"), ("gated", "fla_gla"), ("hyb64 inf", "fla_lin"), ("hyb64", "fla_lin"), ("sdpa", "hyb64 inf")]
     print("| shape | L | " + " | ".join(heads) + " | " + " | ".join(f"{p}/{q_} f" for p, q_ in ratios) + " |")
     print("|" + "---|" * (2 + len(heads) + len(ratios)))
-    for name in SHAPES:
+    shapes = a.shapes.split(",")
+    for name in shapes:
         for L in Ls:
             res = row(name, L)
             cells = []
@@ -221,7 +228,7 @@ def main():
     print("\n# decode step (one token, B=1), median us; contexts measured alternately, 3 rounds, median of rounds")
     print("| shape | ctx | linear step | hybrid(w64) step |")
     print("|---|---|---|---|")
-    for name in SHAPES:
+    for name in shapes:
         for ctx, tl_, th in decode(name):
             print(f"| {name} | {ctx // 1024}k | {tl_ * 1e3:.1f} | {th * 1e3:.1f} |", flush=True)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..linear_attn.chunk import (dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
-                                 TUNING, launch_fitting, plan_segments, segment_states, split16 as _split)
+                                 TUNING, launch_fitting, plan_segments, segment_states)
 
 
 @triton.jit
@@ -90,20 +90,15 @@ def _hy_fwd_kernel(
         acc = tl.zeros([C, BV], dtype=tl.float32)
         if USE_LIN:
             bfq = tl.load(fqb + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
-            if GATED:
+            acc_l = _dot_r(bfq, S, PREC, SPLIT)
+            den_l = tl.sum(bfq.to(tl.float32) * z[None, :], 1)
+            if GATED:  # the rows' decay exp(G_i - G_0) applied after the product (see linear_attn.chunk)
                 gq = gload(Gb, tq, T, Hk)
                 g0 = gload(Gb, L0 - 1, T, Hk)
                 g1 = gload(Gb, L0 + C - 1, T, Hk)
-                fqs = bfq.to(tl.float32) * tl.exp(gq - g0)[:, None]
-                if SPLIT:  # both factors are computed: hi.hi + lo.hi + hi.lo
-                    f_hi, f_lo = _split(fqs, bfq.dtype)
-                    acc_l = _dot_r(f_hi, S, PREC, SPLIT) + tl.dot(f_lo, S.to(bfq.dtype), input_precision=PREC)
-                else:
-                    acc_l = tl.dot(fqs.to(bfq.dtype), S.to(bfq.dtype), input_precision=PREC)
-            else:
-                fqs = bfq
-                acc_l = _dot_r(bfq, S, PREC, SPLIT)
-            den_l = tl.sum(fqs.to(tl.float32) * z[None, :], 1)
+                wq = tl.exp(gq - g0)
+                acc_l = acc_l * wq[:, None]
+                den_l = den_l * wq
         if BS > 0:  # sink keys older than this chunk's first window tile: exact for every row
             ts = tl.arange(0, BS)
             ms = (ts < SINKS) & (ts < L0) & (ts < T)
@@ -132,10 +127,10 @@ def _hy_fwd_kernel(
                     acc_l += _dot_l(lin, bv, PREC, SPLIT)
                     den_l += tl.sum(lin, 1)
                     if GATED:
-                        kd = bfk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
+                        wk = tl.exp(g1 - gk)
                         dec = tl.exp(g1 - g0)
-                        S = S * dec + _dot_l(tl.trans(kd), bv, PREC, SPLIT)
-                        z = z * dec + tl.sum(kd, 0)
+                        S = S * dec + _dot_r(tl.trans(bfk), bv.to(tl.float32) * wk[:, None], PREC, SPLIT)
+                        z = z * dec + tl.sum(bfk.to(tl.float32) * wk[:, None], 0)
                     else:
                         S += tl.dot(tl.trans(bfk), bv, input_precision=PREC)
                         z += tl.sum(bfk.to(tl.float32), 0)
@@ -313,8 +308,9 @@ def _nkb(window: int, C: int) -> int:
 
 
 def _sink_tile(sinks: int) -> int:
-    """Size of the extra key tile that holds the sink tokens (0: none; at least 16 for tl.dot)."""
-    return 0 if sinks <= 0 else max(16, triton.next_power_of_2(sinks))
+    """Size of the extra key tile that holds the sink tokens (0: none). At least 32: a 16-wide tile
+    (the smallest tl.dot takes) gave illegal memory accesses with head dim 128 on the H100 (Triton 3.6)."""
+    return 0 if sinks <= 0 else max(TUNING.get("sink_tile_min", 32), triton.next_power_of_2(sinks))
 
 
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
@@ -355,8 +351,13 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
             SEGINIT=Sl is not None, num_warps=warps, num_stages=stages,
         )
 
-    configs = [(bv, st) for bv in (BV, BV // 2, BV // 4) if bv >= 16 for st in (2, 1)]
-    key = ("hy_fwd", q.dtype, D, F, Dv, window, C, sinks > 0, use_linear, Gc is not None, save, split, Sl is not None, BV, warps)
+    stages = TUNING.get("hybrid_stages") or (2, 1)
+    # with sink tokens a 32-wide value block read shared memory out of range on the H100 (Triton 3.6,
+    # compute-sanitizer; 16, 64 and 128 were clean), so that width is skipped there
+    widths = [bv for bv in (BV, BV // 2, BV // 4) if bv >= 16 and not (sinks and bv == 32)] or [16]
+    configs = [(bv, st) for bv in widths for st in stages]
+    key = ("hy_fwd", q.dtype, D, F, Dv, window, C, _sink_tile(sinks), use_linear, Gc is not None, save, split,
+           Sl is not None, BV, warps, stages)
     launch_fitting(key, configs, launch)
     return o, den, m, arg
 

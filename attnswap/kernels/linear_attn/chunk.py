@@ -105,10 +105,10 @@ def _seg_state_kernel(
             gk = gload(Gb, tk, T, Hk)
             g0 = gload(Gb, c * C - LAG - 1, T, Hk)
             g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
-            kd = bk.to(tl.float32) * tl.exp(g1 - gk)[:, None]
+            wk = tl.exp(g1 - gk)  # as in the forward kernels
             dec = tl.exp(g1 - g0)
-            S = S * dec + dot_l(tl.trans(kd), bv, PREC, SPLIT)
-            z = z * dec + tl.sum(kd, 0)
+            S = S * dec + dot_r(tl.trans(bk), bv.to(tl.float32) * wk[:, None], PREC, SPLIT)
+            z = z * dec + tl.sum(bk.to(tl.float32) * wk[:, None], 0)
         else:
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
             z += tl.sum(bk.to(tl.float32), 0)
@@ -220,24 +220,30 @@ def _la_fwd_kernel(
             g0 = gload(Gb, c * C - LAG - 1, T, Hk)
             g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
             s = s * tl.exp(tl.where(causal, gq[:, None] - gk[None, :], 0.0))
-            qs = (bq.to(tl.float32) * tl.exp(gq - g0)[:, None]).to(bq.dtype)
-        else:
-            qs = bq
         s = tl.where(causal, s, 0.0)
         acc = tl.dot(s.to(bv.dtype), bv, input_precision=PREC)
-        acc += tl.dot(qs, S.to(bq.dtype), input_precision=PREC)
+        # the query rows' decay exp(G_i - G_0) scales the inter-chunk product's rows afterwards, so no
+        # fp32 copy of the (C, F) query tile is kept (registers) and q is not rounded twice
+        inter = tl.dot(bq, S.to(bq.dtype), input_precision=PREC)
+        if GATED:
+            wq = tl.exp(gq - g0)
+            inter = inter * wq[:, None]
+        acc += inter
         if NORM:
-            den = tl.sum(s, 1) + tl.sum(qs.to(tl.float32) * z[None, :], 1)
+            zq = tl.sum(bq.to(tl.float32) * z[None, :], 1)
+            if GATED:
+                zq = zq * wq
+            den = tl.sum(s, 1) + zq
             acc = acc / (den + eps)[:, None]
             if den_out is not None:
                 if pid_v == 0:
                     tl.store(den_out + b * T * H + tq * H + h, den, mask=mq)
         tl.store(ob + tq[:, None] * (H * DV) + rv[None, :], acc.to(o.dtype.element_ty), mask=mq[:, None] & mv[None, :])
-        if GATED:
-            kd = (bk.to(tl.float32) * tl.exp(g1 - gk)[:, None])
+        if GATED:  # the keys' decay to the chunk end scales the (C, BV) value rows, not the (C, F) keys
+            wk = tl.exp(g1 - gk)
             dec = tl.exp(g1 - g0)
-            S = S * dec + tl.dot(tl.trans(kd.to(bk.dtype)), bv, input_precision=PREC)
-            z = z * dec + tl.sum(kd, 0)
+            S = S * dec + tl.dot(tl.trans(bk), (bv.to(tl.float32) * wk[:, None]).to(bv.dtype), input_precision=PREC)
+            z = z * dec + tl.sum(bk.to(tl.float32) * wk[:, None], 0)
         else:
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
             z += tl.sum(bk.to(tl.float32), 0)
