@@ -13,19 +13,20 @@ import torch
 
 from ..hybrid_attn.chunk import hy_backward, hy_forward, needs_grad
 from ..linear_attn.chunk import la_backward, la_forward, norm_grads
+from .torch_chunk import time_cumsum
 
 
 def _dg(q, dq, k, dk):
     B, T, H, _ = q.shape
     Hk = k.shape[2]
     dG = (q.float() * dq.float()).sum(-1).view(B, T, Hk, H // Hk).sum(-1) - (k.float() * dk.float()).sum(-1)
-    return dG.flip(1).cumsum(1).flip(1)
+    return time_cumsum(dG, reverse=True)
 
 
 class _GatedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, S0, z0, normalize, eps, output_final_state, chunk_size, segment_chunks):
-        Gc = g.float().cumsum(1).contiguous()
+        Gc = time_cumsum(g.float())
         init = (S0, z0) if S0 is not None else None
         o, den, final = la_forward(q, k, v, normalize=normalize, eps=eps, Gc=Gc, initial_state=init,
                                    output_final_state=output_final_state, chunk_size=chunk_size, want_den=True,
@@ -69,7 +70,7 @@ def triton_gated_linear_attn(q, k, v, g, *, normalize: bool = True, eps: float =
 class _GatedHybridFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, g, gamma, window, scale, eps, chunk_size, sinks, grads, segment_chunks):
-        Gc = g.float().cumsum(1).contiguous()
+        Gc = time_cumsum(g.float())
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, Gc, window=window, scale=scale,
                                     use_linear=True, eps=eps, chunk_size=chunk_size,
                                     out_fp32=grads and q.dtype != torch.float32, sinks=sinks, split=grads,

@@ -14,6 +14,15 @@ import torch.nn.functional as F_
 from ..hybrid_attn.torch_chunk import chunk_hybrid_attn
 
 
+def time_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum over dim 1 (time) of a (B, T, H) tensor, scanned along the last dim: torch's
+    scan over a middle dim of a long sequence took 6.0 ms at T=16k, 32 heads on the H100, against
+    0.04 ms this way (six of the gated forward's seven milliseconds were that one cumsum)."""
+    y = x.transpose(1, 2)
+    y = y.flip(-1).cumsum(-1).flip(-1) if reverse else y.cumsum(-1)
+    return y.transpose(1, 2).contiguous()
+
+
 def _gated_core(q, k, v, G, *, lag: int, C: int, S0=None, z0=None):
     """Unnormalised num (B,T,H,Dv), den (B,T,H) and final (S, z) of sum_{j<=i-lag} (q_i.k_j) e^{G_i-G_j}."""
     B, T, H, F = q.shape
@@ -67,7 +76,7 @@ def chunk_gated_linear_attn(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, output_final_state: bool = False,
     chunk_size: int = 64,
 ):
-    G = g.float().cumsum(1)
+    G = time_cumsum(g.float())
     S0, z0 = initial_state if initial_state is not None else (None, None)
     num, den, final = _gated_core(q, k, v, G, lag=0, C=chunk_size, S0=S0, z0=z0)
     out = num / (den.unsqueeze(-1) + eps) if normalize else num
@@ -116,6 +125,6 @@ def chunk_gated_hybrid_attn(
     den_w = den_w.reshape(B, Tp, H)[:, :T]
     if not use_linear:
         return (num_w / (den_w.unsqueeze(-1) + eps)).to(q.dtype)
-    num_l, den_l, _ = _gated_core(fq, fk, v, g.float().cumsum(1), lag=window, C=chunk_size)
+    num_l, den_l, _ = _gated_core(fq, fk, v, time_cumsum(g.float()), lag=window, C=chunk_size)
     out = (num_w + num_l) / ((den_w + den_l).unsqueeze(-1) + eps)
     return out.to(q.dtype)
