@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.chunk import (dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
+from ..linear_attn.chunk import (add_keys, dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
 
 
@@ -127,13 +127,9 @@ def _hy_fwd_kernel(
                     acc_l += _dot_l(lin, bv, PREC, SPLIT)
                     den_l += tl.sum(lin, 1)
                     if GATED:
-                        wk = tl.exp(g1 - gk)
-                        dec = tl.exp(g1 - g0)
-                        S = S * dec + _dot_r(tl.trans(bfk), bv.to(tl.float32) * wk[:, None], PREC, SPLIT)
-                        z = z * dec + tl.sum(bfk.to(tl.float32) * wk[:, None], 0)
+                        S, z = add_keys(S, z, bfk, bv, tl.exp(g1 - gk), tl.exp(g1 - g0), GATED, PREC, SPLIT)
                     else:
-                        S += tl.dot(tl.trans(bfk), bv, input_precision=PREC)
-                        z += tl.sum(bfk.to(tl.float32), 0)
+                        S, z = add_keys(S, z, bfk, bv, 1.0, 1.0, GATED, PREC, SPLIT)
         num = gam * acc
         den = gam * lrow
         if USE_LIN:

@@ -61,6 +61,20 @@ def dot_r(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def add_keys(S, z, bk, bv, wk, dec, GATED: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Add a tile of keys (rows of bk) and values to the state: S = S * dec + bk^T (wk * bv) and
+    z = z * dec + sum wk * bk when GATED (the keys' decay scales the (C, BV) value rows, not an fp32
+    copy of the (C, F) key tile), plain sums otherwise (wk, dec unused)."""
+    if GATED:
+        S = S * dec + dot_r(tl.trans(bk), bv.to(tl.float32) * wk[:, None], PREC, SPLIT)
+        z = z * dec + tl.sum(bk.to(tl.float32) * wk[:, None], 0)
+    else:
+        S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+        z += tl.sum(bk.to(tl.float32), 0)
+    return S, z
+
+
+@triton.jit
 def gload(Gb, pos, T, sg):
     """Cumulative log-gate at absolute positions ``pos``: 0 before the sequence, G[T-1] after it."""
     p = tl.minimum(tl.maximum(pos, 0), T - 1)
@@ -105,13 +119,9 @@ def _seg_state_kernel(
             gk = gload(Gb, tk, T, Hk)
             g0 = gload(Gb, c * C - LAG - 1, T, Hk)
             g1 = gload(Gb, c * C - LAG + C - 1, T, Hk)
-            wk = tl.exp(g1 - gk)  # as in the forward kernels
-            dec = tl.exp(g1 - g0)
-            S = S * dec + dot_r(tl.trans(bk), bv.to(tl.float32) * wk[:, None], PREC, SPLIT)
-            z = z * dec + tl.sum(bk.to(tl.float32) * wk[:, None], 0)
+            S, z = add_keys(S, z, bk, bv, tl.exp(g1 - gk), tl.exp(g1 - g0), GATED, PREC, SPLIT)
         else:
-            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
-            z += tl.sum(bk.to(tl.float32), 0)
+            S, z = add_keys(S, z, bk, bv, 1.0, 1.0, GATED, PREC, SPLIT)
     so = ((b * Hk + hk) * tl.num_programs(1) + seg) * F * DV
     tl.store(Sl + so + rf[:, None] * DV + rv[None, :], S, mask=mf[:, None] & mv[None, :])
     if pid % nvb == 0:
@@ -239,14 +249,10 @@ def _la_fwd_kernel(
                 if pid_v == 0:
                     tl.store(den_out + b * T * H + tq * H + h, den, mask=mq)
         tl.store(ob + tq[:, None] * (H * DV) + rv[None, :], acc.to(o.dtype.element_ty), mask=mq[:, None] & mv[None, :])
-        if GATED:  # the keys' decay to the chunk end scales the (C, BV) value rows, not the (C, F) keys
-            wk = tl.exp(g1 - gk)
-            dec = tl.exp(g1 - g0)
-            S = S * dec + tl.dot(tl.trans(bk), (bv.to(tl.float32) * wk[:, None]).to(bv.dtype), input_precision=PREC)
-            z = z * dec + tl.sum(bk.to(tl.float32) * wk[:, None], 0)
+        if GATED:
+            S, z = add_keys(S, z, bk, bv, tl.exp(g1 - gk), tl.exp(g1 - g0), GATED, PREC, False)
         else:
-            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
-            z += tl.sum(bk.to(tl.float32), 0)
+            S, z = add_keys(S, z, bk, bv, 1.0, 1.0, GATED, PREC, False)
     if STORE_FINAL:
         if (h % GROUP) == 0:
             tl.store(ST + sb + rf[:, None] * DV + rv[None, :], S, mask=mf[:, None] & mv[None, :])
@@ -569,14 +575,20 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
     if nseg > 1:  # segment states first, then every segment runs in parallel from its own state
         S0, z0 = segment_states(k, v, Gc, lag=lag, sinks=0, chunk_size=chunk_size, nch=nch, nseg=nseg,
                                 initial_state=(S0, z0) if S0 is not None else None, final=final, split=False)
-    grid = (triton.cdiv(Dv, BV), B * H, nseg)
-    _la_fwd_kernel[grid](
-        q, k, v, o, den, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
-        T, H, Hk, H // Hk, lag, eps, nch,
-        F=F, DV=Dv, BF=BF, BV=BV, C=chunk_size, NORM=normalize, GATED=Gc is not None,
-        HAS_INIT=S0 is not None, STORE_FINAL=final is not None and nseg == 1, PREC=dot_precision(q),
-        SEGINIT=nseg > 1, num_warps=4 if BF * BV <= 64 * 64 else 8, num_stages=2,
-    )
+
+    def launch(bv, stages):
+        _la_fwd_kernel[(triton.cdiv(Dv, bv), B * H, nseg)](
+            q, k, v, o, den, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
+            T, H, Hk, H // Hk, lag, eps, nch,
+            F=F, DV=Dv, BF=BF, BV=bv, C=chunk_size, NORM=normalize, GATED=Gc is not None,
+            HAS_INIT=S0 is not None, STORE_FINAL=final is not None and nseg == 1, PREC=dot_precision(q),
+            SEGINIT=nseg > 1, num_warps=4 if BF * bv <= 64 * 64 else 8, num_stages=stages,
+        )
+
+    # smaller GPUs than the H100 may not fit the widest value block
+    configs = [(bv, st) for bv in (BV, BV // 2, BV // 4) if bv >= 16 for st in (2, 1)]
+    launch_fitting(("la_fwd", q.dtype, F, Dv, chunk_size, normalize, Gc is not None, S0 is not None,
+                    final is not None and nseg == 1, nseg > 1, BV), configs, launch)
     return o, den, final
 
 

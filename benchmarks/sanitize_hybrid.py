@@ -1,3 +1,12 @@
+"""Reproduce one hybrid / gated-hybrid forward (32 heads x 128, window 128, bf16, no_grad) with chosen
+tuning knobs, to look for illegal memory accesses under compute-sanitizer (docs/BENCHMARKS.md, third
+GPU session: a 32-wide value block with sink tokens read shared memory out of range on Triton 3.6).
+
+    compute-sanitizer python3 benchmarks/sanitize_hybrid.py T VALUE_BLOCK {lizard,lizard-nometa,sinks} [MIN_SINK_TILE [STAGES]]
+
+VALUE_BLOCK 0 keeps the default. Prints "ok" and the launch configuration that was used. The
+launcher now skips the faulty width when sinks are present, so asking for 32 gets 16 there.
+"""
 import sys, torch
 from attnswap.kernels.linear_attn import chunk as lc
 from attnswap.kernels.gated_attn.chunk import triton_gated_hybrid_attn
