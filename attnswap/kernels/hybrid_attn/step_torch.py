@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F_
 
 from ..dispatch import compile_setting
+from ..gated_attn.torch_chunk import time_cumsum
 
 _COMPILED = None
 
@@ -45,7 +46,7 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
     old = max(0, T - W)
     lin = (valid & ~is_sink)[:, :old].float()[..., None, None]
     g = torch.zeros(B, T, Hk, device=k.device) if g is None else g.float() * valid[..., None]
-    G = g.cumsum(1)
+    G = time_cumsum(g)
     lin = lin * (G[:, -1:] - G[:, :old]).exp()[..., None]
     S = torch.einsum("btxf,btxd->bxfd", fk[:, :old].float() * lin, v[:, :old].float())
     z = (fk[:, :old].float() * lin).sum(1)
@@ -104,7 +105,7 @@ def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: floa
     a = gam * torch.exp(s - m)
     a_s = gam * torch.exp(ss - m)
     gl = torch.cat([state["win_g"], torch.zeros(B, Tq, Hk, device=dev) if g is None else g.float()], 1)
-    Gc = gl.cumsum(1)  # (B, W+Tq, Hk)
+    Gc = time_cumsum(gl)  # (B, W+Tq, Hk)
     Gq = Gc[:, W:]  # at each query
     dec = (Gq.permute(0, 2, 1)[..., :, None] - Gc.permute(0, 2, 1)[..., None, :]).clamp_max(0).exp()  # (B,Hk,Tq,W+Tq)
     lin = torch.einsum("btxgf,bjxf->bxgtj", fqg, fkl) * dec[:, :, None]
