@@ -45,6 +45,18 @@ def _grads(out, ref, xs, names, tag, dtype):
         check(f"{tag}/d{n}", a, b, dtype, grad=True, bound=bound)
 
 
+def _check_hybrid(tag, fast, naive, args, kw, x, names, dtype, C, seg):
+    """The fast hybrid with gradients enabled and under no_grad (no hi/lo products, nothing saved)
+    against the naive one: outputs, then the gradients of ``names``."""
+    ref = naive(*args, **kw)
+    out = fast(*args, chunk_size=C, segment_chunks=seg, **kw)
+    with torch.no_grad():
+        inf = fast(*args, chunk_size=C, segment_chunks=seg, **kw)
+    check(f"{tag}/out", out, ref, dtype)
+    check(f"{tag}/out-no-grad", inf, ref, dtype)
+    _grads(out, ref, x, names, tag, dtype)
+
+
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("shape_i", [0, 1])
 @pytest.mark.parametrize("gated", [False, True])
@@ -82,14 +94,8 @@ def test_hybrid_segments_match_naive(device, dtype, shape_i, sinks):
     x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype)
     args = [x[n] for n in ("q", "k", "v", "fq", "fk", "gamma")]
     kw = dict(window=W, scale=D**-0.5, sinks=sinks)
-    ref = naive_hybrid_attn(*args, **kw)
-    out = triton_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
-    with torch.no_grad():  # forward only: no hi/lo products, nothing saved
-        inf = triton_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
-    tag = f"segments/hybrid/T{T}W{W}s{seg}sinks{sinks}"
-    check(f"{tag}/out", out, ref, dtype)
-    check(f"{tag}/out-no-grad", inf, ref, dtype)
-    _grads(out, ref, x, ["q", "k", "v", "fq", "fk", "gamma"], tag, dtype)
+    _check_hybrid(f"segments/hybrid/T{T}W{W}s{seg}sinks{sinks}", triton_hybrid_attn, naive_hybrid_attn, args, kw, x,
+                  ["q", "k", "v", "fq", "fk", "gamma"], dtype, C, seg)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -103,13 +109,7 @@ def test_gated_hybrid_meta_tokens_match_naive(device, dtype, shape_i, use_linear
     x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype)
     args = [x[n] for n in ("q", "k", "v", "fq", "fk", "g", "gamma")]
     kw = dict(window=W, scale=D**-0.5, use_linear=use_linear, meta_k=x["meta_k"], meta_v=x["meta_v"])
-    ref = naive_gated_hybrid_attn(*args, **kw)
-    out = triton_gated_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
-    with torch.no_grad():
-        inf = triton_gated_hybrid_attn(*args, chunk_size=C, segment_chunks=seg, **kw)
-    tag = f"segments/gated-hybrid-meta/T{T}W{W}s{seg}{'' if use_linear else '-nolin'}"
-    check(f"{tag}/out", out, ref, dtype)
-    check(f"{tag}/out-no-grad", inf, ref, dtype)
     # without the linear branch gamma cancels out of the output (its gradient is eps-sized noise)
     names = ["q", "k", "v", "meta_k", "meta_v"] + (["fq", "fk", "g", "gamma"] if use_linear else [])
-    _grads(out, ref, x, names, tag, dtype)
+    _check_hybrid(f"segments/gated-hybrid-meta/T{T}W{W}s{seg}{'' if use_linear else '-nolin'}", triton_gated_hybrid_attn,
+                  naive_gated_hybrid_attn, args, kw, x, names, dtype, C, seg)

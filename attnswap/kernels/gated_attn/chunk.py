@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hybrid_attn.chunk import hy_backward, hy_forward, needs_grad
+from ..hybrid_attn.chunk import hy_backward, hy_forward, needs_grad, triton_hybrid_attn
 from ..linear_attn.chunk import la_backward, la_forward, norm_grads
 from .torch_chunk import time_cumsum
 
@@ -112,8 +112,6 @@ def triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, window: int, scale: f
             fk = front(fk, fk.new_zeros(M, *fk.shape[2:]))
             g = front(g, g.new_zeros(M, *g.shape[2:]))
     if not use_linear:
-        from ..hybrid_attn.chunk import triton_hybrid_attn
-
         out = triton_hybrid_attn(q, k, v, None, None, gamma, window=window, scale=scale, use_linear=False,
                                  eps=eps, chunk_size=chunk_size, sinks=M, segment_chunks=segment_chunks)
     else:

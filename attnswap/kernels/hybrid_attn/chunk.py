@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.chunk import (add_keys, dot_l as _dot_l, dot_precision, dot_r as _dot_r, gload, la_backward, norm_grads, p2,
+from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
 
 
@@ -35,7 +35,7 @@ def _softmax_tile(bq, bk, bv, inw, j0, scale, mrow, lrow, acc, arg, PREC: tl.con
     mnew = tl.maximum(mrow, bmax)
     alpha = tl.exp(mrow - mnew)
     p = tl.where(inw, tl.exp(s - mnew[:, None]), 0.0)
-    return mnew, lrow * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot_l(p, bv, PREC, SPLIT), arg
+    return mnew, lrow * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot_l(p, bv, PREC, SPLIT), arg
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _hy_fwd_kernel(
         acc = tl.zeros([C, BV], dtype=tl.float32)
         if USE_LIN:
             bfq = tl.load(fqb + tq[:, None] * (H * F) + rf[None, :], mask=mq[:, None] & mf[None, :], other=0.0)
-            acc_l = _dot_r(bfq, S, PREC, SPLIT)
+            acc_l = dot_r(bfq, S, PREC, SPLIT)
             den_l = tl.sum(bfq.to(tl.float32) * z[None, :], 1)
             if GATED:  # the rows' decay exp(G_i - G_0) applied after the product (see linear_attn.chunk)
                 gq = gload(Gb, tq, T, Hk)
@@ -124,7 +124,7 @@ def _hy_fwd_kernel(
                         gk = gload(Gb, tk, T, Hk)
                         lin = lin * tl.exp(tl.where(older, gq[:, None] - gk[None, :], 0.0))
                     lin = tl.where(older, lin, 0.0)
-                    acc_l += _dot_l(lin, bv, PREC, SPLIT)
+                    acc_l += dot_l(lin, bv, PREC, SPLIT)
                     den_l += tl.sum(lin, 1)
                     if GATED:
                         S, z = add_keys(S, z, bfk, bv, tl.exp(g1 - gk), tl.exp(g1 - g0), GATED, PREC, SPLIT)
@@ -169,7 +169,7 @@ def _dq_tile(bq, bk, bv, tk, inw, mrow, arg, dnf, dd, scale, PREC: tl.constexpr,
     # d gamma came out 3-6% off on the H100. So dnf keeps ~16 bits as hi + lo bf16 halves (DSPLIT,
     # two tensor-core products; v is exact in its own dtype), or full fp32 products for fp32 inputs
     if DSPLIT:
-        da = _dot_l(dnf, tl.trans(bv), PREC, True) + dd[:, None]
+        da = dot_l(dnf, tl.trans(bv), PREC, True) + dd[:, None]
     else:
         da = tl.dot(dnf, tl.trans(bv.to(tl.float32)), input_precision="ieee") + dd[:, None]
     pe = e * da
@@ -246,7 +246,7 @@ def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd,
     st = tl.dot(bk, tl.trans(bq), input_precision=PREC) * scale
     et = tl.where(inw, gam * tl.exp(st - mrow[None, :]), 0.0)
     if DSPLIT:  # as in _dq_tile
-        dat = _dot_r(bv, tl.trans(dnf), PREC, True) + dd[None, :]
+        dat = dot_r(bv, tl.trans(dnf), PREC, True) + dd[None, :]
     else:
         dat = tl.dot(bv.to(tl.float32), tl.trans(dnf), input_precision="ieee") + dd[None, :]
     dst = et * dat - tl.where(inw & (arg[None, :] == tk[:, None]), gam * dp[None, :], 0.0)
@@ -328,9 +328,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     BV = TUNING.get("hybrid_bv") or p2(Dv)  # every value block recomputes the window scores
     while BV > 16 and use_linear and p2(F) * BV > TUNING["state_elems"]:
         BV //= 2
-    if split is None:
-        split = q.dtype != torch.float32
-    split = bool(split) and q.dtype != torch.float32
+    split = q.dtype != torch.float32 and (split is None or bool(split))
     nch, nseg = plan_segments(T, C, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
     Sl = zl = None
     if use_linear and nseg > 1:  # the linear branch's state at each segment start (keys < start - W + 1)
