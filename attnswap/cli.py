@@ -95,7 +95,8 @@ def linearize(
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
     from . import loading
-    from .convert import convert_model, family_of, parse_layers
+    from .convert import family_of, parse_layers
+    from .modeling import convert_model
     from .convert.swap import make_swap
     from .distill.checkpoint import Checkpointer, TrainingRun, use_run
     from .distill.train import DistillConfig, distill, split_steps
@@ -174,7 +175,7 @@ def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
     """Device and dtype (this process's under `accelerate launch`), the model, and the packed data.
     Returns (device, dtype, is_main_process, model, tokenizer, train sequences, held-out sequences)."""
     from . import loading
-    from .distill.data import build_corpus, load_documents
+    from .data import build_corpus, load_documents
 
     dev = loading.pick_device(device)
     procs = _processes(dev)

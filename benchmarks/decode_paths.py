@@ -8,7 +8,7 @@ import torch
 
 import attnswap  # noqa: F401
 from attnswap import loading
-from attnswap.generation import reset_decode_graphs
+from attnswap.modeling import reset_decode_graphs
 
 path = sys.argv[1]
 L = int(sys.argv[2]) if len(sys.argv) > 2 else 2048

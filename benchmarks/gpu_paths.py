@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 import attnswap  # noqa: F401
 from attnswap import loading
-from attnswap.convert import convert_model
+from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 from attnswap.kernels import force_backend
 

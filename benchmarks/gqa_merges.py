@@ -32,7 +32,7 @@ def main():
 
     from attnswap import loading
     from attnswap.convert.gqa import calibrate, kv_bytes_per_token, merge_to_gqa
-    from attnswap.distill.data import build_corpus, load_documents
+    from attnswap.data import build_corpus, load_documents
     from attnswap.evals.perplexity import perplexity
 
     dev = loading.pick_device("auto")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attnswap  # noqa: F401  (registration)
-from attnswap.convert import FAMILIES, attention_mode, convert_model, parse_layers, swapped_modules
+from attnswap.convert import FAMILIES, attention_mode, parse_layers, swapped_modules
+from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 from attnswap.errors import AttnSwapError
 from attnswap.saving import save_converted

@@ -5,8 +5,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnswap.generation import reset_decode_graphs
+from attnswap.modeling import reset_decode_graphs
 from tests.test_generation import _converted
+
+pytestmark = pytest.mark.compat
 
 
 def _greedy(m, ids, mask=None, n=10):
@@ -125,7 +127,7 @@ def test_cuda_graph_generates_what_the_eager_step_generates(monkeypatch, method,
 
 
 def test_a_step_that_cannot_be_captured_falls_back_to_eager(monkeypatch, caplog):
-    import attnswap.generation as gen
+    import attnswap.modeling.decode as gen
 
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -136,7 +138,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager(monkeypatch, caplog)
     ref, _ = _greedy(m, ids, n=5)
     monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
     monkeypatch.setattr(gen, "DecodeGraph", broken)
-    with caplog.at_level("WARNING", logger="attnswap.generation"):
+    with caplog.at_level("WARNING", logger="attnswap.modeling.decode"):
         seq, _ = _greedy(m, ids, n=5)
         seq2, _ = _greedy(m, ids, n=5)
     assert torch.equal(seq, ref) and torch.equal(seq2, ref)
@@ -144,7 +146,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager(monkeypatch, caplog)
 
 
 def test_captured_steps_are_bounded(monkeypatch):
-    import attnswap.generation as gen
+    import attnswap.modeling.decode as gen
 
     monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
     m = _converted()

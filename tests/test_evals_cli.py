@@ -19,7 +19,7 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def conv_dir(tiny_dir, tmp_path_factory) -> Path:
     """A converted (untrained) tiny model with the same tokenizer as tiny_dir."""
-    from attnswap.convert import convert_model
+    from attnswap.modeling import convert_model
     from attnswap.convert.swap import make_swap
     from attnswap.saving import save_converted
 

@@ -10,7 +10,7 @@ pytest.importorskip("lm_eval.models.huggingface")
 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
-    from attnswap.convert import convert_model
+    from attnswap.modeling import convert_model
     from attnswap.convert.swap import make_swap
     from attnswap.saving import save_converted
     from tests.conftest import tiny_model, tiny_tokenizer

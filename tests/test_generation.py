@@ -4,10 +4,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnswap.convert import convert_model
-from attnswap.convert.base import RecurrentLayer
+from attnswap.modeling import convert_model
+from attnswap.hf_compat import StateLayer
 from attnswap.convert.swap import make_swap
 from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.compat
 
 
 def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0, sinks=0, method="lolcats"):
@@ -23,7 +25,7 @@ def _converted(fam="llama", layers=(0, 1, 2), window=4, seed=0, sinks=0, method=
 
 
 def _state_numel(cache):
-    return sum(t.numel() for l in cache.layers if isinstance(l, RecurrentLayer) for t in l.state.values())
+    return sum(t.numel() for l in cache.layers if isinstance(l, StateLayer) for t in l.state.values())
 
 
 @pytest.mark.parametrize("fam,layers", [("llama", (0, 1, 2)), ("llama", (0, 2)), ("qwen3", (1,)), ("mistral", (0, 1, 2))])
@@ -43,7 +45,7 @@ def test_token_by_token_equals_full_forward(fam, layers, prefix, sinks):
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
     assert len(set(sizes)) == 1  # the state does not grow with the tokens seen
     for i in layers:
-        assert isinstance(out.past_key_values.layers[i], RecurrentLayer)
+        assert isinstance(out.past_key_values.layers[i], StateLayer)
 
 
 def test_chunked_continuation_equals_full_forward():

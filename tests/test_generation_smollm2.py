@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache
 
 from attnswap import loading
-from attnswap.convert import convert_model
+from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,35 @@ def test_decoding_from_the_state_equals_a_full_forward(smollm2, monkeypatch, met
             rel = ((got - full).abs().max() / full.abs().max()).item()  # fp32 through 30 layers: ~5e-5
             assert rel < 2e-4, f"{method}, {path}: max |diff| is {rel:.2e} of the largest logit"
             assert torch.equal(got.argmax(-1), full.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_generate_equals_recomputation_on_smollm2(smollm2, method):
+    """generate() (greedy, chunked prefill, left-padded batch, beam search) against recomputing every
+    step from scratch without a cache, on the real model, across the softmax window."""
+    import copy
+
+    from tests.test_hf_compat import _recompute_greedy
+
+    m = copy.deepcopy(smollm2)
+    convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], "smollm2")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if any(s in name for s in ("feature_map", "window_factor", "gate_proj", "meta_")):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    a = torch.randint(100, 40000, (1, 150), generator=g)
+    b = torch.randint(100, 40000, (1, 140), generator=g)
+    n = 6
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    want_a = _recompute_greedy(m, a, n)
+    assert torch.equal(m.generate(a, **kw), want_a)
+    assert torch.equal(m.generate(a, prefill_chunk_size=64, **kw), want_a)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], 1)])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    got = m.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got[0, 150:], want_a[0, 150:])
+    assert torch.equal(got[1, 150:], _recompute_greedy(m, b, n)[0, 140:])
+    beam = dict(kw, num_beams=2, max_new_tokens=4, min_new_tokens=4)
+    assert torch.equal(m.generate(a, **beam), m.generate(a, use_cache=False, **beam))

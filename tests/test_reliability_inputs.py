@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import attnswap
 from attnswap.cli import app
-from attnswap.convert import convert_model
+from attnswap.modeling import convert_model
 from attnswap.convert.spec import read_converted_config, validate_attnswap_config
 from attnswap.convert.swap import make_swap
 from attnswap.errors import AttnSwapError
@@ -241,7 +241,7 @@ def test_data_in_other_encodings(tiny_dir, tiny_text, tmp_path, encoding, needle
 
 
 def test_utf8_bom_is_accepted(tmp_path):
-    from attnswap.distill.data import load_documents
+    from attnswap.data import load_documents
 
     f = tmp_path / "d.txt"
     f.write_bytes(b"\xef\xbb\xbfhello")

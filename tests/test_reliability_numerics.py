@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 import attnswap  # noqa: F401  (registration)
 from attnswap.cli import app
-from attnswap.convert import convert_model, swapped_modules
+from attnswap.convert import swapped_modules
+from attnswap.modeling import convert_model
 from attnswap.convert.lolcats import HedgehogFeatureMap, LolcatsAttention
 from attnswap.convert.swap import make_swap
 from attnswap.distill.faults import NonFiniteError

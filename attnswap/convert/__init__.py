@@ -3,7 +3,7 @@
 from . import lizard, lolcats  # noqa: F401  (register the methods)
 from .architectures import FAMILIES, family_of
 from .base import METHODS, SwappedAttention, attention_mode, swapped_modules
-from .swap import apply_swaps, convert_model, parse_layers
+from .swap import apply_swaps, parse_layers
 
 __all__ = [
     "FAMILIES",
@@ -11,7 +11,6 @@ __all__ = [
     "SwappedAttention",
     "apply_swaps",
     "attention_mode",
-    "convert_model",
     "family_of",
     "parse_layers",
     "swapped_modules",

@@ -19,8 +19,8 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..hf_compat import CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, pop_cache
 
 MODES = ("student", "teacher", "transfer")
 
@@ -45,7 +45,13 @@ METHODS: dict[str, type[SwappedAttention]] = {}
 
 
 def register_method(name: str):
+    """Register a replacement attention class under ``name``. It must say how it generates: from a
+    fixed-size state (``prefill_state`` + ``decode``) or from an ordinary KV cache (``KVCacheAttention``)."""
+
     def deco(cls):
+        recurrent = cls.decode is not SwappedAttention.decode and cls.prefill_state is not SwappedAttention.prefill_state
+        if not recurrent and not issubclass(cls, KVCacheAttention):
+            raise TypeError(f"method {name!r}: define prefill_state and decode, or derive from KVCacheAttention")
         cls.method = name
         METHODS[name] = cls
         return cls
@@ -94,7 +100,7 @@ class SwappedAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        qr, kr = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        qr, kr = apply_rope(q, k, cos, sin)
         return QKV(qr, kr, v, q, k, hidden_states)
 
     def softmax_attention(self, q, k, v, attention_mask=None):
@@ -125,17 +131,20 @@ class SwappedAttention(nn.Module):
     def can_decode(self) -> bool:
         return type(self).decode is not SwappedAttention.decode
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = pop_cache(kwargs)  # raises if transformers hands the cache over under a name we do not know
         B, T, _ = hidden_states.shape
         x = self.project(hidden_states, position_embeddings)
-        if past_key_values is not None and self.mode == "student" and self.can_decode:
-            out = self._recurrent(x, attention_mask, past_key_values)
-        elif self.mode == "student":
-            out = self._student_padded(x, attention_mask)
+        if self.mode == "student":
+            if cache is not None:
+                out = self._recurrent(x, attention_mask, cache) if self.can_decode else self._cached(x, attention_mask, cache)
+            else:
+                self._check_no_history(attention_mask, kwargs.get("use_cache"), T)
+                out = self._student_padded(x, attention_mask)
         else:
             q, k, v = x.q, x.k, x.v
-            if past_key_values is not None:  # softmax keeps the whole history, as the original does
-                kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            if cache is not None:  # softmax keeps the whole history, as the original does
+                kc, vc = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
                 k, v = kc.transpose(1, 2), vc.transpose(1, 2)
             out = self.softmax_attention(q, k, v, attention_mask)
             if self.mode == "transfer":
@@ -147,12 +156,29 @@ class SwappedAttention(nn.Module):
                 out = out.detach()
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
 
+    def _check_no_history(self, attention_mask, use_cache, T: int) -> None:
+        """Without a cache a converted layer sees only this call's tokens. If the call says there is
+        history (use_cache, or a mask over more keys than queries), attending to those tokens alone
+        would be silently wrong: raise instead."""
+        keys = mask_key_length(attention_mask)
+        if use_cache or (keys is not None and keys > T):
+            why = "use_cache=True" if use_cache else f"an attention mask over {keys} keys for {T} new tokens"
+            raise CacheContractError(
+                f"layer {self.layer_idx} ({self.method}) was called with {why} but received no cache: it would "
+                "decode without its state. Pass the cache as `cache`/`past_key_values`, or check that the installed "
+                "transformers is in the range attnswap supports")
+
+    def _cached(self, x: QKV, attention_mask, cache):
+        """Generation through an ordinary KV cache (KVCacheAttention methods)."""
+        kc, vc = cache.update(x.k.transpose(1, 2), x.v.transpose(1, 2), self.layer_idx)
+        return self.attend(x.q, kc.transpose(1, 2), vc.transpose(1, 2), attention_mask)
+
     def _recurrent(self, x: QKV, attention_mask, cache):
         """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
         B, T = x.q.shape[:2]
-        layer = RecurrentLayer.install(cache, self.layer_idx)
+        layer = layer_slot(cache, self.layer_idx)
         if layer.state is None:
-            valid = _key_padding(attention_mask, T)
+            valid = key_padding(attention_mask, T)
             valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
             out = self._student_padded(x, attention_mask)
             layer.state = self.prefill_state(x, valid)
@@ -168,7 +194,7 @@ class SwappedAttention(nn.Module):
 
     def _student_padded(self, x: QKV, attention_mask):
         """Run ``student``; with left padding, run each sequence on its real tokens only."""
-        valid = _key_padding(attention_mask, x.k.shape[1])
+        valid = key_padding(attention_mask, x.k.shape[1])
         if valid is None or bool(valid.all()):
             return self.student(x)
         outs = []
@@ -179,65 +205,19 @@ class SwappedAttention(nn.Module):
         return torch.cat(outs)
 
 
-class RecurrentLayer(DynamicLayer):
-    """A cache layer for a converted attention layer: it counts tokens (so positions and masks come
-    out right) and holds the method's fixed-size state instead of keys and values."""
+class KVCacheAttention(SwappedAttention):
+    """A replacement that keeps exact keys and values (sparse or streaming attention): it generates
+    through transformers' ordinary KV cache, so it needs no state of its own. A method defines
+    ``attend``, attention of the last ``Tq`` positions over ``Tk >= Tq`` keys (history first)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self.seen = 0
-        self.state: dict | None = None
+    def attend(self, q, k, v, attention_mask=None) -> torch.Tensor:
+        raise NotImplementedError
 
-    @classmethod
-    def install(cls, cache, idx: int) -> "RecurrentLayer":
-        layers = cache.layers
-        while len(layers) <= idx:
-            layers.append(DynamicLayer())
-        if not isinstance(layers[idx], cls):
-            if layers[idx].get_seq_length() > 0:
-                raise RuntimeError("a converted layer cannot continue from a cache filled by softmax attention")
-            layers[idx] = cls()
-        return layers[idx]
+    def student(self, x: QKV) -> torch.Tensor:
+        return self.attend(x.q, x.k, x.v)
 
-    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a converted attention layer keeps no key/value history")
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.seen
-
-    def reset(self) -> None:
-        self.seen, self.state = 0, None
-
-    def set_state(self, new: dict) -> None:
-        self.state = new
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError("a recurrent state cannot be rolled back (assisted decoding is not supported)")
-
-    def _map_state(self, fn) -> None:
-        if self.state is not None:
-            self.state = {k: fn(t) for k, t in self.state.items()}
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices) -> None:
-        self._map_state(lambda t: t[indices])
-
-    def reorder_cache(self, beam_idx) -> None:
-        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-
-def _key_padding(attention_mask, Tk):
-    """Which keys are real tokens, from the 4D mask transformers passes to attention layers."""
-    if attention_mask is None or attention_mask.dim() != 4:
-        return None
-    row = attention_mask[:, 0, -1, -Tk:]
-    return row if row.dtype == torch.bool else row == 0
+    def _student_padded(self, x: QKV, attention_mask):
+        return self.attend(x.q, x.k, x.v, attention_mask)
 
 
 def swapped_modules(model: nn.Module) -> list[SwappedAttention]:

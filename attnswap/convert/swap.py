@@ -9,7 +9,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import AttnSwapError
-from .architectures import family_of
 from .base import METHODS
 
 
@@ -56,18 +55,4 @@ def apply_swaps(model: nn.Module, swaps: list[dict]) -> nn.Module:
             new = cls(old, model.config, idx, swap.get("options", {}))
             ref = next(old.parameters())
             layers[idx].self_attn = new.to(device=ref.device)
-    return model
-
-
-def convert_model(model: nn.Module, swaps: list[dict], source: str) -> nn.Module:
-    """Swap attention in ``model`` and turn it into the matching attnswap model class, in place."""
-    from .. import __version__
-    from ..modeling import classes_for
-
-    family = family_of(model.config.model_type)
-    apply_swaps(model, swaps)
-    cfg_cls, model_cls = classes_for(family.model_type)
-    model.config.__class__ = cfg_cls  # a subclass that adds no fields: only model_type changes
-    model.config.attnswap = {"version": __version__, "source_model": source, "swaps": swaps}
-    model.__class__ = model_cls
     return model

@@ -24,6 +24,7 @@ import torch
 
 from ..convert.base import swapped_modules
 from ..errors import AttnSwapError
+from ..hf_compat import strip_peft_prefix
 from ..progress import console
 
 KILL_HOOK = "ATTNSWAP_TEST_KILL_AFTER_CHECKPOINT"
@@ -77,7 +78,7 @@ class InterruptFlag:
 
 
 def _display(name: str) -> str:
-    return name.removeprefix("base_model.model.")
+    return strip_peft_prefix(name)
 
 
 def _layer_of(name: str) -> str:

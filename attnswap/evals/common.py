@@ -54,19 +54,19 @@ class HFModel:
 
     @torch.no_grad()
     def complete(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        from transformers import DynamicCache
+        from ..hf_compat import cache_kwargs, new_cache, output_cache
 
         dev = model_device(self.model)
         x = torch.tensor([list(ids)], device=dev)
-        out = self.model(input_ids=x, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(new_cache()))
         new: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
             new.append(nxt)
             if nxt == self.eos or len(new) == max_new_tokens:
                 break
-            out = self.model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values,
-                             use_cache=True)
+            out = self.model(input_ids=torch.tensor([[nxt]], device=dev), use_cache=True,
+                             **cache_kwargs(output_cache(out)))
         return new
 
     @torch.no_grad()

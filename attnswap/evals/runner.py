@@ -175,11 +175,11 @@ def tokenizer_difference(a: dict, b: dict, va: dict | None = None, vb: dict | No
 
 def heldout_ids(data: str, tokenizer) -> torch.Tensor:
     """The held-out split of ``data``, tokenised exactly as ``convert linearize`` splits it."""
-    from ..distill.data import HELDOUT_EVERY, _encode, build_corpus, load_documents
+    from ..data import HELDOUT_EVERY, build_corpus, encode_documents, load_documents
 
     docs = load_documents(data)
     if len(docs) >= HELDOUT_EVERY:  # encode only the held-out documents (the same ids build_corpus makes)
-        ids = _encode(tokenizer, [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1])
+        ids = encode_documents(tokenizer, [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1])
     else:
         ids = build_corpus(docs, tokenizer).heldout
     if ids.numel() < 2:

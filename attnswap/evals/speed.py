@@ -75,21 +75,21 @@ def _sync(dev: torch.device) -> None:
 
 @torch.no_grad()
 def _once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
-    from transformers import DynamicCache
+    from ..hf_compat import cache_kwargs, new_cache, output_cache
 
     dev = ids.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(new_cache()))
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(dev)
     t1 = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(output_cache(out)))
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(dev)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "cache_bytes": cache_bytes(out.past_key_values)}
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "cache_bytes": cache_bytes(output_cache(out))}
 
 
 def measure(model, lengths: Sequence[int], *, decode_tokens: int = 32, repeats: int = 1, seed: int = 0,

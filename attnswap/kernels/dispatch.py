@@ -1,9 +1,10 @@
 """The one place that picks an implementation for each attention operator.
 
-``ATTNSWAP_KERNELS`` = ``auto`` (default: the Triton kernels for whole sequences on CUDA, the chunked
-PyTorch path on CPU and for the one-token decoding steps, which run inside a CUDA graph; see
-``backend_for``), ``torch``, or ``triton`` (always Triton, steps included; on CPU this needs
-``TRITON_INTERPRET=1``). ``force_backend`` does the same from code.
+The backend is ``auto`` (default: the Triton kernels for whole sequences on CUDA, the chunked PyTorch
+path on CPU and for the one-token decoding steps, which run inside a CUDA graph; see ``backend_for``),
+``torch``, or ``triton`` (always Triton, steps included; on CPU this needs ``TRITON_INTERPRET=1``).
+Code picks it with ``force_backend`` (a converted model does, from its runtime options); the
+environment variable ``ATTNSWAP_KERNELS``, when set, overrides both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .linear_attn.torch_chunk import chunk_linear_attn
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: str | None = None
+_compile_forced: str | None = None
+COMPILE_SETTINGS = ("off", "attn", "model")
 
 
 @contextlib.contextmanager
@@ -59,7 +62,7 @@ def _triton_ops() -> dict | None:
 
 def backend_for(x: torch.Tensor, step: bool = False) -> str:
     """``torch`` or ``triton`` for an operator on ``x`` (``step``: a one-token decoding step)."""
-    choice = _forced or os.environ.get("ATTNSWAP_KERNELS", "auto")
+    choice = os.environ.get("ATTNSWAP_KERNELS") or _forced or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"ATTNSWAP_KERNELS={choice!r}; choose from {', '.join(BACKENDS)}")
     if choice == "torch":
@@ -77,9 +80,14 @@ def backend_for(x: torch.Tensor, step: bool = False) -> str:
 
 
 def compile_setting() -> str:
-    """ATTNSWAP_COMPILE_DECODE: off (default, also 0), attn (each layer's attention decode step) or
-    model (also 1: the whole one-token step; attnswap/generation.py)."""
-    v = os.environ.get("ATTNSWAP_COMPILE_DECODE", "0").lower()
+    """Whether decoding steps are compiled with torch.compile: ``off`` (default), ``attn`` (each
+    layer's attention step, here in the kernels) or ``model`` (the whole one-token step, in
+    attnswap/modeling/decode.py). Set from code with ``force_compile``; the environment variable
+    ``ATTNSWAP_COMPILE_DECODE`` (0/off, attn, 1/model), when set, overrides it."""
+    v = os.environ.get("ATTNSWAP_COMPILE_DECODE")
+    if v is None:
+        return _compile_forced or "off"
+    v = v.lower()
     if v in ("0", "", "false", "off"):
         return "off"
     if v in ("1", "true", "model"):
@@ -87,6 +95,19 @@ def compile_setting() -> str:
     if v == "attn":
         return "attn"
     raise ValueError(f"ATTNSWAP_COMPILE_DECODE={v!r}: use 0, attn or model")
+
+
+@contextlib.contextmanager
+def force_compile(setting: str):
+    """Temporarily pick the decode-compile setting (``off``, ``attn`` or ``model``)."""
+    global _compile_forced
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"unknown compile setting {setting!r}; choose from {', '.join(COMPILE_SETTINGS)}")
+    old, _compile_forced = _compile_forced, setting
+    try:
+        yield
+    finally:
+        _compile_forced = old
 
 
 def linear_attn(q, k, v, **kw):

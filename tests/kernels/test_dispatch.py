@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import skip_triton_on
 
-from attnswap.convert import convert_model
+from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 from attnswap.kernels import force_backend
 from tests.conftest import tiny_model

@@ -1,21 +1,23 @@
 """Fast decoding for converted models: one whole-model decode step replayed as a CUDA graph.
 
-A converted model's cache has a fixed size (convert/base.py, ``RecurrentLayer``), so the one-token
+A converted model's cache has a fixed size (``hf_compat.StateLayer``), so the one-token
 step has the same shapes and addresses at every position: it can be captured once as a CUDA graph
 and replayed, which removes the per-operation launch cost that dominates decoding a small model.
 ``AttnSwap*ForCausalLM.forward`` sends a call here when it is a plain one-token decoding step
-(what ``generate()`` makes after the prompt); everything else takes the ordinary eager path.
+(what ``generate()`` makes after the prompt); everything else takes the ordinary eager path. The
+step is the family's own forward (``stock_forward``) over a cache that holds the static state.
 
 The graph owns static copies of the decoding state. A replay updates them in place and the cache
 layers then point at them. A cache whose state is elsewhere (the first step after a prefill, after
 an eager step, beam reordering) is copied in first; a cache that still points at the static buffers
 when another cache takes the graph over gets its own copy, so two generations never share state.
 
-``ATTNSWAP_DECODE_GRAPH`` picks the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere),
-``off`` (always eager), ``static`` (the same static-buffer step without graph capture, on any
-device: for tests and debugging). ``ATTNSWAP_COMPILE_DECODE`` also compiles with torch.compile
-(fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` (or
-``1``) the whole one-token step, ``attn`` each layer's attention step only.
+The runtime option ``decode_graph`` (runtime.py; env ``ATTNSWAP_DECODE_GRAPH`` overrides it) picks
+the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere), ``off`` (always eager),
+``static`` (the same static-buffer step without graph capture, on any device: for tests and
+debugging). ``compile_decode`` (env ``ATTNSWAP_COMPILE_DECODE``) also compiles with torch.compile
+(fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` the
+whole one-token step, ``attn`` each layer's attention step only.
 """
 
 from __future__ import annotations
@@ -25,27 +27,25 @@ import os
 import weakref
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .convert.base import RecurrentLayer, SwappedAttention
-from .convert.swap import decoder_layers
-from .kernels.dispatch import compile_setting
+from ..convert.base import SwappedAttention
+from ..convert.swap import decoder_layers
+from ..hf_compat import StateLayer, cache_kwargs, causal_lm_output, step_cache
+from ..kernels.dispatch import compile_setting
+from .runtime import GRAPH_MODES, current
 
 logger = logging.getLogger(__name__)
 MAX_GRAPHS = 4  # captured steps kept per model (one per batch size, device and setting)
 
 
 def graph_mode(device: torch.device) -> str:
-    mode = os.environ.get("ATTNSWAP_DECODE_GRAPH", "auto").lower()
-    if mode not in ("auto", "off", "static", "cuda"):
+    env = os.environ.get("ATTNSWAP_DECODE_GRAPH")
+    mode = env.lower() if env else current().decode_graph
+    if mode not in GRAPH_MODES:
         raise ValueError(f"ATTNSWAP_DECODE_GRAPH={mode!r}: use auto, off, static or cuda")
     if mode == "auto":
         return "cuda" if device.type == "cuda" else "off"
     return mode
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 class DecodeGraph:
@@ -101,7 +101,7 @@ class DecodeGraph:
         if owner is not None and owner is not cache:  # the previous user keeps its state
             mine = {id(t) for s in self.state for t in s.values()}
             for layer in owner.layers:
-                if isinstance(layer, RecurrentLayer) and layer.state is not None and any(id(t) in mine for t in layer.state.values()):
+                if isinstance(layer, StateLayer) and layer.state is not None and any(id(t) in mine for t in layer.state.values()):
                     layer.state = {k: t.clone() for k, t in layer.state.items()}
         for layer, static in zip(cache.layers, self.state):
             cur = layer.state
@@ -127,27 +127,9 @@ _COMPILED_STEP = None
 
 def _pure_step(model, ids, pos, states):
     """The whole model's one-token step as a function of the state: returns (logits, new states)."""
-    cache = _StepCache(states)
-    inner = model.model
-    h = inner.embed_tokens(ids)
-    pe = inner.rotary_emb(h, position_ids=pos)
-    for layer in decoder_layers(model):
-        h = _layer_out(layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos,
-                             past_key_values=cache, use_cache=True))
-    return model.lm_head(inner.norm(h)), [layer.state for layer in cache.layers]
-
-
-class _StepCache:
-    """Stands in for the transformers cache inside the step: it only carries the layers' states."""
-
-    def __init__(self, states):
-        self.layers = [_StepLayer(s) for s in states]
-
-
-class _StepLayer(RecurrentLayer):
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
+    cache = step_cache(states)
+    out = model.stock_forward(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(cache))
+    return out.logits, [layer.state for layer in cache.layers]
 
 
 def _is(a: dict, b: dict) -> bool:
@@ -167,7 +149,7 @@ def _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs
         return False
     mods = [layer.self_attn for layer in decoder_layers(model)]
     return all(isinstance(mod, SwappedAttention) and mod.can_decode and mod.mode == "student" for mod in mods) and all(
-        isinstance(layer, RecurrentLayer) and layer.state is not None for layer in layers)
+        isinstance(layer, StateLayer) and layer.state is not None for layer in layers)
 
 
 def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embeds, labels, kwargs):
@@ -197,7 +179,7 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
     if g is False:
         return None
     logits = g.step(past_key_values, input_ids, position_ids)
-    return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+    return causal_lm_output(logits, past_key_values)
 
 
 def reset_decode_graphs(model) -> None:

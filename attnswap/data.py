@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AttnSwapError
+from .errors import AttnSwapError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 HELDOUT_EVERY = 10
@@ -146,7 +146,7 @@ def _hf_docs(name: str) -> list[str]:
     except ImportError:
         raise AttnSwapError("hf: data needs the datasets library: pip install datasets") from None
     ds_name, _, config = name.partition(":")
-    from ..loading import _quiet
+    from .loading import _quiet
 
     try:
         with _quiet():
@@ -173,7 +173,7 @@ class Corpus:
         return ids[: n * seq_len].view(n, seq_len)
 
 
-def _encode(tokenizer, docs: list[str]) -> torch.Tensor:
+def encode_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     out: list[int] = []
     batch = 256
@@ -192,11 +192,11 @@ def build_corpus(data: str | list[str], tokenizer, *, max_train_tokens: int | No
     if len(docs) >= HELDOUT_EVERY:
         held = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
         train = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-        corpus = Corpus(_encode(tokenizer, train + extra), _encode(tokenizer, held))
+        corpus = Corpus(encode_documents(tokenizer, train + extra), encode_documents(tokenizer, held))
     else:
-        ids = _encode(tokenizer, list(docs))
+        ids = encode_documents(tokenizer, list(docs))
         cut = int(ids.numel() * (1 - 1 / HELDOUT_EVERY))
-        corpus = Corpus(torch.cat([ids[:cut], _encode(tokenizer, extra)]) if extra else ids[:cut], ids[cut:])
+        corpus = Corpus(torch.cat([ids[:cut], encode_documents(tokenizer, extra)]) if extra else ids[:cut], ids[cut:])
     if max_train_tokens is not None:
         corpus.train = corpus.train[:max_train_tokens]
     return corpus

@@ -1,0 +1,240 @@
+"""The one seam between attnswap and transformers' internals.
+
+Every other module reaches transformers through public API (``from_pretrained``, ``from_config``,
+``generate``, the Auto classes, ``Cache``/``CacheLayerMixin`` objects) or through a function here.
+When transformers renames or reshapes something, this file is the one to change, and its tests
+(``tests/test_hf_compat.py``) are the ones that say so.
+
+What still relies on internals, and how each is guarded:
+- the forward argument that carries the cache: ``past_key_values`` up to 5.23, ``cache`` from 5.24
+  (read from the decoder layer's signature, ``CACHE_KWARG``); a ``Cache`` arriving under any other
+  name raises instead of being ignored (``pop_cache``);
+- the output field holding the cache (``out.past_key_values`` / ``out.cache``): ``output_cache``,
+  ``causal_lm_output``;
+- the decoder-layer call and its return shape (a tensor, or a tuple in older releases):
+  ``call_decoder_layer``;
+- the rotary helper ``apply_rotary_pos_emb`` of the Llama modeling file: ``apply_rope``;
+- the layout of the 4D attention mask that attention layers receive: ``key_padding``;
+- the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer: ``StateLayer``,
+  ``layer_slot``;
+- ``model.hf_quantizer`` left behind by a GGUF load: ``forget_quantizer``;
+- peft's module-name prefix ``base_model.model.``: ``strip_peft_prefix``.
+
+The versions the test suite runs on are ``TESTED``; another version warns once, at import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama import modeling_llama
+
+TESTED = ("5.17.0", "5.25.0")  # oldest and newest transformers the whole suite has passed on
+VERSION = Version(transformers.__version__)
+
+
+def _cache_kwarg() -> str:
+    params = inspect.signature(modeling_llama.LlamaDecoderLayer.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(f"attnswap does not know how transformers {transformers.__version__} passes the KV cache to "
+                      "decoder layers (neither 'cache' nor 'past_key_values'); supported: "
+                      f"{TESTED[0]} to {TESTED[1]}")
+
+
+CACHE_KWARG = _cache_kwarg()
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def check_version(warn=warnings.warn) -> bool:
+    """Warn (once per process, from import) when transformers is outside the tested range."""
+    lo, hi = (Version(v) for v in TESTED)
+    if lo <= Version(VERSION.base_version) <= hi:
+        return True
+    warn(f"attnswap was tested with transformers {TESTED[0]} to {TESTED[1]}; {transformers.__version__} is "
+         "installed. Converted models check their own state at run time and raise rather than decode "
+         "wrongly, but pin transformers to the tested range if anything fails.", stacklevel=3)
+    return False
+
+
+class CacheContractError(RuntimeError):
+    """A converted layer was asked to decode without the state it needs."""
+
+
+# --- arguments and outputs ---------------------------------------------------------------------
+def pop_cache(kwargs: dict) -> Cache | None:
+    """Take the cache out of a forward's ``kwargs``, whatever this release calls it. A ``Cache``
+    under a name we do not know means transformers changed its calling convention: raise."""
+    found = [kwargs.pop(n) for n in CACHE_NAMES if n in kwargs]
+    found = [c for c in found if c is not None]
+    if len(found) > 1:
+        raise ValueError("pass the cache once, as `cache` or `past_key_values`")
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise CacheContractError(
+                f"transformers {transformers.__version__} passed a cache as {name!r}, which attnswap does not "
+                f"know; a converted layer would decode without its state (tested: {TESTED[0]} to {TESTED[1]})")
+    return found[0] if found else None
+
+
+def cache_kwargs(cache: Cache | None) -> dict:
+    """The keyword under which this release's models and layers take ``cache``."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(out) -> Cache | None:
+    """The cache a model output carries (``out.cache`` from 5.24, ``out.past_key_values`` before)."""
+    for name in CACHE_NAMES:
+        value = out.get(name) if hasattr(out, "get") else None
+        if value is None:
+            value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def causal_lm_output(logits: torch.Tensor, cache: Cache | None) -> CausalLMOutputWithPast:
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(logits=logits, **{field: cache})
+
+
+def call_decoder_layer(layer, hidden_states, *, position_embeddings, position_ids, cache, attention_mask=None):
+    """One decoder layer's forward; returns its hidden states (a tuple's first item in older releases)."""
+    out = layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                position_ids=position_ids, use_cache=cache is not None, **cache_kwargs(cache))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def new_cache(config=None) -> Cache:
+    """An empty dynamic cache, as ``generate()`` would make it."""
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+# --- rotary embeddings and masks ------------------------------------------------------------------
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on (B, T, heads, D) queries and keys, with the (B, T, D) cos/sin the model computed."""
+    return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+
+
+def key_padding(attention_mask, n_keys: int) -> torch.Tensor | None:
+    """Which of the last ``n_keys`` keys are real tokens (B, n_keys) bool, read from the 4D mask
+    (B, 1, Tq, Tk) that attention layers receive (bool: True = attend; float: 0 = attend). None
+    when there is no such mask (no padding)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    row = attention_mask[:, 0, -1, -n_keys:]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def mask_key_length(attention_mask) -> int | None:
+    """Number of keys the 4D mask covers (history included), or None without a 4D mask."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    return attention_mask.shape[-1]
+
+
+# --- the cache layer that holds a converted layer's state ------------------------------------------
+class StateLayer(DynamicLayer):
+    """A cache layer for a converted attention layer: it counts the tokens seen (so positions and
+    masks come out right) and holds the method's fixed-size state instead of keys and values."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, state: dict | None = None):
+        super().__init__()
+        self.seen = 0
+        self.state: dict | None = state
+
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise CacheContractError("a converted attention layer keeps no key/value history")
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen, self.state = 0, None
+
+    def set_state(self, new: dict) -> None:
+        self.state = new
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("a recurrent state cannot be rolled back (assisted decoding is not supported)")
+
+    def _map_state(self, fn) -> None:
+        if self.state is not None:
+            self.state = {k: fn(t) for k, t in self.state.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        self._map_state(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self):
+        self._map_state(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        pass
+
+
+def layer_slot(cache: Cache, idx: int, cls: type = StateLayer):
+    """The cache layer ``idx``, turned into a ``cls`` (a fresh one) unless it already is one. A layer
+    that already holds keys and values from softmax attention cannot be continued from: raise."""
+    layers = cache.layers
+    while len(layers) <= idx:
+        layers.append(DynamicLayer())
+    if not isinstance(layers[idx], cls):
+        if layers[idx].get_seq_length() > 0:
+            raise CacheContractError("a converted layer cannot continue from a cache filled by softmax attention")
+        layers[idx] = cls()
+    return layers[idx]
+
+
+def step_cache(states: list[dict]) -> Cache:
+    """A cache over given per-layer states, for the captured decode step (modeling/decode.py)."""
+    return Cache(layers=[StateLayer(s) for s in states])
+
+
+def cache_layers(cache: Cache) -> list:
+    return list(cache.layers)
+
+
+# --- loading and peft ----------------------------------------------------------------------------
+def forget_quantizer(model) -> None:
+    """A GGUF checkpoint is de-quantised on load; drop the quantizer record so it saves like any model."""
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def strip_peft_prefix(name: str) -> str:
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def base_forward_kwargs(**kw: Any) -> dict:
+    """Keyword arguments for a stock ``*ForCausalLM.forward``, the cache under this release's name."""
+    cache = kw.pop("cache", None)
+    return {**kw, **cache_kwargs(cache)}

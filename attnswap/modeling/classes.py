@@ -1,0 +1,115 @@
+"""transformers classes for converted models: one config/model pair per supported family.
+
+``AttnSwapLlamaConfig`` is ``LlamaConfig`` with model_type ``attnswap_llama`` and an ``attnswap``
+entry naming the swaps and the runtime options; ``AttnSwapLlamaForCausalLM`` builds the stock model,
+then swaps in the replacement attention modules that entry names. ``modeling/__init__.py`` registers
+them with the Auto classes; saved models also carry an ``auto_map`` for ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from ..convert.spec import validate_attnswap_config
+from ..convert.swap import apply_swaps
+from ..hf_compat import cache_kwargs, pop_cache
+from .decode import try_decode_step
+from .runtime import RuntimeOptions
+
+PREFILL_CHUNK = 2048  # generate() feeds a converted model long prompts this many tokens at a time
+
+
+class ConvertedModelMixin:
+    """What a converted causal LM adds to the stock class: the swaps at construction, runtime options
+    (kernels, decode graph, sparsity...), the one-token decode step, and chunked prefill by default."""
+
+    def __init__(self, config, *args, **kwargs):
+        given = {k: kwargs.pop(k) for k in RuntimeOptions.names() if k in kwargs}  # from_pretrained(..., kernels=...)
+        super().__init__(config, *args, **kwargs)
+        spec = getattr(config, "attnswap", None)  # checked in one place: convert/spec.py
+        spec = validate_attnswap_config(spec, config.num_hidden_layers) if spec is not None else {"swaps": []}
+        apply_swaps(self, spec["swaps"])
+        if given and spec.get("swaps"):
+            merged = RuntimeOptions.from_dict({**(spec.get("runtime") or {}), **given})
+            config.attnswap = {**config.attnswap, "runtime": merged.to_dict()}
+        self.attnswap_runtime = RuntimeOptions.from_config(config)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
+        cache = pop_cache(kwargs)
+        with self.attnswap_runtime.active():
+            fast = try_decode_step(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
+            if fast is not None:  # a one-token decoding step, replayed as a CUDA graph (decode.py)
+                return fast
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **cache_kwargs(cache), **kwargs)
+
+    def stock_forward(self, **kwargs):
+        """The family's own forward, without the decode-step shortcut (the decode step runs this)."""
+        return super().forward(**kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``generate()``, with long prompts prefilled ``PREFILL_CHUNK`` tokens at a time unless the call
+        or the generation config says otherwise: a converted model's peak memory then stays flat
+        however long the prompt (pass ``prefill_chunk_size=None`` for one pass)."""
+        if "prefill_chunk_size" not in kwargs:
+            gc = kwargs.get("generation_config") or self.generation_config
+            caching = kwargs.get("use_cache", getattr(gc, "use_cache", True)) is not False
+            if caching and getattr(gc, "prefill_chunk_size", None) is None:
+                kwargs["prefill_chunk_size"] = self.attnswap_runtime.prefill_chunk or PREFILL_CHUNK
+        with self.attnswap_runtime.active():
+            return super().generate(*args, **kwargs)
+
+
+class AttnSwapLlamaConfig(LlamaConfig):
+    model_type = "attnswap_llama"
+
+
+class AttnSwapMistralConfig(MistralConfig):
+    model_type = "attnswap_mistral"
+
+
+class AttnSwapQwen2Config(Qwen2Config):
+    model_type = "attnswap_qwen2"
+
+
+class AttnSwapQwen3Config(Qwen3Config):
+    model_type = "attnswap_qwen3"
+
+
+class AttnSwapLlamaForCausalLM(ConvertedModelMixin, LlamaForCausalLM):
+    config_class = AttnSwapLlamaConfig
+
+
+class AttnSwapMistralForCausalLM(ConvertedModelMixin, MistralForCausalLM):
+    config_class = AttnSwapMistralConfig
+
+
+class AttnSwapQwen2ForCausalLM(ConvertedModelMixin, Qwen2ForCausalLM):
+    config_class = AttnSwapQwen2Config
+
+
+class AttnSwapQwen3ForCausalLM(ConvertedModelMixin, Qwen3ForCausalLM):
+    config_class = AttnSwapQwen3Config
+
+
+CLASSES: dict[str, tuple[type, type]] = {
+    "llama": (AttnSwapLlamaConfig, AttnSwapLlamaForCausalLM),
+    "mistral": (AttnSwapMistralConfig, AttnSwapMistralForCausalLM),
+    "qwen2": (AttnSwapQwen2Config, AttnSwapQwen2ForCausalLM),
+    "qwen3": (AttnSwapQwen3Config, AttnSwapQwen3ForCausalLM),
+}
+
+
+def classes_for(model_type: str) -> tuple[type, type]:
+    return CLASSES[model_type.removeprefix("attnswap_")]
