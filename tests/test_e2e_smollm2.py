@@ -2,9 +2,9 @@
 processes (with and without importing attnswap), generate text."""
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +13,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    if shutil.which("convert") is None:
+    script = Path(sys.executable).with_name("convert")  # this environment's console script, not another `convert` on PATH
+    if not script.is_file():
         pytest.fail("the `convert` console script is not installed (pip install -e .)")
     d = tmp_path_factory.mktemp("e2e")
     out = d / "smollm2-linear"
-    cmd = ["convert", "linearize", "--model", "llama", "--steps", "4", "--seq-len", "128", "--batch-size", "1",
+    cmd = [str(script), "linearize", "--model", "llama", "--steps", "4", "--seq-len", "128", "--batch-size", "1",
            "--eval-tokens", "512", "--out", str(out), "--json", str(d / "report.json")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
