@@ -62,6 +62,7 @@ def register_method(name: str):
 class SwappedAttention(nn.Module):
     method: ClassVar[str] = ""
     decode_piece: ClassVar[int] = 256  # tokens attended per call when continuing from a state
+    runtime_options: ClassVar[tuple[str, ...]] = ()  # options that may change at load time (no weights depend on them)
     _stolen = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
     def __init__(self, original: nn.Module, config, layer_idx: int, options: dict):
@@ -90,6 +91,14 @@ class SwappedAttention(nn.Module):
     def transfer_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by attention transfer (stage 1)."""
         raise NotImplementedError
+
+    def transfer_objective(self, x: QKV, teacher_out: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Stage 1's loss for this layer, given the teacher's attention output (B, T, H, D): by default
+        the MSE between the student's and the teacher's outputs after o_proj."""
+        B, T = teacher_out.shape[:2]
+        pred = self._student_padded(x, attention_mask).reshape(B, T, -1)
+        dt = x.h.dtype
+        return F.mse_loss(self.o_proj(pred.to(dt)).float(), self.o_proj(teacher_out.reshape(B, T, -1).to(dt)).float())
 
     # --- shared machinery --------------------------------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -148,11 +157,7 @@ class SwappedAttention(nn.Module):
                 k, v = kc.transpose(1, 2), vc.transpose(1, 2)
             out = self.softmax_attention(q, k, v, attention_mask)
             if self.mode == "transfer":
-                pred = self._student_padded(x, attention_mask).reshape(B, T, -1)
-                self.transfer_loss = F.mse_loss(
-                    self.o_proj(pred.to(hidden_states.dtype)).float(),
-                    self.o_proj(out.detach().reshape(B, T, -1)).float(),
-                )
+                self.transfer_loss = self.transfer_objective(x, out.detach(), attention_mask)
                 out = out.detach()
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
 

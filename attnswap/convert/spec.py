@@ -22,7 +22,9 @@ from .base import METHODS
 # Which options a method takes, and their types, come from its ``default_options`` (so a new option
 # or method needs no change here); options it reads without a default, and lower bounds, are listed.
 OPTIONAL = {"use_linear": False}
-LOWER_BOUNDS = {"window": 1, "feature_dim": 1, "sinks": 0, "meta_tokens": 0}
+LOWER_BOUNDS = {"window": 1, "feature_dim": 1, "sinks": 0, "meta_tokens": 0, "block": 1, "gate_dim": 2,
+                "sparsity": 0, "threshold": 0, "token_budget": 0}
+UPPER_BOUNDS = {"sparsity": 1, "threshold": 1}  # sparsity below 1 (exclusive), threshold at most 1
 _STUB = SimpleNamespace(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_hidden_layers=1)
 
 
@@ -74,6 +76,9 @@ def _check_option(method: str, name, value) -> None:
     low = LOWER_BOUNDS.get(name)
     if low is not None and value < low:
         raise _bad(f"option {name!r} of {method} must be at least {low} (got {value})")
+    high = UPPER_BOUNDS.get(name)
+    if high is not None and (value > high or name == "sparsity" and value >= high):
+        raise _bad(f"option {name!r} of {method} must be {'below' if name == 'sparsity' else 'at most'} {high} (got {value})")
 
 
 def validate_attnswap_config(d, num_layers: int | None = None) -> dict:

@@ -34,9 +34,12 @@ class ConvertedModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         given = {k: kwargs.pop(k) for k in RuntimeOptions.names() if k in kwargs}  # from_pretrained(..., kernels=...)
-        super().__init__(config, *args, **kwargs)
         spec = getattr(config, "attnswap", None)  # checked in one place: convert/spec.py
         spec = validate_attnswap_config(spec, config.num_hidden_layers) if spec is not None else {"swaps": []}
+        spec = _override_method_options(spec, kwargs)  # from_pretrained(..., sparsity=0.95)
+        if spec.get("swaps"):
+            config.attnswap = spec
+        super().__init__(config, *args, **kwargs)
         apply_swaps(self, spec["swaps"])
         if given and spec.get("swaps"):
             merged = RuntimeOptions.from_dict({**(spec.get("runtime") or {}), **given})
@@ -69,6 +72,22 @@ class ConvertedModelMixin:
                 kwargs["prefill_chunk_size"] = self.attnswap_runtime.prefill_chunk or PREFILL_CHUNK
         with self.attnswap_runtime.active():
             return super().generate(*args, **kwargs)
+
+
+def _override_method_options(spec: dict, kwargs: dict) -> dict:
+    """Take the keyword arguments that name a load-time option of a swapped method (a method's
+    ``runtime_options``, e.g. seer's ``sparsity``) out of ``kwargs`` and into the swaps' options."""
+    from ..convert.base import METHODS
+
+    names = {n for s in spec.get("swaps", []) for n in getattr(METHODS[s["method"]], "runtime_options", ())}
+    given = {n: kwargs.pop(n) for n in names if n in kwargs}
+    if not given:
+        return spec
+    swaps = []
+    for s in spec["swaps"]:
+        allowed = getattr(METHODS[s["method"]], "runtime_options", ())
+        swaps.append({**s, "options": {**s.get("options", {}), **{k: v for k, v in given.items() if k in allowed}}})
+    return validate_attnswap_config({**spec, "swaps": swaps})
 
 
 class AttnSwapLlamaConfig(LlamaConfig):

@@ -1,0 +1,130 @@
+"""SeerAttention-style sparse attention (convert/seer.py): the gate's pieces against plain definitions,
+selection rules, exactness at sparsity 0, generation through the KV cache, and gate training."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnswap.convert import attention_mode
+from attnswap.convert.seer import block_attention_map, pool_keys, pool_queries, select_blocks
+from attnswap.convert.swap import make_swap
+from attnswap.modeling import convert_model
+from tests.conftest import tiny_model
+
+
+def _dense_block_map(q, k, scale, block):
+    """The definition: full causal softmax map, max over (block x block) tiles, rows normalised."""
+    B, T, H, D = q.shape
+    kh = k.repeat_interleave(H // k.shape[2], 2)
+    p = (torch.einsum("bthd,bshd->bhts", q, kh) * scale)
+    p = p.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    n = -(-T // block)
+    p = F.pad(p, (0, n * block - T, 0, n * block - T)).view(B, H, n, block, n, block).amax((3, 5))
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("T,block,rows", [(37, 8, 8), (64, 16, 32), (50, 64, 256)])
+def test_block_attention_map_equals_the_dense_definition(T, block, rows):
+    g = torch.Generator().manual_seed(T)
+    q, k = torch.randn(2, T, 4, 16, generator=g), torch.randn(2, T, 2, 16, generator=g)
+    got = block_attention_map(q, k, 0.25, block, rows=rows)
+    torch.testing.assert_close(got, _dense_block_map(q, k, 0.25, block), rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_matches_per_block_statistics():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 21, 2, 4, generator=g)
+    pooled = pool_keys(k, 8)
+    for j, (a, b) in enumerate([(0, 8), (8, 16), (16, 21)]):
+        blk = k[:, a:b]
+        torch.testing.assert_close(pooled[:, j], torch.cat([blk.amax(1), blk.amin(1), blk.mean(1)], -1))
+    q = torch.randn(1, 11, 3, 4, generator=g)  # positions 13..23: blocks 1 (13-15) and 2 (16-23)
+    pq, pos = pool_queries(q, 13, 8)
+    assert pos.tolist() == [1, 2]
+    torch.testing.assert_close(pq[:, 0], q[:, :3].mean(1))
+    torch.testing.assert_close(pq[:, 1], q[:, 3:].mean(1))
+
+
+def test_selection_rules_keep_sink_and_diagonal_and_respect_their_budget():
+    g = torch.Generator().manual_seed(1)
+    nQ = 10
+    qpos = torch.arange(nQ)
+    probs = torch.rand(1, 2, nQ, nQ, generator=g).tril()
+    keep = select_blocks(probs, qpos, sparsity=0.75, threshold=0.0, token_budget=0, block=4)
+    assert keep[..., 0].all() and keep.diagonal(dim1=-2, dim2=-1).all()
+    assert not keep.triu(1).any()  # never a future block
+    for i in range(nQ):
+        top = math.ceil(0.25 * (i + 1))
+        assert top <= int(keep[0, 0, i].sum()) <= top + 2
+    keep = select_blocks(probs, qpos, sparsity=0.0, threshold=0.0, token_budget=0, block=4)
+    assert torch.equal(keep[0, 0], torch.ones(nQ, nQ, dtype=torch.bool).tril())
+    keep = select_blocks(probs, qpos, sparsity=0.9, threshold=0.0, token_budget=8, block=4)  # budget wins: 2 blocks
+    assert int(keep[0, 0, 9].sum()) <= 4
+    keep = select_blocks(probs, qpos, sparsity=0.9, threshold=0.5, token_budget=0, block=4)
+    assert torch.equal(keep[0, 0, 9, 1:9], probs[0, 0, 9, 1:9] >= 0.5)
+
+
+def _seer(fam="llama", **opts):
+    m = tiny_model(fam)
+    convert_model(m, [make_swap("seer", [0, 1, 2], {"block": 8, **opts}, m.config)], "tiny")
+    return m
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen3"])
+def test_sparsity_zero_gives_the_teachers_logits_and_generation(fam):
+    teacher = tiny_model(fam)
+    m = _seer(fam, sparsity=0.0)
+    ids = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(m.generate(ids[:1, :30], **kw), teacher.generate(ids[:1, :30], **kw))
+
+
+def test_sparse_layers_attend_only_selected_blocks_and_report_density():
+    m = _seer(sparsity=0.75)
+    ids = torch.randint(0, 300, (1, 128), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = tiny_model()(ids).logits
+        sparse = m(ids).logits
+    densities = [layer.self_attn.last_density for layer in m.model.layers]
+    assert all(0.2 < d < 0.6 for d in densities), densities  # 16 query blocks: ~25% + sinks/diagonals
+    assert not torch.allclose(sparse, dense, atol=1e-3)  # it is sparse, not the teacher
+    out = m.generate(ids[:, :60], max_new_tokens=5, min_new_tokens=5, do_sample=False)  # through the KV cache
+    assert out.shape == (1, 65)
+
+
+def test_gate_training_lowers_the_kl_to_the_teachers_block_map():
+    from attnswap.distill.train import DistillConfig, distill
+
+    m = _seer(sparsity=0.5)
+    seqs = torch.randint(0, 300, (16, 64), generator=torch.Generator().manual_seed(4))
+
+    def kl():
+        with torch.no_grad(), attention_mode(m, "transfer") as mods:
+            m.model(input_ids=seqs[:4], use_cache=False)
+            return sum(float(x.transfer_loss) for x in mods)
+
+    before = kl()
+    weights = {n: p.clone() for n, p in m.named_parameters() if "gate_" not in n}
+    m, _ = distill(m, seqs, DistillConfig(transfer_steps=30, lora_steps=0, batch_size=4, transfer_lr=3e-2))
+    assert kl() < 0.7 * before
+    for n, p in m.named_parameters():  # only the gates train: the model's weights are untouched
+        if n in weights:
+            assert torch.equal(p, weights[n]), n
+
+
+def test_load_time_sparsity_override(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = _seer(sparsity=0.9)
+    m.save_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(5))
+    r = AutoModelForCausalLM.from_pretrained(tmp_path, sparsity=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(r(ids).logits, tiny_model()(ids).logits, rtol=1e-5, atol=1e-5)
+    assert r.config.attnswap["swaps"][0]["options"]["sparsity"] == 0.0
+    r = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert r.model.layers[0].self_attn.options["sparsity"] == 0.9
