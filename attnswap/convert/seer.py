@@ -175,6 +175,7 @@ class SeerAttention(KVCacheAttention):
         self.gate_q = nn.Parameter(torch.randn(self.num_heads, self.head_dim, G) / math.sqrt(self.head_dim))
         self.gate_k = nn.Parameter(torch.randn(self.num_kv_heads, 3 * self.head_dim, G) / math.sqrt(3 * self.head_dim))
         self.last_density: float | None = None
+        self.density_seen: list[float] = []  # densities of the calls since reset_density()
 
     @classmethod
     def default_options(cls, config) -> dict:
@@ -208,7 +209,16 @@ class SeerAttention(KVCacheAttention):
                              token_budget=int(o["token_budget"]), block=self.block)
         causal = (torch.arange(nK, device=q.device)[None, :] <= qpos[:, None]).sum()
         self.last_density = float(keep.sum() / (causal * B * self.num_kv_heads))
+        self.density_seen.append(self.last_density)
         return keep, qpos
+
+    def reset_density(self) -> None:
+        self.density_seen = []
+
+    @property
+    def mean_density(self) -> float | None:
+        """Mean fraction of causal key blocks attended over the calls since reset_density()."""
+        return sum(self.density_seen) / len(self.density_seen) if self.density_seen else None
 
     def attend(self, q, k, v, attention_mask=None):
         T, Tk = q.shape[1], k.shape[1]

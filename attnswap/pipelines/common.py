@@ -1,0 +1,92 @@
+"""What every pipeline shares: the common settings, input and output checks, loading the model and
+the data for training, the resume hint."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AttnSwapError
+from ..progress import console
+
+
+@dataclass
+class RunConfig:
+    """Settings every pipeline takes (the CLI declares their flags once)."""
+
+    model: str = "llama"
+    out: Path | None = None
+    data: str = "default"
+    steps: int = 1000
+    seq_len: int = 1024
+    batch_size: int = 8
+    seed: int = 0
+    eval_tokens: int = 32768
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+    json_out: Path | None = None
+    save_every: int = 200
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    keep_checkpoints: bool = False
+    nan_retries: int = 3
+    command: str = field(default="", repr=False)  # the command line, for the resume hint
+
+    def default_out(self, suffix: str) -> Path:
+        stem = "smollm2" if self.model.strip().lower() in ("llama", "smollm2") else Path(self.model).stem
+        return Path(f"{stem}-{suffix}")
+
+
+def check_positive(**values) -> None:
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise AttnSwapError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+
+
+@dataclass
+class Loaded:
+    device: object
+    dtype: object
+    main: bool  # this process evaluates and saves (accelerate's main process)
+    model: object
+    tokenizer: object
+    train: object  # (N, seq_len) token ids
+    heldout: object  # (M, seq_len) or None
+
+
+def processes(dev):
+    """accelerate's view of the launch: one process unless started by `accelerate launch`."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=dev.type == "cpu")
+
+
+def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens) -> Loaded:
+    """Device and dtype (this process's under `accelerate launch`), the model, and the packed data."""
+    from .. import loading
+    from ..data import build_corpus, load_documents
+
+    dev = loading.pick_device(device)
+    procs = processes(dev)
+    dev = procs.device if procs.num_processes > 1 else dev
+    dt = loading.pick_dtype(dtype, dev)
+    docs = load_documents(data)  # before the weights: bad data fails fast
+    rank = f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""
+    console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){rank}")
+    net, tok = loading.load_model(src, dtype=dt, device=dev)
+    corpus = build_corpus(docs, tok)
+    train = corpus.sequences("train", seq_len)
+    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
+    return Loaded(dev, dt, procs.is_main_process, net, tok, train, held)
+
+
+def resume_command(command: str, verb: str) -> str:
+    """The command line that continues this run (what the user typed, plus --resume)."""
+    args = shlex.split(command) if command else sys.argv[1:]
+    if verb not in args:
+        return f"convert {verb} <the same options> --resume"
+    args = ["convert", *args[args.index(verb):]]
+    return shlex.join(args if "--resume" in args else [*args, "--resume"])

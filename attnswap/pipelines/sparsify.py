@@ -1,0 +1,118 @@
+"""``convert sparsify``: keep exact softmax attention and learn which key blocks each query block
+needs (``--method seer``), training only the small gates against the teacher's attention maps."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from ..errors import AttnSwapError
+from .common import RunConfig, check_positive, load_for_training, resume_command
+
+METHODS = ("seer",)
+
+
+@dataclass
+class SparsifyConfig(RunConfig):
+    method: str = "seer"
+    layers: str = "all"
+    block: int = 64
+    gate_dim: int = 64
+    sparsity: float = 0.9
+    threshold: float = 0.0
+    token_budget: int = 0
+    lr: float = 1e-3
+    seq_len: int | None = None  # default: the model's maximum, at most 8192 (sparsity pays off at length)
+    batch_size: int = 1
+
+
+def check(cfg: SparsifyConfig) -> None:
+    """Everything that can be refused without loading the model."""
+    if cfg.method not in METHODS:
+        raise AttnSwapError(f"unknown --method {cfg.method!r}; available: {', '.join(METHODS)}")
+    check_positive(steps=cfg.steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size, block=cfg.block, gate_dim=cfg.gate_dim)
+    if cfg.gate_dim % 2:
+        raise AttnSwapError(f"--gate-dim must be even (got {cfg.gate_dim})")
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise AttnSwapError(f"--sparsity must be in [0, 1) (got {cfg.sparsity})")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise AttnSwapError(f"--threshold must be in [0, 1] (got {cfg.threshold})")
+    if cfg.token_budget < 0:
+        raise AttnSwapError(f"--token-budget must not be negative (got {cfg.token_budget})")
+    if cfg.save_every < 0 or cfg.nan_retries < 0:
+        raise AttnSwapError("--save-every and --nan-retries must not be negative")
+
+
+def run(cfg: SparsifyConfig) -> dict | None:
+    """Convert, train the gates, evaluate, save. Returns the report (None on non-main processes)."""
+    from .. import loading
+    from ..convert import family_of, parse_layers
+    from ..convert.swap import make_swap
+    from ..distill.checkpoint import Checkpointer, TrainingRun, use_run
+    from ..distill.train import DistillConfig, distill
+    from ..evals.perplexity import perplexity
+    from ..modeling import convert_model
+    from ..saving import check_out, save_converted
+
+    t0 = time.perf_counter()
+    check(cfg)
+    out = cfg.out or cfg.default_out(cfg.method)
+    check_out(out, cfg.overwrite)
+    ckpts = Checkpointer(cfg.checkpoint_dir or out.with_name(out.name + ".ckpt"), cfg.save_every)
+    ckpts.check_start(cfg.resume)
+
+    src = loading.resolve(cfg.model)
+    mcfg = loading.load_config(src)
+    if mcfg.model_type.startswith("attnswap_"):
+        raise AttnSwapError(f"{cfg.model} is already a converted attnswap model")
+    family_of(mcfg.model_type)
+    max_len = getattr(mcfg, "max_position_embeddings", None)
+    seq_len = cfg.seq_len or min(max_len or 8192, 8192)
+    if max_len is not None and seq_len > max_len:
+        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+    layers = parse_layers(cfg.layers, mcfg.num_hidden_layers)
+    options = {"block": cfg.block, "gate_dim": cfg.gate_dim, "sparsity": cfg.sparsity, "threshold": cfg.threshold,
+               "token_budget": cfg.token_budget}
+    swap = make_swap(cfg.method, layers, options, mcfg)
+
+    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens)
+    net = ld.model
+    ckpts.bind({"model": cfg.model, "data": cfg.data,
+                "train_tokens": hashlib.sha256(ld.train.contiguous().numpy().tobytes()).hexdigest(),
+                "swap": swap, "steps": cfg.steps, "seq_len": seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "dtype": str(ld.dtype), "lr": cfg.lr}, cfg.resume)
+    report: dict = {"model": cfg.model, "method": cfg.method, "layers": layers, "options": options, "steps": cfg.steps,
+                    "seq_len": seq_len, "batch_size": cfg.batch_size}
+    if ld.heldout is not None and ld.main:
+        report["teacher"] = perplexity(net, ld.heldout, batch_size=1, label="teacher perplexity")
+    convert_model(net, [swap], source=cfg.model)
+    dcfg = DistillConfig(transfer_steps=cfg.steps, lora_steps=0, batch_size=cfg.batch_size, transfer_lr=cfg.lr,
+                         seed=cfg.seed)
+    with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=resume_command(cfg.command, "sparsify"))):
+        net, stats = distill(net, ld.train, dcfg)
+    if not ld.main:
+        return None
+    if ld.heldout is not None:
+        mods = _gated(net)
+        for m in mods:
+            m.reset_density()
+        report["converted"] = perplexity(net, ld.heldout, batch_size=1, label="sparse perplexity")
+        report["density"] = {str(m.layer_idx): m.mean_density for m in mods}
+    try:
+        save_converted(net, ld.tokenizer, out, overwrite=cfg.overwrite)
+    except AttnSwapError as e:
+        kept = f"; the trained gates are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
+        raise AttnSwapError(f"{e}{kept}") from None
+    if not cfg.keep_checkpoints:
+        ckpts.remove()
+    report.update(out=str(out), trained_params=stats.transfer_params, tokens_seen=stats.tokens,
+                  train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
+                  device=str(ld.device))
+    return report
+
+
+def _gated(model):
+    from ..convert import swapped_modules
+
+    return [m for m in swapped_modules(model) if hasattr(m, "reset_density")]
