@@ -6,7 +6,7 @@ Sources (``--data``):
   classes and functions, read with ``ast`` (nothing is imported), about 0.5 M SmolLM2 tokens of
   English technical prose. It needs no download and is identical on every machine with the same
   Python. (Adding the standard library's source code, 3.5 M more tokens, made the held-out prose
-  perplexity worse on the GPU: see docs/BENCHMARKS.md; ``--data default+code`` still offers it.)
+  perplexity worse on the GPU: see docs/HISTORY.md; ``--data default+code`` still offers it.)
 - a ``.txt``/``.md`` file (one document), a ``.jsonl`` file (one document per line, from its
   ``text`` field), or a directory of such files (read recursively, in sorted order);
 - ``hf:NAME[:CONFIG]``: a dataset's ``train`` split through the ``datasets`` library (online only).

@@ -1,10 +1,23 @@
-"""Kernel benchmark: median ms (triton.testing.do_bench), bf16, B=1.
+"""Kernel suite: the attention operators (median ms, triton.testing.do_bench, bf16, B=1) and the
+numerics of the execution paths a converted model can take. Needs a CUDA GPU.
 
     python benchmarks/kernels.py            # full table (H100: a few minutes)
     python benchmarks/kernels.py --quick    # 4k only
     python benchmarks/kernels.py --sweep    # forward under each tuning knob (linear_attn.chunk.TUNING)
+    python benchmarks/kernels.py --paths llama --path-lengths 1024 --path-speed 4096,16384
+        # a converted model's logits through Triton vs PyTorch, in fp32 and bf16, each against fp32
+        # PyTorch; with --path-speed also whole-model forward and forward+backward time on both paths
+    python benchmarks/kernels.py --decode-paths runs/lolcats
+        # a converted model's decode logits through the CUDA graph / compiled step vs the eager step
+    compute-sanitizer python benchmarks/kernels.py --sanitize 4096,32,sinks
+        # one hybrid / gated-hybrid forward (32 heads x 128, window 128, no_grad) with chosen knobs
 
-Rows: (shape, L). Shapes: "32h" = 32 query/KV heads, head dim 128, feature dim 128;
+--paths and --decode-paths take a converted model directory as it is, or a teacher (alias, directory,
+.gguf), which is converted here with each method of --attention at its default options (lolcats:
+window 64 and 4 sinks; lizard: window 128 and 4 meta tokens), with the feature maps, gates and meta
+tokens moved off their initial values so that every branch carries weight.
+
+Rows of the table: (shape, L). Shapes: "32h" = 32 query/KV heads, head dim 128, feature dim 128;
 "smollm2" = 9 query heads, 3 KV heads, head dim 64, feature dim 128 (fla gets KV expanded to 9 heads;
 fla's chunk_linear_attn needs dk == dv so it runs with feature dim = head dim there).
 Columns: ours (linear, gated, hybrid window 64, Lizard's gated hybrid window 128 + 4 meta tokens),
@@ -186,20 +199,193 @@ def sweep(Ls):
     lc.TUNING.update(base)
 
 
+# --- execution paths of a converted model (were benchmarks/gpu_paths.py and decode_paths.py) ---------
+def _converted_models(spec: str, methods: str, dtype):
+    """(name, model) pairs on CUDA: the model itself when ``spec`` is already converted, else one fresh,
+    perturbed conversion of it per method."""
+    import copy
+
+    from attnswap import loading
+    from attnswap.convert.swap import make_swap
+    from attnswap.modeling import convert_model
+
+    m, _ = loading.load_model(loading.resolve(spec), dtype=dtype, device=torch.device(dev))
+    if getattr(m.config, "model_type", "").startswith("attnswap_"):
+        yield spec, m.eval()
+        return
+    for method in methods.split(","):
+        c = copy.deepcopy(m)
+        convert_model(c, [make_swap(method, list(range(c.config.num_hidden_layers)), {}, c.config)], spec)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in c.named_parameters():
+                if any(s in n for s in ("feature_map", "meta_", "gate")):
+                    p.add_(0.05 * torch.randn_like(p))
+        yield method, c.eval()
+        del c
+        torch.cuda.empty_cache()
+
+
+def _agreement(x, ref) -> str:
+    err = (x - ref).abs().max().item()
+    return (f"max |diff| {err:.4g} (relative to max |logit| {err / ref.abs().max().item():.3g}), "
+            f"top-1 agreement {(x.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
+
+
+def model_paths(spec: str, methods: str, lengths: list[int], speed_lengths: list[int]):
+    """Prefill logits through Triton and PyTorch, in fp32 and bf16, each against fp32 PyTorch (kernel
+    faults and bf16 rounding told apart); then whole-model bf16 time of the decoder on both paths."""
+    from attnswap.kernels import force_backend
+
+    for name, m in _converted_models(spec, methods, torch.float32):
+        for L in lengths:
+            ids = torch.randint(100, 40000, (2, L), generator=torch.Generator().manual_seed(L)).to(dev)
+            res = {}
+            for dt in (torch.float32, torch.bfloat16):
+                torch.nn.Module.to(m, dt)  # (transformers refuses .to(dtype) on a model loaded from GGUF)
+                for b in ("torch", "triton"):
+                    with torch.no_grad(), force_backend(b):
+                        res[(dt, b)] = m(ids).logits.float()
+            torch.nn.Module.to(m, torch.float32)
+            ref = res[(torch.float32, "torch")]
+            for (dt, b), x in res.items():
+                print(f"{name} L={L} {str(dt)[6:]:9s} {b:6s} vs fp32 torch: {_agreement(x, ref)}", flush=True)
+            print(f"{name} L={L} bf16 triton vs bf16 torch: "
+                  f"{_agreement(res[(torch.bfloat16, 'triton')], res[(torch.bfloat16, 'torch')])}", flush=True)
+            del res
+        torch.nn.Module.to(m, torch.bfloat16)
+        for L in speed_lengths:
+            ids = torch.randint(100, 40000, (1, L), generator=torch.Generator().manual_seed(1)).to(dev)
+            for b in ("torch", "triton"):
+                with force_backend(b):
+                    with torch.no_grad():
+                        f = do_bench(lambda: m.model(ids), warmup=5, rep=40, return_mode="median")
+
+                    def fb():
+                        m.model(ids).last_hidden_state.float().pow(2).mean().backward()
+                        m.zero_grad(set_to_none=True)
+
+                    t = do_bench(fb, warmup=5, rep=40, return_mode="median")
+                print(f"{name} L={L} bf16 {b:6s}: forward {f:.2f} ms, forward+backward {t:.2f} ms "
+                      "(decoder, no LM head)", flush=True)
+
+
+def decode_paths(spec: str, methods: str, prompt_len: int, steps: int):
+    """Teacher-forced decode logits after the same 2 x prompt_len prompt: the CUDA-graph step and the
+    compiled steps in bf16 against the eager step in bf16 and in fp32 (runtime options set on the model;
+    the ATTNSWAP_DECODE_GRAPH / ATTNSWAP_COMPILE_DECODE environment variables would override them)."""
+    from attnswap.hf_compat import cache_kwargs, output_cache
+    from attnswap.modeling import RuntimeOptions, reset_decode_graphs
+
+    for name, m in _converted_models(spec, methods, torch.float32):
+        ids = torch.randint(100, 40000, (2, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+        forced = ids[:, -steps:].flip(1)  # the same tokens for every path
+
+        @torch.no_grad()
+        def run(graph: str, compiled: str):
+            m.attnswap_runtime = RuntimeOptions(decode_graph=graph, compile_decode=compiled)
+            reset_decode_graphs(m)
+            past = output_cache(m(ids, use_cache=True, logits_to_keep=1))
+            logits = []
+            for t in range(steps):
+                o = m(forced[:, t : t + 1], use_cache=True, **cache_kwargs(past))
+                past = output_cache(o)
+                logits.append(o.logits[:, -1].float())
+            return torch.stack(logits, 1)
+
+        torch.nn.Module.to(m, torch.float32)
+        ref32 = run("off", "off")
+        torch.nn.Module.to(m, torch.bfloat16)
+        ref = run("off", "off")
+        print(f"{name} prompt 2 x {prompt_len}, {steps} steps, bf16 eager vs fp32 eager: {_agreement(ref, ref32)}", flush=True)
+        for graph, compiled, what in (("auto", "off", "cuda graph"), ("auto", "attn", "cuda graph + compiled attention"),
+                                      ("auto", "model", "cuda graph + compiled step")):
+            got = run(graph, compiled)
+            print(f"{name} bf16 {what} vs bf16 eager: {_agreement(got, ref)}; vs fp32 eager: {_agreement(got, ref32)}",
+                  flush=True)
+        m.attnswap_runtime = RuntimeOptions()
+        reset_decode_graphs(m)
+
+
+def sanitize(spec: str):
+    """T,VALUE_BLOCK,WHICH[,MIN_SINK_TILE[,STAGES]]: one forward of the 32h shape, window 128, no_grad,
+    WHICH = lizard, lizard-nometa or sinks (hybrid with 4 sinks); VALUE_BLOCK 0 keeps the default. Run it
+    under compute-sanitizer to look for illegal memory accesses (the launcher skips the 32-wide value
+    block that read shared memory out of range with sinks on Triton 3.6, so asking for 32 gets 16 there)."""
+    from attnswap.kernels.linear_attn import chunk as lc
+
+    parts = spec.split(",")
+    T, bv, which = int(parts[0]), int(parts[1]), parts[2]
+    if bv:
+        lc.TUNING["hybrid_bv"] = bv
+    if len(parts) > 3:
+        lc.TUNING["sink_tile_min"] = int(parts[3])
+    if len(parts) > 4:
+        lc.TUNING["hybrid_stages"] = (int(parts[4]),)
+    H = Hk = 32
+    D = 128
+
+    def r(*sh, pos=False):
+        return (torch.rand(*sh, device=dev) if pos else torch.randn(*sh, device=dev) * 0.5).to(DT)
+
+    q, k, v, fq, fk = r(1, T, H, D), r(1, T, Hk, D), r(1, T, Hk, D), r(1, T, H, D, pos=True), r(1, T, Hk, D, pos=True)
+    g = -torch.rand(1, T, Hk, device=dev) * 0.05
+    gamma = torch.full((H,), 0.5, device=dev, dtype=DT)
+    with torch.no_grad():
+        if which == "lizard":
+            o = triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128, scale=D**-0.5, meta_k=r(4, Hk, D), meta_v=r(4, Hk, D))
+        elif which == "lizard-nometa":
+            o = triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128, scale=D**-0.5)
+        elif which == "sinks":
+            o = triton_hybrid_attn(q, k, v, fq, fk, gamma, window=128, scale=D**-0.5, sinks=4)
+        else:
+            raise SystemExit(f"--sanitize: WHICH is lizard, lizard-nometa or sinks, not {which!r}")
+    torch.cuda.synchronize()
+    print(which, T, bv, "ok", lc._FITS, float(o.float().abs().max()), flush=True)
+
+
+def _commit() -> str:
+    import subprocess
+
+    import attnswap
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=attnswap.__path__[0]).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
+    mode.add_argument("--paths", metavar="MODEL", help="Triton vs PyTorch logits (and time) of a converted MODEL")
+    mode.add_argument("--decode-paths", metavar="MODEL", help="CUDA-graph / compiled vs eager decode logits of MODEL")
+    mode.add_argument("--sanitize", metavar="T,BV,WHICH[,SINK_TILE[,STAGES]]", help="one hybrid forward for compute-sanitizer")
+    ap.add_argument("--attention", default="lolcats,lizard", help="--paths/--decode-paths: methods for a fresh conversion")
+    ap.add_argument("--path-lengths", default="1024", help="--paths: prompt lengths of the logits check (2 sequences)")
+    ap.add_argument("--path-speed", default="", help="--paths: lengths at which to time both paths (bf16)")
+    ap.add_argument("--prompt-len", type=int, default=2048, help="--decode-paths: prompt length (2 sequences)")
+    ap.add_argument("--decode-steps", type=int, default=32, help="--decode-paths: teacher-forced decode steps")
     ap.add_argument("--quick", action="store_true", help="4k only")
-    ap.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-fla", action="store_true", help="skip fla's columns (its autotuning compiles for minutes)")
     ap.add_argument("--lengths", default="", help="comma-separated L (default 4k,16k,64k)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
     a = ap.parse_args()
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1  median ms "
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  attnswap commit {_commit()}  bf16  B=1  median ms "
           "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
     if a.sweep:
         sweep([16384, 65536])
         return
+    nums = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    if a.paths:
+        return model_paths(a.paths, a.attention, nums(a.path_lengths), nums(a.path_speed))
+    if a.decode_paths:
+        return decode_paths(a.decode_paths, a.attention, a.prompt_len, a.decode_steps)
+    if a.sanitize:
+        return sanitize(a.sanitize)
     global fla_linear, fla_gla
     if a.no_fla:
         fla_linear = fla_gla = None

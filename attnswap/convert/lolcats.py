@@ -4,7 +4,7 @@ softmax attention over a sliding window of recent keys, mixed by a learned per-h
     phi(x) = softmax([x W + b, -(x W + b)])   per head, W initialised to the identity
     out_i  = (gamma_h sum_{window} e^{s_ij - m_i} v_j + sum_{older} phi(q_i).phi(k_j) v_j) / (same without v)
 
-Two departures from the LoLCATs paper, both measured on SmolLM2 (docs/BENCHMARKS.md): ``sinks`` = S
+Two departures from the LoLCATs paper, both measured on SmolLM2 (docs/HISTORY.md, recipe search): ``sinks`` = S
 (default 4) keeps the first S tokens in the exact part for every query (attention sinks), and the
 feature maps read q/k before RoPE (``feature_rope: false``) while the window keeps RoPE. Setting
 ``sinks: 0, feature_rope: true`` gives the paper's form.

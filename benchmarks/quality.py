@@ -1,0 +1,214 @@
+"""Conversion-quality suite: held-out perplexity and recall of a converted model against its teacher.
+
+Three ways in:
+
+    # run a conversion (arguments after -- go to `convert linearize` / `convert gqa`), then evaluate it
+    python benchmarks/quality.py --model llama --convert linearize --out runs/q-lolcats -- --steps 1000
+    python benchmarks/quality.py --model llama --convert linearize --out runs/q-lizard -- --attention lizard --steps 1000
+    python benchmarks/quality.py --model llama --convert gqa --out runs/q-mqa -- --kv-heads 1 --train all --steps 1000
+
+    # evaluate a model converted earlier
+    python benchmarks/quality.py --model llama --candidate runs/q-lolcats
+
+    # gqa: perplexity right after merging, before any training, for every merge variant
+    python benchmarks/quality.py --model llama --gqa-merges --kv-heads 1
+
+The conversion runs the project's own command (``python -m attnswap.cli linearize|gqa ... --json``) and
+reports its wall time and the perplexities it printed; the evaluation is ``attnswap.evals.compare``
+(what ``convert eval`` runs) with the candidate against the teacher on the same held-out data and
+prompts. The defaults are the settings of the published figures (docs/BENCHMARKS.md): perplexity in
+512/1024/2048/8192-token windows, passkey at 1k-8k (5 depths x 10 samples), MQAR at 4-64 pairs.
+``--tasks none`` skips the evaluation. ``--sample`` also prints a greedy continuation from the saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _commit() -> str:
+    import attnswap
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=attnswap.__path__[0]).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    from attnswap import loading
+
+    dev = loading.pick_device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+
+
+def _numbers(text: str | None, kind=int):
+    return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
+
+
+def convert(a, extra: list[str]) -> tuple[Path, dict]:
+    """Run `convert linearize|gqa` as a user would; returns (output directory, its --json summary)."""
+    out = Path(a.out or f"runs/quality-{a.convert}")
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "attnswap.cli", a.convert, "--model", a.model, "--out", str(out), "--overwrite",
+               "--device", a.device, "--json", str(summary), *extra]
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd).returncode
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            sys.exit(f"the conversion failed (exit {rc})")
+        report = json.loads(summary.read_text())
+    report["command_wall_seconds"] = wall
+    return out, report
+
+
+def print_conversion(r: dict) -> None:
+    t = r.get("teacher", {}).get("ppl")
+    for key in ("merged", "converted", "distilled"):
+        if key in r and t:
+            print(f"{key} ppl (held-out, {r[key]['tokens']:,} tokens, {r['seq_len']}-token windows): {r[key]['ppl']:.3f} "
+                  f"= {r[key]['ppl'] / t:.3f}x the teacher's {t:.3f}")
+    print(f"conversion: {r.get('tokens_seen', 0):,} tokens seen, training {r.get('train_seconds', 0):.0f} s, "
+          f"whole command {r['command_wall_seconds']:.0f} s")
+
+
+def evaluate(a, candidate: str):
+    from attnswap.evals import compare
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    report = compare(candidate, a.model, tasks=tasks, data=a.data, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
+                     device=a.device, ppl_lengths=_numbers(a.ppl_lengths), lengths=_numbers(a.lengths),
+                     depths=_numbers(a.depths, float), samples=a.samples, mqar_pairs=_numbers(a.mqar_pairs),
+                     command=" ".join(["benchmarks/quality.py", *sys.argv[1:]]))
+    rows = report._rows()
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"\n{'metric':{width}s} {'teacher':>10s} {'candidate':>10s} {'change':>11s}")
+    for metric, base, cand, change, _ in rows:
+        print(f"{metric:{width}s} {base:>10s} {cand:>10s} {change:>11s}")
+    c = report.candidate["results"]
+    if "passkey" in c:
+        for side in (report.baseline, report.candidate):
+            depths = ", ".join(f"{d}: {v:.0%}" for d, v in side["results"]["passkey"]["by_depth"].items())
+            print(f"passkey by depth, {side['name']}: {depths}")
+    if "mqar" in c:
+        for side in (report.baseline, report.candidate):
+            pairs = ", ".join(f"{p}: {v:.0%}" for p, v in side["results"]["mqar"].get("by_pairs", {}).items())
+            print(f"mqar by pairs, {side['name']}: {pairs}")
+    if a.report_dir:
+        print("report:", report.write(a.report_dir) / "report.md")
+    return report
+
+
+def gqa_merges(a) -> dict:
+    """Held-out perplexity right after merging (no training) for mean / aligned merging, each with and
+    without the value read-out refit: one load, one calibration (the same data, split, calibration
+    batches and windows as `convert gqa`, seed 0)."""
+    import torch
+
+    from attnswap import loading
+    from attnswap.convert.gqa import calibrate, kv_bytes_per_token, merge_to_gqa
+    from attnswap.data import build_corpus, load_documents
+    from attnswap.evals.perplexity import perplexity
+
+    dev = loading.pick_device(a.device)
+    dt = loading.pick_dtype("auto", dev)
+    net, tok = loading.load_model(loading.resolve(a.model), dtype=dt, device=dev)
+    corpus = build_corpus(load_documents(a.data), tok)
+    train = corpus.sequences("train", a.seq_len)
+    held = corpus.sequences("heldout", a.seq_len)[: max(1, a.eval_tokens // a.seq_len)]
+    batch = 8
+    pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[: a.calib_batches * batch]
+    stats = calibrate(net, [train[pick[i : i + batch]] for i in range(0, pick.numel(), batch)])
+    res = {"model": a.model, "kv_heads": a.kv_heads, "grouping": a.grouping, "dtype": str(dt),
+           "teacher": perplexity(net, held, label="teacher"), "kv_bytes_per_token_before": kv_bytes_per_token(net.config, dt)}
+    for merge in ("mean", "aligned"):
+        for refit in (False, True):
+            m = copy.deepcopy(net)
+            t = time.perf_counter()
+            merge_to_gqa(m, a.kv_heads, grouping=a.grouping, merge=merge, stats=stats, refit=refit)
+            key = merge + ("+refit" if refit else "")
+            res[key] = perplexity(m, held, label=key) | {"merge_seconds": time.perf_counter() - t}
+            res["kv_bytes_per_token_after"] = kv_bytes_per_token(m.config, dt)
+            del m
+    tp = res["teacher"]["ppl"]
+    print(f"teacher ppl {tp:.3f}; KV bytes/token {res['kv_bytes_per_token_before']:,} -> {res['kv_bytes_per_token_after']:,}")
+    for k in ("mean", "mean+refit", "aligned", "aligned+refit"):
+        print(f"{k:14s} ppl {res[k]['ppl']:10.3f}  ({res[k]['ppl'] / tp:.2f}x teacher)")
+    return res
+
+
+def sample(path: str, prompt: str, device: str) -> str:
+    """A greedy continuation from the saved model, loaded the way a user loads it."""
+    from attnswap import loading
+
+    dev = loading.pick_device(device)
+    m, tok = loading.load_model(loading.resolve(path), dtype=loading.pick_dtype("auto", dev), device=dev)
+    ids = tok(prompt, return_tensors="pt").to(dev)
+    text = tok.decode(m.generate(**ids, max_new_tokens=30, do_sample=False)[0], skip_special_tokens=True)
+    print("sample:", text)
+    return text
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama", help="the teacher: alias, directory or .gguf file")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--convert", choices=("linearize", "gqa"), help="run this conversion of --model, then evaluate it")
+    what.add_argument("--candidate", help="evaluate this converted model directory against --model")
+    what.add_argument("--gqa-merges", action="store_true", help="gqa: perplexity after each merge variant, no training")
+    ap.add_argument("--out", help="--convert: output directory (default runs/quality-<command>)")
+    ap.add_argument("--tasks", default="ppl,passkey,mqar", help="evaluation tasks (ppl, passkey, niah, mqar, speed) or none")
+    ap.add_argument("--data", default="default")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--ppl-lengths", default="512,1024,2048,8192")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey/niah prompt lengths")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--mqar-pairs", default="4,8,16,32,64")
+    ap.add_argument("--report-dir", help="also write the eval report (report.md/json, plots) here")
+    ap.add_argument("--kv-heads", type=int, default=1, help="--gqa-merges: KV heads to merge to")
+    ap.add_argument("--grouping", default="similarity", help="--gqa-merges: similarity or adjacent")
+    ap.add_argument("--calib-batches", type=int, default=4, help="--gqa-merges: calibration batches of 8 sequences")
+    ap.add_argument("--sample", metavar="PROMPT", help="print a greedy continuation of PROMPT from the converted model")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", help="write everything measured here")
+    a = ap.parse_args(argv)
+    if extra and not a.convert:
+        ap.error("arguments after -- go to the conversion; they need --convert")
+
+    print(f"device {_device_name(a.device)}, attnswap commit {_commit()}", flush=True)
+    out: dict = {"commit": _commit(), "device": _device_name(a.device), "argv": sys.argv[1:]}
+    if a.gqa_merges:
+        out["merges"] = gqa_merges(a)
+    else:
+        candidate = a.candidate
+        if a.convert:
+            path, conv = convert(a, extra)
+            print_conversion(conv)
+            out["conversion"], candidate = conv, str(path)
+        if a.tasks != "none":
+            out["eval"] = evaluate(a, candidate).to_dict()
+        if a.sample:
+            out["sample"] = sample(candidate, a.sample, a.device)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
