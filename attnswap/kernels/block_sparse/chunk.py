@@ -22,6 +22,7 @@ h // (H // Hg). q/k/v may be strided views (last dim contiguous). Forward only: 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -32,19 +33,27 @@ from .masks import block_layout, block_mask_to_index, check_block_mask
 
 LOG2E = 1.0 / math.log(2.0)
 
-# BM / BN: query rows / key rows per tile (None: min(128, block) / min(64, block)); warps, stages
-TUNING = {"bm": None, "bn": None, "warps": None, "stages": (3, 2, 1)}
+# BM / BN: query rows / key rows per tile (None: min(128, block) / min(64, block)); warps, stages.
+# autotune: on CUDA, the sparse forward picks BM, BN, warps and stages among AUTOTUNE_CONFIGS by timing
+# them on its first call per (head dim, block, dtype) (triton.autotune); off: the fixed choice above.
+TUNING = {"bm": None, "bn": None, "warps": None, "stages": (3, 2, 1), "autotune": True}
+# (BM, BN, warps, stages); the ones whose tiles do not divide the block, or are much smaller than it,
+# are pruned before timing
+AUTOTUNE_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 64, 4, 3),
+                    (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4), (64, 64, 8, 3),
+                    (32, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 2)]
 
 
 @triton.jit
 def _online(bq, bk, bv, valid, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax update of (row max, row sum, numerator) with one key tile; scores in log2 units."""
-    s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+    """Online-softmax update of (row max, row sum, numerator) with one key tile; the row max is kept in
+    log2 units of the scaled scores, so the scale folds into one multiply-add per score."""
+    s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
     if MASKED:
         s = tl.where(valid, s, -1.0e30)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     if MASKED:
         p = tl.where(valid, p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
@@ -52,12 +61,29 @@ def _online(bq, bk, bv, valid, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, PR
 
 
 @triton.jit
+def _load_rows(ptr, rows, stride, cols, mrow, mcol, ROWMASK: tl.constexpr, COLMASK: tl.constexpr):
+    """Tile ptr[rows, cols] (rows strided, cols contiguous), masking only what can be out of range."""
+    addr = ptr + rows[:, None] * stride + cols[None, :]
+    if ROWMASK:
+        if COLMASK:
+            x = tl.load(addr, mask=mrow[:, None] & mcol[None, :], other=0.0)
+        else:
+            x = tl.load(addr, mask=mrow[:, None], other=0.0)
+    else:
+        if COLMASK:
+            x = tl.load(addr, mask=mcol[None, :], other=0.0)
+        else:
+            x = tl.load(addr)
+    return x
+
+
+@triton.jit
 def _tile_max(bq, bk, valid, lse2, mq, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
     """Largest probability per query row of one key tile (0 for rows that are not queries)."""
-    s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+    s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
     if MASKED:
         s = tl.where(valid, s, -1.0e30)
-    return tl.where(mq, tl.exp2(tl.max(s, 1) - lse2), 0.0)
+    return tl.where(mq, tl.exp2(tl.max(s, 1) * qk_scale - lse2), 0.0)
 
 
 @triton.jit
@@ -108,8 +134,8 @@ def _bs_fwd_kernel(
             j = e
         for s in tl.static_range(NSUB):
             tk = j * BLOCK + s * BN + rn
-            bk = tl.load(kb + tk[:, None] * skt + rd[None, :], mask=md[None, :], other=0.0)
-            bv = tl.load(vb + tk[:, None] * svt + rv[None, :], mask=mv[None, :], other=0.0)
+            bk = _load_rows(kb, tk, skt, rd, 0, md, False, BD != D)
+            bv = _load_rows(vb, tk, svt, rv, 0, mv, False, BDV != DV)
             m_i, l_i, acc = _online(bq, bk, bv, 0, m_i, l_i, acc, qk_scale, False, PREC)
     # the last entry (the diagonal block when kept): causal mask, sub-tiles above the rows skipped
     if n > 0:
@@ -122,8 +148,8 @@ def _bs_fwd_kernel(
             if k0 <= p0 + BM - 1:
                 tk = k0 + rn
                 mk = tk < Tk
-                bk = tl.load(kb + tk[:, None] * skt + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-                bv = tl.load(vb + tk[:, None] * svt + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+                bk = _load_rows(kb, tk, skt, rd, mk, md, True, BD != D)
+                bv = _load_rows(vb, tk, svt, rv, mk, mv, True, BDV != DV)
                 valid = tk[None, :] <= pos[:, None]
                 m_i, l_i, acc = _online(bq, bk, bv, valid, m_i, l_i, acc, qk_scale, True, PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # a row with nothing selected gives 0
@@ -137,7 +163,7 @@ def _bs_fwd_kernel(
             t = tl.zeros([BM], dtype=tl.float32)
             for s in tl.static_range(NSUB):
                 tk = j2 * BLOCK + s * BN + rn
-                bk = tl.load(kb + tk[:, None] * skt + rd[None, :], mask=md[None, :], other=0.0)
+                bk = _load_rows(kb, tk, skt, rd, 0, md, False, BD != D)
                 t = tl.maximum(t, _tile_max(bq, bk, 0, lse2, mq, qk_scale, False, PREC))
             tl.store(mb + j2, tl.max(t, 0))
         t = tl.zeros([BM], dtype=tl.float32)
@@ -149,6 +175,20 @@ def _bs_fwd_kernel(
                 valid = tk[None, :] <= pos[:, None]
                 t = tl.maximum(t, _tile_max(bq, bk, valid, lse2, mq, qk_scale, True, PREC))
         tl.store(mb + qblk, tl.max(t, 0))
+
+
+def _prune(configs, named_args, **kw):
+    block = kw["BLOCK"]
+    ok = [c for c in configs if block % c.kwargs["BM"] == 0 and block % c.kwargs["BN"] == 0]
+    big = [c for c in ok if c.kwargs["BM"] >= min(64, block) and c.kwargs["BN"] >= min(32, block)]
+    return big or ok
+
+
+_bs_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in AUTOTUNE_CONFIGS],
+    key=["D", "DV", "BLOCK", "SPARSE", "MAP"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_bs_fwd_kernel)
 
 
 def _tiles(block: int, bm: int | None, bn: int | None) -> tuple[int, int]:
@@ -171,6 +211,10 @@ def _check(q, k, v, block):
         raise ValueError("q, k, v must share a dtype")
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _lastdim(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -184,18 +228,19 @@ def _launch(q, k, v, idx, cnt, bmap, *, block, scale, bm, bn, sparse, want_map):
     Hg = idx.shape[1] if sparse else 1
     S = idx.shape[-1] if sparse else 0
     scale = D**-0.5 if scale is None else scale
+    args = (q, k, v, o, idx, cnt, bmap,
+            T, Tk, H, H // Hk, H // Hg, Hg, nQ, nK, S, q0, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+    consts = dict(D=D, DV=Dv, BD=p2(D), BDV=p2(Dv), BLOCK=block, SPARSE=sparse, MAP=want_map, PREC=dot_precision(q))
+    if bm is None:  # autotuned (CUDA, sparse forward only: the map's partial layout depends on BM)
+        _bs_fwd_tuned[lambda meta: (nQ * (block // meta["BM"]), B * H)](*args, **consts)
+        return o
     warps = TUNING["warps"] or (8 if bm >= 128 else 4)
     grid = (nQ * (block // bm), B * H)
 
     def launch(stages):
-        _bs_fwd_kernel[grid](
-            q, k, v, o, idx, cnt, bmap,
-            T, Tk, H, H // Hk, H // Hg, Hg, nQ, nK, S, q0, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            D=D, DV=Dv, BD=p2(D), BDV=p2(Dv), BLOCK=block, BM=bm, BN=bn,
-            SPARSE=sparse, MAP=want_map, PREC=dot_precision(q), num_warps=warps, num_stages=stages,
-        )
+        _bs_fwd_kernel[grid](*args, **consts, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
 
     key = ("bs_fwd", q.dtype, D, Dv, block, bm, bn, sparse, want_map, warps)
     launch_fitting(key, [(st,) for st in TUNING["stages"]], launch)
@@ -221,6 +266,9 @@ def triton_block_sparse_attn(q, k, v, block_mask=None, *, block: int = 64, scale
     if idx.dim() != 4 or idx.shape[0] != B or idx.shape[2] != nQ or cnt.shape != idx.shape[:3] or H % idx.shape[1]:
         raise ValueError(f"index must be idx (B, Hg, nQ={nQ}, S), cnt (B, Hg, nQ); got {tuple(idx.shape)}, {tuple(cnt.shape)}")
     idx, cnt = idx.to(torch.int32).contiguous(), cnt.to(torch.int32).contiguous()
+    if bm is None and bn is None and q.is_cuda and TUNING["autotune"] and not _interpreted():
+        return _launch(q, k, v, idx, cnt, None, block=block, scale=scale, bm=None, bn=None, sparse=True,
+                       want_map=False)
     bm, bn = _tiles(block, bm, bn)
     return _launch(q, k, v, idx, cnt, None, block=block, scale=scale, bm=bm, bn=bn, sparse=True, want_map=False)
 
