@@ -11,6 +11,7 @@ numerics of the execution paths a converted model can take. Needs a CUDA GPU.
         # a converted model's decode logits through the CUDA graph / compiled step vs the eager step
     compute-sanitizer python benchmarks/kernels.py --sanitize 4096,32,sinks
         # one hybrid / gated-hybrid forward (32 heads x 128, window 128, no_grad) with chosen knobs
+    python benchmarks/kernels.py --suite sparse [--lengths 16384,32768] [--no-flex] [--no-decode]
 
 --paths and --decode-paths take a converted model directory as it is, or a teacher (alias, directory,
 .gguf), which is converted here with each method of --attention at its default options (lolcats:
@@ -24,6 +25,16 @@ Columns: ours (linear, gated, hybrid window 64, Lizard's gated hybrid window 128
 torch SDPA causal (flash), fla chunk_linear_attn and chunk_simple_gla when fla is importable; forward
 with gradients enabled (f), forward under no_grad (inf: the hybrids then skip what only the backward
 needs) and forward+backward (fb). Then decode-step latency at 1k vs 128k context.
+
+``--suite sparse`` (block-sparse attention, issue 15): B=1, 32 query/KV heads, head dim 128, bf16,
+L = 16k, 32k, 64k; random causal block masks (one per head, block_sparse.masks.random_block_mask: each
+causal block besides the sink and the diagonal kept with the probability that leaves 50/90/95% of the
+causal blocks out) of 128-token blocks and of 64 (our default). Columns: our Triton forward from the
+index list (idx) and from the boolean mask (mask: the conversion included), FlexAttention compiled with
+a BlockMask of the same blocks (block_sparse.masks.flex_block_mask), torch SDPA dense causal (flash
+backend), the ratios, and the dense attention + pooled block map kernel (the gate's training target)
+once per L and block. Then one decoding step at 32k context, 90% of the blocks skipped per head:
+ours vs SDPA over the whole cache (do_bench, and do_bench_cudagraph for launch-free numbers).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import sys
 
 import torch
 import torch.nn.functional as F_
+import triton
 from triton.testing import do_bench
 
 from attnswap.kernels.gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
@@ -356,8 +368,78 @@ def _commit() -> str:
         return "?"
 
 
+def sparse_suite(Ls, flex: bool = True, with_decode: bool = True):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench_cudagraph
+
+    from attnswap.kernels.block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
+    from attnswap.kernels.block_sparse.decode import triton_block_sparse_decode
+    from attnswap.kernels.block_sparse.masks import (block_mask_to_index, decode_index, density, flex_block_mask,
+                                                     random_block_mask)
+
+    flex_attn = None
+    if flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex_attn = torch.compile(flex_attention, dynamic=False)
+    H, D = 32, 128
+    g = torch.Generator().manual_seed(0)
+    print("| L | block | sparsity | density | ours idx | ours mask | flex | sdpa dense | sdpa/ours | flex/ours | dense+map |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for L in Ls:
+        q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=DT) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+            sdpa = ms(lambda: F_.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+        for block in (128, 64):
+            dmap = ms(lambda: triton_attn_with_block_map(q, k, v, block=block))
+            for sp in (0.5, 0.9, 0.95):
+                print(f"# L={L} block={block} sparsity={sp}", file=sys.stderr, flush=True)
+                mask = random_block_mask(1, H, L, L, block, sp, generator=g, device=dev)
+                index = block_mask_to_index(mask)
+                ours = ms(lambda: triton_block_sparse_attn(q, k, v, block=block, index=index))
+                ours_m = ms(lambda: triton_block_sparse_attn(q, k, v, mask, block=block))
+                fl = None
+                if flex_attn is not None:
+                    bm = flex_block_mask(mask, H, L, L, block)
+                    try:
+                        with torch.no_grad():
+                            fl = ms(lambda: flex_attn(qt, kt, vt, block_mask=bm))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"# flex failed: {type(e).__name__}: {e}", file=sys.stderr)
+                print(f"| {L // 1024}k | {block} | {sp:.2f} | {density(mask):.3f} | {fmt(ours)} | {fmt(ours_m)} | "
+                      f"{fmt(fl)} | {fmt(sdpa)} | {sdpa / ours:.2f} | {'-' if fl is None else f'{fl / ours:.2f}'} | "
+                      f"{fmt(dmap) if sp == 0.5 else ''} |", flush=True)
+                del mask, index
+        del q, k, v, qt, kt, vt
+        torch.cuda.empty_cache()
+    if not with_decode:
+        return
+    ctx = 32768
+    print(f"\n# decode step, B=1, {H} heads, head dim {D}, {ctx // 1024}k cache (the HF (B, H, L, D) layout, "
+          "passed as a transposed view), 90% of the blocks skipped per head; median us")
+    print("| block | density | ours | ours graph | sdpa full | sdpa graph | sdpa/ours | graph ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    kc, vc = (torch.randn(1, H, ctx, D, device=dev, dtype=DT) for _ in range(2))
+    q1 = torch.randn(1, H, D, device=dev, dtype=DT)
+    for block in (64, 128):
+        nK = ctx // block
+        sel = torch.rand(1, H, nK, generator=g) < (0.1 * nK - 2) / (nK - 2)
+        sel[..., 0] = sel[..., -1] = True
+        idx, cnt = decode_index(sel.to(dev))
+        ours = lambda: triton_block_sparse_decode(q1, kc.transpose(1, 2), vc.transpose(1, 2), idx, cnt, block=block)  # noqa: E731
+        sd = lambda: F_.scaled_dot_product_attention(q1[:, :, None], kc, vc)  # noqa: E731
+        with torch.no_grad():
+            t = [ms(ours), do_bench_cudagraph(ours, rep=50, return_mode="median"),
+                 ms(sd), do_bench_cudagraph(sd, rep=50, return_mode="median")]
+        print(f"| {block} | {sel.float().mean():.3f} | " + " | ".join(f"{x * 1e3:.1f}" for x in t)
+              + f" | {t[2] / t[0]:.2f} | {t[3] / t[1]:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("linear", "sparse"), default="linear",
+                    help="linear: the linear/hybrid table (default); sparse: block-sparse attention (issue 15)")
+    ap.add_argument("--no-flex", action="store_true", help="sparse suite: skip FlexAttention")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
     mode.add_argument("--paths", metavar="MODEL", help="Triton vs PyTorch logits (and time) of a converted MODEL")
@@ -374,6 +456,12 @@ def main():
     ap.add_argument("--lengths", default="", help="comma-separated L (default 4k,16k,64k)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
     a = ap.parse_args()
+    if a.suite == "sparse":
+        print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  bf16  B=1  "
+              "32 heads  head dim 128  median ms (forward, no grad)")
+        Ls = [int(x) for x in a.lengths.split(",")] if a.lengths else [16384, 32768, 65536]
+        sparse_suite(Ls, flex=not a.no_flex, with_decode=not a.no_decode)
+        return
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  attnswap commit {_commit()}  bf16  B=1  median ms "
           "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
     if a.sweep:

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .block_sparse.masks import index_to_mask
+from .block_sparse.torch_chunk import torch_attn_with_block_map, torch_block_sparse_attn, torch_block_sparse_decode
 from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
 from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
@@ -43,6 +45,8 @@ def force_backend(name: str):
 @functools.lru_cache(maxsize=None)
 def _triton_ops() -> dict | None:
     try:
+        from .block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
+        from .block_sparse.decode import triton_block_sparse_decode
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
@@ -57,6 +61,9 @@ def _triton_ops() -> dict | None:
         "gated_hybrid": triton_gated_hybrid_attn,
         "linear_step": fused_recurrent_linear_step,
         "hybrid_step": fused_recurrent_hybrid_step,
+        "block_sparse": triton_block_sparse_attn,
+        "attn_block_map": triton_attn_with_block_map,
+        "block_sparse_decode": triton_block_sparse_decode,
     }
 
 
@@ -158,3 +165,44 @@ def hybrid_attn_step(q, k, v, fq, fk, gamma, cache, **kw):
         return _triton_ops()["hybrid_step"](q, k, v, fq, fk, gamma, cache, **{n: x for n, x in kw.items()
                                                                             if n not in ("meta_k", "meta_v")})
     return naive_hybrid_step(q, k, v, fq, fk, gamma, cache, **kw)
+
+
+def block_sparse_attn(q, k, v, block_mask=None, *, block: int = 64, scale: float | None = None, index=None):
+    """Block-sparse causal attention (prefill; queries are the last T of the Tk keys): q (B, T, H, D),
+    k/v (B, Tk, Hk, D), ``block_mask`` (B, Hg, nQ, nK) bool or ``index`` = (idx, cnt) from
+    ``block_sparse.masks.block_mask_to_index``; conventions in ``block_sparse/masks.py``, contract in
+    ``block_sparse/naive.py``. Returns (B, T, H, Dv). The Triton kernel is forward-only: when a
+    gradient is needed the (chunked, differentiable) PyTorch path runs instead."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend_for(q) == "triton" and not needs_grad:
+        return _triton_ops()["block_sparse"](q, k, v, block_mask, block=block, scale=scale, index=index)
+    if block_mask is None:
+        if index is None:
+            raise ValueError("give block_mask or index")
+        block_mask = index_to_mask(index[0], index[1], -(-k.shape[1] // block))
+    return torch_block_sparse_attn(q, k, v, block_mask, block=block, scale=scale)
+
+
+def attn_with_block_map(q, k, v, *, block: int = 64, scale: float | None = None):
+    """Exact causal attention plus the attention map max-pooled over (block x block) tiles and
+    normalised per query-block row (the gate's training target): returns (out (B, T, H, Dv),
+    block_map (B, H, nQ, nK) fp32), per QUERY head; see ``block_sparse/naive.py``. No gradients
+    (the teacher is frozen)."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["attn_block_map"](q, k, v, block=block, scale=scale)
+    return torch_attn_with_block_map(q, k, v, block=block, scale=scale)
+
+
+def block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, *, block: int = 64, scale: float | None = None,
+                        cache_seqlens=None):
+    """One decoding step reading only the selected key blocks of the cache: q (B, H, D), caches
+    (B, L, Hk, D) holding the new token as their last entry, ``block_idx`` (B, Hg, S) / ``block_cnt``
+    (B, Hg) int32 (``block_sparse.masks.decode_index``), Hk | Hg | H; ``cache_seqlens`` (B,) for a
+    static cache. Returns (B, H, Dv). Unlike the linear steps, ``auto`` picks Triton on CUDA here: the
+    kernel's grid depends only on shapes (CUDA-graph safe with a fixed-width ``block_idx``), and reading
+    only the selected blocks is the point of the step."""
+    if backend_for(q) == "triton":
+        return _triton_ops()["block_sparse_decode"](q, k_cache, v_cache, block_idx, block_cnt, block=block,
+                                                     scale=scale, cache_seqlens=cache_seqlens)
+    return torch_block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, block=block, scale=scale,
+                                     cache_seqlens=cache_seqlens)
