@@ -128,3 +128,25 @@ def test_load_time_sparsity_override(tmp_path):
     assert r.config.attnswap["swaps"][0]["options"]["sparsity"] == 0.0
     r = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert r.model.layers[0].self_attn.options["sparsity"] == 0.9
+
+
+@pytest.mark.parametrize("T,Tk", [(70, 70), (1, 53), (20, 83)])
+def test_the_kernel_paths_agree_with_the_reference_masking(T, Tk):
+    """The block-sparse operators (kernels/block_sparse, via dispatch) and this file's dense masked
+    reference read the same block conventions: prefill, continuation after history, and decode."""
+    from attnswap.convert.seer import block_sparse_attention, select_blocks
+    from attnswap.kernels import block_sparse_attn, block_sparse_decode, decode_index
+    from attnswap.kernels.block_sparse.masks import block_layout
+
+    g = torch.Generator().manual_seed(T + Tk)
+    q, k, v = torch.randn(2, T, 4, 16, generator=g), torch.randn(2, Tk, 2, 16, generator=g), torch.randn(2, Tk, 2, 16, generator=g)
+    q0, nQ, nK = block_layout(T, Tk, 8)
+    keep = select_blocks(torch.rand(2, 2, nQ, nK, generator=g), torch.arange(q0, q0 + nQ), sparsity=0.5,
+                         threshold=0.0, token_budget=0, block=8)
+    rows = torch.arange(Tk - T, Tk) // 8 - q0
+    want = block_sparse_attention(q, k, v, keep, rows, 8, 0.25)
+    if T == 1:
+        got = block_sparse_decode(q[:, 0], k, v, *decode_index(keep[:, :, 0]), block=8, scale=0.25)[:, None]
+    else:
+        got = block_sparse_attn(q, k, v, keep, block=8, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

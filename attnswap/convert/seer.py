@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hf_compat import key_padding
+from ..kernels import attn_with_block_map, block_sparse_attn, block_sparse_decode, decode_index
 from .base import KVCacheAttention, register_method
 
 NEG = float("-inf")
@@ -223,14 +225,27 @@ class SeerAttention(KVCacheAttention):
     def attend(self, q, k, v, attention_mask=None):
         T, Tk = q.shape[1], k.shape[1]
         keep, qpos = self.select(q, k)
-        rows = torch.div(torch.arange(Tk - T, Tk, device=q.device), self.block, rounding_mode="floor") - qpos[0]
-        return block_sparse_attention(q, k, v, keep, rows, self.block, self.scaling, attention_mask)
+        if _has_padding(attention_mask, Tk):  # left-padded batches: the reference path masks the pad keys
+            rows = torch.div(torch.arange(Tk - T, Tk, device=q.device), self.block, rounding_mode="floor") - qpos[0]
+            return block_sparse_attention(q, k, v, keep, rows, self.block, self.scaling, attention_mask)
+        if T == 1:  # a decoding step reads only the selected blocks of the cache
+            idx, cnt = decode_index(keep[:, :, 0])
+            return block_sparse_decode(q[:, 0], k, v, idx, cnt, block=self.block, scale=self.scaling)[:, None]
+        return block_sparse_attn(q, k, v, keep, block=self.block, scale=self.scaling)
 
     def transfer_objective(self, x, teacher_out, attention_mask):
         """KL(teacher's pooled attention map || gate distribution), averaged over heads and query blocks."""
         with torch.no_grad():
-            truth = block_attention_map(x.q, x.k, self.scaling, self.block, attention_mask)
+            if _has_padding(attention_mask, x.k.shape[1]):
+                truth = block_attention_map(x.q, x.k, self.scaling, self.block, attention_mask)
+            else:  # the fused kernel: exact attention and its pooled map, no T x T matrix
+                truth = attn_with_block_map(x.q, x.k, x.v, block=self.block, scale=self.scaling)[1]
         probs, _ = self.gate_probs(x.q, x.k)
         logp = probs.clamp_min(1e-30).log()
         kl = torch.where(truth > 0, truth * (truth.clamp_min(1e-30).log() - logp), torch.zeros_like(truth))
         return kl.sum(-1).mean()
+
+
+def _has_padding(attention_mask, n_keys: int) -> bool:
+    valid = key_padding(attention_mask, n_keys)
+    return valid is not None and not bool(valid.all())
