@@ -252,6 +252,7 @@ def evaluate(
     max_recall_drop: Optional[str] = typer.Option(None, help="Fail if passkey/niah/mqar accuracy drops more than this many points, e.g. 10."),
     max_speed_drop: Optional[str] = typer.Option(None, help="Fail if prefill or decode tokens/s at the longest speed length drops more than this, e.g. 20%."),
     max_memory_increase: Optional[str] = typer.Option(None, help="Fail if peak memory at the longest speed length rises more than this (CUDA only)."),
+    sparsity: Optional[float] = typer.Option(None, help="Load MODEL (a sparsified model) at this sparsity instead of its saved one; the report gives the density each layer attended."),
 ):
     """Evaluate MODEL (perplexity, recall, speed) against --baseline or --baseline-report; with
     --max-* checks it is a regression gate: exit 1 when the candidate regresses."""
@@ -267,7 +268,7 @@ def evaluate(
         batch_size=batch_size, device=device, dtype=dtype, ppl_lengths=_numbers(ppl_lengths, "--ppl-lengths"),
         lengths=_numbers(lengths, "--lengths"), depths=_numbers(depths, "--depths", float),
         samples=samples, mqar_pairs=_numbers(mqar_pairs, "--mqar-pairs"), speed_lengths=_numbers(speed_lengths, "--speed-lengths"),
-        decode_tokens=decode_tokens, speed_repeats=speed_repeats, seed=seed)
+        decode_tokens=decode_tokens, speed_repeats=speed_repeats, seed=seed, sparsity=sparsity)
     out = report.write(report_dir or default_report_dir(model))
     t = Table(title=f"convert eval: {model}" + (f" vs {report.baseline['name']}" if report.baseline else ""))
     for col in ("metric", "baseline", "candidate", "change", "check"):
@@ -414,6 +415,66 @@ def _gqa_summary(r: dict) -> None:
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")
     console.print(t)
+
+
+@app.command("sparsify")
+@_user_errors
+def sparsify(
+    model: str = typer.Option("llama", help=MODEL_HELP),
+    method: str = typer.Option("seer", help="seer: learned block gates over exact attention (SeerAttention-style)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<method>)."),
+    sparsity: float = typer.Option(0.9, help="Fraction of causal key blocks skipped per query block (0 = dense, the teacher's attention)."),
+    threshold: float = typer.Option(0.0, help="Instead of --sparsity: keep key blocks whose gate probability is at least this (0 = off)."),
+    token_budget: int = typer.Option(0, help="Instead of --sparsity: attend this many tokens' worth of blocks per query block (0 = off)."),
+    block: int = typer.Option(64, help="Block size in tokens (the gate scores blocks of queries and keys)."),
+    gate_dim: int = typer.Option(64, help="Size of the gate's projections."),
+    layers: str = typer.Option("all", help="Layers to sparsify: 'all' or indices/ranges like '0-11,15'."),
+    steps: int = typer.Option(1000, help="Gate-training steps (only the gates train; the model's weights stay as they are)."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the gates."),
+    seq_len: Optional[int] = typer.Option(None, help="Training and evaluation length (default: the model's maximum, at most 8192)."),
+    batch_size: int = typer.Option(1, help="Sequences per step."),
+    seed: int = typer.Option(0, help="Random seed."),
+    data: str = typer.Option("default", help=DATA_HELP),
+    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    overwrite: bool = OVERWRITE_OPT,
+    json_out: Optional[Path] = JSON_OPT,
+    save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps (0: only on Ctrl-C)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
+    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoint directory after a successful run."),
+    nan_retries: int = typer.Option(3, help="Steps with NaN/inf in a row that are skipped before the run stops."),
+):
+    """Keep exact attention but learn which key blocks each query block needs (SeerAttention-style
+    gates, trained against the teacher's attention maps); skip the rest at inference."""
+    from .pipelines.sparsify import SparsifyConfig, run
+
+    cfg = SparsifyConfig(model=model, method=method, out=out, sparsity=sparsity, threshold=threshold,
+                         token_budget=token_budget, block=block, gate_dim=gate_dim, layers=layers, steps=steps, lr=lr,
+                         seq_len=seq_len, batch_size=batch_size, seed=seed, data=data, eval_tokens=eval_tokens,
+                         device=device, dtype=dtype, overwrite=overwrite, json_out=json_out, save_every=save_every,
+                         checkpoint_dir=checkpoint_dir, resume=resume, keep_checkpoints=keep_checkpoints,
+                         nan_retries=nan_retries, command=shlex.join(sys.argv[1:]))
+    report = run(cfg)
+    if report is None:
+        return
+    t = Table(title=f"sparsify ({report['method']}): {report['model']} -> {report['out']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if "teacher" in report:
+        tp, cp = report["teacher"]["ppl"], report["converted"]["ppl"]
+        t.add_row(f"teacher ppl (held-out, {report['seq_len']} tokens)", f"{tp:.3f}")
+        t.add_row("sparse ppl (held-out)", f"{cp:.3f} ({100 * (cp / tp - 1):+.2f}%)")
+        dens = [d for d in report["density"].values() if d is not None]
+        if dens:
+            t.add_row("attended blocks (mean over layers)", f"{100 * sum(dens) / len(dens):.1f}% of causal blocks")
+    t.add_row("gate params trained", f"{report['trained_params']:,}")
+    t.add_row("tokens seen", f"{report['tokens_seen']:,}")
+    t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
+    console.print(t)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
 
 
 def main():  # console-script entry point

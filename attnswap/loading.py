@@ -151,7 +151,10 @@ def load_config(source: ModelSource):
     return cfg
 
 
-def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu"):
+def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+               model_kwargs: dict | None = None):
+    """The model and tokenizer; ``model_kwargs`` go to ``from_pretrained`` (load-time options of a
+    converted model, e.g. ``{"sparsity": 0.95}``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if source.kind in ("dir", "alias") and not list(Path(source.path).glob("*.safetensors")):
@@ -161,7 +164,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.d
         with _quiet():  # safetensors only (never pickle); a GGUF file is read by the gguf library
             model, info = AutoModelForCausalLM.from_pretrained(
                 source.path, dtype=dtype, output_loading_info=True,
-                **(source.kwargs() or {"use_safetensors": True}))
+                **(source.kwargs() or {"use_safetensors": True}), **(model_kwargs or {}))
             tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except AttnSwapError:
         raise

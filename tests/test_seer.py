@@ -150,3 +150,22 @@ def test_the_kernel_paths_agree_with_the_reference_masking(T, Tk):
     else:
         got = block_sparse_attn(q, k, v, keep, block=8, scale=0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_eval_loads_at_another_sparsity_and_reports_density(tmp_path):
+    from attnswap.evals import compare
+    from tests.conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    m = tiny_model(vocab_size=len(tok))
+    convert_model(m, [make_swap("seer", [0, 1, 2], {"block": 8, "sparsity": 0.9}, m.config)], "tiny")
+    m.save_pretrained(tmp_path / "sparse")
+    tok.save_pretrained(tmp_path / "sparse")
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 400))
+    kw = dict(tasks=["ppl"], data=str(data), seq_len=64, eval_tokens=256, ppl_lengths=[64], device="cpu")
+    dense = compare(str(tmp_path / "sparse"), None, sparsity=0.0, **kw)
+    sparse = compare(str(tmp_path / "sparse"), None, **kw)
+    assert all(v == 1.0 for v in dense.candidate["results"]["density"].values())
+    assert all(v < 0.9 for v in sparse.candidate["results"]["density"].values())
+    assert "attended key blocks" in sparse.to_markdown()

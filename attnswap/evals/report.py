@@ -117,6 +117,12 @@ class Report:
             bv = b.get("ppl", {}).get("by_length", {}).get(n, {}).get("ppl")
             ch = f"{100 * (v['ppl'] / bv - 1):+.2f}%" if bv else ""
             rows.append((f"perplexity @{n}", _num(bv), _num(v["ppl"]), ch, mark(f"perplexity @{n}")))
+        dens = {k: v for k, v in c.get("density", {}).items() if v is not None}
+        if dens:  # sparse layers: attended fraction of causal key blocks while scoring perplexity
+            vals = list(dens.values())
+            per = ", ".join(f"{k}: {100 * v:.0f}%" for k, v in sorted(dens.items(), key=lambda kv: int(kv[0])))
+            rows.append(("attended key blocks (mean; per layer)", "100%", f"{100 * sum(vals) / len(vals):.1f}%",
+                         per, ""))
         for t in RECALL_TASKS:
             if t in c:
                 bv = b.get(t, {}).get("accuracy")

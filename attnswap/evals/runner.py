@@ -55,6 +55,7 @@ class EvalSettings:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    sparsity: float | None = None  # the candidate's load-time sparsity (sparse methods), None = as saved
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -141,13 +142,14 @@ class _Subject:
                 raise AttnSwapError(f"could not load the tokenizer of {self.name!r}: {_one_line(e)}") from None
         return self.tok
 
-    def load(self, device: str, dtype: str):
+    def load(self, device: str, dtype: str, overrides: dict | None = None):
         from .. import loading
 
         if self.model is not None:
             return self.model, self.tok
         dev = loading.pick_device(device)
-        model, tok = loading.load_model(self.source, dtype=loading.pick_dtype(dtype, dev), device=dev)
+        model, tok = loading.load_model(self.source, dtype=loading.pick_dtype(dtype, dev), device=dev,
+                                        model_kwargs=overrides)
         return model, tok
 
 
@@ -197,8 +199,13 @@ def run_tasks(model, tok, s: EvalSettings, heldout: torch.Tensor | None, name: s
     lm = HFModel(model, tok.eos_token_id)
     out: dict = {}
     if "ppl" in s.tasks:
+        gated = [m for m in model.modules() if hasattr(m, "reset_density")]
+        for m in gated:
+            m.reset_density()
         out["ppl"] = perplexity_at_lengths(model, heldout, s.ppl_lengths, eval_tokens=s.eval_tokens,
                                            batch_size=s.batch_size, name=name)
+        if gated:  # sparse layers: the fraction of causal key blocks they attended while scoring
+            out["density"] = {str(m.layer_idx): m.mean_density for m in gated}
     if "passkey" in s.tasks:
         out["passkey"] = passkey.run(lm, tok, lengths=s.lengths, depths=s.depths, samples=s.samples, seed=s.seed,
                                      label=f"{name} passkey")
@@ -214,9 +221,9 @@ def run_tasks(model, tok, s: EvalSettings, heldout: torch.Tensor | None, name: s
     return out
 
 
-def _side(subject: _Subject, s: EvalSettings, heldout, fingerprint: dict) -> dict:
+def _side(subject: _Subject, s: EvalSettings, heldout, fingerprint: dict, overrides: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    model, tok = subject.load(s.device, s.dtype)
+    model, tok = subject.load(s.device, s.dtype, overrides)
     try:
         results = run_tasks(model, tok, s, heldout, subject.name)
         dev, dt = str(next(model.parameters()).device), str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -311,7 +318,7 @@ def compare(candidate, baseline=None, checks: Checks | dict | None = None, *, ba
             s.ppl_lengths = fits
 
     base_side = _side(base, s, heldout, fp_base) if base is not None else side_saved
-    cand_side = _side(cand, s, heldout, fp)
+    cand_side = _side(cand, s, heldout, fp, {"sparsity": s.sparsity} if s.sparsity is not None else None)
     if cand_side["device"].startswith("cpu"):
         notes.append("CPU is the only device in this run: speeds are CPU speeds, and peak memory is the growth of the "
                      "process's resident set size (approximate); the cache sizes are exact")

@@ -86,6 +86,9 @@ def run(cfg: SparsifyConfig) -> dict | None:
                     "seq_len": seq_len, "batch_size": cfg.batch_size}
     if ld.heldout is not None and ld.main:
         report["teacher"] = perplexity(net, ld.heldout, batch_size=1, label="teacher perplexity")
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the gates' initial values: the same in a resumed run
     convert_model(net, [swap], source=cfg.model)
     dcfg = DistillConfig(transfer_steps=cfg.steps, lora_steps=0, batch_size=cfg.batch_size, transfer_lr=cfg.lr,
                          seed=cfg.seed)
