@@ -49,7 +49,7 @@ def _out_cache(out):
 
 
 @torch.no_grad()
-def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
+def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: dict | None = None) -> dict:
     g = torch.Generator().manual_seed(L)
     ids = torch.randint(100, vocab - 1, (1, L), generator=g).to(dev)
     cuda = dev.type == "cuda"
@@ -59,7 +59,7 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int) -> dict:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **(gen_kwargs or {}))
         _sync(dev)
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--label", default="", help="tag for the rows (e.g. 'before')")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="pass prefill_chunk_size to generate() (default: none given)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = loading.pick_device(a.device)
@@ -113,8 +114,9 @@ def main():
             convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], a.model)
         m = m.to(device=dev, dtype=dt).eval()
         m.generation_config.max_length = None
-        measure(m, min(lengths), 4, dev, 1, len(tok))  # warm-up: graph capture, allocator, autotuning
-        results[method] = {L: measure(m, L, a.new_tokens, dev, a.repeats, len(tok)) for L in lengths}
+        gk = {"prefill_chunk_size": a.prefill_chunk} if a.prefill_chunk else {}
+        measure(m, min(lengths), 4, dev, 1, len(tok), gk)  # warm-up: graph capture, allocator, autotuning
+        results[method] = {L: measure(m, L, a.new_tokens, dev, a.repeats, len(tok), gk) for L in lengths}
         del m
         gc.collect()
         if dev.type == "cuda":
