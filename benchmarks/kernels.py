@@ -34,12 +34,14 @@ index list (idx) and from the boolean mask (mask: the conversion included), Flex
 a BlockMask of the same blocks (block_sparse.masks.flex_block_mask), torch SDPA dense causal (flash
 backend), the ratios, and the dense attention + pooled block map kernel (the gate's training target)
 once per L and block. Then one decoding step at 32k context, 90% of the blocks skipped per head:
-ours vs SDPA over the whole cache (do_bench, and do_bench_cudagraph for launch-free numbers).
+ours vs SDPA over the whole cache (do_bench, and do_bench_cudagraph for launch-free numbers;
+SPARSE_DECODE_CTX overrides the 32k context).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -414,7 +416,7 @@ def sparse_suite(Ls, flex: bool = True, with_decode: bool = True):
         torch.cuda.empty_cache()
     if not with_decode:
         return
-    ctx = 32768
+    ctx = int(os.environ.get("SPARSE_DECODE_CTX", 32768))
     print(f"\n# decode step, B=1, {H} heads, head dim {D}, {ctx // 1024}k cache (the HF (B, H, L, D) layout, "
           "passed as a transposed view), 90% of the blocks skipped per head; median us")
     print("| block | density | ours | ours graph | sdpa full | sdpa graph | sdpa/ours | graph ratio |")

@@ -178,7 +178,7 @@ def _bs_fwd_kernel(
 
 
 def _prune(configs, named_args, **kw):
-    block = kw["BLOCK"]
+    block = kw.get("BLOCK", named_args.get("BLOCK"))
     ok = [c for c in configs if block % c.kwargs["BM"] == 0 and block % c.kwargs["BN"] == 0]
     big = [c for c in ok if c.kwargs["BM"] >= min(64, block) and c.kwargs["BN"] >= min(32, block)]
     return big or ok

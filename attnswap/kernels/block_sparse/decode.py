@@ -77,10 +77,10 @@ def _bs_decode_kernel(
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o + heads[:, None] * DV + rv[None, :], out.to(o.dtype.element_ty), mask=mg[:, None] & mv[None, :])
     else:
-        part = (pid * tl.num_programs(1) + sp) * BG + rg  # (B * Hg, nsplit, BG) rows
-        tl.store(pacc + part[:, None] * BDV + rv[None, :], acc)
-        tl.store(pml + part * 2, m_i)
-        tl.store(pml + part * 2 + 1, l_i)
+        part = (pid * tl.num_programs(1) + sp) * QPG + rg  # (B * Hg, nsplit, QPG) rows: no padding rows
+        tl.store(pacc + part[:, None] * BDV + rv[None, :], acc, mask=mg[:, None])
+        tl.store(pml + part * 2, m_i, mask=mg)
+        tl.store(pml + part * 2 + 1, l_i, mask=mg)
 
 
 @triton.jit
@@ -88,14 +88,15 @@ def _bs_decode_merge_kernel(pacc, pml, o, QPG, NSPLIT, DV: tl.constexpr, BDV: tl
     pid = tl.program_id(0).to(tl.int64)
     rg = tl.arange(0, BG)
     rv = tl.arange(0, BDV)
+    mg = rg < QPG
     m = tl.full([BG], -1.0e30, dtype=tl.float32)
     l = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, BDV], dtype=tl.float32)
     for sp in range(0, NSPLIT):
-        part = (pid * NSPLIT + sp) * BG + rg
-        ms = tl.load(pml + part * 2)
-        ls = tl.load(pml + part * 2 + 1)
-        a = tl.load(pacc + part[:, None] * BDV + rv[None, :])
+        part = (pid * NSPLIT + sp) * QPG + rg
+        ms = tl.load(pml + part * 2, mask=mg, other=-1.0e30)
+        ls = tl.load(pml + part * 2 + 1, mask=mg, other=0.0)
+        a = tl.load(pacc + part[:, None] * BDV + rv[None, :], mask=mg[:, None], other=0.0)
         m_new = tl.maximum(m, ms)
         w_old = tl.exp2(m - m_new)
         w_new = tl.exp2(ms - m_new)
@@ -104,7 +105,7 @@ def _bs_decode_merge_kernel(pacc, pml, o, QPG, NSPLIT, DV: tl.constexpr, BDV: tl
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     heads = pid * QPG + rg
-    tl.store(o + heads[:, None] * DV + rv[None, :], out.to(o.dtype.element_ty), mask=(rg < QPG)[:, None] & (rv < DV)[None, :])
+    tl.store(o + heads[:, None] * DV + rv[None, :], out.to(o.dtype.element_ty), mask=mg[:, None] & (rv < DV)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,8 +154,8 @@ def triton_block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, *, blo
     direct = nsplit == 1
     pacc = pml = None
     if not direct:
-        pacc = torch.empty(B * Hg * nsplit * BG, BDV, device=q.device, dtype=torch.float32)
-        pml = torch.empty(B * Hg * nsplit * BG, 2, device=q.device, dtype=torch.float32)
+        pacc = torch.empty(B * Hg * nsplit * QPG, BDV, device=q.device, dtype=torch.float32)
+        pml = torch.empty(B * Hg * nsplit * QPG, 2, device=q.device, dtype=torch.float32)
     _bs_decode_kernel[(B * Hg, nsplit)](
         q, k_cache, v_cache, idx, cnt, lens, pacc, pml, o,
         L, Hg, Hg // Hk, QPG, S, per, scale * LOG2E,

@@ -22,8 +22,9 @@ asserts it; the kernels do not need it).
 
 **Index form** (``block_mask_to_index``): ``idx`` (B, Hg, nQ, S) int32, the selected causal key blocks
 of each query block in ascending order, padded with -1, and ``cnt`` (B, Hg, nQ) int32 their number.
-The prefill kernel reads ``idx[..., :cnt]``: its last entry is the only block that may need the
-element-wise causal mask (every earlier one lies strictly before the query block).
+The prefill kernel reads ``idx[..., :cnt]`` and applies the element-wise causal mask to the last entry
+only, so every earlier entry must lie strictly before the query block: a list built by hand (from a
+top-k, say) must be causal and sorted ascending.
 
 **Decode** (one new token whose key/value are already the cache's last entry, so the query is at
 position L - 1 of a cache of L tokens): ``block_idx`` (B, Hg, S) int32 with ``block_cnt`` (B, Hg)
@@ -90,17 +91,16 @@ def decode_index(mask: torch.Tensor, *, width: int | None = None) -> tuple[torch
 def _mask_rows_to_index(m: torch.Tensor, width: int | None):
     nK = m.shape[-1]
     cnt = m.sum(-1, dtype=torch.int32)
-    S = int(cnt.max().item()) if width is None else int(width)
-    if width is not None and m.numel() and int(cnt.max().item()) > S:
-        raise ValueError(f"width={width} is smaller than the largest count of selected blocks")
-    S = max(S, 1)
-    # selected blocks first, each group in ascending order (stable sort of the negated mask)
-    order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    if S > nK:
-        order = torch.nn.functional.pad(order, (0, S - nK), value=-1)
-    idx = order[..., :S].contiguous()
-    keep = torch.arange(S, device=m.device) < cnt[..., None]
-    idx = torch.where(keep, idx, torch.full_like(idx, -1))
+    most = int(cnt.max().item()) if m.numel() else 0
+    if width is not None and most > width:
+        raise ValueError(f"width={width} is smaller than the largest count of selected blocks ({most})")
+    S = max(1, most if width is None else int(width))
+    # O(n) compaction, no sort: the selected block j goes to slot (number selected before it); the
+    # others all go to a spare slot S that is cut off
+    slot = torch.where(m, m.cumsum(-1, dtype=torch.int32) - 1, S).long()
+    idx = torch.full((*m.shape[:-1], S + 1), -1, dtype=torch.int32, device=m.device)
+    idx.scatter_(-1, slot, torch.arange(nK, dtype=torch.int32, device=m.device).expand(m.shape))
+    idx = idx[..., :S].contiguous()
     return idx, cnt
 
 
