@@ -33,7 +33,8 @@ GPU_PREFILL = [
     (1, 1000, 1000, 8, 2, "kv", 128, 128, 64, None, None),
     (2, 700, 1300, 8, 8, "q", 64, 64, 128, None, None),
     (1, 2048, 2048, 32, 32, "kv", 128, 128, 128, None, None),
-]
+    (1, 512, 4096, 9, 3, "kv", 64, 64, 64, None, None),  # SmolLM2's heads, a chunk after history
+]  # as many cases as PREFILL: the tests are parametrized by index
 
 
 def _sel_heads(kind, H, Hk):
@@ -254,7 +255,8 @@ DECODE = [
 GPU_DECODE = [
     (2, 5000, 32, 8, "kv", 128, 128, 64, (5000, 3001), 0.2),
     (1, 32768, 32, 32, "kv", 128, 128, 64, None, 0.1),
-]
+    (1, 8192, 9, 3, "kv", 64, 64, 64, None, 0.1),  # SmolLM2's heads
+]  # as many cases as DECODE
 
 
 def _decode_case(i, device, dtype):
@@ -313,3 +315,7 @@ def test_dispatch_decode_and_map(monkeypatch):
     out, m = attn_with_block_map(q, k, v, block=block)
     ref, ref_m = naive_attn_block_map(q, k, v, block=block)
     check("dispatch/map", m, ref_m, torch.float32)
+
+
+def test_gpu_case_lists_cover_every_parametrized_index():
+    assert len(GPU_PREFILL) == len(PREFILL) and len(GPU_DECODE) == len(DECODE)
