@@ -12,15 +12,21 @@ from pathlib import Path
 from .errors import AttnSwapError
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be (re)placed: exists without ``overwrite``, is a file,
+    is the current directory or the root, or lies under a directory that cannot be written."""
+    from .paths import check_named_directory, kind, writable_parent
+
+    check_named_directory(out, flag)
+    k = kind(out)
+    if k != "missing" and not overwrite:
         raise AttnSwapError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
+    if k not in ("missing", "a directory"):
         raise AttnSwapError(f"{out} exists and is not a directory")
-    parent = Path(out).absolute().parent  # fail before hours of training, not after
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if writable_parent(out) is None:  # fail before hours of training, not after
+        parent = Path(out).absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
         raise AttnSwapError(f"cannot write to {parent}: not a writable directory (read-only or no permission)")
 
 
@@ -37,18 +43,19 @@ def io_failure(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool):
+def atomic_dir(out: Path, overwrite: bool, flag: str = "--out"):
     """Yield a temporary directory; on success it replaces ``out``. On any failure ``out`` (new or
     previous) is left exactly as it was and the temporary directory is removed."""
-    out = Path(out)
-    check_out(out, overwrite)
+    shown = Path(out)
+    check_out(shown, overwrite, flag)
+    out = Path(os.path.abspath(shown))  # '.'-free: its parent and name are what they look like
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
-        raise AttnSwapError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+        raise AttnSwapError(f"cannot write to {shown.parent}: {e.strerror or e}") from None
     try:
         yield tmp
         old = None
@@ -68,7 +75,7 @@ def atomic_dir(out: Path, overwrite: bool):
         why = io_failure(e)
         if why is None:
             raise
-        raise AttnSwapError(f"could not write {out}: {why}; nothing was changed there") from None
+        raise AttnSwapError(f"could not write {shown}: {why}; nothing was changed there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -321,3 +321,21 @@ def test_io_failure_reads_library_errors():
     assert io_failure(Exception("Error while serializing: I/O error: No space left on device (os error 28)")) == "the disk is full"
     assert io_failure(Exception("Error while serializing: I/O error: Permission denied (os error 13)")) == "Permission denied"
     assert io_failure(ValueError("shape mismatch")) is None
+
+
+# --- what is saved is read back by the code that loads it ---------------------------------------------
+
+def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):
+    """After a successful run the checkpoint directory is emptied of checkpoints only, never rmtree'd."""
+    from attnswap.distill.checkpoint import Checkpointer
+
+    root = tmp_path / "ck"
+    (root / "step-00000003").mkdir(parents=True)
+    (root / "step-00000003" / "meta.json").write_text("{}")
+    (root / "notes.txt").write_text("mine")
+    Checkpointer(root).remove()
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+    (root / "notes.txt").unlink()
+    (root / "step-00000004").mkdir()
+    Checkpointer(root).remove()
+    assert not root.exists()

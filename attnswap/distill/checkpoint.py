@@ -33,6 +33,7 @@ import torch
 
 from ..convert.base import swapped_modules
 from ..errors import AttnSwapError
+from ..paths import CHECKPOINT_ENTRY
 from ..progress import console
 from .faults import KILL_HOOK, SIGINT_HOOK, InterruptFlag, Interrupted, StepGuard, test_hook
 
@@ -100,6 +101,8 @@ class Checkpointer:
 
     def check_start(self, resume: bool) -> None:
         """Before any work: --resume needs a checkpoint, and a fresh run must not bury an old one."""
+        if self.root.exists() and not self.root.is_dir():
+            raise AttnSwapError(f"the checkpoint directory {self.root} is a file, not a directory")
         last = self.latest()
         if resume and last is None:
             raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
@@ -173,7 +176,14 @@ class Checkpointer:
         return s.meta, tensors, state
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Delete this run's checkpoints, then the directory if that leaves it empty (never anything else)."""
+        if not self.root.is_dir():
+            return
+        for d in self.root.iterdir():
+            if CHECKPOINT_ENTRY.fullmatch(d.name) and d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
 
 
 def _rng_state() -> dict:
