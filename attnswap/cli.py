@@ -135,6 +135,7 @@ def linearize(
     elif meta_tokens is not None and meta_tokens < 0:
         raise AttnSwapError(f"--meta-tokens must not be negative (got {meta_tokens})")
     swap = make_swap(attention, chosen, options, cfg)
+    loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
     dev, dt, main, net, tok, train, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
     ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
@@ -349,6 +350,7 @@ def gqa(
     max_len = getattr(cfg, "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
         raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+    loading.check_weight_files(src)
 
     dev, dt, main, net, tok, train_seqs, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target

@@ -120,6 +120,7 @@ class _Subject:
             self.name = str(what)
             self.source = loading.resolve(self.name)
             self.config = loading.load_config(self.source)
+            loading.check_weight_files(self.source)  # safetensors only: refused before any work
         elif isinstance(what, tuple) and len(what) in (2, 3):
             self.model, self.tok = what[:2]
             self.config = self.model.config
