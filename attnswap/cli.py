@@ -8,10 +8,12 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import AttnSwapError
@@ -34,19 +36,30 @@ OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
 JSON_OPT = typer.Option(None, "--json", help="Also write the summary as JSON here.")
 
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, never 1 (which `convert eval` reserves for "a check failed")
+
+
 def _user_errors(fn):
-    """AttnSwapError -> one line on stderr and exit code 2."""
+    """AttnSwapError -> one line on stderr and its exit code (2 for bad input); Ctrl-C outside training
+    -> one line, 130; anything unexpected -> its traceback, one line, exit 70."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except AttnSwapError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:  # outside training (there Ctrl-C checkpoints first); outputs are atomic
             console.print("[red]error:[/red] interrupted; no output was written", highlight=False)
             raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - a bug: show it, but never exit 1
+            if isinstance(e, (typer.Exit, typer.Abort)) or type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise  # the command line's own exits and usage errors
+            traceback.print_exc()
+            console.print(f"[red]error:[/red] internal error ({type(e).__name__}); this is a bug in attnswap, please "
+                          "report it with the traceback above", highlight=False, soft_wrap=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper
 
@@ -98,22 +111,18 @@ def linearize(
     from .convert import family_of, parse_layers
     from .modeling import convert_model
     from .convert.swap import make_swap
-    from .distill.checkpoint import Checkpointer, TrainingRun, use_run
+    from .distill.checkpoint import TrainingRun, use_run
     from .distill.train import DistillConfig, distill, split_steps
     from .evals.perplexity import perplexity
-    from .saving import check_out, save_converted
 
     t0 = time.perf_counter()
+    _require_text(model=model, data=data)
     _check_positive(steps=steps, window=window, seq_len=seq_len, batch_size=batch_size, feature_dim=feature_dim, lora_rank=lora_rank)
     if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
     n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
-    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-{attention}")
-    check_out(out, overwrite)
-    if save_every < 0 or nan_retries < 0:
-        raise AttnSwapError("--save-every and --nan-retries must not be negative")
-    ckpts = Checkpointer(checkpoint_dir or out.with_name(out.name + ".ckpt"), save_every)
-    ckpts.check_start(resume)
+    out = out or Path(f"{_stem(model)}-{attention}")
+    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -157,19 +166,70 @@ def linearize(
         return
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")
-    try:
-        save_converted(net, tok, out, overwrite=overwrite)
-    except AttnSwapError as e:
-        kept = f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
-        raise AttnSwapError(f"{e}{kept}") from None
-    if not keep_checkpoints:
-        ckpts.remove()
+    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(dev))
     _summary(report)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+
+
+# --- shared by the commands ---------------------------------------------------------------------
+
+def _stem(model: str) -> str:
+    return "smollm2" if model.strip().lower() in ("llama", "smollm2") else (Path(model).stem or "model")
+
+
+def _require_text(**values) -> None:
+    """Refuse an empty model name or data source (an empty path would mean the current directory)."""
+    for name, v in values.items():
+        if v is not None and not str(v).strip():
+            flag = "the MODEL argument" if name == "model_argument" else f"--{name.replace('_', '-')}"
+            raise AttnSwapError(f"{flag} is empty")
+
+
+def _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
+    """Every location a training command writes, checked before anything is loaded; the Checkpointer."""
+    from .distill.checkpoint import Checkpointer
+    from .paths import OutputPlan
+
+    if save_every < 0 or nan_retries < 0:
+        raise AttnSwapError("--save-every and --nan-retries must not be negative")
+    plan = OutputPlan(model=model, data=data)
+    plan.add_replaced_dir("--out", out, overwrite=overwrite)
+    root = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    plan.add_checkpoint_dir("--checkpoint-dir" if checkpoint_dir else "the checkpoint directory", root)
+    plan.add_file("--json", json_out)
+    ckpts = Checkpointer(root, save_every)
+    ckpts.check_start(resume)
+    return ckpts
+
+
+def _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
+    """Save (atomically, read back first), then drop the checkpoints; a failure says where the
+    trained weights still are."""
+    from .saving import save_converted
+
+    def kept():
+        return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
+
+    try:
+        save_converted(net, tok, out, overwrite=overwrite)
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e}{kept()}") from None
+    if not keep_checkpoints:
+        ckpts.remove()
+
+
+def _write_json(path: Optional[Path], text: str, done: str) -> None:
+    from .paths import write_text
+
+    if path is None:
+        return
+    try:
+        write_text(path, text, "--json")
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e} ({done})") from None
 
 
 def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
@@ -258,7 +318,13 @@ def evaluate(
     --max-* checks it is a regression gate: exit 1 when the candidate regresses."""
     from .evals import Checks, compare
     from .evals.runner import default_report_dir
+    from .paths import OutputPlan
 
+    _require_text(model_argument=model, baseline=baseline, data=data)
+    report_dir = report_dir or default_report_dir(model)
+    plan = OutputPlan(model=model, baseline=baseline, baseline_report=baseline_report, data=data, checks=checks)
+    plan.add_report_dir("--report-dir", report_dir)  # before any model runs: the outputs can be written
+    plan.add_file("--json", json_out)
     gate = Checks.from_toml(checks) if checks else Checks()
     gate = gate.override(Checks(max_ppl_increase=max_ppl_increase, max_recall_drop=max_recall_drop,
                                 max_speed_drop=max_speed_drop, max_memory_increase=max_memory_increase))
@@ -269,7 +335,7 @@ def evaluate(
         lengths=_numbers(lengths, "--lengths"), depths=_numbers(depths, "--depths", float),
         samples=samples, mqar_pairs=_numbers(mqar_pairs, "--mqar-pairs"), speed_lengths=_numbers(speed_lengths, "--speed-lengths"),
         decode_tokens=decode_tokens, speed_repeats=speed_repeats, seed=seed)
-    out = report.write(report_dir or default_report_dir(model))
+    out = report.write(report_dir)
     t = Table(title=f"convert eval: {model}" + (f" vs {report.baseline['name']}" if report.baseline else ""))
     for col in ("metric", "baseline", "candidate", "change", "check"):
         t.add_column(col, justify="left" if col in ("metric", "check") else "right")
@@ -277,10 +343,9 @@ def evaluate(
         t.add_row(*[c.replace("**", "") for c in row])
     console.print(t)
     colour = "green" if report.passed else "red"
-    console.print(f"[{colour}]{report.verdict()}[/{colour}]", highlight=False, soft_wrap=True)
-    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
-    if json_out:
-        json_out.write_text(report.to_json())
+    console.print(f"[{colour}]{escape(report.verdict())}[/{colour}]", highlight=False, soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True, markup=False)
+    _write_json(json_out, report.to_json(), f"the report was written to {out}")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -330,9 +395,11 @@ def gqa(
     from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
     from .distill.train import DistillConfig, distill
     from .evals.perplexity import perplexity
-    from .saving import check_out, save_converted
+    from .paths import OutputPlan
+    from .saving import save_converted
 
     t0 = time.perf_counter()
+    _require_text(model=model, data=data)
     if kv_heads is None:
         raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
     _check_positive(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, calib_batches=calib_batches)
@@ -341,8 +408,10 @@ def gqa(
     if train not in ("lora", "none", *full):
         raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
-    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-gqa{kv_heads}")
-    check_out(out, overwrite)
+    out = out or Path(f"{_stem(model)}-gqa{kv_heads}")
+    plan = OutputPlan(model=model, data=data)
+    plan.add_replaced_dir("--out", out, overwrite=overwrite)
+    plan.add_file("--json", json_out)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -394,8 +463,7 @@ def gqa(
                   lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
                   dtype=str(dt).removeprefix("torch."))
     _gqa_summary(report)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
 
 
 def _gqa_summary(r: dict) -> None:

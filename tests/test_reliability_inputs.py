@@ -323,6 +323,23 @@ def test_io_failure_reads_library_errors():
     assert io_failure(ValueError("shape mismatch")) is None
 
 
+# --- exit codes --------------------------------------------------------------------------------------
+
+def test_an_unexpected_error_never_exits_1(tiny_dir, tiny_text, tmp_path, monkeypatch):
+    """Exit 1 is `convert eval`'s regression verdict; a bug exits 70 with its traceback and one error line."""
+    from attnswap.evals import runner as eval_runner
+
+    def broken(*a, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(eval_runner, "heldout_ids", broken)
+    res = runner.invoke(app, ["eval", str(tiny_dir), "--data", str(tiny_text), "--seq-len", "32", "--eval-tokens", "64",
+                              "--report-dir", str(tmp_path / "r")])
+    assert res.exit_code == 70, res.output
+    assert "Traceback" in res.output and res.output.strip().splitlines()[-1].startswith("error: internal error (RuntimeError)")
+    assert not (tmp_path / "r").exists()
+
+
 # --- what is saved is read back by the code that loads it ---------------------------------------------
 
 def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):

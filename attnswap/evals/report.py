@@ -231,7 +231,7 @@ class Report:
         out = Path(out)
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
             raise AttnSwapError(f"--report-dir {out} exists and is not an eval report directory; choose another")
-        with atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True, flag="--report-dir") as tmp:
             if plots:
                 models = ({self.baseline["name"] + " (baseline)": self.baseline["results"]} if self.baseline else {})
                 models[self.candidate["name"] + (" (candidate)" if self.baseline else "")] = self.candidate["results"]
