@@ -77,7 +77,7 @@ def linearize(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
     attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
     window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 64 for lolcats, 128 for lizard)."),
-    meta_tokens: Optional[int] = typer.Option(None, help="lizard: learned meta-memory sink tokens (default: 4)."),
+    meta_tokens: Optional[int] = typer.Option(None, help="lizard only: learned meta-memory sink tokens (default: 4)."),
     feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
     layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),
     keep_softmax: str = typer.Option("", help="Layers to leave as softmax attention (same syntax)."),
@@ -89,8 +89,8 @@ def linearize(
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     lora_feature_maps: bool = typer.Option(True, help="Keep training feature maps, gates and mixing factors during the LoRA stage."),
-    sinks: int = typer.Option(4, help="lolcats: attention sinks, the first N tokens stay in the exact softmax part for every query."),
-    feature_rope: bool = typer.Option(False, help="lolcats: feature maps see q/k after RoPE (the paper's form) instead of before it."),
+    sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
+    feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -121,6 +121,11 @@ def linearize(
     if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
     n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
+    for flag, v in (("--sinks", sinks), ("--meta-tokens", meta_tokens)):
+        if v is not None and v < 0:
+            raise AttnSwapError(f"{flag} must not be negative (got {v})")
+    options = _method_options(attention, window=window, feature_dim=feature_dim, meta_tokens=meta_tokens, sinks=sinks,
+                              feature_rope=feature_rope)
     out = out or Path(f"{_stem(model)}-{attention}")
     ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
 
@@ -135,14 +140,6 @@ def linearize(
     chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
-    if sinks < 0:
-        raise AttnSwapError(f"--sinks must not be negative (got {sinks})")
-    given = {"window": window, "feature_dim": feature_dim, "meta_tokens": meta_tokens}
-    options = {k: v for k, v in given.items() if v is not None}
-    if attention == "lolcats":
-        options |= {"feature_rope": feature_rope, "sinks": sinks}
-    elif meta_tokens is not None and meta_tokens < 0:
-        raise AttnSwapError(f"--meta-tokens must not be negative (got {meta_tokens})")
     swap = make_swap(attention, chosen, options, cfg)
     loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
@@ -176,6 +173,10 @@ def linearize(
 
 # --- shared by the commands ---------------------------------------------------------------------
 
+METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
+                "sinks": "--sinks", "feature_rope": "--feature-rope"}
+
+
 def _stem(model: str) -> str:
     return "smollm2" if model.strip().lower() in ("llama", "smollm2") else (Path(model).stem or "model")
 
@@ -186,6 +187,24 @@ def _require_text(**values) -> None:
         if v is not None and not str(v).strip():
             flag = "the MODEL argument" if name == "model_argument" else f"--{name.replace('_', '-')}"
             raise AttnSwapError(f"{flag} is empty")
+
+
+def _method_options(method: str, **given) -> dict:
+    """The attention options given on the command line; one that ``method`` does not take is refused
+    (it would be saved into a config that no loader accepts)."""
+    from .convert import METHODS
+    from .convert.spec import option_names
+
+    if method not in METHODS:
+        raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
+    options = {k: v for k, v in given.items() if v is not None}
+    takes = option_names(method)
+    for k in options:
+        if takes is not None and k not in takes:
+            users = sorted(m for m in METHODS if k in (option_names(m) or ()))
+            only = f" (it is a {', '.join(users)} option)" if users else ""
+            raise AttnSwapError(f"{METHOD_FLAGS.get(k, k)} does not apply to --attention {method}{only}")
+    return options
 
 
 def _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
@@ -363,6 +382,7 @@ def _numbers(text: Optional[str], flag: str, kind=int):
 @app.command("gqa")
 @_user_errors
 def gqa(
+    ctx: typer.Context,
     model: str = typer.Option("llama", help=MODEL_HELP),
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
@@ -372,7 +392,7 @@ def gqa(
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
     steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv, attn and all)."),
-    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
@@ -407,6 +427,9 @@ def gqa(
     full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
     if train not in ("lora", "none", *full):
         raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
+    training = ("steps", "lr", "lora_rank", "ce_weight")
+    _refuse_given(ctx, training if train == "none" else ("lora_rank",) if train != "lora" else (),
+                  "--train none (nothing is trained)" if train == "none" else f"--train {train} (no LoRA)")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
     out = out or Path(f"{_stem(model)}-gqa{kv_heads}")
     plan = OutputPlan(model=model, data=data)
@@ -464,6 +487,14 @@ def gqa(
                   dtype=str(dt).removeprefix("torch."))
     _gqa_summary(report)
     _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+
+
+def _refuse_given(ctx: typer.Context, names, why: str) -> None:
+    """Refuse options given on the command line that the chosen mode does not use."""
+    for name in names:
+        source = ctx.get_parameter_source(name)  # click's ParameterSource (typer may vendor its own click)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            raise AttnSwapError(f"--{name.replace('_', '-')} does not apply to {why}")
 
 
 def _gqa_summary(r: dict) -> None:

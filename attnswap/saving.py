@@ -82,7 +82,8 @@ def atomic_dir(out: Path, overwrite: bool, flag: str = "--out"):
 
 
 def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
-    """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer)."""
+    """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer). What
+    was written is read back by the code that loads it before it is renamed into place."""
     from .modeling import REMOTE_CODE_FILE, remote_code_source
 
     with atomic_dir(out, overwrite) as tmp:
@@ -95,4 +96,20 @@ def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
         with _quiet():
             model.save_pretrained(tmp, max_shard_size="2GB")
             tokenizer.save_pretrained(tmp)
+        verify_saved(tmp, out)
     return out
+
+
+def verify_saved(tmp: Path, out: Path) -> None:
+    """Read a saved model's config and weight index back with the loader's own checks (``load_config``:
+    transformers' config, the attnswap entry through ``validate_attnswap_config``, the runtime options;
+    ``check_weight_files``: safetensors only). A run must never end with an output that will not load."""
+    from .loading import ModelSource, check_weight_files, load_config
+
+    src = ModelSource(str(out), str(tmp), kind="dir")
+    try:
+        load_config(src)
+        check_weight_files(src)
+    except AttnSwapError as e:
+        raise AttnSwapError(f"the model saved for {out} would not load, so it was not kept ({e}); this is a bug "
+                            "in attnswap, please report it") from None

@@ -118,6 +118,9 @@ def _swap(args, flag, value):
 
 CASES = {
     # --- linearize: options that do not apply, output locations, inputs that are not what they seem
+    "lin meta-tokens with lolcats": (lambda w: w.lin("--meta-tokens", 4), "--meta-tokens does not apply to --attention lolcats"),
+    "lin sinks with lizard": (lambda w: w.lin("--attention", "lizard", "--sinks", 2), "--sinks does not apply to --attention lizard"),
+    "lin feature-rope with lizard": (lambda w: w.lin("--attention", "lizard", "--no-feature-rope"), "--feature-rope does not apply"),
     "lin unknown attention": (lambda w: w.lin("--attention", "mamba"), "unknown attention method 'mamba'"),
     "lin json into missing dir": (lambda w: w.lin("--json", w.p("nodir/r.json")), "does not exist"),
     "lin json is a directory": (lambda w: w.lin("--json", w.dir("jd")), "is a directory; give a file name"),
@@ -168,6 +171,8 @@ CASES = {
     "gqa out is cwd": (lambda w: w.gqa("--overwrite", out=Path(".")), "is the current directory"),
     "gqa out is the model": (lambda w: _swap(w.gqa("--overwrite", out=w.model()), "--model", w.p("model")), "is the --model input"),
     "gqa json into missing dir": (lambda w: w.gqa("--json", w.p("nodir/r.json")), "does not exist"),
+    "gqa steps with train none": (lambda w: w.gqa("--train", "none"), "--steps does not apply to --train none"),
+    "gqa lora rank with full training": (lambda w: w.gqa("--train", "kv", "--lora-rank", 4), "--lora-rank does not apply to --train kv"),
     "gqa index points at a pickle": (lambda w: _swap(w.gqa(), "--model", w.pickle_index_model()), "not a .safetensors file"),
     "gqa data is a fifo": (lambda w: _swap(w.gqa(), "--data", w.fifo()), "is a FIFO (named pipe)"),
     "gqa empty model": (lambda w: _swap(w.gqa(), "--model", ""), "--model is empty"),

@@ -342,6 +342,29 @@ def test_an_unexpected_error_never_exits_1(tiny_dir, tiny_text, tmp_path, monkey
 
 # --- what is saved is read back by the code that loads it ---------------------------------------------
 
+def test_a_config_that_would_not_load_is_never_renamed_into_place(tmp_path):
+    """save_converted reads the written config back with the loader's own checks (validate_attnswap_config,
+    RuntimeOptions.from_config) before renaming: a bad entry leaves nothing at --out and no temporary."""
+    tok = tiny_tokenizer()
+    for edit, needle in [(lambda a: a["swaps"][0]["options"].update(meta_tokens=4), "unknown option 'meta_tokens'"),
+                         (lambda a: a.update(runtime={"kernels": "fast"}), "runtime option kernels='fast'")]:
+        m = tiny_model("llama", vocab_size=len(tok))
+        convert_model(m, [make_swap("lolcats", [0, 2], {"window": 8}, m.config)], source="tiny")
+        edit(m.config.attnswap)  # what a bug upstream of saving would produce
+        out = tmp_path / "o"
+        with pytest.raises(AttnSwapError, match=re.escape(needle)) as err:
+            save_converted(m, tok, out, overwrite=False)
+        assert "would not load, so it was not kept" in str(err.value)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_make_swap_refuses_an_option_the_method_does_not_take():
+    cfg = tiny_model("llama").config
+    with pytest.raises(AttnSwapError, match="unknown option 'meta_tokens' for method lolcats"):
+        make_swap("lolcats", [0], {"meta_tokens": 4}, cfg)
+    assert make_swap("lizard", [0], {"meta_tokens": 4}, cfg)["options"]["meta_tokens"] == 4
+
+
 def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):
     """After a successful run the checkpoint directory is emptied of checkpoints only, never rmtree'd."""
     from attnswap.distill.checkpoint import Checkpointer

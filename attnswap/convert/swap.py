@@ -39,6 +39,9 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 def make_swap(method: str, layers: list[int], options: dict, config) -> dict:
     if method not in METHODS:
         raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
+    from .spec import check_options
+
+    check_options(method, options)  # what loading the saved model would refuse, refused now
     cls = METHODS[method]
     return {"method": method, "layers": list(layers), "options": {**cls.default_options(config), **options}}
 
