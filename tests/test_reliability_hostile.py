@@ -177,6 +177,16 @@ CASES = {
     "gqa data is a fifo": (lambda w: _swap(w.gqa(), "--data", w.fifo()), "is a FIFO (named pipe)"),
     "gqa empty model": (lambda w: _swap(w.gqa(), "--model", ""), "--model is empty"),
     # --- eval
+    "eval report shaped wrong": (lambda w: w.ev("--baseline-report", w.file("r.json", '{"models": []}')),
+                                 "models must be an object (got a list)"),
+    "eval report without tokenizer": (lambda w: w.ev("--baseline-report", w.report(lambda d: d["models"]["candidate"].pop("tokenizer"))),
+                                      "models.candidate has no 'tokenizer'"),
+    "eval report with a string number": (lambda w: w.ev("--baseline-report", w.report(
+        lambda d: d["models"]["candidate"]["results"]["ppl"]["by_length"]["32"].update(ppl="12"))), "ppl must be a number (got a string)"),
+    "eval report with a bad length key": (lambda w: w.ev("--baseline-report", w.report(
+        lambda d: d["models"]["candidate"]["results"]["ppl"].update(by_length={"long": {"ppl": 1.0}}))), "which is not an integer"),
+    "eval report not json": (lambda w: w.ev("--baseline-report", w.file("r.json", "{nope")), "not valid JSON"),
+    "eval report is a fifo": (lambda w: w.ev("--baseline-report", w.fifo("r.json")), "is a FIFO (named pipe)"),
     "eval report missing": (lambda w: w.ev("--baseline-report", w.p("none.json")), "baseline report not found"),
     "eval json into missing dir": (lambda w: w.ev("--json", w.p("nodir/e.json")), "does not exist"),
     "eval report dir is a file": (lambda w: w.ev(report_dir=None) + ["--report-dir", w.file("rd")], "exists and is a file"),

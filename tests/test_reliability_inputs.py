@@ -379,3 +379,63 @@ def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):
     (root / "step-00000004").mkdir()
     Checkpointer(root).remove()
     assert not root.exists()
+
+
+# --- saved eval reports: nothing but AttnSwapError, whatever the file holds ---------------------------
+
+def _valid_report() -> dict:
+    side = {"name": "teacher", "tokenizer": {"sha256": "0" * 64, "size": 300, "eos": "<eos>", "bos": None}, "seconds": 1.0,
+            "device": "cpu", "results": {
+                "ppl": {"by_length": {"32": {"ppl": 12.0}}, "by_position": {"length": 32, "buckets": [{"from": 1, "to": 32, "ppl": 12.0}]}},
+                "passkey": {"accuracy": 0.5, "by_length": {"256": 0.5}, "by_depth": {"0": 1.0, "1": 0.0}},
+                "niah": {"accuracy": 0.5, "by_length": {"256": 0.5}, "grid": {"256": {"0": 1.0, "1": 0.0}}},
+                "mqar": {"accuracy": 0.25, "by_pairs": {"2": 0.25}},
+                "speed": {"device": "cpu", "decode_tokens": 2, "memory_method": "rss", "exact_memory": False,
+                          "by_length": {"32": {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "cache_bytes": 1024,
+                                               "peak_memory_bytes": 2048}}}}}
+    return {"version": 1, "models": {"candidate": side, "baseline": None}, "settings": {"seq_len": 32}, "checks": []}
+
+
+def _paths(d, prefix=()):
+    """Every (path, value) of a nested JSON value."""
+    yield prefix, d
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _paths(v, (*prefix, i))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_saved_report_raises_only_attnswap_error(tmp_path, data):
+    """A valid report with one value replaced (or removed): loading it, checking it as a baseline, running
+    the regression checks against it and writing its Markdown raise nothing but AttnSwapError."""
+    from attnswap.evals import Checks, Report
+    from attnswap.evals.checks import evaluate
+    from attnswap.evals.report import _Malformed, check_side
+
+    d = _valid_report()
+    where, _ = data.draw(st.sampled_from(list(_paths(d))[1:]))
+    parent = d
+    for k in where[:-1]:
+        parent = parent[k]
+    if data.draw(st.booleans()) and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(JSON | st.sampled_from([float("nan"), float("inf"), -1, 10**30, "1e3", "x"]))
+    f = tmp_path / "report.json"
+    f.write_text(json.dumps(d, allow_nan=True))
+    try:
+        rep = Report.load(f)
+        try:
+            check_side(rep.candidate, "models.candidate", strict=True)
+        except _Malformed:
+            return
+        checks = Checks(max_ppl_increase=5, max_recall_drop=5, max_speed_drop=5, max_memory_increase=5)
+        rep.baseline = rep.candidate
+        rep.checks = evaluate(checks, _valid_report()["models"]["candidate"]["results"], rep.baseline["results"])
+        assert rep.to_markdown() and rep.to_json()
+    except AttnSwapError as e:
+        assert "\n" not in str(e)

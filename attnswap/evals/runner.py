@@ -232,7 +232,13 @@ def _side(subject: _Subject, s: EvalSettings, heldout, fingerprint: dict) -> dic
 
 
 def _check_saved(saved: Report, s: EvalSettings, fp: dict, checks: Checks, device: str, path) -> dict:
+    from .report import _Malformed, check_side
+
     side = saved.baseline or saved.candidate
+    try:
+        check_side(side, "models.baseline" if saved.baseline else "models.candidate", strict=True)
+    except _Malformed as e:
+        raise AttnSwapError(f"{path} is not a convert eval report.json: {e}") from None
     diff = tokenizer_difference(fp, side["tokenizer"])
     if diff:
         raise AttnSwapError(f"the candidate's tokenizer differs from the one in {path} ({side['name']}): {diff}")
