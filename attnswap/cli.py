@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -34,25 +36,51 @@ DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
 DTYPE_OPT = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
 JSON_OPT = typer.Option(None, "--json", help="Also write the summary as JSON here.")
+SAVE_EVERY_OPT = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C or SIGTERM).")
+CHECKPOINT_DIR_OPT = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out).")
+RESUME_OPT = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed).")
+KEEP_CHECKPOINTS_OPT = typer.Option(False, help="Keep the checkpoint directory after a successful run.")
+NAN_RETRIES_OPT = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops.")
 
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, never 1 (which `convert eval` reserves for "a check failed")
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """For the whole command, SIGTERM raises (like Ctrl-C) instead of killing the process at once, so
+    temporary outputs are removed; during training the loop checkpoints first (distill/faults.py)."""
+    from .distill.faults import terminate_like_interrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, terminate_like_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _user_errors(fn):
-    """AttnSwapError -> one line on stderr and its exit code (2 for bad input); Ctrl-C outside training
-    -> one line, 130; anything unexpected -> its traceback, one line, exit 70."""
+    """AttnSwapError -> one line on stderr and its exit code (2 for bad input); Ctrl-C/SIGTERM outside
+    training -> one line, 130/143; anything unexpected -> its traceback, one line, exit 70."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from .distill.faults import Terminated
+
         try:
-            return fn(*a, **kw)
+            with _sigterm_unwinds():
+                return fn(*a, **kw)
         except AttnSwapError as e:
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:  # outside training (there Ctrl-C checkpoints first); outputs are atomic
-            console.print("[red]error:[/red] interrupted; no output was written", highlight=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # outside training (there it checkpoints first); outputs are atomic
+            how, code = ("stopped by SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            console.print(f"[red]error:[/red] {how}; no output was written", highlight=False)
+            raise typer.Exit(code) from None
         except Exception as e:  # noqa: BLE001 - a bug: show it, but never exit 1
             if isinstance(e, (typer.Exit, typer.Abort)) or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # the command line's own exits and usage errors
@@ -100,11 +128,11 @@ def linearize(
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
     json_out: Optional[Path] = JSON_OPT,
-    save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
-    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoint directory after a successful run."),
-    nan_retries: int = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops."),
+    save_every: int = SAVE_EVERY_OPT,
+    checkpoint_dir: Optional[Path] = CHECKPOINT_DIR_OPT,
+    resume: bool = RESUME_OPT,
+    keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
+    nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
     from . import loading
@@ -157,7 +185,7 @@ def linearize(
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
                          lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
                          lora_trains_features=lora_feature_maps)
-    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command())):
+    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("linearize"))):
         net, stats = distill(net, train, dcfg)
     if not main:  # the other processes helped train; the main one evaluates and saves
         return
@@ -171,7 +199,7 @@ def linearize(
     _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
 
 
-# --- shared by the commands ---------------------------------------------------------------------
+# --- shared by linearize and gqa ---------------------------------------------------------------------
 
 METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
                 "sinks": "--sinks", "feature_rope": "--feature-rope"}
@@ -227,6 +255,7 @@ def _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir
 def _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
     """Save (atomically, read back first), then drop the checkpoints; a failure says where the
     trained weights still are."""
+    from .distill.faults import Interrupted, Terminated
     from .saving import save_converted
 
     def kept():
@@ -236,6 +265,9 @@ def _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
         save_converted(net, tok, out, overwrite=overwrite)
     except AttnSwapError as e:
         raise AttnSwapError(f"{e}{kept()}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
+        how, sig = ("stopped by SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", signal.SIGINT)
+        raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
     if not keep_checkpoints:
         ckpts.remove()
 
@@ -278,12 +310,12 @@ def _processes(dev):
     return PartialState(cpu=dev.type == "cpu")
 
 
-def _resume_command() -> str:
+def _resume_command(command: str) -> str:
     """The command line that continues this run (what the user typed, plus --resume)."""
     args = sys.argv[1:]
-    if "linearize" not in args:
-        return "convert linearize <the same options> --resume"
-    args = ["convert", *args[args.index("linearize"):]]
+    if command not in args:
+        return f"convert {command} <the same options> --resume"
+    args = ["convert", *args[args.index(command):]]
     return shlex.join(args if "--resume" in args else [*args, "--resume"])
 
 
@@ -404,6 +436,11 @@ def gqa(
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
     json_out: Optional[Path] = JSON_OPT,
+    save_every: int = SAVE_EVERY_OPT,
+    checkpoint_dir: Optional[Path] = CHECKPOINT_DIR_OPT,
+    resume: bool = RESUME_OPT,
+    keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
+    nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Merge key/value heads (MHA/GQA -> fewer KV heads), then distil against the original model.
     Writes a stock transformers checkpoint with the smaller num_key_value_heads."""
@@ -413,10 +450,9 @@ def gqa(
 
     from . import loading
     from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
+    from .distill.checkpoint import TrainingRun, use_run
     from .distill.train import DistillConfig, distill
     from .evals.perplexity import perplexity
-    from .paths import OutputPlan
-    from .saving import save_converted
 
     t0 = time.perf_counter()
     _require_text(model=model, data=data)
@@ -427,14 +463,12 @@ def gqa(
     full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
     if train not in ("lora", "none", *full):
         raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
-    training = ("steps", "lr", "lora_rank", "ce_weight")
+    training = ("steps", "lr", "lora_rank", "ce_weight", "save_every", "checkpoint_dir", "resume", "keep_checkpoints", "nan_retries")
     _refuse_given(ctx, training if train == "none" else ("lora_rank",) if train != "lora" else (),
                   "--train none (nothing is trained)" if train == "none" else f"--train {train} (no LoRA)")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
     out = out or Path(f"{_stem(model)}-gqa{kv_heads}")
-    plan = OutputPlan(model=model, data=data)
-    plan.add_replaced_dir("--out", out, overwrite=overwrite)
-    plan.add_file("--json", json_out)
+    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -445,6 +479,12 @@ def gqa(
     loading.check_weight_files(src)
 
     dev, dt, main, net, tok, train_seqs, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
+    value_refit = merge == "aligned" if value_refit is None else value_refit
+    if train != "none":
+        ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train_seqs.contiguous().numpy().tobytes()).hexdigest(),
+                    "kv_heads": kv_heads, "grouping": grouping, "merge": merge, "value_refit": value_refit, "train": train,
+                    "steps": steps, "lr": lr, "lora_rank": lora_rank, "ce_weight": ce_weight, "calib_batches": calib_batches,
+                    "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "dtype": str(dt)}, resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -457,7 +497,6 @@ def gqa(
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     tm = time.perf_counter()
     stats = None
-    value_refit = merge == "aligned" if value_refit is None else value_refit
     if grouping == "similarity" or merge == "aligned" or value_refit:
         pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(seed))
         pick = pick[: calib_batches * batch_size]
@@ -472,7 +511,8 @@ def gqa(
     if train != "none":
         dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
                              ce_weight=ce_weight, seed=seed, full_train=full.get(train, ()))
-        net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
+        with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("gqa"))):
+            net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
         if not main:  # the other processes helped train; the main one evaluates and saves
             return
@@ -481,7 +521,7 @@ def gqa(
     del teacher
     if not main:
         return
-    save_converted(net, tok, out, overwrite=overwrite)
+    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
                   dtype=str(dt).removeprefix("torch."))

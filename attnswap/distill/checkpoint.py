@@ -35,7 +35,7 @@ from ..convert.base import swapped_modules
 from ..errors import AttnSwapError
 from ..paths import CHECKPOINT_ENTRY
 from ..progress import console
-from .faults import KILL_HOOK, SIGINT_HOOK, InterruptFlag, Interrupted, StepGuard, test_hook
+from .faults import InterruptFlag, Interrupted, StepGuard
 
 FORMAT = 1
 
@@ -160,7 +160,6 @@ class Checkpointer:
         for old in self.root.iterdir():
             if old != final and old.name.startswith(("step-", ".step-")):
                 shutil.rmtree(old, ignore_errors=True)
-        test_hook(KILL_HOOK, g)
         return final
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -292,8 +291,7 @@ class StageRun:
         return self.guard.check(step, loss, self.trainable, self.opt, self.sched, forward)
 
     def step_done(self, done: int) -> None:
-        """After step ``done`` (1-based within the stage): test hook, periodic checkpoint, Ctrl-C."""
-        test_hook(SIGINT_HOOK, self.offset + done)
+        """After step ``done`` (1-based within the stage): periodic checkpoint, Ctrl-C or SIGTERM."""
         ck = self.run.checkpoints
         if ck is None:
             return
@@ -301,8 +299,8 @@ class StageRun:
         if (due or self.flag.hit) and self.run.main_process:
             self.save(done)
         if self.flag.hit:
-            raise Interrupted(f"interrupted during {self.name} at step {done}/{self.steps}; checkpoint saved in "
-                              f"{ck.root}; resume with: {self.run.resume_hint}")
+            raise Interrupted(f"{self.flag.description} during {self.name} at step {done}/{self.steps}; checkpoint "
+                              f"saved in {ck.root}; resume with: {self.run.resume_hint}", self.flag.signum)
 
     def save(self, done: int) -> Path:
         meta = {"stage": self.name, "step": done, "steps": self.steps, "global_step": self.offset + done,
