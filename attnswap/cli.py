@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import shlex
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import AttnSwapError
@@ -32,21 +36,58 @@ DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
 DTYPE_OPT = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
 JSON_OPT = typer.Option(None, "--json", help="Also write the summary as JSON here.")
+SAVE_EVERY_OPT = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C or SIGTERM).")
+CHECKPOINT_DIR_OPT = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out).")
+RESUME_OPT = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed).")
+KEEP_CHECKPOINTS_OPT = typer.Option(False, help="Keep the checkpoint directory after a successful run.")
+NAN_RETRIES_OPT = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops.")
+
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, never 1 (which `convert eval` reserves for "a check failed")
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """For the whole command, SIGTERM raises (like Ctrl-C) instead of killing the process at once, so
+    temporary outputs are removed; during training the loop checkpoints first (distill/faults.py)."""
+    from .distill.faults import terminate_like_interrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, terminate_like_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _user_errors(fn):
-    """AttnSwapError -> one line on stderr and exit code 2."""
+    """AttnSwapError -> one line on stderr and its exit code (2 for bad input); Ctrl-C/SIGTERM outside
+    training -> one line, 130/143; anything unexpected -> its traceback, one line, exit 70."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from .distill.faults import Terminated
+
         try:
-            return fn(*a, **kw)
+            with _sigterm_unwinds():
+                return fn(*a, **kw)
         except AttnSwapError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:  # outside training (there Ctrl-C checkpoints first); outputs are atomic
-            console.print("[red]error:[/red] interrupted; no output was written", highlight=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # outside training (there it checkpoints first); outputs are atomic
+            how, code = ("stopped by SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            console.print(f"[red]error:[/red] {how}; no output was written", highlight=False)
+            raise typer.Exit(code) from None
+        except Exception as e:  # noqa: BLE001 - a bug: show it, but never exit 1
+            if isinstance(e, (typer.Exit, typer.Abort)) or type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise  # the command line's own exits and usage errors
+            traceback.print_exc()
+            console.print(f"[red]error:[/red] internal error ({type(e).__name__}); this is a bug in attnswap, please "
+                          "report it with the traceback above", highlight=False, soft_wrap=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper
 
@@ -64,7 +105,7 @@ def linearize(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
     attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
     window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 64 for lolcats, 128 for lizard)."),
-    meta_tokens: Optional[int] = typer.Option(None, help="lizard: learned meta-memory sink tokens (default: 4)."),
+    meta_tokens: Optional[int] = typer.Option(None, help="lizard only: learned meta-memory sink tokens (default: 4)."),
     feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
     layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),
     keep_softmax: str = typer.Option("", help="Layers to leave as softmax attention (same syntax)."),
@@ -76,8 +117,8 @@ def linearize(
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     lora_feature_maps: bool = typer.Option(True, help="Keep training feature maps, gates and mixing factors during the LoRA stage."),
-    sinks: int = typer.Option(4, help="lolcats: attention sinks, the first N tokens stay in the exact softmax part for every query."),
-    feature_rope: bool = typer.Option(False, help="lolcats: feature maps see q/k after RoPE (the paper's form) instead of before it."),
+    sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
+    feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -87,33 +128,34 @@ def linearize(
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
     json_out: Optional[Path] = JSON_OPT,
-    save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps and at the end of each stage (0: only on Ctrl-C)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
-    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoint directory after a successful run."),
-    nan_retries: int = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops."),
+    save_every: int = SAVE_EVERY_OPT,
+    checkpoint_dir: Optional[Path] = CHECKPOINT_DIR_OPT,
+    resume: bool = RESUME_OPT,
+    keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
+    nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
     from . import loading
     from .convert import family_of, parse_layers
     from .modeling import convert_model
     from .convert.swap import make_swap
-    from .distill.checkpoint import Checkpointer, TrainingRun, use_run
+    from .distill.checkpoint import TrainingRun, use_run
     from .distill.train import DistillConfig, distill, split_steps
     from .evals.perplexity import perplexity
-    from .saving import check_out, save_converted
 
     t0 = time.perf_counter()
+    _require_text(model=model, data=data)
     _check_positive(steps=steps, window=window, seq_len=seq_len, batch_size=batch_size, feature_dim=feature_dim, lora_rank=lora_rank)
     if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
     n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
-    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-{attention}")
-    check_out(out, overwrite)
-    if save_every < 0 or nan_retries < 0:
-        raise AttnSwapError("--save-every and --nan-retries must not be negative")
-    ckpts = Checkpointer(checkpoint_dir or out.with_name(out.name + ".ckpt"), save_every)
-    ckpts.check_start(resume)
+    for flag, v in (("--sinks", sinks), ("--meta-tokens", meta_tokens)):
+        if v is not None and v < 0:
+            raise AttnSwapError(f"{flag} must not be negative (got {v})")
+    options = _method_options(attention, window=window, feature_dim=feature_dim, meta_tokens=meta_tokens, sinks=sinks,
+                              feature_rope=feature_rope)
+    out = out or Path(f"{_stem(model)}-{attention}")
+    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -126,15 +168,8 @@ def linearize(
     chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
-    if sinks < 0:
-        raise AttnSwapError(f"--sinks must not be negative (got {sinks})")
-    given = {"window": window, "feature_dim": feature_dim, "meta_tokens": meta_tokens}
-    options = {k: v for k, v in given.items() if v is not None}
-    if attention == "lolcats":
-        options |= {"feature_rope": feature_rope, "sinks": sinks}
-    elif meta_tokens is not None and meta_tokens < 0:
-        raise AttnSwapError(f"--meta-tokens must not be negative (got {meta_tokens})")
     swap = make_swap(attention, chosen, options, cfg)
+    loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
     dev, dt, main, net, tok, train, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
     ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
@@ -150,25 +185,102 @@ def linearize(
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
                          lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
                          lora_trains_features=lora_feature_maps)
-    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command())):
+    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("linearize"))):
         net, stats = distill(net, train, dcfg)
     if not main:  # the other processes helped train; the main one evaluates and saves
         return
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")
-    try:
-        save_converted(net, tok, out, overwrite=overwrite)
-    except AttnSwapError as e:
-        kept = f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
-        raise AttnSwapError(f"{e}{kept}") from None
-    if not keep_checkpoints:
-        ckpts.remove()
+    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(dev))
     _summary(report)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+
+
+# --- shared by linearize and gqa ---------------------------------------------------------------------
+
+METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
+                "sinks": "--sinks", "feature_rope": "--feature-rope"}
+
+
+def _stem(model: str) -> str:
+    return "smollm2" if model.strip().lower() in ("llama", "smollm2") else (Path(model).stem or "model")
+
+
+def _require_text(**values) -> None:
+    """Refuse an empty model name or data source (an empty path would mean the current directory)."""
+    for name, v in values.items():
+        if v is not None and not str(v).strip():
+            flag = "the MODEL argument" if name == "model_argument" else f"--{name.replace('_', '-')}"
+            raise AttnSwapError(f"{flag} is empty")
+
+
+def _method_options(method: str, **given) -> dict:
+    """The attention options given on the command line; one that ``method`` does not take is refused
+    (it would be saved into a config that no loader accepts)."""
+    from .convert import METHODS
+    from .convert.spec import option_names
+
+    if method not in METHODS:
+        raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
+    options = {k: v for k, v in given.items() if v is not None}
+    takes = option_names(method)
+    for k in options:
+        if takes is not None and k not in takes:
+            users = sorted(m for m in METHODS if k in (option_names(m) or ()))
+            only = f" (it is a {', '.join(users)} option)" if users else ""
+            raise AttnSwapError(f"{METHOD_FLAGS.get(k, k)} does not apply to --attention {method}{only}")
+    return options
+
+
+def _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
+    """Every location a training command writes, checked before anything is loaded; the Checkpointer."""
+    from .distill.checkpoint import Checkpointer
+    from .paths import OutputPlan
+
+    if save_every < 0 or nan_retries < 0:
+        raise AttnSwapError("--save-every and --nan-retries must not be negative")
+    plan = OutputPlan(model=model, data=data)
+    plan.add_replaced_dir("--out", out, overwrite=overwrite)
+    root = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    plan.add_checkpoint_dir("--checkpoint-dir" if checkpoint_dir else "the checkpoint directory", root)
+    plan.add_file("--json", json_out)
+    ckpts = Checkpointer(root, save_every)
+    ckpts.check_start(resume)
+    return ckpts
+
+
+def _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
+    """Save (atomically, read back first), then drop the checkpoints; a failure says where the
+    trained weights still are."""
+    from .distill.faults import Interrupted, Terminated
+    from .saving import save_converted
+
+    def kept():
+        return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
+
+    try:
+        save_converted(net, tok, out, overwrite=overwrite)
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e}{kept()}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
+        how, sig = ("stopped by SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", signal.SIGINT)
+        raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
+    if not keep_checkpoints:
+        ckpts.remove()
+
+
+def _write_json(path: Optional[Path], text: str, done: str) -> None:
+    from .paths import write_text
+
+    if path is None:
+        return
+    try:
+        write_text(path, text, "--json")
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e} ({done})") from None
 
 
 def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
@@ -198,12 +310,12 @@ def _processes(dev):
     return PartialState(cpu=dev.type == "cpu")
 
 
-def _resume_command() -> str:
+def _resume_command(command: str) -> str:
     """The command line that continues this run (what the user typed, plus --resume)."""
     args = sys.argv[1:]
-    if "linearize" not in args:
-        return "convert linearize <the same options> --resume"
-    args = ["convert", *args[args.index("linearize"):]]
+    if command not in args:
+        return f"convert {command} <the same options> --resume"
+    args = ["convert", *args[args.index(command):]]
     return shlex.join(args if "--resume" in args else [*args, "--resume"])
 
 
@@ -258,7 +370,13 @@ def evaluate(
     --max-* checks it is a regression gate: exit 1 when the candidate regresses."""
     from .evals import Checks, compare
     from .evals.runner import default_report_dir
+    from .paths import OutputPlan
 
+    _require_text(model_argument=model, baseline=baseline, data=data)
+    report_dir = report_dir or default_report_dir(model)
+    plan = OutputPlan(model=model, baseline=baseline, baseline_report=baseline_report, data=data, checks=checks)
+    plan.add_report_dir("--report-dir", report_dir)  # before any model runs: the outputs can be written
+    plan.add_file("--json", json_out)
     gate = Checks.from_toml(checks) if checks else Checks()
     gate = gate.override(Checks(max_ppl_increase=max_ppl_increase, max_recall_drop=max_recall_drop,
                                 max_speed_drop=max_speed_drop, max_memory_increase=max_memory_increase))
@@ -269,7 +387,7 @@ def evaluate(
         lengths=_numbers(lengths, "--lengths"), depths=_numbers(depths, "--depths", float),
         samples=samples, mqar_pairs=_numbers(mqar_pairs, "--mqar-pairs"), speed_lengths=_numbers(speed_lengths, "--speed-lengths"),
         decode_tokens=decode_tokens, speed_repeats=speed_repeats, seed=seed, sparsity=sparsity)
-    out = report.write(report_dir or default_report_dir(model))
+    out = report.write(report_dir)
     t = Table(title=f"convert eval: {model}" + (f" vs {report.baseline['name']}" if report.baseline else ""))
     for col in ("metric", "baseline", "candidate", "change", "check"):
         t.add_column(col, justify="left" if col in ("metric", "check") else "right")
@@ -277,10 +395,9 @@ def evaluate(
         t.add_row(*[c.replace("**", "") for c in row])
     console.print(t)
     colour = "green" if report.passed else "red"
-    console.print(f"[{colour}]{report.verdict()}[/{colour}]", highlight=False, soft_wrap=True)
-    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
-    if json_out:
-        json_out.write_text(report.to_json())
+    console.print(f"[{colour}]{escape(report.verdict())}[/{colour}]", highlight=False, soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True, markup=False)
+    _write_json(json_out, report.to_json(), f"the report was written to {out}")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -298,6 +415,7 @@ def _numbers(text: Optional[str], flag: str, kind=int):
 @app.command("gqa")
 @_user_errors
 def gqa(
+    ctx: typer.Context,
     model: str = typer.Option("llama", help=MODEL_HELP),
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
@@ -307,7 +425,7 @@ def gqa(
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
     steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv, attn and all)."),
-    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
@@ -319,6 +437,11 @@ def gqa(
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
     json_out: Optional[Path] = JSON_OPT,
+    save_every: int = SAVE_EVERY_OPT,
+    checkpoint_dir: Optional[Path] = CHECKPOINT_DIR_OPT,
+    resume: bool = RESUME_OPT,
+    keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
+    nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Merge key/value heads (MHA/GQA -> fewer KV heads), then distil against the original model.
     Writes a stock transformers checkpoint with the smaller num_key_value_heads."""
@@ -328,11 +451,12 @@ def gqa(
 
     from . import loading
     from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
+    from .distill.checkpoint import TrainingRun, use_run
     from .distill.train import DistillConfig, distill
     from .evals.perplexity import perplexity
-    from .saving import check_out, save_converted
 
     t0 = time.perf_counter()
+    _require_text(model=model, data=data)
     if kv_heads is None:
         raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
     _check_positive(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, calib_batches=calib_batches)
@@ -340,9 +464,12 @@ def gqa(
     full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
     if train not in ("lora", "none", *full):
         raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
+    training = ("steps", "lr", "lora_rank", "ce_weight", "save_every", "checkpoint_dir", "resume", "keep_checkpoints", "nan_retries")
+    _refuse_given(ctx, training if train == "none" else ("lora_rank",) if train != "lora" else (),
+                  "--train none (nothing is trained)" if train == "none" else f"--train {train} (no LoRA)")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
-    out = out or Path(f"{Path(model).stem if model not in ('llama', 'smollm2') else 'smollm2'}-gqa{kv_heads}")
-    check_out(out, overwrite)
+    out = out or Path(f"{_stem(model)}-gqa{kv_heads}")
+    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
 
     src = loading.resolve(model)
     cfg = loading.load_config(src)
@@ -350,8 +477,15 @@ def gqa(
     max_len = getattr(cfg, "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
         raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+    loading.check_weight_files(src)
 
     dev, dt, main, net, tok, train_seqs, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
+    value_refit = merge == "aligned" if value_refit is None else value_refit
+    if train != "none":
+        ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train_seqs.contiguous().numpy().tobytes()).hexdigest(),
+                    "kv_heads": kv_heads, "grouping": grouping, "merge": merge, "value_refit": value_refit, "train": train,
+                    "steps": steps, "lr": lr, "lora_rank": lora_rank, "ce_weight": ce_weight, "calib_batches": calib_batches,
+                    "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "dtype": str(dt)}, resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -364,7 +498,6 @@ def gqa(
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     tm = time.perf_counter()
     stats = None
-    value_refit = merge == "aligned" if value_refit is None else value_refit
     if grouping == "similarity" or merge == "aligned" or value_refit:
         pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(seed))
         pick = pick[: calib_batches * batch_size]
@@ -379,7 +512,8 @@ def gqa(
     if train != "none":
         dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
                              ce_weight=ce_weight, seed=seed, full_train=full.get(train, ()))
-        net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
+        with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("gqa"))):
+            net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
         if not main:  # the other processes helped train; the main one evaluates and saves
             return
@@ -388,13 +522,20 @@ def gqa(
     del teacher
     if not main:
         return
-    save_converted(net, tok, out, overwrite=overwrite)
+    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
                   dtype=str(dt).removeprefix("torch."))
     _gqa_summary(report)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+
+
+def _refuse_given(ctx: typer.Context, names, why: str) -> None:
+    """Refuse options given on the command line that the chosen mode does not use."""
+    for name in names:
+        source = ctx.get_parameter_source(name)  # click's ParameterSource (typer may vendor its own click)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            raise AttnSwapError(f"--{name.replace('_', '-')} does not apply to {why}")
 
 
 def _gqa_summary(r: dict) -> None:

@@ -33,7 +33,10 @@ HELDOUT_EVERY = 10
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AttnSwapError(f"cannot read data file {path}: {e.strerror or e}") from None
     for bom, enc in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
         if raw.startswith(bom):
             raise AttnSwapError(f"data file {path} is {enc} text; convert it to UTF-8 first (e.g. iconv -f {enc} -t UTF-8)")
@@ -124,16 +127,24 @@ def load_documents(spec: str) -> list[str]:
     elif spec.startswith("hf:"):
         docs = _hf_docs(spec[3:])
     else:
+        from .paths import kind
+
         p = Path(spec).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+        k = kind(p)
+        if k == "a directory":
+            try:
+                files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+            except OSError as e:
+                raise AttnSwapError(f"cannot read data directory {spec}: {e.strerror or e}") from None
             if not files:
                 raise AttnSwapError(f"data directory {spec} holds no .txt, .md, .rst or .jsonl files")
             docs = [d for f in files for d in _file_docs(f)]
-        elif p.is_file():
+        elif k == "a file":
             docs = _file_docs(p)
-        else:
+        elif k == "missing":
             raise AttnSwapError(f"data not found: {spec} (give a file, a directory, 'default' or hf:NAME[:CONFIG])")
+        else:
+            raise AttnSwapError(f"data {spec} is {k}; give a text file, a directory of them, 'default' or hf:NAME[:CONFIG]")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise AttnSwapError(f"data {spec!r} holds no text")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -105,20 +107,29 @@ def _materialise_alias(name: str) -> Path:
 
 def resolve(spec: str) -> ModelSource:
     """Turn ``--model`` into a loadable source, or raise a one-line AttnSwapError."""
+    from .paths import kind
+
+    if not spec.strip():
+        raise AttnSwapError("the model name is empty; give 'llama', a model directory, a .gguf file or a hub id")
     key = spec.strip().lower()
     if key in ALIASES:
         return ModelSource(spec, str(_materialise_alias(ALIASES[key])), kind="alias")
     p = Path(spec).expanduser()
+    k = kind(p)
     if p.suffix == ".gguf":
-        if not p.is_file():
+        if k == "missing":
             raise AttnSwapError(f"model file not found: {spec}")
+        if k != "a file":
+            raise AttnSwapError(f"model file {spec} is {k}, not a .gguf file")
         return ModelSource(spec, str(p.parent), gguf_file=p.name, kind="gguf")
-    if p.is_dir():
+    if k == "a directory":
         if not (p / "config.json").is_file():
             raise AttnSwapError(f"{spec} is a directory without config.json, not a transformers model")
         return ModelSource(spec, str(p), kind="dir")
-    if p.exists():
+    if k == "a file":
         raise AttnSwapError(f"{spec} is neither a model directory nor a .gguf file")
+    if k != "missing":
+        raise AttnSwapError(f"model path {spec} is {k}, not a model directory or a .gguf file")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
     if not looks_like_hub_id:
         raise AttnSwapError(f"model path not found: {spec}")
@@ -157,9 +168,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.d
     converted model, e.g. ``{"sparsity": 0.95}``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    if source.kind in ("dir", "alias") and not list(Path(source.path).glob("*.safetensors")):
-        raise AttnSwapError(f"{source.spec} holds no .safetensors weights; attnswap loads safetensors only "
-                            "(pickled .bin files can run code)")
+    check_weight_files(source)
     try:
         with _quiet():  # safetensors only (never pickle); a GGUF file is read by the gguf library
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -190,9 +199,78 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: str | torch.d
     return model, tok
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
+    """The first line of an exception's message, without terminal escapes. torch's refusal to unpickle
+    is reported as what it is, never with its advice to retry with weights_only=False."""
+    text = _ANSI.sub("", str(e))
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "the file holds pickled objects that are not plain tensors; attnswap never unpickles them"
+    msg = text.strip().splitlines()
     return (msg[0] if msg else type(e).__name__)[:300]
+
+
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _check_safetensors_file(f: Path, spec: str) -> None:
+    """A cheap look at a safetensors file's header (8-byte length, then JSON), before any library reads it."""
+    from .paths import kind
+
+    k = kind(f)
+    if k != "a file":
+        raise AttnSwapError(f"{spec}: {f.name} is {k}, not a safetensors file")
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = os.fstat(fh.fileno()).st_size
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError("empty or truncated header" if size < 10 else "bad header length")
+            if not isinstance(json.loads(fh.read(n)), dict):
+                raise ValueError("the header is not a JSON object")
+    except OSError as e:
+        raise AttnSwapError(f"could not load model {spec!r}: cannot read {f.name}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise AttnSwapError(f"could not load model {spec!r}: {f.name} is not a valid safetensors file "
+                            f"({str(e).splitlines()[0][:80]})") from None
+
+
+def check_weight_files(source: ModelSource) -> None:
+    """Before transformers touches a model directory: every weight file it would read must be
+    safetensors. transformers (asked for safetensors) reads model.safetensors, else the shards that
+    model.safetensors.index.json names; such an index can name any file, a pickle included, so its
+    weight_map is checked too. A PEFT adapter directory is refused (its weights load through peft)."""
+    if source.kind not in ("dir", "alias"):
+        return
+    d = Path(source.path)
+    spec = source.spec
+    only = "attnswap loads safetensors only (pickled weights can run code)"
+    if (d / "adapter_config.json").exists():
+        raise AttnSwapError(f"{spec} holds a PEFT adapter (adapter_config.json); merge it into its base model and "
+                            "save that first")
+    if os.path.lexists(d / SAFE_WEIGHTS):
+        _check_safetensors_file(d / SAFE_WEIGHTS, spec)
+        return
+    if not os.path.lexists(d / SAFE_INDEX):
+        raise AttnSwapError(f"{spec} holds no {SAFE_WEIGHTS} (nor {SAFE_INDEX}); {only}")
+    try:
+        index = json.loads((d / SAFE_INDEX).read_text(encoding="utf-8"))
+        shards = index["weight_map"].values()
+        if not shards or not all(isinstance(x, str) for x in shards):
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+        raise AttnSwapError(f"{spec}: {SAFE_INDEX} is not a valid index (a 'weight_map' of tensor names to "
+                            "shard files)") from None
+    for name in sorted(set(shards)):
+        if not name.endswith(".safetensors") or Path(name).name != name or name.startswith("."):
+            raise AttnSwapError(f"{spec}: {SAFE_INDEX} points at {name[:80]!r}, which is not a .safetensors file of "
+                                f"that directory; {only}")
+        if not os.path.lexists(d / name):
+            raise AttnSwapError(f"{spec}: {SAFE_INDEX} points at {name!r}, which does not exist")
+        _check_safetensors_file(d / name, spec)
 
 
 def pick_device(name: str = "auto") -> torch.device:

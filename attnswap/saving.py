@@ -12,15 +12,21 @@ from pathlib import Path
 from .errors import AttnSwapError
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be (re)placed: exists without ``overwrite``, is a file,
+    is the current directory or the root, or lies under a directory that cannot be written."""
+    from .paths import check_named_directory, kind, writable_parent
+
+    check_named_directory(out, flag)
+    k = kind(out)
+    if k != "missing" and not overwrite:
         raise AttnSwapError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
+    if k not in ("missing", "a directory"):
         raise AttnSwapError(f"{out} exists and is not a directory")
-    parent = Path(out).absolute().parent  # fail before hours of training, not after
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if writable_parent(out) is None:  # fail before hours of training, not after
+        parent = Path(out).absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
         raise AttnSwapError(f"cannot write to {parent}: not a writable directory (read-only or no permission)")
 
 
@@ -37,18 +43,19 @@ def io_failure(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool):
+def atomic_dir(out: Path, overwrite: bool, flag: str = "--out"):
     """Yield a temporary directory; on success it replaces ``out``. On any failure ``out`` (new or
     previous) is left exactly as it was and the temporary directory is removed."""
-    out = Path(out)
-    check_out(out, overwrite)
+    shown = Path(out)
+    check_out(shown, overwrite, flag)
+    out = Path(os.path.abspath(shown))  # '.'-free: its parent and name are what they look like
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
-        raise AttnSwapError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+        raise AttnSwapError(f"cannot write to {shown.parent}: {e.strerror or e}") from None
     try:
         yield tmp
         old = None
@@ -68,14 +75,15 @@ def atomic_dir(out: Path, overwrite: bool):
         why = io_failure(e)
         if why is None:
             raise
-        raise AttnSwapError(f"could not write {out}: {why}; nothing was changed there") from None
+        raise AttnSwapError(f"could not write {shown}: {why}; nothing was changed there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
-    """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer)."""
+    """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer). What
+    was written is read back by the code that loads it before it is renamed into place."""
     from .modeling import REMOTE_CODE_FILE, remote_code_source
 
     with atomic_dir(out, overwrite) as tmp:
@@ -88,4 +96,20 @@ def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
         with _quiet():
             model.save_pretrained(tmp, max_shard_size="2GB")
             tokenizer.save_pretrained(tmp)
+        verify_saved(tmp, out)
     return out
+
+
+def verify_saved(tmp: Path, out: Path) -> None:
+    """Read a saved model's config and weight index back with the loader's own checks (``load_config``:
+    transformers' config, the attnswap entry through ``validate_attnswap_config``, the runtime options;
+    ``check_weight_files``: safetensors only). A run must never end with an output that will not load."""
+    from .loading import ModelSource, check_weight_files, load_config
+
+    src = ModelSource(str(out), str(tmp), kind="dir")
+    try:
+        load_config(src)
+        check_weight_files(src)
+    except AttnSwapError as e:
+        raise AttnSwapError(f"the model saved for {out} would not load, so it was not kept ({e}); this is a bug "
+                            "in attnswap, please report it") from None

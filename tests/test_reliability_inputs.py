@@ -321,3 +321,121 @@ def test_io_failure_reads_library_errors():
     assert io_failure(Exception("Error while serializing: I/O error: No space left on device (os error 28)")) == "the disk is full"
     assert io_failure(Exception("Error while serializing: I/O error: Permission denied (os error 13)")) == "Permission denied"
     assert io_failure(ValueError("shape mismatch")) is None
+
+
+# --- exit codes --------------------------------------------------------------------------------------
+
+def test_an_unexpected_error_never_exits_1(tiny_dir, tiny_text, tmp_path, monkeypatch):
+    """Exit 1 is `convert eval`'s regression verdict; a bug exits 70 with its traceback and one error line."""
+    from attnswap.evals import runner as eval_runner
+
+    def broken(*a, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(eval_runner, "heldout_ids", broken)
+    res = runner.invoke(app, ["eval", str(tiny_dir), "--data", str(tiny_text), "--seq-len", "32", "--eval-tokens", "64",
+                              "--report-dir", str(tmp_path / "r")])
+    assert res.exit_code == 70, res.output
+    assert "Traceback" in res.output and res.output.strip().splitlines()[-1].startswith("error: internal error (RuntimeError)")
+    assert not (tmp_path / "r").exists()
+
+
+# --- what is saved is read back by the code that loads it ---------------------------------------------
+
+def test_a_config_that_would_not_load_is_never_renamed_into_place(tmp_path):
+    """save_converted reads the written config back with the loader's own checks (validate_attnswap_config,
+    RuntimeOptions.from_config) before renaming: a bad entry leaves nothing at --out and no temporary."""
+    tok = tiny_tokenizer()
+    for edit, needle in [(lambda a: a["swaps"][0]["options"].update(meta_tokens=4), "unknown option 'meta_tokens'"),
+                         (lambda a: a.update(runtime={"kernels": "fast"}), "runtime option kernels='fast'")]:
+        m = tiny_model("llama", vocab_size=len(tok))
+        convert_model(m, [make_swap("lolcats", [0, 2], {"window": 8}, m.config)], source="tiny")
+        edit(m.config.attnswap)  # what a bug upstream of saving would produce
+        out = tmp_path / "o"
+        with pytest.raises(AttnSwapError, match=re.escape(needle)) as err:
+            save_converted(m, tok, out, overwrite=False)
+        assert "would not load, so it was not kept" in str(err.value)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_make_swap_refuses_an_option_the_method_does_not_take():
+    cfg = tiny_model("llama").config
+    with pytest.raises(AttnSwapError, match="unknown option 'meta_tokens' for method lolcats"):
+        make_swap("lolcats", [0], {"meta_tokens": 4}, cfg)
+    assert make_swap("lizard", [0], {"meta_tokens": 4}, cfg)["options"]["meta_tokens"] == 4
+
+
+def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):
+    """After a successful run the checkpoint directory is emptied of checkpoints only, never rmtree'd."""
+    from attnswap.distill.checkpoint import Checkpointer
+
+    root = tmp_path / "ck"
+    (root / "step-00000003").mkdir(parents=True)
+    (root / "step-00000003" / "meta.json").write_text("{}")
+    (root / "notes.txt").write_text("mine")
+    Checkpointer(root).remove()
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+    (root / "notes.txt").unlink()
+    (root / "step-00000004").mkdir()
+    Checkpointer(root).remove()
+    assert not root.exists()
+
+
+# --- saved eval reports: nothing but AttnSwapError, whatever the file holds ---------------------------
+
+def _valid_report() -> dict:
+    side = {"name": "teacher", "tokenizer": {"sha256": "0" * 64, "size": 300, "eos": "<eos>", "bos": None}, "seconds": 1.0,
+            "device": "cpu", "results": {
+                "ppl": {"by_length": {"32": {"ppl": 12.0}}, "by_position": {"length": 32, "buckets": [{"from": 1, "to": 32, "ppl": 12.0}]}},
+                "passkey": {"accuracy": 0.5, "by_length": {"256": 0.5}, "by_depth": {"0": 1.0, "1": 0.0}},
+                "niah": {"accuracy": 0.5, "by_length": {"256": 0.5}, "grid": {"256": {"0": 1.0, "1": 0.0}}},
+                "mqar": {"accuracy": 0.25, "by_pairs": {"2": 0.25}},
+                "speed": {"device": "cpu", "decode_tokens": 2, "memory_method": "rss", "exact_memory": False,
+                          "by_length": {"32": {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "cache_bytes": 1024,
+                                               "peak_memory_bytes": 2048}}}}}
+    return {"version": 1, "models": {"candidate": side, "baseline": None}, "settings": {"seq_len": 32}, "checks": []}
+
+
+def _paths(d, prefix=()):
+    """Every (path, value) of a nested JSON value."""
+    yield prefix, d
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _paths(v, (*prefix, i))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_saved_report_raises_only_attnswap_error(tmp_path, data):
+    """A valid report with one value replaced (or removed): loading it, checking it as a baseline, running
+    the regression checks against it and writing its Markdown raise nothing but AttnSwapError."""
+    from attnswap.evals import Checks, Report
+    from attnswap.evals.checks import evaluate
+    from attnswap.evals.report import _Malformed, check_side
+
+    d = _valid_report()
+    where, _ = data.draw(st.sampled_from(list(_paths(d))[1:]))
+    parent = d
+    for k in where[:-1]:
+        parent = parent[k]
+    if data.draw(st.booleans()) and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(JSON | st.sampled_from([float("nan"), float("inf"), -1, 10**30, "1e3", "x"]))
+    f = tmp_path / "report.json"
+    f.write_text(json.dumps(d, allow_nan=True))
+    try:
+        rep = Report.load(f)
+        try:
+            check_side(rep.candidate, "models.candidate", strict=True)
+        except _Malformed:
+            return
+        checks = Checks(max_ppl_increase=5, max_recall_drop=5, max_speed_drop=5, max_memory_increase=5)
+        rep.baseline = rep.candidate
+        rep.checks = evaluate(checks, _valid_report()["models"]["candidate"]["results"], rep.baseline["results"])
+        assert rep.to_markdown() and rep.to_json()
+    except AttnSwapError as e:
+        assert "\n" not in str(e)

@@ -54,14 +54,27 @@ def _known_options(method: str) -> dict | None:
         return None
 
 
-def _check_option(method: str, name, value) -> None:
+def option_names(method: str) -> set[str] | None:
+    """The options ``method`` takes (None if they cannot be listed without a real model config)."""
+    known = _known_options(method)
+    return None if known is None else set(known)
+
+
+def check_options(method: str, options: dict) -> None:
+    """Refuse options a method does not take, or of the wrong type: what loading the saved config would
+    refuse, said at conversion time (``make_swap``) instead."""
+    for name, value in options.items():
+        _check_option(method, name, value, bad=AttnSwapError)
+
+
+def _check_option(method: str, name, value, bad=_bad) -> None:
     known = _known_options(method)
     if known is None:
         if not isinstance(value, (bool, int, float, str)) or isinstance(value, float) and not math.isfinite(value):
-            raise _bad(f"option {str(name)[:40]!r} of {method} must be a finite number, a string or a boolean")
+            raise bad(f"option {str(name)[:40]!r} of {method} must be a finite number, a string or a boolean")
         return
     if name not in known:
-        raise _bad(f"unknown option {str(name)[:40]!r} for method {method} (known: {', '.join(sorted(known))})")
+        raise bad(f"unknown option {str(name)[:40]!r} for method {method} (known: {', '.join(sorted(known))})")
     default = known[name]
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
@@ -72,13 +85,13 @@ def _check_option(method: str, name, value) -> None:
     else:
         ok, want = isinstance(value, type(default)), f"a {type(default).__name__}"
     if not ok:
-        raise _bad(f"option {name!r} of {method} must be {want}")
+        raise bad(f"option {name!r} of {method} must be {want}")
     low = LOWER_BOUNDS.get(name)
     if low is not None and value < low:
-        raise _bad(f"option {name!r} of {method} must be at least {low} (got {value})")
+        raise bad(f"option {name!r} of {method} must be at least {low} (got {value})")
     high = UPPER_BOUNDS.get(name)
     if high is not None and (value > high or name == "sparsity" and value >= high):
-        raise _bad(f"option {name!r} of {method} must be {'below' if name == 'sparsity' else 'at most'} {high} (got {value})")
+        raise bad(f"option {name!r} of {method} must be {'below' if name == 'sparsity' else 'at most'} {high} (got {value})")
 
 
 def validate_attnswap_config(d, num_layers: int | None = None) -> dict:

@@ -21,9 +21,13 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            given = list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+            a, b = (int(lo), int(hi)) if sep else (int(lo), int(lo))
         except ValueError:
             raise AttnSwapError(f"cannot read layer list {spec!r}: use indices and ranges like '0-3,8'") from None
+        if b < a:
+            hint = f"; write it as {b}-{a}" if b >= 0 else "; ranges take non-negative indices, lower first"
+            raise AttnSwapError(f"layer range {part!r} in {spec!r} runs backwards{hint}")
+        given = range(a, b + 1)
         for i in given:
             j = i + n_layers if i < 0 else i
             if not 0 <= j < n_layers:
@@ -35,6 +39,9 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 def make_swap(method: str, layers: list[int], options: dict, config) -> dict:
     if method not in METHODS:
         raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
+    from .spec import check_options
+
+    check_options(method, options)  # what loading the saved model would refuse, refused now
     cls = METHODS[method]
     return {"method": method, "layers": list(layers), "options": {**cls.default_options(config), **options}}
 

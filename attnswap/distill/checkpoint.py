@@ -33,8 +33,9 @@ import torch
 
 from ..convert.base import swapped_modules
 from ..errors import AttnSwapError
+from ..paths import CHECKPOINT_ENTRY
 from ..progress import console
-from .faults import KILL_HOOK, SIGINT_HOOK, InterruptFlag, Interrupted, StepGuard, test_hook
+from .faults import InterruptFlag, Interrupted, StepGuard
 
 FORMAT = 1
 
@@ -100,6 +101,8 @@ class Checkpointer:
 
     def check_start(self, resume: bool) -> None:
         """Before any work: --resume needs a checkpoint, and a fresh run must not bury an old one."""
+        if self.root.exists() and not self.root.is_dir():
+            raise AttnSwapError(f"the checkpoint directory {self.root} is a file, not a directory")
         last = self.latest()
         if resume and last is None:
             raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
@@ -157,7 +160,6 @@ class Checkpointer:
         for old in self.root.iterdir():
             if old != final and old.name.startswith(("step-", ".step-")):
                 shutil.rmtree(old, ignore_errors=True)
-        test_hook(KILL_HOOK, g)
         return final
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -173,7 +175,14 @@ class Checkpointer:
         return s.meta, tensors, state
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Delete this run's checkpoints, then the directory if that leaves it empty (never anything else)."""
+        if not self.root.is_dir():
+            return
+        for d in self.root.iterdir():
+            if CHECKPOINT_ENTRY.fullmatch(d.name) and d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
 
 
 def _rng_state() -> dict:
@@ -282,8 +291,7 @@ class StageRun:
         return self.guard.check(step, loss, self.trainable, self.opt, self.sched, forward)
 
     def step_done(self, done: int) -> None:
-        """After step ``done`` (1-based within the stage): test hook, periodic checkpoint, Ctrl-C."""
-        test_hook(SIGINT_HOOK, self.offset + done)
+        """After step ``done`` (1-based within the stage): periodic checkpoint, Ctrl-C or SIGTERM."""
         ck = self.run.checkpoints
         if ck is None:
             return
@@ -291,8 +299,8 @@ class StageRun:
         if (due or self.flag.hit) and self.run.main_process:
             self.save(done)
         if self.flag.hit:
-            raise Interrupted(f"interrupted during {self.name} at step {done}/{self.steps}; checkpoint saved in "
-                              f"{ck.root}; resume with: {self.run.resume_hint}")
+            raise Interrupted(f"{self.flag.description} during {self.name} at step {done}/{self.steps}; checkpoint "
+                              f"saved in {ck.root}; resume with: {self.run.resume_hint}", self.flag.signum)
 
     def save(self, done: int) -> Path:
         meta = {"stage": self.name, "step": done, "steps": self.steps, "global_step": self.offset + done,

@@ -1,22 +1,17 @@
-"""Faults the distillation loop survives: non-finite numbers, Ctrl-C, and hooks that let tests kill it.
+"""Faults the distillation loop survives: non-finite numbers, Ctrl-C and SIGTERM.
 
 Non-finite loss or gradients: the step makes no update, a warning names where the first non-finite
 value came from, and the learning rate of the stage is halved. After ``max_retries`` such steps in a
 row the run stops with ``NonFiniteError`` (one line: stage, step, module or parameter, layer).
 A step whose numbers are finite resets the count; the lowered learning rate stays.
 
-Ctrl-C (SIGINT): the first one lets the current step finish; the loop then writes a checkpoint and
-raises ``Interrupted`` (exit code 130, one line saying how to resume). A second Ctrl-C stops at once.
-
-Test hooks (environment variables read by the loop; for the test suite, not for users):
-- ``ATTNSWAP_TEST_KILL_AFTER_CHECKPOINT=N``: SIGKILL this process right after the checkpoint of
-  global step N has been written (a crash at a known point);
-- ``ATTNSWAP_TEST_SIGINT_AFTER_STEP=N``: send this process SIGINT right after global step N.
+Ctrl-C (SIGINT) or SIGTERM (what ``timeout``, ``kill`` and job schedulers send): the first one lets
+the current step finish; the loop then writes a checkpoint and raises ``Interrupted`` (exit code 130
+for SIGINT, 143 for SIGTERM; one line saying how to resume). A second signal stops at once.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 
@@ -27,8 +22,7 @@ from ..errors import AttnSwapError
 from ..hf_compat import strip_peft_prefix
 from ..progress import console
 
-KILL_HOOK = "ATTNSWAP_TEST_KILL_AFTER_CHECKPOINT"
-SIGINT_HOOK = "ATTNSWAP_TEST_SIGINT_AFTER_STEP"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteError(AttnSwapError):
@@ -38,42 +32,57 @@ class NonFiniteError(AttnSwapError):
 
 
 class Interrupted(AttnSwapError):
-    """Ctrl-C during training; a checkpoint was written."""
+    """Ctrl-C or SIGTERM during training; a checkpoint was written."""
 
     exit_code = 130
 
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum or signal.SIGINT)
 
-def test_hook(name: str, global_step: int) -> None:
-    """Act on a test hook if its variable names this global step (see the module docstring)."""
-    want = os.environ.get(name)
-    if not want or int(want) != global_step:
-        return
-    os.kill(os.getpid(), signal.SIGKILL if name == KILL_HOOK else signal.SIGINT)
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: unwinds like Ctrl-C (temporary outputs are removed)."""
+
+
+def terminate_like_interrupt(signum, frame):
+    """A SIGTERM handler for the whole command: raise, so that cleanup runs, instead of dying at once."""
+    raise Terminated
 
 
 class InterruptFlag:
-    """While active, the first SIGINT only sets ``hit``; a second one raises KeyboardInterrupt."""
+    """While active, the first SIGINT or SIGTERM only sets ``hit`` (and ``signum``); a second one
+    raises KeyboardInterrupt (Terminated for SIGTERM)."""
 
     def __init__(self):
         self.hit = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._old = None
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
         return self
 
     def _handler(self, signum, frame):
         if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-        console.print("interrupt: finishing this step and saving a checkpoint (Ctrl-C again stops at once)")
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.hit, self.signum = True, signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        console.print(f"{what}: finishing this step and saving a checkpoint ({again} again stops at once)")
+
+    @property
+    def description(self) -> str:
+        return "interrupted" if self.signum in (None, signal.SIGINT) else f"stopped by {signal.Signals(self.signum).name}"
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 

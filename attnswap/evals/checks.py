@@ -55,11 +55,18 @@ class Checks:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Checks":
+        from ..paths import kind
+
         p = Path(path)
-        if not p.is_file():
+        k = kind(p)
+        if k == "missing":
             raise AttnSwapError(f"checks file not found: {path}")
+        if k != "a file":
+            raise AttnSwapError(f"checks file {path} is {k}, not a TOML file")
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise AttnSwapError(f"cannot read checks file {path}: {e.strerror or e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise AttnSwapError(f"{path} is not valid TOML: {str(e).splitlines()[0]}") from None
         raw = raw.get("checks", raw) if isinstance(raw.get("checks"), dict) else raw
@@ -69,7 +76,7 @@ class Checks:
             key = k.replace("-", "_")
             if key not in known:
                 raise AttnSwapError(f"{path}: unknown check {k!r}; known: {', '.join(sorted(n.replace('_', '-') for n in known))}")
-            values[key] = v
+            values[key] = parse_amount(v, f"{path}: {k}")  # the file and its key, not the flag, name a bad value
         return cls(**values)
 
     def override(self, other: "Checks") -> "Checks":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import AttnSwapError
@@ -83,18 +83,29 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
+        """Read a report.json (or the one in a report directory); anything but a well-formed report,
+        down to every number the comparison, the Markdown and the plots read, is one AttnSwapError."""
+        from ..paths import kind
+
         p = Path(path)
-        if p.is_dir():
+        if kind(p) == "a directory":
             p = p / "report.json"
-        if not p.is_file():
+        k = kind(p)
+        if k == "missing":
             raise AttnSwapError(f"baseline report not found: {path}")
+        if k != "a file":
+            raise AttnSwapError(f"baseline report {p} is {k}, not a report.json file")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
-            if not isinstance(d, dict) or "results" not in d.get("models", {}).get("candidate", {}):
-                raise ValueError("no candidate results")
-            return cls.from_dict(d)
-        except (ValueError, UnicodeDecodeError, TypeError, KeyError) as e:
-            raise AttnSwapError(f"{path} is not a convert eval report.json ({str(e).splitlines()[0][:120]})") from None
+        except OSError as e:
+            raise AttnSwapError(f"cannot read {p}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise AttnSwapError(f"{path} is not a convert eval report.json (not valid JSON: {str(e).splitlines()[0][:80]})") from None
+        try:
+            check_report(d)
+        except _Malformed as e:
+            raise AttnSwapError(f"{path} is not a convert eval report.json: {e}") from None
+        return cls.from_dict(d)
 
     # --- Markdown --------------------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
@@ -237,7 +248,7 @@ class Report:
         out = Path(out)
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
             raise AttnSwapError(f"--report-dir {out} exists and is not an eval report directory; choose another")
-        with atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True, flag="--report-dir") as tmp:
             if plots:
                 models = ({self.baseline["name"] + " (baseline)": self.baseline["results"]} if self.baseline else {})
                 models[self.candidate["name"] + (" (candidate)" if self.baseline else "")] = self.candidate["results"]
@@ -245,3 +256,174 @@ class Report:
             (tmp / "report.json").write_text(self.to_json())
             (tmp / "report.md").write_text(self.to_markdown())
         return out
+
+
+# --- the shape of a saved report -------------------------------------------------------------------
+
+class _Malformed(Exception):
+    """Where a saved report departs from the shape this module writes (message: path and problem)."""
+
+
+def _type(x) -> str:
+    return "null" if x is None else {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                                     "list": "a list", "dict": "an object"}.get(type(x).__name__, type(x).__name__)
+
+
+def _is_num(x) -> bool:
+    """A JSON number (NaN and infinities included, as reports are written with allow_nan); integers
+    within 64 bits, so that every one converts to a float."""
+    return isinstance(x, float) or isinstance(x, int) and not isinstance(x, bool) and abs(x) < 2**63
+
+
+def _need(ok: bool, where: str, want: str, x) -> None:
+    if not ok:
+        raise _Malformed(f"{where} must be {want} (got {_type(x)})")
+
+
+def _obj(x, where: str) -> dict:
+    _need(isinstance(x, dict), where, "an object", x)
+    return x
+
+
+def _field(d: dict, key: str, where: str, check, *, optional: bool = False):
+    if key not in d:
+        if optional:
+            return None
+        raise _Malformed(f"{where} has no {key!r}")
+    return check(d[key], f"{where}.{key}")
+
+
+def _number(x, where):
+    _need(_is_num(x), where, "a number", x)
+    return x
+
+
+def _number_or_null(x, where):
+    _need(x is None or _is_num(x), where, "a number or null", x)
+    return x
+
+
+def _integer(x, where):
+    _need(isinstance(x, int) and not isinstance(x, bool) and abs(x) < 2**63, where, "an integer", x)
+    return x
+
+
+def _string(x, where):
+    _need(isinstance(x, str), where, "a string", x)
+    return x
+
+
+def _string_or_null(x, where):
+    _need(x is None or isinstance(x, str), where, "a string or null", x)
+    return x
+
+
+def _keyed(x, where, value, *, key=int, what="integer", nonempty=True) -> dict:
+    """An object whose keys read as numbers (lengths, depths, pair counts) and whose values pass ``value``."""
+    d = _obj(x, where)
+    if nonempty and not d:
+        raise _Malformed(f"{where} is empty")
+    for k, v in d.items():
+        try:
+            key(k)
+        except ValueError:
+            raise _Malformed(f"{where} has the key {k[:20]!r}, which is not an {what}") from None
+        value(v, f"{where}[{k[:20]!r}]")
+    return d
+
+
+def _ppl(r, where):
+    _field(r, "by_length", where, lambda v, w: _keyed(v, w, lambda x, wx: _field(_obj(x, wx), "ppl", wx, _number)))
+    pos = _field(r, "by_position", where, _obj)
+    pw = f"{where}.by_position"
+    _field(pos, "length", pw, _integer)
+    buckets = _field(pos, "buckets", pw, lambda v, w: v)
+    _need(isinstance(buckets, list), f"{pw}.buckets", "a list", buckets)
+    for i, b in enumerate(buckets):
+        w = f"{pw}.buckets[{i}]"
+        for k in ("from", "to", "ppl"):
+            _field(_obj(b, w), k, w, _number)
+
+
+def _accuracy_by(r, where, key, keytype=int, what="integer"):
+    _field(r, "accuracy", where, _number)
+    _field(r, key, where, lambda v, w: _keyed(v, w, _number, key=keytype, what=what))
+
+
+def _passkey(r, where):
+    _accuracy_by(r, where, "by_length")
+    _field(r, "by_depth", where, lambda v, w: _keyed(v, w, _number, key=float, what="number", nonempty=False))
+
+
+def _niah(r, where):
+    _accuracy_by(r, where, "by_length")
+    grid = _field(r, "grid", where, lambda v, w: _keyed(v, w, lambda row, wr: _keyed(row, wr, _number, key=float, what="number")))
+    depths = [set(row) for row in grid.values()]
+    if any(d != depths[0] for d in depths):
+        raise _Malformed(f"{where}.grid: the lengths do not all have the same depths")
+
+
+def _mqar(r, where):
+    _accuracy_by(r, where, "by_pairs")
+
+
+def _speed_row(v, w):
+    row = _obj(v, w)
+    for k in ("prefill_tok_s", "cache_bytes", "peak_memory_bytes"):
+        _field(row, k, w, _number)
+    _field(row, "decode_tok_s", w, _number_or_null, optional=True)
+
+
+def _speed(r, where):
+    _field(r, "device", where, _string)
+    _field(r, "decode_tokens", where, _integer)
+    _field(r, "memory_method", where, _string)
+    _field(r, "exact_memory", where, lambda v, w: _need(isinstance(v, bool), w, "true or false", v))
+    _field(r, "by_length", where, lambda v, w: _keyed(v, w, _speed_row))
+
+
+TASK_SHAPES = {"ppl": _ppl, "passkey": _passkey, "niah": _niah, "mqar": _mqar, "speed": _speed}
+
+
+def check_results(results, where: str) -> None:
+    """Every task result a report holds, in the shape the tasks write it."""
+    results = _obj(results, where)
+    for task, check in TASK_SHAPES.items():
+        if task in results:
+            check(_obj(results[task], f"{where}.{task}"), f"{where}.{task}")
+
+
+def check_side(side, where: str, *, strict: bool) -> None:
+    """One model's entry. ``strict``: also what comparing against it needs (its name and tokenizer)."""
+    side = _obj(side, where)
+    _field(side, "results", where, check_results)
+    _field(side, "seconds", where, _number, optional=True)
+    _field(side, "device", where, _string, optional=True)
+    _field(side, "name", where, _string, optional=not strict)
+    tok = _field(side, "tokenizer", where, _obj, optional=not strict)
+    if strict:
+        tw = f"{where}.tokenizer"
+        _field(tok, "sha256", tw, _string)
+        _field(tok, "size", tw, _integer)
+        for k in ("eos", "bos"):
+            _field(tok, k, tw, _string_or_null, optional=True)
+
+
+def check_report(d) -> None:
+    """The whole of a saved report (raises _Malformed)."""
+    d = _obj(d, "the file")
+    models = _field(d, "models", "the report", _obj)
+    _field(models, "candidate", "models", lambda v, w: check_side(v, w, strict=False))
+    if models.get("baseline") is not None:
+        check_side(models["baseline"], "models.baseline", strict=False)
+    for key in ("settings", "requested_checks", "environment", "plots"):
+        _field(d, key, "the report", _obj, optional=True)
+    _field(d, "baseline_source", "the report", _string, optional=True)
+    checks = _field(d, "checks", "the report", lambda v, w: v, optional=True) or []
+    _need(isinstance(checks, list), "checks", "a list", checks)
+    names = {f.name for f in fields(CheckResult)}
+    required = {f.name for f in fields(CheckResult) if f.default is MISSING}
+    for i, c in enumerate(checks):
+        c = _obj(c, f"checks[{i}]")
+        if set(c) - names or required - set(c):
+            raise _Malformed(f"checks[{i}] does not have the fields of a check result")

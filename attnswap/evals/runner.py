@@ -121,6 +121,7 @@ class _Subject:
             self.name = str(what)
             self.source = loading.resolve(self.name)
             self.config = loading.load_config(self.source)
+            loading.check_weight_files(self.source)  # safetensors only: refused before any work
         elif isinstance(what, tuple) and len(what) in (2, 3):
             self.model, self.tok = what[:2]
             self.config = self.model.config
@@ -238,7 +239,13 @@ def _side(subject: _Subject, s: EvalSettings, heldout, fingerprint: dict, overri
 
 
 def _check_saved(saved: Report, s: EvalSettings, fp: dict, checks: Checks, device: str, path) -> dict:
+    from .report import _Malformed, check_side
+
     side = saved.baseline or saved.candidate
+    try:
+        check_side(side, "models.baseline" if saved.baseline else "models.candidate", strict=True)
+    except _Malformed as e:
+        raise AttnSwapError(f"{path} is not a convert eval report.json: {e}") from None
     diff = tokenizer_difference(fp, side["tokenizer"])
     if diff:
         raise AttnSwapError(f"the candidate's tokenizer differs from the one in {path} ({side['name']}): {diff}")
