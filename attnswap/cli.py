@@ -19,6 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import AttnSwapError
+from .pipelines.common import plan_training_outputs as _plan_training_outputs
+from .pipelines.common import require_text as _require_text
+from .pipelines.common import save_output as _save_output
+from .pipelines.common import stem as _stem
+from .pipelines.common import write_json as _write_json
 from .progress import console
 
 app = typer.Typer(
@@ -205,18 +210,6 @@ METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_toke
                 "sinks": "--sinks", "feature_rope": "--feature-rope"}
 
 
-def _stem(model: str) -> str:
-    return "smollm2" if model.strip().lower() in ("llama", "smollm2") else (Path(model).stem or "model")
-
-
-def _require_text(**values) -> None:
-    """Refuse an empty model name or data source (an empty path would mean the current directory)."""
-    for name, v in values.items():
-        if v is not None and not str(v).strip():
-            flag = "the MODEL argument" if name == "model_argument" else f"--{name.replace('_', '-')}"
-            raise AttnSwapError(f"{flag} is empty")
-
-
 def _method_options(method: str, **given) -> dict:
     """The attention options given on the command line; one that ``method`` does not take is refused
     (it would be saved into a config that no loader accepts)."""
@@ -233,54 +226,6 @@ def _method_options(method: str, **given) -> dict:
             only = f" (it is a {', '.join(users)} option)" if users else ""
             raise AttnSwapError(f"{METHOD_FLAGS.get(k, k)} does not apply to --attention {method}{only}")
     return options
-
-
-def _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
-    """Every location a training command writes, checked before anything is loaded; the Checkpointer."""
-    from .distill.checkpoint import Checkpointer
-    from .paths import OutputPlan
-
-    if save_every < 0 or nan_retries < 0:
-        raise AttnSwapError("--save-every and --nan-retries must not be negative")
-    plan = OutputPlan(model=model, data=data)
-    plan.add_replaced_dir("--out", out, overwrite=overwrite)
-    root = checkpoint_dir or out.with_name(out.name + ".ckpt")
-    plan.add_checkpoint_dir("--checkpoint-dir" if checkpoint_dir else "the checkpoint directory", root)
-    plan.add_file("--json", json_out)
-    ckpts = Checkpointer(root, save_every)
-    ckpts.check_start(resume)
-    return ckpts
-
-
-def _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
-    """Save (atomically, read back first), then drop the checkpoints; a failure says where the
-    trained weights still are."""
-    from .distill.faults import Interrupted, Terminated
-    from .saving import save_converted
-
-    def kept():
-        return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
-
-    try:
-        save_converted(net, tok, out, overwrite=overwrite)
-    except AttnSwapError as e:
-        raise AttnSwapError(f"{e}{kept()}") from None
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
-        how, sig = ("stopped by SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", signal.SIGINT)
-        raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
-    if not keep_checkpoints:
-        ckpts.remove()
-
-
-def _write_json(path: Optional[Path], text: str, done: str) -> None:
-    from .paths import write_text
-
-    if path is None:
-        return
-    try:
-        write_text(path, text, "--json")
-    except AttnSwapError as e:
-        raise AttnSwapError(f"{e} ({done})") from None
 
 
 def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
@@ -581,11 +526,11 @@ def sparsify(
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
     json_out: Optional[Path] = JSON_OPT,
-    save_every: int = typer.Option(200, help="Write a resumable checkpoint every N steps (0: only on Ctrl-C)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: <out>.ckpt beside --out)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed)."),
-    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoint directory after a successful run."),
-    nan_retries: int = typer.Option(3, help="Steps with NaN/inf in a row that are skipped before the run stops."),
+    save_every: int = SAVE_EVERY_OPT,
+    checkpoint_dir: Optional[Path] = CHECKPOINT_DIR_OPT,
+    resume: bool = RESUME_OPT,
+    keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
+    nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Keep exact attention but learn which key blocks each query block needs (SeerAttention-style
     gates, trained against the teacher's attention maps); skip the rest at inference."""
@@ -614,8 +559,7 @@ def sparsify(
     t.add_row("tokens seen", f"{report['tokens_seen']:,}")
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
     console.print(t)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {report['out']}")
 
 
 def main():  # console-script entry point

@@ -1,4 +1,4 @@
-"""Several dozen hostile or mistaken inputs across `convert linearize`, `convert gqa` and `convert eval`.
+"""Several dozen hostile or mistaken inputs across `convert linearize`, `convert gqa`, `convert sparsify` and `convert eval`.
 
 Each case asserts the exit code (2: bad input), that the whole output is exactly one line starting
 `error:` (no traceback), and that nothing was created, changed or removed in or beside any output
@@ -103,6 +103,10 @@ class World:
                 "--kv-heads", 1, "--seq-len", 32, "--batch-size", 2, "--eval-tokens", 64, *(["--steps", 2] if steps else []),
                 *extra]
 
+    def sp(self, *extra, out="o"):
+        return ["sparsify", "--model", self.tiny, "--data", self.text, "--out", self.p(out) if isinstance(out, str) else out,
+                "--seq-len", 32, "--block", 8, "--gate-dim", 8, "--eval-tokens", 64, "--steps", 2, *extra]
+
     def ev(self, *extra, model=None, report_dir="rep"):
         rd = ["--report-dir", self.p(report_dir)] if report_dir else []
         return ["eval", self.conv if model is None else model, "--data", self.text, "--seq-len", 32, "--eval-tokens", 64,
@@ -117,6 +121,16 @@ def _swap(args, flag, value):
 
 
 CASES = {
+    # --- sparsify: the same output and input rules as linearize
+    "sp json into missing dir": (lambda w: w.sp("--json", w.p("nodir/r.json")), "does not exist"),
+    "sp out is the model": (lambda w: _swap(w.sp("--overwrite", out=w.model()), "--model", w.p("model")),
+                            "is the --model input"),
+    "sp out is cwd": (lambda w: w.sp("--overwrite", out=Path(".")), "is the current directory"),
+    "sp checkpoint dir is a file": (lambda w: w.sp("--checkpoint-dir", w.file("ck")), "is a file, not a directory"),
+    "sp reversed layer range": (lambda w: w.sp("--layers", "0,2-1"), "runs backwards"),
+    "sp sparsity of one": (lambda w: w.sp("--sparsity", 1), "--sparsity must be in [0, 1)"),
+    "sp unknown method": (lambda w: w.sp("--method", "loza"), "unknown --method 'loza'"),
+    "sp empty model": (lambda w: _swap(w.sp(), "--model", ""), "--model is empty"),
     # --- linearize: options that do not apply, output locations, inputs that are not what they seem
     "lin meta-tokens with lolcats": (lambda w: w.lin("--meta-tokens", 4), "--meta-tokens does not apply to --attention lolcats"),
     "lin sinks with lizard": (lambda w: w.lin("--attention", "lizard", "--sinks", 2), "--sinks does not apply to --attention lizard"),

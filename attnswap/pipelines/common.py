@@ -8,6 +8,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import signal
+from typing import Optional
+
 from ..errors import AttnSwapError
 from ..progress import console
 
@@ -90,3 +93,63 @@ def resume_command(command: str, verb: str) -> str:
         return f"convert {verb} <the same options> --resume"
     args = ["convert", *args[args.index(verb):]]
     return shlex.join(args if "--resume" in args else [*args, "--resume"])
+
+
+def stem(model: str) -> str:
+    return "smollm2" if model.strip().lower() in ("llama", "smollm2") else (Path(model).stem or "model")
+
+
+def require_text(**values) -> None:
+    """Refuse an empty model name or data source (an empty path would mean the current directory)."""
+    for name, v in values.items():
+        if v is not None and not str(v).strip():
+            flag = "the MODEL argument" if name == "model_argument" else f"--{name.replace('_', '-')}"
+            raise AttnSwapError(f"{flag} is empty")
+
+
+def plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
+    """Every location a training command writes, checked before anything is loaded; the Checkpointer."""
+    from ..distill.checkpoint import Checkpointer
+    from ..paths import OutputPlan
+
+    if save_every < 0 or nan_retries < 0:
+        raise AttnSwapError("--save-every and --nan-retries must not be negative")
+    plan = OutputPlan(model=model, data=data)
+    plan.add_replaced_dir("--out", out, overwrite=overwrite)
+    root = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    plan.add_checkpoint_dir("--checkpoint-dir" if checkpoint_dir else "the checkpoint directory", root)
+    plan.add_file("--json", json_out)
+    ckpts = Checkpointer(root, save_every)
+    ckpts.check_start(resume)
+    return ckpts
+
+
+def save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
+    """Save (atomically, read back first), then drop the checkpoints; a failure says where the
+    trained weights still are."""
+    from ..distill.faults import Interrupted, Terminated
+    from ..saving import save_converted
+
+    def kept():
+        return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
+
+    try:
+        save_converted(net, tok, out, overwrite=overwrite)
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e}{kept()}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
+        how, sig = ("stopped by SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", signal.SIGINT)
+        raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
+    if not keep_checkpoints:
+        ckpts.remove()
+
+
+def write_json(path: Optional[Path], text: str, done: str) -> None:
+    from ..paths import write_text
+
+    if path is None:
+        return
+    try:
+        write_text(path, text, "--json")
+    except AttnSwapError as e:
+        raise AttnSwapError(f"{e} ({done})") from None

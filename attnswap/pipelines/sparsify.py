@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import RunConfig, check_positive, load_for_training, resume_command
+from .common import (RunConfig, check_positive, load_for_training, plan_training_outputs, require_text,
+                     resume_command, save_output)
 
 METHODS = ("seer",)
 
@@ -49,18 +50,17 @@ def run(cfg: SparsifyConfig) -> dict | None:
     from .. import loading
     from ..convert import family_of, parse_layers
     from ..convert.swap import make_swap
-    from ..distill.checkpoint import Checkpointer, TrainingRun, use_run
+    from ..distill.checkpoint import TrainingRun, use_run
     from ..distill.train import DistillConfig, distill
     from ..evals.perplexity import perplexity
     from ..modeling import convert_model
-    from ..saving import check_out, save_converted
 
     t0 = time.perf_counter()
+    require_text(model=cfg.model, data=cfg.data)
     check(cfg)
     out = cfg.out or cfg.default_out(cfg.method)
-    check_out(out, cfg.overwrite)
-    ckpts = Checkpointer(cfg.checkpoint_dir or out.with_name(out.name + ".ckpt"), cfg.save_every)
-    ckpts.check_start(cfg.resume)
+    ckpts = plan_training_outputs(cfg.model, cfg.data, out, cfg.overwrite, cfg.json_out, cfg.checkpoint_dir,
+                                  cfg.save_every, cfg.resume, cfg.nan_retries)
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
@@ -76,6 +76,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
                "token_budget": cfg.token_budget}
     swap = make_swap(cfg.method, layers, options, mcfg)
 
+    loading.check_weight_files(src)  # safetensors only, before the data is read
     ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data,
@@ -102,13 +103,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
             m.reset_density()
         report["converted"] = perplexity(net, ld.heldout, batch_size=1, label="sparse perplexity")
         report["density"] = {str(m.layer_idx): m.mean_density for m in mods}
-    try:
-        save_converted(net, ld.tokenizer, out, overwrite=cfg.overwrite)
-    except AttnSwapError as e:
-        kept = f"; the trained gates are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
-        raise AttnSwapError(f"{e}{kept}") from None
-    if not cfg.keep_checkpoints:
-        ckpts.remove()
+    save_output(net, ld.tokenizer, out, cfg.overwrite, ckpts, cfg.keep_checkpoints)
     report.update(out=str(out), trained_params=stats.transfer_params, tokens_seen=stats.tokens,
                   train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
                   device=str(ld.device))
