@@ -1,12 +1,12 @@
 """Which transformers architectures can be converted, and the pieces of each that conversion needs.
 
 All supported families share the Llama attention layout: q_proj/k_proj/v_proj/o_proj, RoPE applied
-to q and k, optional per-head RMSNorm on q and k (Qwen3). Adding a family means adding a row here.
+to q and k, optional per-head RMSNorm on q and k (Qwen3). Adding a family means adding a row here and
+its converted classes in modeling/classes.py (an import-time check keeps the two in step).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
@@ -17,22 +17,6 @@ class Family:
     model_type: str
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class-name prefix, e.g. "Llama"
-
-    def _mod(self):
-        return importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-
-    @property
-    def attention_cls(self):
-        return getattr(self._mod(), f"{self.prefix}Attention")
-
-    @property
-    def causal_lm_cls(self):
-        return getattr(self._mod(), f"{self.prefix}ForCausalLM")
-
-    @property
-    def config_cls(self):
-        cfg = importlib.import_module(f"transformers.models.{self.module}.configuration_{self.module}")
-        return getattr(cfg, f"{self.prefix}Config")
 
 
 FAMILIES: dict[str, Family] = {
