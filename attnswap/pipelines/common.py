@@ -21,7 +21,7 @@ class RunConfig:
 
     model: str = "llama"
     out: Path | None = None
-    data: str = "default"
+    data: str = "general"
     steps: int = 1000
     seq_len: int = 1024
     batch_size: int = 8
@@ -57,7 +57,9 @@ class Loaded:
     model: object
     tokenizer: object
     train: object  # (N, seq_len) token ids
-    heldout: object  # (M, seq_len) or None
+    heldout: object  # (M, seq_len) in-domain held-out sequences, or None
+    ood: object = None  # out-of-domain sequences (a source training never sees), or None
+    info: dict | None = None  # the data's record for the report (name, hash, tokens)
 
 
 def processes(dev):
@@ -67,23 +69,22 @@ def processes(dev):
     return PartialState(cpu=dev.type == "cpu")
 
 
-def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens) -> Loaded:
+def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=None) -> Loaded:
     """Device and dtype (this process's under `accelerate launch`), the model, and the packed data."""
     from .. import loading
-    from ..data import build_corpus, load_documents
+    from ..data import check_general, is_general, load_documents, training_data
 
     dev = loading.pick_device(device)
     procs = processes(dev)
     dev = procs.device if procs.num_processes > 1 else dev
     dt = loading.pick_dtype(dtype, dev)
-    docs = load_documents(data)  # before the weights: bad data fails fast
+    check_general(data) if is_general(data) else load_documents(data)  # before the weights: bad data fails fast
     rank = f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""
     console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){rank}")
     net, tok = loading.load_model(src, dtype=dt, device=dev)
-    corpus = build_corpus(docs, tok)
-    train = corpus.sequences("train", seq_len)
-    held = corpus.sequences("heldout", seq_len)[: max(1, eval_tokens // seq_len)] if eval_tokens else None
-    return Loaded(dev, dt, procs.is_main_process, net, tok, train, held)
+    d = training_data(data, tok, seq_len, eval_tokens=eval_tokens,
+                      tokens_needed=tokens_needed and tokens_needed * procs.num_processes)
+    return Loaded(dev, dt, procs.is_main_process, net, tok, d.train, d.heldout, d.ood, d.info)
 
 
 def resume_command(command: str, verb: str) -> str:

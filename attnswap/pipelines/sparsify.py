@@ -77,16 +77,19 @@ def run(cfg: SparsifyConfig) -> dict | None:
     swap = make_swap(cfg.method, layers, options, mcfg)
 
     loading.check_weight_files(src)  # safetensors only, before the data is read
-    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens)
+    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
+                           tokens_needed=cfg.steps * cfg.batch_size * seq_len)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data,
                 "train_tokens": hashlib.sha256(ld.train.contiguous().numpy().tobytes()).hexdigest(),
                 "swap": swap, "steps": cfg.steps, "seq_len": seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "dtype": str(ld.dtype), "lr": cfg.lr}, cfg.resume)
     report: dict = {"model": cfg.model, "method": cfg.method, "layers": layers, "options": options, "steps": cfg.steps,
-                    "seq_len": seq_len, "batch_size": cfg.batch_size}
+                    "seq_len": seq_len, "batch_size": cfg.batch_size, "data": ld.info}
     if ld.heldout is not None and ld.main:
         report["teacher"] = perplexity(net, ld.heldout, batch_size=1, label="teacher perplexity")
+    if ld.ood is not None and ld.main:
+        report["out_of_domain"] = {"teacher": perplexity(net, ld.ood, batch_size=1, label="teacher perplexity (out of domain)")}
     import torch
 
     torch.manual_seed(cfg.seed)  # the gates' initial values: the same in a resumed run
@@ -103,6 +106,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
             m.reset_density()
         report["converted"] = perplexity(net, ld.heldout, batch_size=1, label="sparse perplexity")
         report["density"] = {str(m.layer_idx): m.mean_density for m in mods}
+    if ld.ood is not None:
+        report["out_of_domain"]["converted"] = perplexity(net, ld.ood, batch_size=1, label="sparse perplexity (out of domain)")
     save_output(net, ld.tokenizer, out, cfg.overwrite, ckpts, cfg.keep_checkpoints)
     report.update(out=str(out), trained_params=stats.transfer_params, tokens_seen=stats.tokens,
                   train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
