@@ -365,6 +365,32 @@ def test_make_swap_refuses_an_option_the_method_does_not_take():
     assert make_swap("lizard", [0], {"meta_tokens": 4}, cfg)["options"]["meta_tokens"] == 4
 
 
+def test_a_tampered_checkpoint_is_refused_without_unpickling_advice(tmp_path):
+    """state.pt holding an object whose unpickling would run code: refused by torch.load(weights_only=True),
+    reported as damaged, the code never runs, and the message never suggests weights_only=False."""
+    from safetensors.torch import save_file
+
+    from attnswap.distill.checkpoint import Checkpointer, Saved
+
+    step = tmp_path / "ck" / "step-00000001"
+    step.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, step / "params.safetensors")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"optimizer": Evil()}, step / "state.pt")
+    ck = Checkpointer(tmp_path / "ck")
+    ck.resumed = Saved(step, {})
+    with pytest.raises(AttnSwapError, match="is damaged") as err:
+        ck.load()
+    msg = str(err.value)
+    assert "holds pickled objects that are not plain tensors" in msg and not marker.exists()
+    assert not any(x in msg for x in ("weights_only", "can still be loaded", "\x1b", "\n"))
+
+
 def test_checkpoint_cleanup_removes_only_checkpoints(tmp_path):
     """After a successful run the checkpoint directory is emptied of checkpoints only, never rmtree'd."""
     from attnswap.distill.checkpoint import Checkpointer
@@ -393,7 +419,9 @@ def _valid_report() -> dict:
                 "speed": {"device": "cpu", "decode_tokens": 2, "memory_method": "rss", "exact_memory": False,
                           "by_length": {"32": {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "cache_bytes": 1024,
                                                "peak_memory_bytes": 2048}}}}}
-    return {"version": 1, "models": {"candidate": side, "baseline": None}, "settings": {"seq_len": 32}, "checks": []}
+    check = {"check": "max-ppl-increase", "metric": "perplexity @32", "baseline": 10.0, "candidate": 12.0, "change": 20.0,
+             "unit": "%", "limit": 5.0, "status": "fail", "note": ""}
+    return {"version": 1, "models": {"candidate": side, "baseline": None}, "settings": {"seq_len": 32}, "checks": [check]}
 
 
 def _paths(d, prefix=()):
@@ -410,8 +438,9 @@ def _paths(d, prefix=()):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_saved_report_raises_only_attnswap_error(tmp_path, data):
-    """A valid report with one value replaced (or removed): loading it, checking it as a baseline, running
-    the regression checks against it and writing its Markdown raise nothing but AttnSwapError."""
+    """A valid report with one value replaced (or removed): loading it, its verdict and Markdown, checking
+    it as a baseline, running the regression checks against it and the new Markdown raise nothing but
+    AttnSwapError."""
     from attnswap.evals import Checks, Report
     from attnswap.evals.checks import evaluate
     from attnswap.evals.report import _Malformed, check_side
@@ -429,6 +458,7 @@ def test_fuzz_saved_report_raises_only_attnswap_error(tmp_path, data):
     f.write_text(json.dumps(d, allow_nan=True))
     try:
         rep = Report.load(f)
+        assert rep.verdict() and rep.to_markdown()  # the saved report itself, as read back
         try:
             check_side(rep.candidate, "models.candidate", strict=True)
         except _Malformed:

@@ -170,7 +170,9 @@ class Checkpointer:
             tensors = load_file(s.path / "params.safetensors")
             state = torch.load(s.path / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated or corrupt files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            from ..loading import _one_line
+
+            first = _one_line(e)[:200]  # torch's unpickling refusal without its weights_only=False advice
             raise AttnSwapError(f"checkpoint {s.path} is damaged ({first}); delete {self.root} to start over") from None
         return s.meta, tensors, state
 

@@ -394,12 +394,12 @@ def check_results(results, where: str) -> None:
 
 
 def check_side(side, where: str, *, strict: bool) -> None:
-    """One model's entry. ``strict``: also what comparing against it needs (its name and tokenizer)."""
+    """One model's entry. ``strict``: also what comparing against it needs (its tokenizer fingerprint)."""
     side = _obj(side, where)
     _field(side, "results", where, check_results)
     _field(side, "seconds", where, _number, optional=True)
     _field(side, "device", where, _string, optional=True)
-    _field(side, "name", where, _string, optional=not strict)
+    _field(side, "name", where, _string)
     tok = _field(side, "tokenizer", where, _obj, optional=not strict)
     if strict:
         tw = f"{where}.tokenizer"
@@ -419,11 +419,20 @@ def check_report(d) -> None:
     for key in ("settings", "requested_checks", "environment", "plots"):
         _field(d, key, "the report", _obj, optional=True)
     _field(d, "baseline_source", "the report", _string, optional=True)
-    checks = _field(d, "checks", "the report", lambda v, w: v, optional=True) or []
+    checks = d.get("checks", [])
     _need(isinstance(checks, list), "checks", "a list", checks)
     names = {f.name for f in fields(CheckResult)}
     required = {f.name for f in fields(CheckResult) if f.default is MISSING}
     for i, c in enumerate(checks):
-        c = _obj(c, f"checks[{i}]")
+        w = f"checks[{i}]"
+        c = _obj(c, w)
         if set(c) - names or required - set(c):
-            raise _Malformed(f"checks[{i}] does not have the fields of a check result")
+            raise _Malformed(f"{w} does not have the fields of a check result")
+        for k in ("check", "metric", "unit", "note"):
+            _field(c, k, w, _string, optional=k == "note")
+        for k in ("baseline", "candidate", "change"):
+            _field(c, k, w, _number_or_null)
+        _field(c, "limit", w, _number)
+        _need(c["status"] in ("pass", "fail", "n/a"), f"{w}.status", "pass, fail or n/a", c["status"])
+        if c["status"] != "n/a" and c["change"] is None:
+            raise _Malformed(f"{w}: a check that ran has no change")
