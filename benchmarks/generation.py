@@ -23,7 +23,6 @@ import copy
 import gc
 import json
 import statistics
-import subprocess
 import time
 
 import torch
@@ -31,6 +30,7 @@ import torch
 import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
+from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
 try:
     from attnswap.modeling import convert_model
@@ -82,13 +82,6 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
     return {"generate_peak_gib": statistics.median(peaks) if peaks else nan,
             "prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec)}
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=attnswap.__path__[0]).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def main():

@@ -55,6 +55,7 @@ from attnswap.kernels.hybrid_attn.fused_recurrent import fused_recurrent_hybrid_
 from attnswap.kernels.hybrid_attn.naive import hybrid_cache_from_prefill
 from attnswap.kernels.linear_attn.chunk import triton_linear_attn
 from attnswap.kernels.linear_attn.fused_recurrent import fused_recurrent_linear_step
+from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
 try:
     # load fla.ops without running fla/__init__ (it pulls in fla.layers -> transformers, a circular
@@ -357,17 +358,6 @@ def sanitize(spec: str):
     torch.cuda.synchronize()
     print(which, T, bv, "ok", lc._FITS, float(o.float().abs().max()), flush=True)
 
-
-def _commit() -> str:
-    import subprocess
-
-    import attnswap
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=attnswap.__path__[0]).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def sparse_suite(Ls, flex: bool = True, with_decode: bool = True):

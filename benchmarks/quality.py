@@ -31,16 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
-
-def _commit() -> str:
-    import attnswap
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=attnswap.__path__[0]).stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def _device_name(device: str) -> str:
