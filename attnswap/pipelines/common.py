@@ -3,12 +3,12 @@ the data for training, the resume hint."""
 
 from __future__ import annotations
 
+import hashlib
 import shlex
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import signal
 from typing import Optional
 
 from ..errors import AttnSwapError
@@ -37,16 +37,43 @@ class RunConfig:
     keep_checkpoints: bool = False
     nan_retries: int = 3
     command: str = field(default="", repr=False)  # the command line, for the resume hint
+    given: frozenset = field(default=frozenset(), repr=False)  # settings given explicitly (the CLI's flags)
 
     def default_out(self, suffix: str) -> Path:
-        stem = "smollm2" if self.model.strip().lower() in ("llama", "smollm2") else Path(self.model).stem
-        return Path(f"{stem}-{suffix}")
+        return Path(f"{stem(self.model)}-{suffix}")
 
 
 def check_positive(**values) -> None:
     for name, v in values.items():
         if v is not None and v < 1:
             raise AttnSwapError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+
+
+def refuse_given(cfg: RunConfig, names, why: str) -> None:
+    """Refuse settings given explicitly that the chosen mode does not use."""
+    for name in names:
+        if name in cfg.given:
+            raise AttnSwapError(f"--{name.replace('_', '-')} does not apply to {why}")
+
+
+def check_seq_len(seq_len: int, mcfg) -> None:
+    max_len = getattr(mcfg, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+
+
+def check_convertible(model: str, mcfg) -> None:
+    """A model of a supported family that is not converted already."""
+    from ..convert import family_of
+
+    if mcfg.model_type.startswith("attnswap_"):
+        raise AttnSwapError(f"{model} is already a converted attnswap model")
+    family_of(mcfg.model_type)
+
+
+def tokens_hash(seqs) -> str:
+    """The training tokens' fingerprint in a checkpoint's settings (a resumed run must read the same)."""
+    return hashlib.sha256(seqs.contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -108,24 +135,25 @@ def require_text(**values) -> None:
             raise AttnSwapError(f"{flag} is empty")
 
 
-def plan_training_outputs(model, data, out, overwrite, json_out, checkpoint_dir, save_every, resume, nan_retries):
-    """Every location a training command writes, checked before anything is loaded; the Checkpointer."""
+def plan_training_outputs(cfg: RunConfig, out: Path):
+    """Every location a training command writes (``out``, the checkpoints, --json), checked before
+    anything is loaded; the Checkpointer."""
     from ..distill.checkpoint import Checkpointer
     from ..paths import OutputPlan
 
-    if save_every < 0 or nan_retries < 0:
+    if cfg.save_every < 0 or cfg.nan_retries < 0:
         raise AttnSwapError("--save-every and --nan-retries must not be negative")
-    plan = OutputPlan(model=model, data=data)
-    plan.add_replaced_dir("--out", out, overwrite=overwrite)
-    root = checkpoint_dir or out.with_name(out.name + ".ckpt")
-    plan.add_checkpoint_dir("--checkpoint-dir" if checkpoint_dir else "the checkpoint directory", root)
-    plan.add_file("--json", json_out)
-    ckpts = Checkpointer(root, save_every)
-    ckpts.check_start(resume)
+    plan = OutputPlan(model=cfg.model, data=cfg.data)
+    plan.add_replaced_dir("--out", out, overwrite=cfg.overwrite)
+    root = cfg.checkpoint_dir or out.with_name(out.name + ".ckpt")
+    plan.add_checkpoint_dir("--checkpoint-dir" if cfg.checkpoint_dir else "the checkpoint directory", root)
+    plan.add_file("--json", cfg.json_out)
+    ckpts = Checkpointer(root, cfg.save_every)
+    ckpts.check_start(cfg.resume)
     return ckpts
 
 
-def save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
+def save_output(cfg: RunConfig, net, tok, out, ckpts) -> None:
     """Save (atomically, read back first), then drop the checkpoints; a failure says where the
     trained weights still are."""
     from ..distill.faults import Interrupted, Terminated
@@ -135,13 +163,13 @@ def save_output(net, tok, out, overwrite, ckpts, keep_checkpoints) -> None:
         return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
 
     try:
-        save_converted(net, tok, out, overwrite=overwrite)
+        save_converted(net, tok, out, overwrite=cfg.overwrite)
     except AttnSwapError as e:
         raise AttnSwapError(f"{e}{kept()}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
         how, sig = ("stopped by SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", signal.SIGINT)
         raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
-    if not keep_checkpoints:
+    if not cfg.keep_checkpoints:
         ckpts.remove()
 
 
@@ -154,3 +182,17 @@ def write_json(path: Optional[Path], text: str, done: str) -> None:
         write_text(path, text, "--json")
     except AttnSwapError as e:
         raise AttnSwapError(f"{e} ({done})") from None
+
+
+def check_retrieval_mix(fraction: float) -> None:
+    if not 0 <= fraction < 1:  # also refuses NaN
+        raise AttnSwapError(f"--retrieval-mix must be at least 0 and below 1 (got {fraction:g})")
+
+
+def retrieval_mix(seqs, tokenizer, fraction: float, seed: int):
+    """The training sequences with ``fraction`` of them rewritten to carry retrieval (attnswap/synthetic.py),
+    and how many were (rows too short for the smallest insertion stay as they are)."""
+    from ..synthetic import build_mix
+
+    mix = build_mix(seqs, tokenizer, fraction=fraction, seed=seed)
+    return mix.ids, len(mix.rows)

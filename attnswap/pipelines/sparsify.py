@@ -3,13 +3,12 @@ needs (``--method seer``), training only the small gates against the teacher's a
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (RunConfig, check_positive, load_for_training, plan_training_outputs, require_text,
-                     resume_command, save_output)
+from .common import (RunConfig, check_convertible, check_positive, check_seq_len, load_for_training,
+                     plan_training_outputs, require_text, resume_command, save_output, tokens_hash)
 
 METHODS = ("seer",)
 
@@ -48,7 +47,7 @@ def check(cfg: SparsifyConfig) -> None:
 def run(cfg: SparsifyConfig) -> dict | None:
     """Convert, train the gates, evaluate, save. Returns the report (None on non-main processes)."""
     from .. import loading
-    from ..convert import family_of, parse_layers
+    from ..convert import parse_layers
     from ..convert.swap import make_swap
     from ..distill.checkpoint import TrainingRun, use_run
     from ..distill.train import DistillConfig, distill
@@ -59,18 +58,13 @@ def run(cfg: SparsifyConfig) -> dict | None:
     require_text(model=cfg.model, data=cfg.data)
     check(cfg)
     out = cfg.out or cfg.default_out(cfg.method)
-    ckpts = plan_training_outputs(cfg.model, cfg.data, out, cfg.overwrite, cfg.json_out, cfg.checkpoint_dir,
-                                  cfg.save_every, cfg.resume, cfg.nan_retries)
+    ckpts = plan_training_outputs(cfg, out)
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
-    if mcfg.model_type.startswith("attnswap_"):
-        raise AttnSwapError(f"{cfg.model} is already a converted attnswap model")
-    family_of(mcfg.model_type)
-    max_len = getattr(mcfg, "max_position_embeddings", None)
-    seq_len = cfg.seq_len or min(max_len or 8192, 8192)
-    if max_len is not None and seq_len > max_len:
-        raise AttnSwapError(f"--seq-len {seq_len} is beyond the model's maximum of {max_len} positions")
+    check_convertible(cfg.model, mcfg)
+    seq_len = cfg.seq_len or min(getattr(mcfg, "max_position_embeddings", None) or 8192, 8192)
+    check_seq_len(seq_len, mcfg)
     layers = parse_layers(cfg.layers, mcfg.num_hidden_layers)
     options = {"block": cfg.block, "gate_dim": cfg.gate_dim, "sparsity": cfg.sparsity, "threshold": cfg.threshold,
                "token_budget": cfg.token_budget}
@@ -81,7 +75,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
                            tokens_needed=cfg.steps * cfg.batch_size * seq_len)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data,
-                "train_tokens": hashlib.sha256(ld.train.contiguous().numpy().tobytes()).hexdigest(),
+                "train_tokens": tokens_hash(ld.train),
                 "swap": swap, "steps": cfg.steps, "seq_len": seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "dtype": str(ld.dtype), "lr": cfg.lr}, cfg.resume)
     report: dict = {"model": cfg.model, "method": cfg.method, "layers": layers, "options": options, "steps": cfg.steps,
@@ -108,7 +102,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
         report["density"] = {str(m.layer_idx): m.mean_density for m in mods}
     if ld.ood is not None:
         report["out_of_domain"]["converted"] = perplexity(net, ld.ood, batch_size=1, label="sparse perplexity (out of domain)")
-    save_output(net, ld.tokenizer, out, cfg.overwrite, ckpts, cfg.keep_checkpoints)
+    save_output(cfg, net, ld.tokenizer, out, ckpts)
     report.update(out=str(out), trained_params=stats.transfer_params, tokens_seen=stats.tokens,
                   train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
                   device=str(ld.device))

@@ -1,0 +1,138 @@
+"""``convert gqa``: merge key/value heads (MHA/GQA -> fewer KV heads) by weight surgery, then distil
+against the original model. The output is a stock transformers checkpoint with fewer KV heads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import AttnSwapError
+from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len, load_for_training,
+                     plan_training_outputs, refuse_given, require_text, resume_command, retrieval_mix, save_output,
+                     tokens_hash)
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_proj", "up_proj", "down_proj")}
+"""--train modes that train whole weight matrices, and the linear layers they train."""
+
+# the settings only a run that trains uses
+TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints",
+            "nan_retries")
+
+
+@dataclass
+class GqaConfig(RunConfig):
+    kv_heads: int | None = None  # required
+    grouping: str = "similarity"
+    merge: str = "aligned"
+    value_refit: bool | None = None  # default: on with merge "aligned"
+    train: str = "lora"
+    lr: float | None = None  # default: 1e-3 for lora, 1e-4 for the full modes
+    lora_rank: int = 8
+    ce_weight: float = 0.0
+    calib_batches: int = 4
+    retrieval_mix: float = 0.25  # fraction of training sequences rewritten to carry retrieval (synthetic.py)
+
+
+def check(cfg: GqaConfig) -> None:
+    """Everything that can be refused without reading the model."""
+    if cfg.kv_heads is None:
+        raise AttnSwapError("--kv-heads is required: the number of key/value heads to keep")
+    check_positive(steps=cfg.steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_rank=cfg.lora_rank,
+                   calib_batches=cfg.calib_batches)
+    if cfg.train not in ("lora", "none", *FULL_TRAIN):
+        raise AttnSwapError(f"unknown --train {cfg.train!r}; choose from lora, kv, attn, all, none")
+    check_retrieval_mix(cfg.retrieval_mix)
+    if cfg.train == "none":
+        refuse_given(cfg, TRAINING, "--train none (nothing is trained)")
+    elif cfg.train != "lora":
+        refuse_given(cfg, ("lora_rank",), f"--train {cfg.train} (no LoRA)")
+
+
+def run(cfg: GqaConfig) -> dict | None:
+    """Merge, distil, evaluate, save. Returns the report (None on non-main processes)."""
+    import copy
+
+    import torch
+
+    from .. import loading
+    from ..convert.gqa import calibrate, check_request, kv_bytes_per_token, merge_to_gqa
+    from ..distill.checkpoint import TrainingRun, use_run
+    from ..distill.train import DistillConfig, distill
+    from ..evals.perplexity import perplexity
+
+    t0 = time.perf_counter()
+    require_text(model=cfg.model, data=cfg.data)
+    check(cfg)
+    trains = cfg.train != "none"
+    lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.train in FULL_TRAIN else 1e-3)
+    out = cfg.out or cfg.default_out(f"gqa{cfg.kv_heads}")
+    ckpts = plan_training_outputs(cfg, out)
+
+    src = loading.resolve(cfg.model)
+    mcfg = loading.load_config(src)
+    geom = check_request(mcfg, cfg.kv_heads, cfg.grouping, cfg.merge)
+    check_seq_len(cfg.seq_len, mcfg)
+    loading.check_weight_files(src)
+
+    bs, seq_len = cfg.batch_size, cfg.seq_len
+    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
+                           tokens_needed=max(cfg.steps if trains else 0, cfg.calib_batches) * bs * seq_len)
+    net, dt, held, ood = ld.model, ld.dtype, ld.heldout, ld.ood
+    value_refit = cfg.merge == "aligned" if cfg.value_refit is None else cfg.value_refit
+    if trains:
+        ckpts.bind({"model": cfg.model, "data": cfg.data, "train_tokens": tokens_hash(ld.train),
+                    "kv_heads": cfg.kv_heads, "grouping": cfg.grouping, "merge": cfg.merge, "value_refit": value_refit,
+                    "train": cfg.train, "steps": cfg.steps, "lr": lr, "lora_rank": cfg.lora_rank,
+                    "ce_weight": cfg.ce_weight, "calib_batches": cfg.calib_batches,
+                    "retrieval_mix": cfg.retrieval_mix, "seq_len": seq_len,
+                    "batch_size": bs, "seed": cfg.seed, "dtype": str(dt)}, cfg.resume)
+    teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    report: dict = {"model": cfg.model, "kv_heads": {"before": geom.kv_heads, "after": cfg.kv_heads},
+                    "query_heads": geom.heads, "grouping": cfg.grouping, "merge": cfg.merge, "train": cfg.train,
+                    "steps": cfg.steps if trains else 0, "seq_len": seq_len, "batch_size": bs,
+                    "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}, "data": ld.info}
+    if held is not None and ld.main:
+        report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
+    if ood is not None and ld.main:
+        report["out_of_domain"] = {"teacher": perplexity(teacher, ood, label="teacher perplexity (out of domain)")}
+    tm = time.perf_counter()
+    stats = None
+    if cfg.grouping == "similarity" or cfg.merge == "aligned" or value_refit:
+        pick = torch.randperm(ld.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        pick = pick[: cfg.calib_batches * bs]
+        stats = calibrate(net, [ld.train[pick[i : i + bs]] for i in range(0, pick.numel(), bs)])
+        report["calibration_tokens"] = pick.numel() * seq_len
+    info = merge_to_gqa(net, cfg.kv_heads, grouping=cfg.grouping, merge=cfg.merge, stats=stats, refit=value_refit)
+    report.update(value_refit=value_refit, merge_seconds=time.perf_counter() - tm, groups=info["groups"],
+                  expanded_to_mha=info["expanded"],
+                  kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
+    if held is not None and ld.main:
+        report["merged"] = perplexity(net, held, label="merged perplexity")
+    if ood is not None and ld.main:
+        report["out_of_domain"]["merged"] = perplexity(net, ood, label="merged perplexity (out of domain)")
+    trained, tokens, train_s, losses = 0, 0, 0.0, {}
+    if trains:
+        dcfg = DistillConfig(transfer_steps=0, lora_steps=cfg.steps, batch_size=bs, lr=lr, lora_rank=cfg.lora_rank,
+                             ce_weight=cfg.ce_weight, seed=cfg.seed, full_train=FULL_TRAIN.get(cfg.train, ()))
+        mixed, report["retrieval_sequences"] = retrieval_mix(ld.train, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
+        report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
+        hint = resume_command(cfg.command, "gqa")
+        with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)):
+            net, dstats = distill(net, mixed, dcfg, teacher=teacher)
+        trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
+        if ld.main and held is not None:
+            report["distilled"] = perplexity(net, held, label="distilled perplexity")
+        if ld.main and ood is not None:
+            report["out_of_domain"]["distilled"] = perplexity(net, ood, label="distilled perplexity (out of domain)")
+    del teacher
+    if not ld.main:  # the other processes helped train; the main one evaluates and saves
+        return None
+    save_output(cfg, net, ld.tokenizer, out, ckpts)
+    report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
+                  lr=lr if trains else None, wall_seconds=time.perf_counter() - t0, device=str(ld.device),
+                  dtype=str(dt).removeprefix("torch."))
+    return report
