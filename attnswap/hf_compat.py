@@ -236,7 +236,7 @@ class BlockSummaryLayer(DynamicLayer):
         self.n_blocks = 0
         self.block = 0
         self.tag = None
-        self._seen_keys = self.keys  # the keys object the summaries describe
+        self._seen_keys = getattr(self, "keys", None)  # the keys object the summaries describe
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> "BlockSummaryLayer":
@@ -257,21 +257,25 @@ class BlockSummaryLayer(DynamicLayer):
         if self._rows is None:
             return None
         n_keys = self.get_seq_length()
-        if (self.keys is not self._seen_keys or self.tag != tag or self.block != block
+        if (self._stale() or self.tag != tag or self.block != block
                 or self._rows.shape[0] != batch or self.n_blocks * block > n_keys):
             self.clear_summaries()
             return None
         return self._rows[:, : self.n_blocks]
 
-    def append_summaries(self, rows: torch.Tensor, tag, block: int) -> torch.Tensor:
-        """Append the rows (B, n, ...) of the next n completed blocks; returns all rows (B, n_blocks, ...).
-        Storage grows by doubling, so appending costs O(n) amortised, not O(n_blocks)."""
-        if self._rows is not None and (self.tag != tag or self.block != block or self._rows.shape[0] != rows.shape[0]
-                                       or self._rows.shape[2:] != rows.shape[2:]):
+    def append_summaries(self, rows: torch.Tensor, tag, block: int, first: int) -> torch.Tensor:
+        """Append the rows (B, n, ...) of completed blocks first..first + n - 1, which must continue the
+        stored ones (``first == n_blocks``, as ``summaries()`` just returned them); returns all rows
+        (B, n_blocks, ...). Storage grows by doubling: appending costs O(n) amortised, not O(n_blocks)."""
+        if self._rows is not None and (self._stale() or self.tag != tag or self.block != block
+                                       or tuple(self._rows.shape[:1]) + tuple(self._rows.shape[2:])
+                                       != tuple(rows.shape[:1]) + tuple(rows.shape[2:])):
             raise CacheContractError("appending block summaries that do not continue the stored ones; call "
                                      "summaries() first (it drops stale rows)")
-        if self.n_blocks + rows.shape[1] > self.get_seq_length() // block:
-            raise CacheContractError(f"{self.n_blocks + rows.shape[1]} block summaries for "
+        if first != (self.n_blocks if self._rows is not None else 0):
+            raise CacheContractError(f"appending the summary of block {first} after {self.n_blocks} stored blocks")
+        if first + rows.shape[1] > self.get_seq_length() // block:
+            raise CacheContractError(f"{first + rows.shape[1]} block summaries for "
                                      f"{self.get_seq_length()} keys in blocks of {block}")
         if self._rows is None:
             self._rows, self.n_blocks, self.block, self.tag = None, 0, block, tag
@@ -287,13 +291,17 @@ class BlockSummaryLayer(DynamicLayer):
         self._seen_keys = self.keys
         return self._rows[:, : self.n_blocks]
 
+    def _stale(self) -> bool:
+        """Whether the keys were replaced since the layer last saw them (by something else than its methods)."""
+        return getattr(self, "keys", None) is not self._seen_keys
+
     def _mark(self) -> None:
         """The keys were changed by this layer's own methods: the summaries (kept in step) describe them."""
-        self._seen_keys = self.keys
+        self._seen_keys = getattr(self, "keys", None)
 
     # the cache layer's methods, applied to the summaries too
     def update(self, key_states, value_states, *args, **kwargs):
-        stale = self.keys is not self._seen_keys
+        stale = self._stale()
         out = super().update(key_states, value_states, *args, **kwargs)
         if stale:
             self.clear_summaries()
@@ -306,7 +314,7 @@ class BlockSummaryLayer(DynamicLayer):
         self._mark()
 
     def crop(self, tokens_to_remove: int) -> None:
-        stale = self.keys is not self._seen_keys
+        stale = self._stale()
         super().crop(tokens_to_remove)
         if stale:
             self.clear_summaries()
@@ -315,7 +323,7 @@ class BlockSummaryLayer(DynamicLayer):
         self._mark()
 
     def _map_rows(self, fn, method, arg) -> None:
-        stale = self.keys is not self._seen_keys
+        stale = self._stale()
         getattr(super(), method)(arg)
         if stale:
             self.clear_summaries()
@@ -333,13 +341,13 @@ class BlockSummaryLayer(DynamicLayer):
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)), "reorder_cache", beam_idx)
 
     def offload(self):
-        stale = self.keys is not self._seen_keys
+        stale = self._stale()
         super().offload()
         if not stale:
             self._mark()
 
     def prefetch(self):
-        stale = self.keys is not self._seen_keys
+        stale = self._stale()
         super().prefetch()
         if not stale:
             self._mark()

@@ -254,7 +254,7 @@ def _summary_layer(B=3, L=21, block=4, seed=0):
     cache.update(torch.randn(B, 2, L, 8, generator=g), torch.randn(B, 2, L, 8, generator=g), 0)
     layer = hf_compat.summary_slot(cache, 0)
     rows = torch.randn(B, L // block, 2, 5, generator=g)  # one row per completed block
-    layer.append_summaries(rows, "tag", block)
+    layer.append_summaries(rows, "tag", block, first=0)
     return cache, layer, rows
 
 
@@ -286,9 +286,11 @@ def test_summaries_follow_beam_reordering_batch_selection_repetition_and_croppin
     cache.crop(-3)  # 15 keys: block 3 is no longer complete
     assert layer.summaries("tag", 4, 4).shape[1] == 3
     with pytest.raises(CacheContractError):
-        layer.append_summaries(torch.randn(4, 1, 2, 5), "tag", 4)  # 4 summaries for 15 keys: too many
+        layer.append_summaries(torch.randn(4, 1, 2, 5), "tag", 4, first=3)  # 4 summaries for 15 keys: too many
+    with pytest.raises(CacheContractError):
+        layer.append_summaries(torch.randn(4, 1, 2, 5), "tag", 4, first=2)  # not after the stored ones
     cache.update(torch.randn(4, 2, 2, 8), torch.randn(4, 2, 2, 8), 0)
-    layer.append_summaries(torch.ones(4, 1, 2, 5), "tag", 4)
+    layer.append_summaries(torch.ones(4, 1, 2, 5), "tag", 4, first=3)
     assert layer.summaries("tag", 4, 4).shape[1] == 4
     cache.reset()
     assert layer.summaries("tag", 4, 4) is None
@@ -309,6 +311,10 @@ def test_summaries_are_dropped_rather_than_read_when_they_may_be_stale():
     layer.keys = layer.keys.clone()  # same length, another object: cannot be vouched for
     cache.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8), 0)
     assert layer.summaries("tag", 4, 3) is None
+    cache, layer, rows = _summary_layer()
+    layer.keys = torch.cat([layer.keys, layer.keys[:, :, :4]], 2)  # grown behind its back: 6 blocks
+    with pytest.raises(CacheContractError, match="do not continue"):
+        layer.append_summaries(torch.randn(3, 1, 2, 5), "tag", 4, first=5)
 
 
 def test_summaries_grow_without_copying_all_rows_at_every_block():
@@ -318,7 +324,7 @@ def test_summaries_grow_without_copying_all_rows_at_every_block():
     stores = set()
     for i in range(40):
         cache.update(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), 0)
-        layer.append_summaries(torch.full((1, 1, 3), float(i)), "t", 2)
+        layer.append_summaries(torch.full((1, 1, 3), float(i)), "t", 2, first=i)
         stores.add(layer._rows.data_ptr())
     assert layer.summaries("t", 2, 1)[0, :, 0].tolist() == [float(i) for i in range(40)]
     assert len(stores) <= 3  # capacity doubles: 16, 32, 64

@@ -266,7 +266,8 @@ class SeerAttention(KVCacheAttention):
         done = layer.summaries(tag, self.block, B)  # None when missing or stale (then dropped)
         n = 0 if done is None else done.shape[1]
         if full > n:
-            done = layer.append_summaries(self.gate_keys(k[:, n * self.block : full * self.block], n), tag, self.block)
+            done = layer.append_summaries(self.gate_keys(k[:, n * self.block : full * self.block], n), tag,
+                                          self.block, first=n)
         parts = [done.to(k.device)] if full else []
         if Tk > full * self.block:
             parts.append(self.gate_keys(k[:, full * self.block :], full))
