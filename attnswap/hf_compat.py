@@ -15,8 +15,8 @@ What still relies on internals, and how each is guarded:
   ``call_decoder_layer``;
 - the rotary helper ``apply_rotary_pos_emb`` of the Llama modeling file: ``apply_rope``;
 - the layout of the 4D attention mask that attention layers receive: ``key_padding``;
-- the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer: ``StateLayer``,
-  ``layer_slot``;
+- the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer and of our KV layer
+  with per-block summaries: ``StateLayer``, ``layer_slot``, ``BlockSummaryLayer``, ``summary_slot``;
 - ``model.hf_quantizer`` left behind by a GGUF load: ``forget_quantizer``;
 - peft's module-name prefix ``base_model.model.``: ``strip_peft_prefix``.
 
@@ -216,6 +216,158 @@ def step_cache(states: list[dict]) -> Cache:
 
 def cache_layers(cache: Cache) -> list:
     return list(cache.layers)
+
+
+# --- a KV cache layer that also keeps one summary row per completed block of keys -------------------
+class BlockSummaryLayer(DynamicLayer):
+    """An ordinary dynamic KV layer (keys and values grow as usual) that also holds, for each COMPLETED
+    block of ``block`` keys, a summary row computed from that block's keys alone (seer's gate keys):
+    ``(B, n_blocks, ...)``, appended as blocks complete. Whatever transformers does to the keys through
+    the layer's methods (beam reordering, batch selection and repetition, cropping, reset) it does to
+    the summaries too; a change to the keys by any other route (the ``keys`` attribute replaced from
+    outside) drops them, so a caller recomputes rather than reads stale rows.
+
+    The summaries carry a ``tag`` (the caller's proof of what computed them, e.g. the gate weights'
+    version): ``summaries()`` returns them only under the same tag, block size and batch size."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rows: torch.Tensor | None = None  # (B, capacity, ...) with the first n_blocks rows filled
+        self.n_blocks = 0
+        self.block = 0
+        self.tag = None
+        self._seen_keys = getattr(self, "keys", None)  # the keys object the summaries describe
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer) -> "BlockSummaryLayer":
+        """A summary layer holding ``layer``'s keys and values (and no summaries yet)."""
+        new = cls()
+        new.__dict__.update(layer.__dict__)  # keys, values, is_initialized, device: whatever this release keeps
+        new.clear_summaries()
+        new._mark()
+        return new
+
+    # the summaries
+    def clear_summaries(self) -> None:
+        self._rows, self.n_blocks, self.block, self.tag = None, 0, 0, None
+
+    def summaries(self, tag, block: int, batch: int) -> torch.Tensor | None:
+        """The rows of the completed blocks (B, n_blocks, ...), or None (after dropping them) when they
+        were made under another tag or block size, for another batch, or for keys that are not these."""
+        if self._rows is None:
+            return None
+        n_keys = self.get_seq_length()
+        if (self._stale() or self.tag != tag or self.block != block
+                or self._rows.shape[0] != batch or self.n_blocks * block > n_keys):
+            self.clear_summaries()
+            return None
+        return self._rows[:, : self.n_blocks]
+
+    def append_summaries(self, rows: torch.Tensor, tag, block: int, first: int) -> torch.Tensor:
+        """Append the rows (B, n, ...) of completed blocks first..first + n - 1, which must continue the
+        stored ones (``first == n_blocks``, as ``summaries()`` just returned them); returns all rows
+        (B, n_blocks, ...). Storage grows by doubling: appending costs O(n) amortised, not O(n_blocks)."""
+        if self._rows is not None and (self._stale() or self.tag != tag or self.block != block
+                                       or tuple(self._rows.shape[:1]) + tuple(self._rows.shape[2:])
+                                       != tuple(rows.shape[:1]) + tuple(rows.shape[2:])):
+            raise CacheContractError("appending block summaries that do not continue the stored ones; call "
+                                     "summaries() first (it drops stale rows)")
+        if first != (self.n_blocks if self._rows is not None else 0):
+            raise CacheContractError(f"appending the summary of block {first} after {self.n_blocks} stored blocks")
+        if first + rows.shape[1] > self.get_seq_length() // block:
+            raise CacheContractError(f"{first + rows.shape[1]} block summaries for "
+                                     f"{self.get_seq_length()} keys in blocks of {block}")
+        if self._rows is None:
+            self._rows, self.n_blocks, self.block, self.tag = None, 0, block, tag
+        n, add = self.n_blocks, rows.shape[1]
+        if self._rows is None or self._rows.shape[1] < n + add or self._rows.device != rows.device:
+            cap = max(n + add, 2 * (self._rows.shape[1] if self._rows is not None else 0), 16)
+            grown = rows.new_empty(rows.shape[0], cap, *rows.shape[2:])
+            if n:
+                grown[:, :n] = self._rows[:, :n]
+            self._rows = grown
+        self._rows[:, n : n + add] = rows
+        self.n_blocks = n + add
+        self._seen_keys = self.keys
+        return self._rows[:, : self.n_blocks]
+
+    def _stale(self) -> bool:
+        """Whether the keys were replaced since the layer last saw them (by something else than its methods)."""
+        return getattr(self, "keys", None) is not self._seen_keys
+
+    def _mark(self) -> None:
+        """The keys were changed by this layer's own methods: the summaries (kept in step) describe them."""
+        self._seen_keys = getattr(self, "keys", None)
+
+    # the cache layer's methods, applied to the summaries too
+    def update(self, key_states, value_states, *args, **kwargs):
+        stale = self._stale()
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if stale:
+            self.clear_summaries()
+        self._mark()
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.clear_summaries()
+        self._mark()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        stale = self._stale()
+        super().crop(tokens_to_remove)
+        if stale:
+            self.clear_summaries()
+        elif self.block:
+            self.n_blocks = min(self.n_blocks, self.get_seq_length() // self.block)
+        self._mark()
+
+    def _map_rows(self, fn, method, arg) -> None:
+        stale = self._stale()
+        getattr(super(), method)(arg)
+        if stale:
+            self.clear_summaries()
+        elif self._rows is not None:
+            self._rows = fn(self._rows)
+        self._mark()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0), "batch_repeat_interleave", repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        self._map_rows(lambda t: t[indices], "batch_select_indices", indices)
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)), "reorder_cache", beam_idx)
+
+    def offload(self):
+        stale = self._stale()
+        super().offload()
+        if not stale:
+            self._mark()
+
+    def prefetch(self):
+        stale = self._stale()
+        super().prefetch()
+        if not stale:
+            self._mark()
+
+
+def summary_slot(cache: Cache, idx: int) -> BlockSummaryLayer | None:
+    """Cache layer ``idx`` (already updated with this call's keys) as a ``BlockSummaryLayer``: a plain
+    dynamic layer is replaced by one holding the same keys and values (their summaries are then missing,
+    and recomputed by the caller). Any other kind of layer (sliding window, static, quantised...) is left
+    alone and None returned: the caller then summarises the keys it is given from scratch."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) <= idx:
+        return None
+    layer = layers[idx]
+    if isinstance(layer, BlockSummaryLayer):
+        return layer
+    if type(layer) is not DynamicLayer:
+        return None
+    layers[idx] = BlockSummaryLayer.adopt(layer)
+    return layers[idx]
 
 
 # --- loading and peft ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ For each model and prompt length L (random token ids):
   its default decode path: the CUDA-graph step on CUDA), timed; the median of ``--repeats``.
 
 Converted models are made here from the teacher with default options (all layers, untrained):
-speed and memory do not depend on training. ``--methods`` picks them (teacher, lolcats, lizard).
+speed and memory do not depend on training. ``--methods`` picks them (teacher, lolcats, lizard, seer;
+seer's steps keep the completed blocks' gate keys in the cache and re-pool only the partial block).
 It also runs against older attnswap checkouts (``PYTHONPATH=old-tree``) for before/after figures.
 
     python benchmarks/generation.py --model llama --lengths 2048,8192,32768 --json gen.json

@@ -245,3 +245,86 @@ def test_generate_prefills_long_prompts_in_chunks_by_default(monkeypatch):
     sizes.clear()
     m.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, prefill_chunk_size=None)
     assert sizes == [30, 1]
+
+
+# --- the KV layer with per-block summaries (seer's gate keys) --------------------------------------------
+def _summary_layer(B=3, L=21, block=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = hf_compat.new_cache()
+    cache.update(torch.randn(B, 2, L, 8, generator=g), torch.randn(B, 2, L, 8, generator=g), 0)
+    layer = hf_compat.summary_slot(cache, 0)
+    rows = torch.randn(B, L // block, 2, 5, generator=g)  # one row per completed block
+    layer.append_summaries(rows, "tag", block, first=0)
+    return cache, layer, rows
+
+
+def test_a_summary_layer_adopts_a_dynamic_layer_and_keeps_its_keys():
+    g = torch.Generator().manual_seed(0)
+    cache = hf_compat.new_cache()
+    k, v = torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    cache.update(k, v, 0)
+    layer = hf_compat.summary_slot(cache, 0)
+    assert isinstance(layer, hf_compat.BlockSummaryLayer) and cache.layers[0] is layer
+    assert torch.equal(layer.keys, k) and layer.get_seq_length() == 9 and cache.get_seq_length() == 9
+    assert layer.summaries("tag", 4, 1) is None  # none yet: the caller computes them
+    assert hf_compat.summary_slot(cache, 0) is layer
+    assert hf_compat.summary_slot(cache, 1) is None  # no such layer yet
+
+
+def test_summaries_follow_beam_reordering_batch_selection_repetition_and_cropping():
+    cache, layer, rows = _summary_layer()
+    torch.testing.assert_close(layer.summaries("tag", 4, 3), rows)
+    beam = torch.tensor([2, 0, 0])
+    cache.reorder_cache(beam)
+    torch.testing.assert_close(layer.summaries("tag", 4, 3), rows[beam])
+    cache.batch_select_indices(torch.tensor([0, 1]))
+    torch.testing.assert_close(layer.summaries("tag", 4, 2), rows[beam][:2])
+    cache.batch_repeat_interleave(2)
+    torch.testing.assert_close(layer.summaries("tag", 4, 4), rows[beam][:2].repeat_interleave(2, 0))
+    cache.crop(-3)  # 21 -> 18 keys: blocks 0..3 stay complete
+    assert layer.summaries("tag", 4, 4).shape[1] == 4
+    cache.crop(-3)  # 15 keys: block 3 is no longer complete
+    assert layer.summaries("tag", 4, 4).shape[1] == 3
+    with pytest.raises(CacheContractError):
+        layer.append_summaries(torch.randn(4, 1, 2, 5), "tag", 4, first=3)  # 4 summaries for 15 keys: too many
+    with pytest.raises(CacheContractError):
+        layer.append_summaries(torch.randn(4, 1, 2, 5), "tag", 4, first=2)  # not after the stored ones
+    cache.update(torch.randn(4, 2, 2, 8), torch.randn(4, 2, 2, 8), 0)
+    layer.append_summaries(torch.ones(4, 1, 2, 5), "tag", 4, first=3)
+    assert layer.summaries("tag", 4, 4).shape[1] == 4
+    cache.reset()
+    assert layer.summaries("tag", 4, 4) is None
+
+
+def test_summaries_are_dropped_rather_than_read_when_they_may_be_stale():
+    _, layer, rows = _summary_layer()
+    assert layer.summaries("other tag", 4, 3) is None  # made by other weights: dropped
+    assert layer.summaries("tag", 4, 3) is None
+    _, layer, rows = _summary_layer()
+    assert layer.summaries("tag", 8, 3) is None  # another block size
+    _, layer, rows = _summary_layer()
+    assert layer.summaries("tag", 4, 2) is None  # another batch
+    cache, layer, rows = _summary_layer()
+    layer.keys = layer.keys[:, :, :5]  # keys changed behind the layer's back
+    assert layer.summaries("tag", 4, 3) is None
+    cache, layer, rows = _summary_layer()
+    layer.keys = layer.keys.clone()  # same length, another object: cannot be vouched for
+    cache.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8), 0)
+    assert layer.summaries("tag", 4, 3) is None
+    cache, layer, rows = _summary_layer()
+    layer.keys = torch.cat([layer.keys, layer.keys[:, :, :4]], 2)  # grown behind its back: 6 blocks
+    with pytest.raises(CacheContractError, match="do not continue"):
+        layer.append_summaries(torch.randn(3, 1, 2, 5), "tag", 4, first=5)
+
+
+def test_summaries_grow_without_copying_all_rows_at_every_block():
+    cache = hf_compat.new_cache()
+    cache.update(torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, 0, 2), 0)
+    layer = hf_compat.summary_slot(cache, 0)
+    stores = set()
+    for i in range(40):
+        cache.update(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), 0)
+        layer.append_summaries(torch.full((1, 1, 3), float(i)), "t", 2, first=i)
+        stores.add(layer._rows.data_ptr())
+    assert layer.summaries("t", 2, 1)[0, :, 0].tolist() == [float(i) for i in range(40)]
+    assert len(stores) <= 3  # capacity doubles: 16, 32, 64

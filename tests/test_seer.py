@@ -169,3 +169,141 @@ def test_convert_eval_loads_at_another_sparsity_and_reports_density(tmp_path):
     assert all(v == 1.0 for v in dense.candidate["results"]["density"].values())
     assert all(v < 0.9 for v in sparse.candidate["results"]["density"].values())
     assert "attended key blocks" in sparse.to_markdown()
+
+
+# --- decoding with the gate keys kept in the cache --------------------------------------------------------
+def _reuse(m, on: bool):
+    for layer in m.model.layers:
+        layer.self_attn.reuse_gate_keys = on
+
+
+def _record_selections(m, monkeypatch):
+    """Every selection each layer makes, in order: (layer, keep mask)."""
+    from attnswap.convert.seer import SeerAttention
+
+    seen = []
+    orig = SeerAttention.select
+
+    def spy(self, q, k, gate_keys=None):
+        keep, qpos = orig(self, q, k, gate_keys)
+        seen.append((self.layer_idx, keep.clone()))
+        return keep, qpos
+
+    monkeypatch.setattr(SeerAttention, "select", spy)
+    return seen
+
+
+def _decode_both_ways(m, monkeypatch, ids, steps, **fwd):
+    """Prefill ids, then `steps` greedy one-token steps, once with the gate keys kept in the cache and once
+    re-pooling every block at every step (the reference). Returns the logits and selections of each."""
+    seen = _record_selections(m, monkeypatch)
+    runs = []
+    for on in (True, False):
+        _reuse(m, on)
+        seen.clear()
+        with torch.no_grad():
+            out = m(ids, use_cache=True, **fwd)
+            cache, logits = out.past_key_values, [out.logits[:, -1]]
+            for _ in range(steps):
+                out = m(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+        runs.append((torch.stack(logits, 1), list(seen), cache))
+    _reuse(m, True)
+    return runs
+
+
+@pytest.mark.parametrize("opts", [dict(sparsity=0.7), dict(threshold=0.15, sparsity=0.0), dict(token_budget=16)])
+def test_decoding_with_kept_gate_keys_equals_repooling_every_block(monkeypatch, opts):
+    """The incremental gate (completed blocks' gate keys kept in the cache, only the partial block pooled
+    per step) selects the same blocks and gives the same logits as re-pooling the whole cache, over a
+    generation that crosses several block boundaries (block 8: 19 + 30 tokens)."""
+    from attnswap.hf_compat import BlockSummaryLayer
+
+    m = _seer(**opts)
+    ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(6))
+    (got, sel, cache), (want, ref_sel, _) = _decode_both_ways(m, monkeypatch, ids, 30)
+    assert len(sel) == len(ref_sel) == 3 * 31
+    for (la, a), (lb, b) in zip(sel, ref_sel):
+        assert la == lb and torch.equal(a, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(isinstance(layer, BlockSummaryLayer) for layer in cache.layers)
+    assert [layer.n_blocks for layer in cache.layers] == [49 // 8] * 3
+
+
+def test_a_decoding_step_pools_at_most_one_block(monkeypatch):
+    from attnswap.convert import seer
+
+    m = _seer(sparsity=0.7)
+    ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(7))
+    sizes = []
+    orig = seer.pool_keys
+    monkeypatch.setattr(seer, "pool_keys", lambda k, block: (sizes.append(k.shape[1]), orig(k, block))[1])
+    with torch.no_grad():
+        out = m(ids, use_cache=True)
+        assert sizes == [32, 5] * 3  # prefill: the 4 complete blocks (then stored), the partial one
+        sizes.clear()
+        cache = out.past_key_values
+        for t in range(12):  # positions 37..48: block 4 completes at 39, block 5 at 47
+            out = m(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert max(sizes) <= 8
+    assert sizes.count(8) == 2 * 3  # each completed block pooled once, when it completes
+
+
+def test_greedy_generate_equals_prefill_then_one_step_from_scratch():
+    """generate() keeps the gate keys across steps; recomputing each step from scratch (a fresh cache
+    prefilled with everything before the last token, then one decoding step) gives the same tokens."""
+    m = _seer(sparsity=0.7)
+    ids = torch.randint(0, 300, (1, 13), generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    got = m.generate(ids, **kw)
+    assert torch.equal(m.generate(ids, prefill_chunk_size=5, **kw), got)
+    _reuse(m, False)
+    assert torch.equal(m.generate(ids, **kw), got)  # the re-pooling reference
+    _reuse(m, True)
+    with torch.no_grad():
+        for n in range(ids.shape[1] + 1, got.shape[1]):
+            out = m(got[:, : n - 1], use_cache=True)
+            step = m(got[:, n - 1 : n], past_key_values=out.past_key_values, use_cache=True)
+            assert int(step.logits[0, -1].argmax()) == int(got[0, n]), n
+
+
+def test_beam_search_and_left_padding_with_kept_gate_keys_equal_the_reference():
+    m = _seer(sparsity=0.7)
+    m.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 300, (1, 11), generator=g)
+    beam = dict(max_new_tokens=20, min_new_tokens=20, num_beams=3, do_sample=False)
+    a, b = torch.randint(1, 300, (1, 14), generator=g), torch.randint(1, 300, (1, 6), generator=g)
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = (padded != 0).long()
+    greedy = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, attention_mask=mask)
+    got = m.generate(ids, **beam), m.generate(padded, **greedy)
+    _reuse(m, False)
+    want = m.generate(ids, **beam), m.generate(padded, **greedy)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cropping_reordering_and_changed_gate_weights_never_leave_stale_gate_keys(monkeypatch):
+    """A cache cropped back over a block boundary (as assisted or async-stopped generation does), its
+    sequences reordered (beam search), and gate weights changed in place after the prefill: the next
+    steps still equal the reference."""
+    m = _seer(sparsity=0.7, block=4)
+    g = torch.Generator().manual_seed(10)
+    ids, other = torch.randint(0, 300, (3, 30), generator=g), torch.randint(0, 300, (3, 9), generator=g)
+    seen = _record_selections(m, monkeypatch)
+
+    def run(on):
+        _reuse(m, on)
+        seen.clear()
+        with torch.no_grad():
+            cache = m(ids, use_cache=True).past_key_values
+            cache.crop(-7)  # 30 -> 23 keys: blocks 5 (20..23) no longer complete; other tokens follow
+            cache.reorder_cache(torch.tensor([2, 0, 0]))
+            m.model.layers[1].self_attn.gate_k.mul_(1.5)
+            logits = [m(other[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(9)]
+            m.model.layers[1].self_attn.gate_k.div_(1.5)
+        return torch.cat(logits, 1), [k for _, k in seen]
+
+    (got, sel), (want, ref) = run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(sel, ref))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

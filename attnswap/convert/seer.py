@@ -20,7 +20,9 @@ is the teacher's attention map max-pooled over (block x block) tiles and normali
 (``block_attention_map``), computed a slab of query rows at a time so no T x T map is held.
 
 Generation keeps an ordinary KV cache (``KVCacheAttention``); each new token's gate scores the
-cached key blocks and attends only the selected ones.
+cached key blocks and attends only the selected ones. The gate keys of completed blocks never change,
+so the cache layer keeps them (``hf_compat.BlockSummaryLayer``): a step pools only the current partial
+block, plus a block it completes (docs/SPARSIFY.md, "Decoding").
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf_compat import key_padding
+from ..hf_compat import key_padding, summary_slot
 from ..kernels import attn_with_block_map, block_sparse_attn, block_sparse_decode, decode_index
 from .base import KVCacheAttention, register_method
 
@@ -187,25 +189,44 @@ class SeerAttention(KVCacheAttention):
         return [self.gate_q, self.gate_k]
 
     # the gate
+    def gate_queries(self, q, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate queries (B, nQ, Hk, group, G) of q (the last T of n_keys positions), grouped by the KV head
+        they share, and the absolute index of each query block (nQ,)."""
+        B, T = q.shape[:2]
+        qp, qpos = pool_queries(q, n_keys - T, self.block)
+        gq = block_rope(torch.einsum("bnhd,hdg->bnhg", qp, self.gate_q.float()), qpos)
+        return gq.view(B, gq.shape[1], self.num_kv_heads, -1, self.gate_dim), qpos
+
+    def gate_keys(self, k, first_block: int = 0) -> torch.Tensor:
+        """Gate keys (B, n, Hk, G) of the blocks of k (B, Tk, Hk, D), whose first position starts absolute
+        block ``first_block``: each depends on its own block's keys only."""
+        kp = pool_keys(k, self.block)
+        pos = torch.arange(first_block, first_block + kp.shape[1], device=k.device)
+        return block_rope(torch.einsum("bnhd,hdg->bnhg", kp, self.gate_k.float()), pos)
+
+    def gate_scores(self, gq, qpos, gate_keys: list[torch.Tensor]) -> torch.Tensor:
+        """Gate probabilities (B, Hk, group, nQ, nK) of the grouped queries over the key blocks, whose
+        gate keys come in consecutive pieces (B, n_i, Hk, G) (stored blocks, then the new ones): the
+        scores are computed piece by piece, so no (nK x heads) copy of the keys is made."""
+        s = torch.cat([torch.einsum("bihrg,bjhg->bhrij", gq, gk) for gk in gate_keys], -1) / math.sqrt(self.gate_dim)
+        causal = torch.arange(s.shape[-1], device=s.device)[None, :] <= qpos[:, None]
+        return torch.softmax(s.masked_fill(~causal, NEG), -1)
+
     def gate_probs(self, q, k) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate probabilities (B, H, nQ, nK) for queries q (the last T of k's Tk positions), and the
         absolute index of each query block (nQ,)."""
-        T, Tk = q.shape[1], k.shape[1]
-        qp, qpos = pool_queries(q, Tk - T, self.block)
-        kp = pool_keys(k, self.block)
-        nK = kp.shape[1]
-        gq = block_rope(torch.einsum("bnhd,hdg->bnhg", qp, self.gate_q.float()), qpos)
-        gk = block_rope(torch.einsum("bnhd,hdg->bnhg", kp, self.gate_k.float()), torch.arange(nK, device=q.device))
-        g = self.num_heads // self.num_kv_heads
-        gk = gk.repeat_interleave(g, dim=2)
-        s = torch.einsum("bihg,bjhg->bhij", gq, gk) / math.sqrt(self.gate_dim)
-        causal = torch.arange(nK, device=q.device)[None, :] <= qpos[:, None]
-        return torch.softmax(s.masked_fill(~causal, NEG), -1), qpos
+        gq, qpos = self.gate_queries(q, k.shape[1])
+        p = self.gate_scores(gq, qpos, [self.gate_keys(k)])
+        return p.flatten(1, 2), qpos
 
-    def select(self, q, k) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, qpos = self.gate_probs(q, k)
-        B, H, nQ, nK = probs.shape
-        per_kv = probs.view(B, self.num_kv_heads, H // self.num_kv_heads, nQ, nK).amax(2)
+    def select(self, q, k, gate_keys: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key blocks each query block attends (B, Hk, nQ, nK) and the query blocks' indices. The
+        gate keys of k's blocks are computed here (every block pooled again: the reference) unless
+        given (``cached_gate_keys``: the same values, kept in the cache)."""
+        gq, qpos = self.gate_queries(q, k.shape[1])
+        probs = self.gate_scores(gq, qpos, gate_keys if gate_keys is not None else [self.gate_keys(k)])
+        B, _, _, nQ, nK = probs.shape
+        per_kv = probs.amax(2)
         o = self.options
         keep = select_blocks(per_kv, qpos, sparsity=float(o["sparsity"]), threshold=float(o["threshold"]),
                              token_budget=int(o["token_budget"]), block=self.block)
@@ -213,6 +234,44 @@ class SeerAttention(KVCacheAttention):
         self.last_density = float(keep.sum() / (causal * B * self.num_kv_heads))
         self.density_seen.append(self.last_density)
         return keep, qpos
+
+    # the gate keys kept in the KV cache
+    reuse_gate_keys: bool = True  # False: re-pool every key block at every call (the reference path)
+
+    def _cached(self, x, attention_mask, cache):
+        kc, vc = cache.update(x.k.transpose(1, 2), x.v.transpose(1, 2), self.layer_idx)
+        k, v = kc.transpose(1, 2), vc.transpose(1, 2)
+        gate_keys = self.cached_gate_keys(cache, k) if self.reuse_gate_keys else None
+        return self.attend(x.q, k, v, attention_mask, gate_keys=gate_keys)
+
+    def _gate_tag(self):
+        """What the stored gate keys depend on besides the keys: these gate weights, unchanged (an
+        in-place update bumps ``_version``; a move or cast gives new storage)."""
+        w = self.gate_k
+        return (id(self), w._version, w.data_ptr(), w.dtype, w.device)
+
+    def cached_gate_keys(self, cache, k) -> list[torch.Tensor] | None:
+        """The gate keys of all of k's blocks (the cache's keys, this call's included), as pieces: those
+        of the completed blocks, kept in the cache layer (``hf_compat.BlockSummaryLayer``) and extended
+        by the blocks this call completed, then the current partial block's, computed afresh. None (the
+        caller re-pools everything) when the cache layer cannot keep them, or when gradients must flow."""
+        if torch.is_grad_enabled() and self.gate_k.requires_grad:
+            return None
+        layer = summary_slot(cache, self.layer_idx)
+        if layer is None:
+            return None
+        B, Tk = k.shape[:2]
+        full = Tk // self.block
+        tag = self._gate_tag()
+        done = layer.summaries(tag, self.block, B)  # None when missing or stale (then dropped)
+        n = 0 if done is None else done.shape[1]
+        if full > n:
+            done = layer.append_summaries(self.gate_keys(k[:, n * self.block : full * self.block], n), tag,
+                                          self.block, first=n)
+        parts = [done.to(k.device)] if full else []
+        if Tk > full * self.block:
+            parts.append(self.gate_keys(k[:, full * self.block :], full))
+        return parts
 
     def reset_density(self) -> None:
         self.density_seen = []
@@ -222,9 +281,9 @@ class SeerAttention(KVCacheAttention):
         """Mean fraction of causal key blocks attended over the calls since reset_density()."""
         return sum(self.density_seen) / len(self.density_seen) if self.density_seen else None
 
-    def attend(self, q, k, v, attention_mask=None):
+    def attend(self, q, k, v, attention_mask=None, gate_keys: list[torch.Tensor] | None = None):
         T, Tk = q.shape[1], k.shape[1]
-        keep, qpos = self.select(q, k)
+        keep, qpos = self.select(q, k, gate_keys)
         if _has_padding(attention_mask, Tk):  # left-padded batches: the reference path masks the pad keys
             rows = torch.div(torch.arange(Tk - T, Tk, device=q.device), self.block, rounding_mode="floor") - qpos[0]
             return block_sparse_attention(q, k, v, keep, rows, self.block, self.scaling, attention_mask)
