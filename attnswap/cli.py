@@ -599,6 +599,19 @@ def sparsify(
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
     console.print(t)
     _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {report['out']}")
+    if loza and json_out is not None:
+        _alpha_plot(report, json_out.with_name(json_out.stem + "-alpha.png"))
+
+
+def _alpha_plot(report: dict, path: Path) -> None:
+    """alpha per layer beside the retrieval probe, next to the JSON report (only with matplotlib)."""
+    try:
+        from .evals import plots
+
+        plots.calibration(report["alpha"], report.get("retrieval_probe"), report["streaming_layers"], path)
+    except ImportError:
+        return
+    console.print(f"alpha plot: {path}")
 
 
 def main():  # console-script entry point

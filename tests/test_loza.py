@@ -132,7 +132,7 @@ runner = CliRunner()
 
 def _args(tiny_dir, tiny_text, out, *extra):
     return [str(a) for a in ["sparsify", "--method", "loza", "--model", tiny_dir, "--data", tiny_text, "--out", out,
-                             "--seq-len", 96, "--block", 8, "--local-blocks", 2, "--eval-tokens", 192, *extra]]
+                             "--seq-len", 256, "--block", 16, "--local-blocks", 2, "--eval-tokens", 512, *extra]]
 
 
 @pytest.mark.parametrize("flag,value,needle", [
@@ -159,6 +159,11 @@ def test_sparsify_loza_end_to_end(tiny_dir, tiny_text, tmp_path):
     assert (rep["calib_steps"], rep["lora_steps"]) == (1, 3) and set(rep["alpha"]) == {"0", "1", "2"}
     assert len(rep["streaming_layers"]) == 1 and rep["kv_cache"]["ratio"] < 1
     assert "converted" in rep and rep["calibration_seconds"] > 0
+    probe = rep["retrieval_probe"]
+    assert set(probe["layer"]) == {"0", "1", "2"} and all(0 <= v <= 1 for v in probe["layer"].values())
+    assert probe["facts"] > 0 and all(len(h) == 2 for h in probe["head"].values())
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "r-alpha.png").stat().st_size > 0
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.attnswap["calibration"]["alpha"] == rep["alpha"]
     assert [s["options"]["streaming"] for s in m.config.attnswap["swaps"]] == [True, False]

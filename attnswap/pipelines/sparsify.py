@@ -185,11 +185,15 @@ def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
     from ..convert import apply_swaps
     from ..distill.calibrate import CalibrationConfig, calibrate, select
     from ..distill.train import DistillConfig, distill
+    from ..evals.probe import retrieval_probe
     from ..modeling import convert_model
-    from ..synthetic import mix_retrieval
+    from ..synthetic import build_mix
 
-    seqs = mix_retrieval(ld.train, ld.tokenizer, fraction=cfg.retrieval, seed=cfg.seed)
+    mix = build_mix(ld.train, ld.tokenizer, fraction=cfg.retrieval, seed=cfg.seed)  # = mix_retrieval(...), with spans
+    seqs = mix.ids
     convert_model(net, [swap], source=cfg.model)
+    if ld.main:  # which layers retrieve, by the teacher's attention (for the report and its plot)
+        report["retrieval_probe"] = retrieval_probe(net, seqs, mix.details)
     calib = calibrate(net, seqs, CalibrationConfig(steps=report["calib_steps"], batch_size=cfg.batch_size,
                                                    lr=cfg.calib_lr, penalty=cfg.penalty, seed=cfg.seed))
     alphas = calib.units()
