@@ -124,6 +124,7 @@ def linearize(
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     lora_feature_maps: bool = typer.Option(True, help="Keep training feature maps, gates and mixing factors during the LoRA stage."),
+    retrieval_mix: float = typer.Option(0.0, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0, the default, disables)."),
     sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
     feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
@@ -156,6 +157,7 @@ def linearize(
     if transfer_steps is not None and transfer_steps < 0 or lora_steps is not None and lora_steps < 0:
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
     n_transfer, n_lora = split_steps(steps, transfer_steps, lora_steps)
+    _check_retrieval_mix(retrieval_mix)
     for flag, v in (("--sinks", sinks), ("--meta-tokens", meta_tokens)):
         if v is not None and v < 0:
             raise AttnSwapError(f"{flag} must not be negative (got {v})")
@@ -183,7 +185,7 @@ def linearize(
     ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train.contiguous().numpy().tobytes()).hexdigest(),
                 "swap": swap, "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": seq_len, "batch_size": batch_size,
                 "seed": seed, "dtype": str(dt), "transfer_lr": transfer_lr, "lr": lr, "lora_rank": lora_rank,
-                "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps}, resume)
+                "ce_weight": ce_weight, "lora_feature_maps": lora_feature_maps, "retrieval_mix": retrieval_mix}, resume)
 
     report: dict = {"model": model, "attention": attention, "layers": chosen, "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, "lora": n_lora}, "seq_len": seq_len, "batch_size": batch_size,
@@ -196,8 +198,10 @@ def linearize(
     dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_lora, batch_size=batch_size, transfer_lr=transfer_lr,
                          lr=lr, lora_rank=lora_rank, ce_weight=ce_weight, seed=seed,
                          lora_trains_features=lora_feature_maps)
+    mixed, report["retrieval_sequences"] = _retrieval_mix(train, tok, retrieval_mix, seed)  # training only
+    report.update(retrieval_mix=retrieval_mix, training_sequences=train.shape[0])
     with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("linearize"))):
-        net, stats = distill(net, train, dcfg)
+        net, stats = distill(net, mixed, dcfg)
     if not main:  # the other processes helped train; the main one evaluates and saves
         return
     if held is not None:
@@ -268,9 +272,16 @@ def _summary(r: dict) -> None:
             t.add_row("change" if key == "teacher" else f"change ({where})", f"{100 * (cp / tp - 1):+.2f}%")
             t.add_row(f"{where} tokens", f"{side['teacher']['tokens']:,}")
     t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
+    _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")
     console.print(t)
+
+
+def _retrieval_row(t, r: dict) -> None:
+    if r.get("retrieval_mix"):
+        t.add_row("retrieval sequences (--retrieval-mix)", f"{r['retrieval_sequences']:,} of {r['training_sequences']:,} "
+                  f"({r['retrieval_mix']:g} asked)")
 
 
 def _data_row(t, r: dict) -> None:
@@ -375,6 +386,7 @@ def gqa(
     lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
+    retrieval_mix: float = typer.Option(0.25, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
     seq_len: int = typer.Option(1024, help="Training and evaluation sequence length."),
     batch_size: int = typer.Option(8, help="Sequences per step."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -411,7 +423,8 @@ def gqa(
     full = {"kv": ("k_proj", "v_proj"), "attn": attn, "all": (*attn, "gate_proj", "up_proj", "down_proj")}
     if train not in ("lora", "none", *full):
         raise AttnSwapError(f"unknown --train {train!r}; choose from lora, kv, attn, all, none")
-    training = ("steps", "lr", "lora_rank", "ce_weight", "save_every", "checkpoint_dir", "resume", "keep_checkpoints", "nan_retries")
+    _check_retrieval_mix(retrieval_mix)
+    training = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints", "nan_retries")
     _refuse_given(ctx, training if train == "none" else ("lora_rank",) if train != "lora" else (),
                   "--train none (nothing is trained)" if train == "none" else f"--train {train} (no LoRA)")
     lr = lr if lr is not None else (1e-4 if train in full else 1e-3)
@@ -434,7 +447,7 @@ def gqa(
         ckpts.bind({"model": model, "data": data, "train_tokens": hashlib.sha256(train_seqs.contiguous().numpy().tobytes()).hexdigest(),
                     "kv_heads": kv_heads, "grouping": grouping, "merge": merge, "value_refit": value_refit, "train": train,
                     "steps": steps, "lr": lr, "lora_rank": lora_rank, "ce_weight": ce_weight, "calib_batches": calib_batches,
-                    "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "dtype": str(dt)}, resume)
+                    "retrieval_mix": retrieval_mix, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "dtype": str(dt)}, resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -465,8 +478,10 @@ def gqa(
     if train != "none":
         dcfg = DistillConfig(transfer_steps=0, lora_steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
                              ce_weight=ce_weight, seed=seed, full_train=full.get(train, ()))
+        mixed, report["retrieval_sequences"] = _retrieval_mix(train_seqs, tok, retrieval_mix, seed)  # training only
+        report.update(retrieval_mix=retrieval_mix, training_sequences=train_seqs.shape[0])
         with use_run(TrainingRun(ckpts, max_retries=nan_retries, resume_hint=_resume_command("gqa"))):
-            net, dstats = distill(net, train_seqs, dcfg, teacher=teacher)
+            net, dstats = distill(net, mixed, dcfg, teacher=teacher)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
         if not main:  # the other processes helped train; the main one evaluates and saves
             return
@@ -483,6 +498,20 @@ def gqa(
                   dtype=str(dt).removeprefix("torch."))
     _gqa_summary(report)
     _write_json(json_out, json.dumps(report, indent=2), f"the model was saved in {out}")
+
+
+def _check_retrieval_mix(fraction: float) -> None:
+    if not 0 <= fraction < 1:
+        raise AttnSwapError(f"--retrieval-mix must be at least 0 and below 1 (got {fraction:g})")
+
+
+def _retrieval_mix(seqs, tokenizer, fraction: float, seed: int):
+    """The training sequences with ``fraction`` of them rewritten to carry retrieval (attnswap/synthetic.py),
+    and how many were (rows too short for the smallest insertion stay as they are)."""
+    from .synthetic import build_mix
+
+    mix = build_mix(seqs, tokenizer, fraction=fraction, seed=seed)
+    return mix.ids, len(mix.rows)
 
 
 def _refuse_given(ctx: typer.Context, names, why: str) -> None:
@@ -515,6 +544,7 @@ def _gqa_summary(r: dict) -> None:
     kb = r["kv_bytes_per_token"]
     t.add_row("KV cache bytes / token", f"{kb['before']:,} -> {kb['after']:,} ({kb['after'] / kb['before']:.3f}x)")
     t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
+    _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")
     console.print(t)

@@ -281,7 +281,7 @@ def check_general(spec: str = "general") -> None:
 
     parse_general(spec)
     absent = sources.missing()
-    if absent:
+    if absent and not _prebuilt_dirs():
         raise AttnSwapError(sources.missing_message(absent))
 
 
@@ -450,15 +450,67 @@ class GeneralTokens:
     ood: torch.Tensor | None
     complete: bool
     by_source: dict = field(default_factory=dict)
+    prebuilt: bool = False  # read from a prebuilt directory, the sources being absent here
+
+
+def _prebuilt_dirs() -> list[Path]:
+    """Corpus directories built elsewhere (or earlier) that record their tokenizer: usable without the
+    sources, read-only, for a machine with no package registry (copy ``$ATTNSWAP_CACHE/data`` there)."""
+    from .sources import cache_root
+
+    return sorted(p.parent for p in (cache_root() / "data").glob(f"general-v{GENERAL_VERSION}-*/sources.json"))
+
+
+def _prebuilt_tokens(tokenizer, *, train: int, heldout: int, ood: int) -> GeneralTokens:
+    """``general_tokens`` without the sources: from a prebuilt directory made with the same tokenizer.
+    Asking for more than it holds (unless it holds the whole corpus) is an error, never a silent cut."""
+    from . import sources
+
+    tid = _tokenizer_id(tokenizer)
+    found = []
+    for root in _prebuilt_dirs():
+        try:
+            rec = json.loads((root / "sources.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("tokenizer") == tid and rec.get("version") == GENERAL_VERSION:
+            found.append((root, rec))
+    if not found:
+        raise AttnSwapError(sources.missing_message(sources.missing()))
+    dtype = "<u2" if len(tokenizer) <= 65535 else "<i4"
+    best = None
+    for root, rec in found:
+        main, o = _Store(root, "main", ("train", "held"), dtype), _Store(root, "ood", ("ood",), dtype)
+        m, om = main.meta(), o.meta()
+        enough = ((m["complete"] or (m["tokens"]["train"] >= train and m["tokens"]["held"] >= heldout))
+                  and (om["complete"] or om["tokens"]["ood"] >= ood))
+        if enough:
+            best = (rec, main, o, m, om)
+            break
+    if best is None:
+        have = ", ".join(f"{r.name}: {_Store(r, 'main', ('train', 'held'), dtype).meta()['tokens']}" for r, _ in found)
+        raise AttnSwapError(f"the prebuilt --data general corpus is shorter than this run needs (train {train:,}, "
+                            f"held-out {heldout:,}, out-of-domain {ood:,} tokens; have {have}); "
+                            + sources.missing_message(sources.missing()))
+    rec, main, o, m, om = best
+    return GeneralTokens(
+        rec["id"], main.read("train", min(train, m["tokens"]["train"])) if train else None,
+        main.read("held", min(heldout, m["tokens"]["held"])) if heldout else None,
+        o.read("ood", min(ood, om["tokens"]["ood"])) if ood else None,
+        m["complete"], {**m["by_source"], **om["by_source"]}, prebuilt=True)
 
 
 def general_tokens(tokenizer, *, train: int = 0, heldout: int = 0, ood: int = 0) -> GeneralTokens:
     """The first ``train`` / ``heldout`` / ``ood`` tokens of the general corpus (fewer if it is shorter),
-    built as far as needed, once, under ``$ATTNSWAP_CACHE/data/general-v<version>-<id>``."""
+    built as far as needed, once, under ``$ATTNSWAP_CACHE/data/general-v<version>-<id>``. Where the
+    sources are not installed, a directory built earlier with the same tokenizer serves (read-only)."""
     import fcntl
 
+    from . import sources
     from .sources import cache_root
 
+    if sources.missing():
+        return _prebuilt_tokens(tokenizer, train=train, heldout=heldout, ood=ood)
     located = _source_files()
     cid = corpus_id(tokenizer, located)
     root = cache_root() / "data" / f"general-v{GENERAL_VERSION}-{cid[:16]}"
@@ -471,7 +523,7 @@ def general_tokens(tokenizer, *, train: int = 0, heldout: int = 0, ood: int = 0)
         m = _extend(main, _interleave(located, "train"), tokenizer, want, True, "building --data general") if want else main.meta()
         o = (_extend(out_of_domain, _interleave(located, "ood"), tokenizer, {"ood": ood}, False,
                      "building the out-of-domain set") if ood else out_of_domain.meta())
-        (root / "sources.json").write_text(json.dumps({"id": cid, "version": GENERAL_VERSION, "sources": [
+        (root / "sources.json").write_text(json.dumps({"id": cid, "version": GENERAL_VERSION, "tokenizer": _tokenizer_id(tokenizer), "sources": [
             {"name": s.name, "role": s.role, "domain": s.domain, "licence": s.licence, "package": s.package,
              "files": len(files), "dir": os.path.commonpath([str(f.parent) for f in files])} for s, files in located]}, indent=1))
         got = GeneralTokens(
@@ -516,7 +568,7 @@ def ood_tokens(tokenizer, tokens: int) -> tuple[torch.Tensor | None, str | None]
     from . import sources
 
     absent = sources.missing()
-    if absent:
+    if absent and not _prebuilt_dirs():
         return None, sources.missing_message(absent)
     return general_tokens(tokenizer, ood=tokens).ood, None
 
@@ -534,6 +586,8 @@ def training_data(spec: str, tokenizer, seq_len: int, *, eval_tokens: int, token
         train_ids, held_ids, ood_ids = gt.train, gt.heldout, gt.ood
         info = {"name": spec, "corpus": f"general-v{GENERAL_VERSION}-{gt.id[:16]}", "corpus_sha256": gt.id,
                 "slice": "all" if budget >= (1 << 40) else budget, "complete": gt.complete}
+        if gt.prebuilt:
+            info["prebuilt"] = True  # the sources are absent here: read from a corpus built elsewhere
         ood_note = None
     else:
         corpus = build_corpus(spec, tokenizer)

@@ -6,6 +6,7 @@ Three ways in:
     python benchmarks/quality.py --model llama --convert linearize --out runs/q-lolcats -- --steps 1000
     python benchmarks/quality.py --model llama --convert linearize --out runs/q-lizard -- --attention lizard --steps 1000
     python benchmarks/quality.py --model llama --convert gqa --out runs/q-mqa -- --kv-heads 1 --train all --steps 1000
+    python benchmarks/quality.py --model llama --convert sparsify --out runs/q-seer -- --method seer --steps 1000
 
     # evaluate a model converted earlier
     python benchmarks/quality.py --model llama --candidate runs/q-lolcats
@@ -17,7 +18,9 @@ The conversion runs the project's own command (``python -m attnswap.cli lineariz
 reports its wall time and the perplexities it printed; the evaluation is ``attnswap.evals.compare``
 (what ``convert eval`` runs) with the candidate against the teacher on the same held-out data and
 prompts. The defaults are the settings of the published figures (docs/BENCHMARKS.md): perplexity in
-512/1024/2048/8192-token windows, passkey at 1k-8k (5 depths x 10 samples), MQAR at 4-64 pairs.
+512/1024/2048/8192-token windows on the in-domain held-out split of ``--data`` and, again, on the
+out-of-domain set ``--ood-data`` (text from sources training never reads), passkey at 1k-8k (5 depths
+x 10 samples), MQAR at 4-64 pairs. ``--sparsity`` evaluates a sparsified model at another sparsity.
 ``--tasks none`` skips the evaluation. ``--sample`` also prints a greedy continuation from the saved model.
 """
 
@@ -49,7 +52,7 @@ def _numbers(text: str | None, kind=int):
 
 
 def convert(a, extra: list[str]) -> tuple[Path, dict]:
-    """Run `convert linearize|gqa` as a user would; returns (output directory, its --json summary)."""
+    """Run `convert linearize|gqa|sparsify` as a user would; returns (output directory, its --json summary)."""
     out = Path(a.out or f"runs/quality-{a.convert}")
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
@@ -76,14 +79,16 @@ def print_conversion(r: dict) -> None:
           f"whole command {r['command_wall_seconds']:.0f} s")
 
 
-def evaluate(a, candidate: str):
+def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = None):
     from attnswap.evals import compare
 
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    report = compare(candidate, a.model, tasks=tasks, data=a.data, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
+    tasks = [t.strip() for t in (tasks or a.tasks).split(",") if t.strip()]
+    data = data or a.data
+    print(f"\n--- {', '.join(tasks)} on --data {data}", flush=True)
+    report = compare(candidate, a.model, tasks=tasks, data=data, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
                      device=a.device, ppl_lengths=_numbers(a.ppl_lengths), lengths=_numbers(a.lengths),
                      depths=_numbers(a.depths, float), samples=a.samples, mqar_pairs=_numbers(a.mqar_pairs),
-                     command=" ".join(["benchmarks/quality.py", *sys.argv[1:]]))
+                     sparsity=a.sparsity, command=" ".join(["benchmarks/quality.py", *sys.argv[1:]]))
     rows = report._rows()
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"\n{'metric':{width}s} {'teacher':>10s} {'candidate':>10s} {'change':>11s}")
@@ -160,12 +165,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama", help="the teacher: alias, directory or .gguf file")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--convert", choices=("linearize", "gqa"), help="run this conversion of --model, then evaluate it")
+    what.add_argument("--convert", choices=("linearize", "gqa", "sparsify"), help="run this conversion of --model, then evaluate it")
     what.add_argument("--candidate", help="evaluate this converted model directory against --model")
     what.add_argument("--gqa-merges", action="store_true", help="gqa: perplexity after each merge variant, no training")
     ap.add_argument("--out", help="--convert: output directory (default runs/quality-<command>)")
     ap.add_argument("--tasks", default="ppl,passkey,mqar", help="evaluation tasks (ppl, passkey, niah, mqar, speed) or none")
-    ap.add_argument("--data", default="default")
+    ap.add_argument("--data", default="general", help="evaluation data: its in-domain held-out split is scored")
+    ap.add_argument("--ood-data", default="general:ood", help="perplexity again on this out-of-domain set ('none' skips it)")
+    ap.add_argument("--sparsity", type=float, help="evaluate a sparsified model at this sparsity instead of its saved one")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--ppl-lengths", default="512,1024,2048,8192")
@@ -196,6 +203,8 @@ def main():
             out["conversion"], candidate = conv, str(path)
         if a.tasks != "none":
             out["eval"] = evaluate(a, candidate).to_dict()
+            if a.ood_data != "none" and "ppl" in a.tasks.split(","):
+                out["eval_ood"] = evaluate(a, candidate, data=a.ood_data, tasks="ppl").to_dict()
         if a.sample:
             out["sample"] = sample(candidate, a.sample, a.device)
     if a.json:

@@ -373,3 +373,28 @@ def test_hf_spec_passes_name_config_and_split(monkeypatch):
     assert D.load_documents("hf:HuggingFaceTB/cosmopedia-100k@train[:20000]") == ["one", "two"]
     assert D.load_documents("hf:Salesforce/wikitext:wikitext-103-raw-v1") == ["one", "two"]
     assert seen == [("HuggingFaceTB/cosmopedia-100k", None, "train[:20000]"), ("Salesforce/wikitext", "wikitext-103-raw-v1", "train")]
+
+
+# --- a corpus built elsewhere, used where the sources are absent ----------------------------------------
+def test_prebuilt_corpus_serves_without_sources(fake, tok):
+    import shutil
+
+    built = D.training_data("general", tok, 20, eval_tokens=200, tokens_needed=3000)
+    shutil.rmtree(fake / "sources")  # an offline machine: the token cache was copied, the sources were not
+    D.check_general("general")
+    again = D.training_data("general", tok, 20, eval_tokens=200, tokens_needed=3000)
+    assert again.info["prebuilt"] and again.info["hash"] == built.info["hash"]
+    assert again.info["corpus_sha256"] == built.info["corpus_sha256"]
+    assert torch.equal(again.heldout, built.heldout) and torch.equal(again.ood, built.ood)
+    with pytest.raises(AttnSwapError, match="prebuilt --data general corpus is shorter than this run needs"):
+        D.training_data("general", tok, 20, eval_tokens=200, tokens_needed=1 << 22)
+
+
+def test_prebuilt_corpus_must_match_the_tokenizer(fake, tok, monkeypatch):
+    import shutil
+
+    D.training_data("general", tok, 20, eval_tokens=200, tokens_needed=3000)
+    shutil.rmtree(fake / "sources")
+    monkeypatch.setattr(D, "_tokenizer_id", lambda t: "another tokenizer")
+    with pytest.raises(AttnSwapError, match=r"source\(s\) that are not here"):
+        D.training_data("general", tok, 20, eval_tokens=200, tokens_needed=3000)

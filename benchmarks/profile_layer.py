@@ -1,0 +1,148 @@
+"""Where a converted model's time goes: one attention layer and the whole model, profiled.
+
+For each method (the teacher's own attention, then each conversion, made untrained from the teacher
+with default options) and each length L:
+- ``layer fwd ms`` / ``layer fwd+bwd ms``: one attention module (projections, feature maps, RoPE,
+  the kernel, casts, the output projection) on random hidden states (B=1), median of ``--repeats``;
+  the backward is the one training runs (student mode, gradients into the weights);
+- ``model fwd ms``: a whole-model forward without a cache over L random tokens, and that time
+  divided by the number of layers (``per layer``): the difference to the layer figure is the rest of
+  the decoder layer (MLP, norms) and the model's own overhead;
+- with ``--trace``, the top operators of one layer's forward+backward from ``torch.profiler``,
+  by device time (CUDA) or CPU time, so fusions and copies can be seen by name.
+
+    python benchmarks/profile_layer.py --model llama --lengths 4096,32768 --methods teacher,lolcats,lizard --trace
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+import attnswap  # noqa: F401  (registers converted models)
+from attnswap import loading
+from attnswap.convert.base import attention_mode
+from attnswap.convert.swap import make_swap
+from attnswap.modeling import convert_model
+from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, dev, repeats: int) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def layer_inputs(model, L: int, dev, dtype):
+    g = torch.Generator().manual_seed(L)
+    h = torch.randn(1, L, model.config.hidden_size, generator=g).to(dev, dtype)
+    pos = torch.arange(L, device=dev)[None]
+    cos, sin = model.model.rotary_emb(h, pos)
+    return h, (cos, sin)
+
+
+def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool) -> dict:
+    attn = model.model.layers[0].self_attn
+    h, pe = layer_inputs(model, L, dev, dtype)
+    hg = h.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            attn(h, position_embeddings=pe, attention_mask=None)
+
+    def fwd_bwd():
+        out = attn(hg, position_embeddings=pe, attention_mask=None)[0]
+        out.float().square().mean().backward()
+
+    ids = torch.randint(100, model.config.vocab_size - 1, (1, L), generator=torch.Generator().manual_seed(L)).to(dev)
+
+    def whole():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    with attention_mode(model, "student"):
+        row = {"method": name, "L": L, "layer_fwd_ms": _timed(fwd, dev, repeats),
+               "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats)}
+        row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
+        if trace:
+            from torch.profiler import ProfilerActivity, profile as prof
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with prof(activities=acts) as p:
+                fwd_bwd()
+                _sync(dev)
+            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            table = p.key_averages().table(sort_by=key, row_limit=18)
+            print(f"\n--- {name}, L={L}: one layer forward+backward, top operators by {key}\n{table}", flush=True)
+    for p_ in attn.parameters():
+        p_.grad = None
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama", help="the teacher: alias, directory or .gguf file")
+    ap.add_argument("--methods", default="teacher,lolcats,lizard")
+    ap.add_argument("--lengths", default="4096,32768")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators per method and length")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dev = loading.pick_device(a.device)
+    dtype = loading.pick_dtype("auto", dev)
+    teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}, dtype {dtype}, commit {_commit()}")
+    rows = []
+    for method in a.methods.split(","):
+        if method == "teacher":
+            model = teacher
+        else:
+            model = copy.deepcopy(teacher)
+            cfg = model.config
+            convert_model(model, [make_swap(method, list(range(cfg.num_hidden_layers)), {}, cfg)], source=a.model)
+            model.to(dev, dtype)
+        for L in lengths:
+            try:
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace)
+            except torch.OutOfMemoryError:
+                row = {"method": method, "L": L, "error": "out of memory"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if model is not teacher:
+            del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
+            continue
+        print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
+              f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
