@@ -571,7 +571,7 @@ def sparsify(
     lr: float = typer.Option(1e-3, help="Learning rate of the gates (seer) or of LoRA (loza)."),
     calib_lr: float = typer.Option(0.05, help="loza: learning rate of the calibration logits."),
     penalty: float = typer.Option(0.1, help="loza: weight of mean(alpha) in the calibration loss (pulls layers towards streaming)."),
-    retrieval: float = typer.Option(0.5, help="loza: share of training rows rewritten to carry facts asked for much later."),
+    retrieval_mix: float = typer.Option(0.5, help="loza: fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
     lora_rank: int = typer.Option(8, help="loza: LoRA rank of the recovery stage."),
     seq_len: Optional[int] = typer.Option(None, help="Training and evaluation length (default: the model's maximum, at most 8192)."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
@@ -596,7 +596,7 @@ def sparsify(
     cfg = SparsifyConfig(model=model, method=method, out=out, sparsity=sparsity, threshold=threshold,
                          token_budget=token_budget, block=block, gate_dim=gate_dim, layers=layers, steps=steps, lr=lr,
                          fraction=fraction, sink_blocks=sink_blocks, local_blocks=local_blocks, calib_steps=calib_steps,
-                         lora_steps=lora_steps, calib_lr=calib_lr, penalty=penalty, retrieval=retrieval, lora_rank=lora_rank,
+                         lora_steps=lora_steps, calib_lr=calib_lr, penalty=penalty, retrieval_mix=retrieval_mix, lora_rank=lora_rank,
                          seq_len=seq_len, batch_size=batch_size, seed=seed, data=data, eval_tokens=eval_tokens,
                          device=device, dtype=dtype, overwrite=overwrite, json_out=json_out, save_every=save_every,
                          checkpoint_dir=checkpoint_dir, resume=resume, keep_checkpoints=keep_checkpoints,
@@ -624,6 +624,7 @@ def sparsify(
         t.add_row(f"KV cache at {kv['length']} tokens", f"{kv['before']:,} -> {kv['after']:,} bytes ({kv['ratio']:.3f}x)")
         t.add_row("steps (calibration + LoRA)", f"{report['calib_steps']} + {report['lora_steps']}")
         t.add_row("calibration time", f"{report['calibration_seconds']:.1f} s")
+        _retrieval_row(t, report)
     t.add_row("params trained" if loza else "gate params trained", f"{report['trained_params']:,}")
     t.add_row("tokens seen", f"{report['tokens_seen']:,}")
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")

@@ -138,7 +138,7 @@ def _args(tiny_dir, tiny_text, out, *extra):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--fraction", 1.5, "--fraction must be in [0, 1]"), ("--fraction", -0.1, "--fraction must be in [0, 1]"),
     ("--local-blocks", 0, "--local-blocks must be at least 1"), ("--sink-blocks", -1, "must not be negative"),
-    ("--calib-steps", 0, "--calib-steps must be at least 1"), ("--retrieval", 2, "--retrieval must be in [0, 1]"),
+    ("--calib-steps", 0, "--calib-steps must be at least 1"), ("--retrieval-mix", 1, "--retrieval-mix must be at least 0 and below 1"),
     ("--calib-lr", 0, "must be positive")])
 def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_text, tmp_path, flag, value, needle):
     out = tmp_path / "o"

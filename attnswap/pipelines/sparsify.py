@@ -44,7 +44,7 @@ class SparsifyConfig(RunConfig):
     lora_steps: int | None = None  # default: the rest
     calib_lr: float = 0.05
     penalty: float = 0.1  # calibration: weight of mean(alpha)
-    retrieval: float = 0.5  # calibration and LoRA data: share of rows carrying facts asked for later
+    retrieval_mix: float = 0.5  # loza's calibration and LoRA data: share of rows carrying facts asked for later
     lora_rank: int = 8
 
     @property
@@ -71,8 +71,8 @@ def check(cfg: SparsifyConfig) -> None:
                    local_blocks=cfg.local_blocks, calib_steps=cfg.calib_steps, lora_rank=cfg.lora_rank)
     if not 0.0 <= cfg.fraction <= 1.0:
         raise AttnSwapError(f"--fraction must be in [0, 1] (got {cfg.fraction})")
-    if not 0.0 <= cfg.retrieval <= 1.0:
-        raise AttnSwapError(f"--retrieval must be in [0, 1] (got {cfg.retrieval})")
+    if not 0.0 <= cfg.retrieval_mix < 1.0:
+        raise AttnSwapError(f"--retrieval-mix must be at least 0 and below 1 (got {cfg.retrieval_mix:g})")
     if cfg.sink_blocks < 0 or (cfg.lora_steps is not None and cfg.lora_steps < 0) or cfg.penalty < 0:
         raise AttnSwapError("--sink-blocks, --lora-steps and --penalty must not be negative")
     if not (cfg.lr > 0 and cfg.calib_lr > 0):
@@ -119,7 +119,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
         options = {"block": cfg.block_size, "sink_blocks": cfg.sink_blocks, "local_blocks": cfg.local_blocks}
         stages = dict(zip(("calib_steps", "lora_steps"), split_steps(cfg.steps, cfg.calib_steps, cfg.lora_steps)))
         extra = {**stages, "fraction": cfg.fraction, "calib_lr": cfg.calib_lr, "penalty": cfg.penalty,
-                 "retrieval": cfg.retrieval, "lora_rank": cfg.lora_rank}
+                 "retrieval_mix": cfg.retrieval_mix, "lora_rank": cfg.lora_rank}
     else:
         options = {"block": cfg.block_size, "gate_dim": cfg.gate_dim, "sparsity": cfg.sparsity,
                    "threshold": cfg.threshold, "token_budget": cfg.token_budget}
@@ -189,8 +189,9 @@ def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
     from ..modeling import convert_model
     from ..synthetic import build_mix
 
-    mix = build_mix(ld.train, ld.tokenizer, fraction=cfg.retrieval, seed=cfg.seed)  # = mix_retrieval(...), with spans
+    mix = build_mix(ld.train, ld.tokenizer, fraction=cfg.retrieval_mix, seed=cfg.seed)  # = mix_retrieval(...), with spans
     seqs = mix.ids
+    report.update(retrieval_sequences=len(mix.rows), training_sequences=int(seqs.shape[0]))
     convert_model(net, [swap], source=cfg.model)
     if ld.main:  # which layers retrieve, by the teacher's attention (for the report and its plot)
         report["retrieval_probe"] = retrieval_probe(net, seqs, mix.details)
@@ -206,7 +207,7 @@ def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
                   kv_cache=kv_cache_bytes(net.config, swaps, KV_REPORT_LENGTH, ld.dtype))
     net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
                            "calibration": {"unit": "layer", "alpha": report["alpha"], "steps": report["calib_steps"],
-                                           "penalty": cfg.penalty, "retrieval": cfg.retrieval}}
+                                           "penalty": cfg.penalty, "retrieval_mix": cfg.retrieval_mix}}
     dcfg = DistillConfig(transfer_steps=0, lora_steps=report["lora_steps"], batch_size=cfg.batch_size, lr=cfg.lr,
                          lora_rank=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank, seed=cfg.seed,
                          step_offset=report["calib_steps"])
