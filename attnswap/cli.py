@@ -368,16 +368,25 @@ def _gqa_summary(r: dict) -> None:
 def sparsify(
     ctx: typer.Context,
     model: str = MODEL_OPT,
-    method: str = typer.Option("seer", help="seer: learned block gates over exact attention (SeerAttention-style)."),
+    method: str = typer.Option("seer", help="seer: learned block gates over exact attention (SeerAttention-style); loza: a calibrated --fraction of the layers become streaming (sink + local blocks)."),
     out: Optional[Path] = out_opt("<model>-<method>"),
     sparsity: float = typer.Option(0.9, help="Fraction of causal key blocks skipped per query block (0 = dense, the teacher's attention)."),
     threshold: float = typer.Option(0.0, help="Instead of --sparsity: keep key blocks whose gate probability is at least this (0 = off)."),
     token_budget: int = typer.Option(0, help="Instead of --sparsity: attend this many tokens' worth of blocks per query block (0 = off)."),
-    block: int = typer.Option(64, help="Block size in tokens (the gate scores blocks of queries and keys)."),
+    block: Optional[int] = typer.Option(None, help="Block size in tokens (seer: the gate scores blocks of queries and keys, default 64; loza: sink and window blocks, default 128)."),
     gate_dim: int = typer.Option(64, help="Size of the gate's projections."),
     layers: str = typer.Option("all", help="Layers to sparsify: 'all' or indices/ranges like '0-11,15'."),
-    steps: int = steps_opt("Gate-training steps (only the gates train; the model's weights stay as they are)."),
-    lr: float = typer.Option(1e-3, help="Learning rate of the gates."),
+    fraction: float = typer.Option(0.5, help="loza: share of the layers (of --layers) that become streaming; the lowest calibrated alphas go first."),
+    sink_blocks: int = typer.Option(1, help="loza: blocks at the start of the sequence that streaming layers always see."),
+    local_blocks: int = typer.Option(7, help="loza: most recent blocks (the query's own included) that streaming layers see."),
+    steps: int = steps_opt("seer: gate-training steps (only the gates train). loza: calibration + LoRA steps, 30% / 70% by default."),
+    calib_steps: Optional[int] = typer.Option(None, help="loza: calibration steps (default: 30% of --steps, at least 1)."),
+    lora_steps: Optional[int] = typer.Option(None, help="loza: LoRA recovery steps (default: the rest of --steps)."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the gates (seer) or of LoRA (loza)."),
+    calib_lr: float = typer.Option(0.05, help="loza: learning rate of the calibration logits."),
+    penalty: float = typer.Option(0.1, help="loza: weight of mean(alpha) in the calibration loss (pulls layers towards streaming)."),
+    retrieval_mix: float = typer.Option(0.5, help="loza: fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
+    lora_rank: int = typer.Option(8, help="loza: LoRA rank of the recovery stage."),
     seq_len: Optional[int] = typer.Option(None, help="Training and evaluation length (default: the model's maximum, at most 8192)."),
     batch_size: int = typer.Option(1, help=BATCH_SIZE_HELP),
     seed: int = SEED_OPT,
@@ -393,27 +402,53 @@ def sparsify(
     keep_checkpoints: bool = KEEP_CHECKPOINTS_OPT,
     nan_retries: int = NAN_RETRIES_OPT,
 ):
-    """Keep exact attention but learn which key blocks each query block needs (SeerAttention-style
-    gates, trained against the teacher's attention maps); skip the rest at inference."""
+    """Keep exact attention where it is needed: seer learns which key blocks each query block needs
+    (SeerAttention-style gates, trained against the teacher's attention maps); loza calibrates which
+    layers can become streaming attention (sink + recent blocks), then recovers with LoRA."""
     cfg = _config(ctx, sparsify_pipeline.SparsifyConfig, locals())
-    _show(sparsify_pipeline.run(cfg), _sparsify_summary, cfg.json_out)
+    report = sparsify_pipeline.run(cfg)
+    _show(report, _sparsify_summary, cfg.json_out)
+    if report is not None and cfg.method == "loza" and cfg.json_out is not None:
+        _alpha_plot(report, cfg.json_out.with_name(cfg.json_out.stem + "-alpha.png"))
 
 
 def _sparsify_summary(report: dict) -> None:
     t = Table(title=f"sparsify ({report['method']}): {report['model']} -> {report['out']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    if "teacher" in report:
-        tp, cp = report["teacher"]["ppl"], report["converted"]["ppl"]
-        t.add_row(f"teacher ppl (held-out, {report['seq_len']} tokens)", f"{tp:.3f}")
-        t.add_row("sparse ppl (held-out)", f"{cp:.3f} ({100 * (cp / tp - 1):+.2f}%)")
-        dens = [d for d in report["density"].values() if d is not None]
-        if dens:
-            t.add_row("attended blocks (mean over layers)", f"{100 * sum(dens) / len(dens):.1f}% of causal blocks")
-    t.add_row("gate params trained", f"{report['trained_params']:,}")
+    loza = report["method"] == "loza"
+    for key, where in (("teacher", "held-out"), ("out_of_domain", "out of domain")):
+        side = report if key == "teacher" else report.get(key) or {}
+        if "teacher" in side and "converted" in side:
+            tp, cp = side["teacher"]["ppl"], side["converted"]["ppl"]
+            t.add_row(f"teacher ppl ({where}, {report['seq_len']} tokens)", f"{tp:.3f}")
+            t.add_row(f"{'streaming' if loza else 'sparse'} ppl ({where})", f"{cp:.3f} ({100 * (cp / tp - 1):+.2f}%)")
+    dens = [d for d in (report.get("density") or {}).values() if d is not None]
+    if dens:
+        t.add_row("attended blocks (mean over layers)", f"{100 * sum(dens) / len(dens):.1f}% of causal blocks")
+    if loza:
+        t.add_row("streaming layers", ",".join(map(str, report["streaming_layers"])) or "none")
+        t.add_row("alpha per layer", " ".join(f"{k}:{v:.2f}" for k, v in report["alpha"].items()))
+        kv = report["kv_cache"]
+        t.add_row(f"KV cache at {kv['length']} tokens", f"{kv['before']:,} -> {kv['after']:,} bytes ({kv['ratio']:.3f}x)")
+        t.add_row("steps (calibration + LoRA)", f"{report['calib_steps']} + {report['lora_steps']}")
+        t.add_row("calibration time", f"{report['calibration_seconds']:.1f} s")
+        _retrieval_row(t, report)
+    t.add_row("params trained" if loza else "gate params trained", f"{report['trained_params']:,}")
     t.add_row("tokens seen", f"{report['tokens_seen']:,}")
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
     console.print(t)
+
+
+def _alpha_plot(report: dict, path: Path) -> None:
+    """alpha per layer beside the retrieval probe, next to the JSON report (only with matplotlib)."""
+    try:
+        from .evals import plots
+
+        plots.calibration(report["alpha"], report.get("retrieval_probe"), report["streaming_layers"], path)
+    except ImportError:
+        return
+    console.print(f"alpha plot: {path}")
 
 
 def main():  # console-script entry point

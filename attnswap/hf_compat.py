@@ -15,8 +15,10 @@ What still relies on internals, and how each is guarded:
   ``call_decoder_layer``;
 - the rotary helper ``apply_rotary_pos_emb`` of the Llama modeling file: ``apply_rope``;
 - the layout of the 4D attention mask that attention layers receive: ``key_padding``;
-- the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer and of our KV layer
-  with per-block summaries: ``StateLayer``, ``layer_slot``, ``BlockSummaryLayer``, ``summary_slot``;
+- the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer, of our KV layer
+  with per-block summaries and of the streaming KV layer (its ``keys``/``values`` fields, ``update``,
+  ``get_seq_length``, and ``get_mask_sizes`` reading the latter): ``StateLayer``, ``BlockSummaryLayer``,
+  ``summary_slot``, ``StreamingLayer``, ``layer_slot``;
 - ``model.hf_quantizer`` left behind by a GGUF load: ``forget_quantizer``;
 - peft's module-name prefix ``base_model.model.``: ``strip_peft_prefix``.
 
@@ -194,6 +196,56 @@ class StateLayer(DynamicLayer):
 
     def prefetch(self):
         pass
+
+
+class StreamingLayer(DynamicLayer):
+    """A KV cache layer whose keys may be dropped from the middle (streaming attention keeps only its
+    sink and its recent window). It remembers the absolute position of every key it keeps
+    (``positions``, (L,) long, shared by the batch) and counts every token it was given (``seen``), so
+    ``get_seq_length`` (and with it the model's positions and the masks of the other layers) stays the
+    length of the whole sequence. Keys are stored after RoPE, so dropping some changes nothing for the
+    rest. Which keys to drop is the attention method's business: it calls ``keep`` after attending."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.positions: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        T = key_states.shape[-2]
+        new = torch.arange(self.seen, self.seen + T, device=keys.device)
+        self.positions = new if self.positions is None else torch.cat([self.positions.to(keys.device), new])
+        self.seen += T
+        return keys, values
+
+    def keep(self, which: torch.Tensor) -> None:
+        """Keep only the stored keys where ``which`` ((L,) bool over the stored columns) is True."""
+        if bool(which.all()):
+            return
+        idx = which.nonzero().flatten()
+        self.keys = self.keys.index_select(-2, idx)
+        self.values = self.values.index_select(-2, idx)
+        self.positions = self.positions[idx]
+
+    def stored(self) -> int:
+        """How many keys are held (what the cache costs), not how many tokens were seen."""
+        return 0 if self.positions is None else int(self.positions.numel())
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.positions = 0, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("a streaming cache cannot be rolled back (assisted decoding is not supported)")
 
 
 def layer_slot(cache: Cache, idx: int, cls: type = StateLayer):

@@ -49,3 +49,29 @@ print('GENERATED:', text)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert r.returncode == 0 and "GENERATED:" in r.stdout, r.stderr[-3000:]
+
+
+def test_sparsify_loza_four_steps_on_smollm2(tmp_path):
+    """`sparsify --method loza` on the real model: calibration (1 step) -> selection -> LoRA (3 steps) ->
+    save -> load -> generate, at a short length with a small window so that layers really stream."""
+    script = Path(sys.executable).with_name("convert")
+    out = tmp_path / "smollm2-loza"
+    cmd = [str(script), "sparsify", "--method", "loza", "--model", "llama", "--steps", "4", "--seq-len", "512",
+           "--block", "32", "--local-blocks", "3", "--eval-tokens", "1024", "--out", str(out),
+           "--json", str(tmp_path / "report.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert len(rep["alpha"]) == 30 and len(rep["streaming_layers"]) == 15
+    assert rep["kv_cache"]["ratio"] < 0.55 and rep["converted"]["ppl"] < 1e4
+    code = f"""
+import attnswap
+from transformers import AutoModelForCausalLM, AutoTokenizer
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+ids = tok('The Python programming language', return_tensors='pt')
+gen = m.generate(**ids, max_new_tokens=8, do_sample=False)
+print('GENERATED:', tok.decode(gen[0][ids['input_ids'].shape[1]:], skip_special_tokens=True))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "GENERATED:" in r.stdout, r.stderr[-3000:]

@@ -33,7 +33,8 @@ class ExactKV(KVCacheAttention):
 
 def _converted(fam, method, seed=0):
     m = tiny_model(fam, seed=seed)
-    opts = {"lolcats": {"window": 4, "sinks": 2}, "lizard": {"window": 4, "meta_tokens": 2}}.get(method, {})
+    opts = {"lolcats": {"window": 4, "sinks": 2}, "lizard": {"window": 4, "meta_tokens": 2},
+            "loza": {"block": 3, "sink_blocks": 1, "local_blocks": 2}}.get(method, {})
     convert_model(m, [make_swap(method, [0, 1, 2], opts, m.config)], "tiny")
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # move the learned parts off their initial values
@@ -53,7 +54,7 @@ def _recompute_greedy(m, ids, n):
     return seq
 
 
-@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact"])
+@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact", "loza"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_generate_equals_recomputation(fam, method):
     m = _converted(fam, method)
@@ -67,7 +68,7 @@ def test_generate_equals_recomputation(fam, method):
     assert torch.equal(one_pass, want)
 
 
-@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact"])
+@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact", "loza"])
 @pytest.mark.parametrize("fam", ["llama", "qwen3"])
 def test_beam_search_equals_beam_search_without_cache(fam, method):
     m = _converted(fam, method)
@@ -76,7 +77,7 @@ def test_beam_search_equals_beam_search_without_cache(fam, method):
     assert torch.equal(m.generate(ids, **kw), m.generate(ids, use_cache=False, **kw))
 
 
-@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact"])
+@pytest.mark.parametrize("method", ["lolcats", "lizard", "test_exact", "loza"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_left_padded_batch_equals_each_prompt_alone(fam, method):
     m = _converted(fam, method)

@@ -73,7 +73,7 @@ def test_interrupted_sparsify_resumes_to_the_same_gates(tiny_dir, tiny_text, tmp
     ("--sparsity", 1.0, "--sparsity must be in [0, 1)"), ("--sparsity", -0.1, "--sparsity must be in [0, 1)"),
     ("--threshold", 2, "--threshold must be in [0, 1]"), ("--token-budget", -1, "--token-budget must not be negative"),
     ("--block", 0, "--block must be at least 1"), ("--gate-dim", 7, "--gate-dim must be even"),
-    ("--method", "loza", "unknown --method 'loza'"), ("--steps", 0, "--steps must be at least 1"),
+    ("--method", "nope", "unknown --method 'nope'"), ("--steps", 0, "--steps must be at least 1"),
     ("--seq-len", 100000, "beyond the model's maximum")])
 def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_text, tmp_path, flag, value, needle):
     out = tmp_path / "o"

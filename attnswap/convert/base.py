@@ -8,7 +8,12 @@ Every replacement runs in one of three modes, which distillation switches withou
 - ``student``: the replacement attention (the default, and what a saved model runs);
 - ``teacher``: the original softmax attention, computed from the same projections;
 - ``transfer``: returns the teacher output, and stores the MSE between student and teacher outputs
-  in ``transfer_loss`` (stage 1 attention transfer, with teacher forcing between layers).
+  in ``transfer_loss`` (stage 1 attention transfer, with teacher forcing between layers);
+- ``calibrate``: ``alpha * exact + (1 - alpha) * cheap`` per calibration unit, where ``alpha =
+  sigmoid(calib_logit)`` and a unit is the whole layer (``calib_logit`` of size 1) or one KV head
+  (size ``num_kv_heads``; its query heads share it). ``distill/calibrate.py`` gives the modules their
+  ``calib_logit``, trains it and takes it away again; a method changes what "exact" and "cheap" mean
+  by overriding ``calibration_outputs`` (by default: softmax attention and the method's student).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 
 from ..hf_compat import CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, pop_cache
 
-MODES = ("student", "teacher", "transfer")
+MODES = ("student", "teacher", "transfer", "calibrate")
 
 
 class QKV(NamedTuple):
@@ -78,6 +83,7 @@ class SwappedAttention(nn.Module):
         self.options = dict(options)
         self.mode = "student"
         self.transfer_loss: torch.Tensor | None = None
+        self.calib_logit: nn.Parameter | None = None  # only while calibrating (distill/calibrate.py)
 
     # --- to be provided by each method -------------------------------------------------------
     @classmethod
@@ -99,6 +105,20 @@ class SwappedAttention(nn.Module):
         pred = self._student_padded(x, attention_mask).reshape(B, T, -1)
         dt = x.h.dtype
         return F.mse_loss(self.o_proj(pred.to(dt)).float(), self.o_proj(teacher_out.reshape(B, T, -1).to(dt)).float())
+
+    def calibration_outputs(self, x: QKV, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exact, cheap) attention outputs (B, T, H, D) that ``calibrate`` mode mixes."""
+        return self.softmax_attention(x.q, x.k, x.v, attention_mask), self._student_padded(x, attention_mask)
+
+    def calibration_units(self, per_head: bool) -> int:
+        """How many calibration weights this layer has: one, or one per KV head."""
+        return self.num_kv_heads if per_head else 1
+
+    def calibrated(self, x: QKV, attention_mask) -> torch.Tensor:
+        exact, cheap = self.calibration_outputs(x, attention_mask)
+        a = torch.sigmoid(self.calib_logit.float())
+        a = a.repeat_interleave(self.num_heads // a.numel()).view(1, 1, -1, 1)  # per query head
+        return (a * exact.float() + (1.0 - a) * cheap.float()).to(exact.dtype)
 
     # --- shared machinery --------------------------------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -150,6 +170,10 @@ class SwappedAttention(nn.Module):
             else:
                 self._check_no_history(attention_mask, kwargs.get("use_cache"), T)
                 out = self._student_padded(x, attention_mask)
+        elif self.mode == "calibrate":
+            if cache is not None or self.calib_logit is None:
+                raise RuntimeError("calibrate mode runs without a cache, on a layer given a calib_logit")
+            out = self.calibrated(x, attention_mask)
         else:
             q, k, v = x.q, x.k, x.v
             if cache is not None:  # softmax keeps the whole history, as the original does

@@ -23,7 +23,7 @@ from .base import METHODS
 # or method needs no change here); options it reads without a default, and lower bounds, are listed.
 OPTIONAL = {"use_linear": False}
 LOWER_BOUNDS = {"window": 1, "feature_dim": 1, "sinks": 0, "meta_tokens": 0, "block": 1, "gate_dim": 2,
-                "sparsity": 0, "threshold": 0, "token_budget": 0}
+                "sparsity": 0, "threshold": 0, "token_budget": 0, "sink_blocks": 0, "local_blocks": 1}
 UPPER_BOUNDS = {"sparsity": 1, "threshold": 1}  # sparsity below 1 (exclusive), threshold at most 1
 _STUB = SimpleNamespace(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_hidden_layers=1)
 

@@ -257,6 +257,7 @@ class StageRun:
             if meta.get("global_step", 0) > self.offset:  # a later stage's checkpoint: this one is done
                 done = meta.get("done_stages", {}).get(self.name, {})
                 self.start, self.tokens, self.ema = self.steps, done.get("tokens", 0), done.get("ema")
+                self.run.done_stages[self.name] = dict(done)  # with what the stage recorded (calibration's alphas)
             return
         meta, tensors, state = ck.load()
         names = [n for n, _ in self.named]
@@ -281,8 +282,8 @@ class StageRun:
 
     def __exit__(self, exc_type, *exc):
         self.flag.__exit__()
-        if exc_type is None:
-            self.run.done_stages[self.name] = {"tokens": self.tokens, "ema": self.ema}
+        if exc_type is None:  # a stage may add its own results to this record (later checkpoints keep it)
+            self.run.done_stages.setdefault(self.name, {}).update(tokens=self.tokens, ema=self.ema)
         return False
 
     def add_loss(self, value: float) -> None:

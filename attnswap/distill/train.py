@@ -40,6 +40,7 @@ class DistillConfig:
     warmup: int = 10
     lora_trains_features: bool = True  # also train the stage-1 parameters during stage 2
     full_train: tuple[str, ...] = ()  # stage 2 trains these modules (e.g. k_proj, v_proj) in full instead of LoRA
+    step_offset: int = 0  # global steps run before stage 1 (by an earlier stage, e.g. calibration)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Acceler
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
     body = getattr(model, "model", model)  # the decoder stack: stage 1 needs no logits
     _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params,
-          lambda ids: _transfer_loss(model, body, ids), module=model)
+          lambda ids: _transfer_loss(model, body, ids), step_offset=cfg.step_offset, module=model)
 
 
 def _transfer_loss(model, body, ids):
@@ -168,7 +169,7 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
         return loss
 
     _loop("LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
-          step_offset=cfg.transfer_steps, module=peft_model)
+          step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)
     if cfg.full_train:
         undo()
         return model
@@ -198,9 +199,10 @@ def _full_train(model, names: tuple[str, ...]):
     return params, undo
 
 
-def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0, module=None):
+def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0, module=None) -> dict:
     """One stage's optimisation. The current TrainingRun (checkpoint.py) resumes it, checkpoints it,
-    handles Ctrl-C, and skips steps with NaN/inf (see faults.py); ``module`` names the parameters."""
+    handles Ctrl-C, and skips steps with NaN/inf (see faults.py); ``module`` names the parameters.
+    Returns the stage's record in the run, which later checkpoints keep (a stage may add results)."""
     run = current_run()
     run.main_process = acc.is_main_process
     t0, seen = time.perf_counter(), 0
@@ -227,6 +229,7 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     stats.tokens += st.tokens
     stats.seconds += time.perf_counter() - t0
     stats.losses[name] = st.ema
+    return run.done_stages.get(name, {})
 
 
 def _all_reduce_grads(acc: Accelerator, params, loss):

@@ -149,3 +149,42 @@ def all_plots(models: dict[str, dict], folder: Path) -> dict[str, str]:
         if p is not None:
             out[name] = p.name
     return out
+
+
+def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path) -> Path | None:
+    """Calibrated alpha per layer (bars; the streaming layers hatched) beside the retrieval-probe score
+    per layer (line, right axis), and per KV head when the probe has them (a second panel)."""
+    if not alpha:
+        return None
+    plt = _plt()
+    heads = (probe or {}).get("head") or {}
+    fig, axes = plt.subplots(1, 2 if heads else 1, figsize=(12 if heads else 7, 3.8), squeeze=False)
+    a = axes[0][0]
+    layers = sorted(int(k) for k in alpha)
+    vals = [alpha[str(i)] if str(i) in alpha else alpha[i] for i in layers]
+    bars = a.bar(layers, vals, color=COLORS[0], alpha=0.8, label="alpha (exact weight)")
+    for i, bar in zip(layers, bars):
+        if i in streaming:
+            bar.set_hatch("//")
+            bar.set_color(COLORS[1])
+    _style(a, "calibrated alpha per layer (red: streaming)", "layer", "alpha", logx=False)
+    a.set_ylim(0, 1)
+    score = (probe or {}).get("layer") or {}
+    if score:
+        b = a.twinx()
+        b.plot(layers, [score.get(i, score.get(str(i), 0.0)) for i in layers], color="black", marker="o",
+               label="retrieval probe")
+        b.set_ylabel("attention mass on the fact (teacher)")
+        b.set_ylim(bottom=0)
+    if heads:
+        c = axes[0][1]
+        grid = [heads.get(i, heads.get(str(i), [])) for i in layers]
+        im = c.imshow([list(r) for r in zip(*grid)], aspect="auto", cmap="viridis")
+        c.set_title("retrieval probe per KV head", fontsize=10)
+        c.set_xlabel("layer")
+        c.set_ylabel("KV head")
+        fig.colorbar(im, ax=c)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -13,6 +13,7 @@ from .dispatch import (
     hybrid_attn_step,
     linear_attn,
     linear_attn_step,
+    streaming_attn,
 )
 from .hybrid_attn.naive import hybrid_cache_from_prefill
 
@@ -30,4 +31,5 @@ __all__ = [
     "hybrid_cache_from_prefill",
     "linear_attn",
     "linear_attn_step",
+    "streaming_attn",
 ]

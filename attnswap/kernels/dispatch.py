@@ -15,13 +15,14 @@ import os
 
 import torch
 
-from .block_sparse.masks import index_to_mask
+from .block_sparse.masks import index_to_mask, streaming_block_mask
 from .block_sparse.torch_chunk import torch_attn_with_block_map, torch_block_sparse_attn, torch_block_sparse_decode
 from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
 from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
 from .linear_attn.naive import naive_linear_step
 from .linear_attn.torch_chunk import chunk_linear_attn
+from .streaming_attn.torch_chunk import torch_streaming_attn
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: str | None = None
@@ -206,3 +207,16 @@ def block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, *, block: int
                                                      scale=scale, cache_seqlens=cache_seqlens)
     return torch_block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, block=block, scale=scale,
                                      cache_seqlens=cache_seqlens)
+
+
+def streaming_attn(q, k, v, *, sink: int, local: int, block: int, scale: float | None = None):
+    """Streaming attention (prefill; queries are the last T of the Tk keys): each query sees the first
+    ``sink`` blocks and its ``local`` most recent blocks, causal (contract in ``streaming_attn/naive.py``).
+    Without gradients on CUDA this is the block-sparse Triton kernel under a sink + local block mask;
+    otherwise the gathered PyTorch path (``streaming_attn/torch_chunk.py``), which is differentiable."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend_for(q) == "triton" and not needs_grad:
+        T, Tk = q.shape[1], k.shape[1]
+        mask = streaming_block_mask(T, Tk, block, sink, local, device=q.device).expand(q.shape[0], -1, -1, -1)
+        return _triton_ops()["block_sparse"](q, k, v, mask, block=block, scale=scale)
+    return torch_streaming_attn(q, k, v, sink=sink, local=local, block=block, scale=scale)

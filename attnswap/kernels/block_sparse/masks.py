@@ -113,6 +113,15 @@ def index_to_mask(idx: torch.Tensor, cnt: torch.Tensor, nK: int) -> torch.Tensor
     return m[..., :nK]
 
 
+def streaming_block_mask(T: int, Tk: int, block: int, sink: int, local: int, device=None) -> torch.Tensor:
+    """(1, 1, nQ, nK) bool: the sink blocks and the ``local`` most recent blocks (the diagonal one
+    included) of each query block: streaming attention (``streaming_attn/naive.py``) as a block mask."""
+    q0, nQ, nK = block_layout(T, Tk, block)
+    r = torch.arange(q0, q0 + nQ, device=device)[:, None]
+    j = torch.arange(nK, device=device)[None, :]
+    return (((j < sink) | (j > r - local)) & (j <= r))[None, None]
+
+
 def random_block_mask(B: int, Hg: int, T: int, Tk: int, block: int, sparsity: float, *,
                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """A random (B, Hg, nQ, nK) causal block mask that skips about ``sparsity`` of the causal blocks
