@@ -203,6 +203,7 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     handles Ctrl-C, and skips steps with NaN/inf (see faults.py); ``module`` names the parameters."""
     run = current_run()
     run.main_process = acc.is_main_process
+    run.accelerator = acc
     t0, seen = time.perf_counter(), 0
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
