@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _run(cmd, ok=True, **kw):
+def _run(cmd, ok=True, extra_env=None, **kw):
     import subprocess
 
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(extra_env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -82,3 +82,20 @@ def test_a_two_process_checkpoint_needs_two_processes(tiny_dir, tiny_text, tmp_p
     assert [d.name for d in (tmp_path / "m.ckpt").iterdir()] == ["step-00000002"]
     r = _run([sys.executable, "-m", "attnswap.cli", *args, "--save-every", "1", "--resume"], ok=False, cwd=tmp_path)
     assert r.returncode == 2 and "written by 2 process(es)" in r.stderr, r.stderr[-2000:]
+
+
+def test_sharded_distillation_ends_where_the_unsharded_one_ends(tmp_path):
+    """FSDP2 (fully_shard per decoder layer + root) on CPU with gloo: attention transfer (layer-local
+    losses) and LoRA distillation of a tiny linearized Llama give the same merged weights as the
+    unsharded two-process run."""
+    worker = str(ROOT / "tests" / "fsdp_worker.py")
+    _run([*TWO, worker, str(tmp_path / "plain.safetensors")], cwd=tmp_path)
+    _run([*TWO, worker, str(tmp_path / "sharded.safetensors"), "--shard"], cwd=tmp_path)
+    assert _diff(load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "sharded.safetensors")) < 1e-6
+
+
+def test_the_cli_refuses_fsdp_rather_than_running_unsharded(tiny_dir, tiny_text, tmp_path):
+    args = [*_args(tiny_dir, tiny_text), "--batch-size", "1", "--out", str(tmp_path / "m")]
+    r = _run([*TWO, "-m", "attnswap.cli", *args], ok=False, cwd=tmp_path, extra_env={"ACCELERATE_USE_FSDP": "true"})
+    assert r.returncode != 0 and "does not run sharded yet" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "m").exists()
