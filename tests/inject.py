@@ -13,6 +13,12 @@ As a program, for faults that end the process (SIGKILL) or that a test wants in 
 
 ``signal_after_step=N`` sends the signal right after global step N (stage-1 steps count first);
 ``kill_after_checkpoint=N`` SIGKILLs the process right after the checkpoint of global step N is written.
+``rank=R`` (``--rank R``): under a launcher of several processes, only the process of that RANK
+faults (the others must notice and stop with it); as a program under a launcher::
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/inject.py --signal-after-step 3 --signum 15 --rank 1 -- ...
+
+(``--signum``: torchrun would take ``--signal`` for an abbreviation of one of its own options)
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def faults(*, signal_after_step: int | None = None, signum: int = signal.SIGINT,
-           kill_after_checkpoint: int | None = None):
+           kill_after_checkpoint: int | None = None, rank: int | None = None):
     from attnswap.distill import checkpoint as ck
 
-    real_done, real_save = ck.StageRun.step_done, ck.Checkpointer.save
+    if rank is not None and int(os.environ.get("RANK", "0")) != rank:
+        yield
+        return
+
+    real_done, real_save, real_save_state = ck.StageRun.step_done, ck.Checkpointer.save, ck.Checkpointer.save_state
 
     def step_done(self, done):
         if signal_after_step is not None and self.offset + done == signal_after_step:
@@ -45,11 +55,17 @@ def faults(*, signal_after_step: int | None = None, signum: int = signal.SIGINT,
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    ck.StageRun.step_done, ck.Checkpointer.save = step_done, save
+    def save_state(self, meta, *a, **kw):  # the several-process checkpoint
+        path = real_save_state(self, meta, *a, **kw)
+        if kill_after_checkpoint is not None and meta["global_step"] == kill_after_checkpoint:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    ck.StageRun.step_done, ck.Checkpointer.save, ck.Checkpointer.save_state = step_done, save, save_state
     try:
         yield
     finally:
-        ck.StageRun.step_done, ck.Checkpointer.save = real_done, real_save
+        ck.StageRun.step_done, ck.Checkpointer.save, ck.Checkpointer.save_state = real_done, real_save, real_save_state
 
 
 def run_cli(args, *, cwd, signal_after_step=None, signum=signal.SIGINT, kill_after_checkpoint=None, timeout=180):
@@ -70,8 +86,8 @@ def _main(argv: list[str]) -> None:
     opts, args = argv[:split], argv[split + 1:]
     kw = {}
     for flag, value in zip(opts[::2], opts[1::2]):
-        kw[{"--signal-after-step": "signal_after_step", "--signal": "signum",
-            "--kill-after-checkpoint": "kill_after_checkpoint"}[flag]] = int(value)
+        kw[{"--signal-after-step": "signal_after_step", "--signal": "signum", "--signum": "signum",
+            "--kill-after-checkpoint": "kill_after_checkpoint", "--rank": "rank"}[flag]] = int(value)
     sys.argv = ["convert", *args]  # what the resume hint repeats
     from attnswap.cli import main
 

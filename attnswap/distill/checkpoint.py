@@ -7,6 +7,12 @@ A run directory (default ``<out>.ckpt`` beside --out) holds the newest complete 
         params.safetensors    the stage's trainable parameters + every replacement layer's stage-1 parameters
         state.pt              optimizer and scheduler state, RNG states (torch CPU/CUDA, python random)
 
+Under several processes (``accelerate launch``) a step directory holds what accelerate's
+``save_state`` writes instead of params.safetensors and state.pt: ``custom_checkpoint_0.pkl`` (the
+stage's trainable parameters, optimizer and scheduler state, written by the main process) and one
+``random_states_<rank>.pkl`` per process (each process's RNG states); ``--resume`` reads it back with
+``load_state``, and needs the same number of processes.
+
 It is written into a hidden temporary directory, fsynced, and renamed into place; older checkpoints are
 deleted only afterwards, so a crash at any moment leaves a complete checkpoint. Loading reads
 safetensors and ``torch.load(weights_only=True)`` only. Batches depend only on (seed, global step)
@@ -26,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +169,68 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def save_state(self, meta: dict, acc) -> Path:
+        """The several-process checkpoint: every process calls this at the same step. The main process
+        prepares a temporary directory, every process writes its part through ``acc.save_state``, then
+        the main process adds meta.json, fsyncs and renames it into place. Every process returns the
+        path, or every process raises the same error (so none waits forever for the others)."""
+        g = meta["global_step"]
+        final = self.root / f"step-{g:08d}"
+        tmp = self.root / f".step-{g:08d}.tmp"
+        meta = {"format": FORMAT, "config_hash": self.hash, "settings": self.settings, **meta}
+        main = acc.is_main_process
+
+        def prepare():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+        def finish():
+            for f in sorted(tmp.iterdir()):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+
+        err = _everyone_agrees(acc, _attempt(prepare) if main else None)
+        if err is None:
+            err = _everyone_agrees(acc, _attempt(lambda: acc.save_state(str(tmp), safe_serialization=True)), any_rank=True)
+        if err is None:
+            err = _everyone_agrees(acc, _attempt(finish) if main else None)
+        if err is not None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
+            prev = self.latest()
+            kept = f"the previous checkpoint ({prev.path.name}) is intact" if prev else "no checkpoint was kept"
+            raise AttnSwapError(f"could not write a checkpoint to {self.root}: {err}; {kept}")
+        if main:
+            for old in self.root.iterdir():
+                if old != final and old.name.startswith(("step-", ".step-")):
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_state(self, acc) -> dict:
+        """Every process reads its part of the several-process checkpoint (``acc.load_state``)."""
+        s = self.resumed
+        rngs = sorted(f.name for f in s.path.glob("random_states_*.pkl"))
+        if len(rngs) != acc.num_processes or not (s.path / "custom_checkpoint_0.pkl").is_file():
+            raise AttnSwapError(f"checkpoint {s.path} is incomplete; delete {self.root} to start over")
+        try:
+            acc.load_state(str(s.path))
+        except AttnSwapError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt files
+            from ..loading import _one_line
+
+            raise AttnSwapError(f"checkpoint {s.path} is damaged ({_one_line(e)[:200]}); delete {self.root} to start over") from None
+        return s.meta
+
     def load(self) -> tuple[dict, dict[str, torch.Tensor], dict]:
         from safetensors.torch import load_file
 
@@ -187,6 +256,28 @@ class Checkpointer:
             self.root.rmdir()
 
 
+def _attempt(fn) -> str | None:
+    """Run ``fn``; None if it worked, else why not (an OSError, in words)."""
+    try:
+        fn()
+    except OSError as e:
+        return _why(e)
+    return None
+
+
+def _everyone_agrees(acc, err: str | None, any_rank: bool = False) -> str | None:
+    """The main process's ``err`` (or, with ``any_rank``, the first process's that has one), on every
+    process: a failure that only one process saw must stop them all at the same point."""
+    from accelerate.utils import gather_object
+
+    if any_rank:
+        errs = [e for e in gather_object([err]) if e is not None]
+        return errs[0] if errs else None
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([err], from_process=0)[0]
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -210,7 +301,23 @@ class TrainingRun:
                  resume_hint: str = "the same command with --resume"):
         self.checkpoints, self.max_retries, self.resume_hint = checkpoints, max_retries, resume_hint
         self.main_process = True
+        self.accelerator = None  # set by the loop; several processes checkpoint through it
         self.done_stages: dict[str, dict] = {}
+
+    @property
+    def processes(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
+
+    def slot(self) -> "_StageSlot":
+        """The one object registered for accelerate's save_state/load_state (per accelerator): it
+        stands for whichever stage is running."""
+        acc = self.accelerator
+        slot = getattr(acc, "_attnswap_stage_slot", None)
+        if slot is None:
+            slot = _StageSlot()
+            acc.register_for_checkpointing(slot)
+            acc._attnswap_stage_slot = slot
+        return slot
 
     def stage(self, name, offset, steps, module, opt, sched, params) -> "StageRun":
         return StageRun(self, name, offset, steps, module, opt, sched, params)
@@ -233,6 +340,21 @@ def current_run() -> TrainingRun:
     return _CURRENT.get() or TrainingRun()
 
 
+class _StageSlot:
+    """accelerate checkpoints registered objects through state_dict/load_state_dict; this one hands
+    it the running stage's parameters, optimizer and scheduler (RNG states accelerate saves itself,
+    one file per process)."""
+
+    def __init__(self):
+        self.stage: StageRun | None = None
+
+    def state_dict(self) -> dict:
+        return self.stage.state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load(state)
+
+
 class StageRun:
     """One stage of the loop: where it starts (0, or a checkpoint's step), counters, saving."""
 
@@ -250,30 +372,48 @@ class StageRun:
 
     def _resume(self):
         ck = self.run.checkpoints
-        if ck is None or ck.resumed is None:
+        if ck is None:
+            return
+        if self.run.processes > 1:
+            self.run.slot().stage = self
+        if ck.resumed is None:
             return
         meta = ck.resumed.meta
+        if meta.get("processes", 1) != self.run.processes:
+            raise AttnSwapError(f"the checkpoint in {ck.root} was written by {meta.get('processes', 1)} process(es); "
+                                f"resume it with the same number (this run has {self.run.processes})")
         if meta.get("stage") != self.name:
             if meta.get("global_step", 0) > self.offset:  # a later stage's checkpoint: this one is done
                 done = meta.get("done_stages", {}).get(self.name, {})
                 self.start, self.tokens, self.ema = self.steps, done.get("tokens", 0), done.get("ema")
                 self.run.done_stages[self.name] = dict(done)  # with what the stage recorded (calibration's alphas)
             return
-        meta, tensors, state = ck.load()
-        names = [n for n, _ in self.named]
-        if sorted(names) != sorted(tensors):
-            raise AttnSwapError(f"checkpoint {ck.resumed.path} does not hold this model's {self.name} parameters; "
-                                f"delete {ck.root} to start over")
-        with torch.no_grad():
-            for n, p in self.named:
-                p.data = tensors[n].to(p.device)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        if self.run.processes > 1:
+            meta = ck.load_state(self.run.accelerator)  # calls self.load, and restores every process's RNG
+        else:
+            meta, tensors, state = ck.load()
+            self.load({**state, "params": tensors})
+            _set_rng_state(state["rng"])
         self.start, self.tokens, self.ema = meta["step"], meta["tokens"], meta["ema"]
         self.guard.fails = meta["fails"]
         self.run.done_stages.update(meta.get("done_stages", {}))
         console.print(f"resuming {self.name} at step {self.start}/{self.steps} from {ck.resumed.path}")
+
+    def load(self, state: dict) -> None:
+        """Parameters, optimizer and scheduler from a checkpoint (either format)."""
+        ck, tensors = self.run.checkpoints, state["params"]
+        if sorted(n for n, _ in self.named) != sorted(tensors):
+            raise AttnSwapError(f"checkpoint {ck.resumed.path} does not hold this model's {self.name} parameters; "
+                                f"delete {ck.root} to start over")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.data = tensors[n].to(p.device, p.dtype)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def state(self) -> dict:
+        return {"params": {n: p.detach().to("cpu").contiguous() for n, p in self.named},
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
 
     def __enter__(self):
         if self.run.checkpoints is not None:
@@ -299,16 +439,31 @@ class StageRun:
         if ck is None:
             return
         due = ck.save_every > 0 and (done % ck.save_every == 0 or done == self.steps)
-        if (due or self.flag.hit) and self.run.main_process:
+        if self.run.processes > 1:
+            self._agree_on_interrupt()
+            if due or self.flag.hit:
+                self.save(done)  # every process takes part
+        elif due or self.flag.hit:
             self.save(done)
         if self.flag.hit:
             raise Interrupted(f"{self.flag.description} during {self.name} at step {done}/{self.steps}; checkpoint "
                               f"saved in {ck.root}; resume with: {self.run.resume_hint}", self.flag.signum)
 
+    def _agree_on_interrupt(self) -> None:
+        """A signal may reach the processes at different steps (or only one of them): they all stop
+        after the step in which any of them saw one, so that they checkpoint together."""
+        acc = self.run.accelerator
+        mine = torch.tensor([float(self.flag.signum or signal.SIGINT) if self.flag.hit else 0.0], device=acc.device)
+        seen = acc.gather(mine).max().item()
+        if seen and not self.flag.hit:
+            self.flag.hit, self.flag.signum = True, int(seen)
+
     def save(self, done: int) -> Path:
         meta = {"stage": self.name, "step": done, "steps": self.steps, "global_step": self.offset + done,
                 "fails": self.guard.fails, "tokens": self.tokens, "ema": self.ema,
                 "done_stages": self.run.done_stages, "params": [n for n, _ in self.named]}
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.named}
-        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": _rng_state()}
-        return self.run.checkpoints.save(meta, tensors, state)
+        if self.run.processes > 1:
+            return self.run.checkpoints.save_state({**meta, "processes": self.run.processes}, self.run.accelerator)
+        state = self.state()
+        tensors = state.pop("params")
+        return self.run.checkpoints.save(meta, tensors, {**state, "rng": _rng_state()})

@@ -135,7 +135,9 @@ def locate_nonfinite(module: torch.nn.Module, forward) -> str:
 
 def nonfinite_grads(named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
     """Names of parameters whose gradient holds NaN or inf (one device sync)."""
-    have = [(n, p.grad) for n, p in named_params if p.grad is not None]
+    from .sharding import full
+
+    have = [(n, full(p.grad)) for n, p in named_params if p.grad is not None]  # every process sees every NaN
     if not have:
         return []
     ok = torch.stack([g.isfinite().all() for _, g in have])

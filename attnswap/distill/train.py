@@ -6,7 +6,8 @@ stage-1 parameters (``transfer_parameters``) and switches them between ``transfe
 with the LoRA adapters disabled, so no second copy of the weights is held.
 
 Multi-GPU runs go through accelerate: ``accelerate launch -m attnswap.cli linearize ...``. Each
-process takes its own slice of every global batch.
+process takes its own slice of every global batch. ``distill(..., shard=True)`` under several
+processes shards the model with FSDP2 first (``sharding.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
+from ..errors import AttnSwapError
 from ..progress import progress_bar
+from . import sharding
 from .checkpoint import current_run
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -105,15 +108,20 @@ def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Acceler
         return
     _freeze_all(model)
     params = [p for m in swapped_modules(model) for p in m.transfer_parameters()]
+    sharded = any(sharding.is_sharded(p) for p in params)
     for p in params:
-        p.data = p.data.float()
+        if not sharded:  # FSDP gathers a layer in one buffer: sharded parameters keep the layer's dtype
+            p.data = p.data.float()
         p.requires_grad_(True)
     stats.transfer_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0, foreach=False if sharded else None)
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
-    body = getattr(model, "model", model)  # the decoder stack: stage 1 needs no logits
-    _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params,
-          lambda ids: _transfer_loss(model, body, ids), step_offset=cfg.step_offset, module=model)
+    # the decoder stack: stage 1 needs no logits; sharded, the whole model runs (FSDP's root unit holds
+    # the embeddings, tied or not, and is gathered by the model's own forward)
+    body = model if sharded else getattr(model, "model", model)
+    loss_fn = (lambda ids: _sharded_transfer_loss(model, ids)) if sharded else (lambda ids: _transfer_loss(model, body, ids))
+    _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params, loss_fn,
+          step_offset=cfg.step_offset, module=model)
 
 
 def _transfer_loss(model, body, ids):
@@ -121,6 +129,34 @@ def _transfer_loss(model, body, ids):
         body(input_ids=ids, use_cache=False)
         losses = [m.transfer_loss for m in mods]
     return torch.stack(losses).mean()
+
+
+def _sharded_transfer_loss(model, ids):
+    """Stage 1 under FSDP. Each layer's loss is computed inside that layer (local to it and to this
+    process's batch), but FSDP gathers a layer's weights for the backward pass only when a gradient
+    reaches the layer's output; so each layer's output carries ``0 * its loss`` and the returned loss
+    carries ``0 * the logits``: the backward pass then walks the layers in order, each one gathered
+    before its loss's gradient needs its weights (o_proj, for one). The added zeros change no value."""
+    hooks = []
+    for layer in sharding.decoder_layers(model):
+        mods = swapped_modules(layer)
+        if mods:
+            hooks.append(layer.register_forward_hook(lambda _l, _a, out, mods=mods: _carry(out, mods), prepend=True))
+    try:
+        with attention_mode(model, "transfer") as mods:
+            logits = model(input_ids=ids, use_cache=False).logits
+            losses = [m.transfer_loss for m in mods]
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(losses).mean() + 0.0 * logits.float().sum()
+
+
+def _carry(out, mods):
+    extra = sum(m.transfer_loss for m in mods if m.transfer_loss is not None) * 0.0
+    if isinstance(out, torch.Tensor):
+        return out + extra.to(out.dtype)
+    return (out[0] + extra.to(out[0].dtype), *out[1:])
 
 
 def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats, teacher=None):
@@ -150,7 +186,8 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
                     p.requires_grad_(True)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     stats.lora_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sharded = any(sharding.is_sharded(p) for p in model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=False if sharded else None)
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
     def loss_fn(ids):
@@ -173,6 +210,8 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     if cfg.full_train:
         undo()
         return model
+    if sharded:  # merging would add whole LoRA products to weight shards; sharding.merged_state_dict does it
+        return peft_model
     return peft_model.merge_and_unload()
 
 
@@ -205,6 +244,10 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     Returns the stage's record in the run, which later checkpoints keep (a stage may add results)."""
     run = current_run()
     run.main_process = acc.is_main_process
+    run.accelerator = acc
+    sharded = any(sharding.is_sharded(p) for p in params)
+    if sharded and run.checkpoints is not None:
+        raise AttnSwapError("checkpoints of a sharded (FSDP) run are not supported yet")
     t0, seen = time.perf_counter(), 0
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
@@ -216,7 +259,10 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
             if acc.num_processes > 1:  # every process takes its slice of the global batch: average
                 loss = _all_reduce_grads(acc, params, loss)
             if st.finite(step, loss, lambda: loss_fn(ids)):
-                acc.clip_grad_norm_(params, 1.0)
+                if sharded:
+                    sharding.clip_grad_norm_(params, 1.0, acc)
+                else:
+                    acc.clip_grad_norm_(params, 1.0)
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -236,7 +282,8 @@ def _all_reduce_grads(acc: Accelerator, params, loss):
     """Average the trainable parameters' gradients (and the loss) over processes, in one flat buffer,
     so every process takes the same step. Trainable sets are small (feature maps, LoRA), so this
     costs little and needs no DDP wrapper (whose hooks would not follow the stages' changing
-    trainable sets)."""
+    trainable sets). Sharded parameters' gradients FSDP has already averaged (reduce-scatter)."""
+    params = [p for p in params if not sharding.is_sharded(p)]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().float().reshape(1)])
     flat = acc.reduce(flat, reduction="mean")
@@ -248,10 +295,22 @@ def _all_reduce_grads(acc: Accelerator, params, loss):
     return flat[-1]
 
 
-def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None, teacher=None):
+def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Accelerator | None = None, teacher=None,
+            shard: bool = False):
     """Run both stages on ``model`` (already converted). Returns (model, stats). ``teacher``: a separate
-    frozen model whose logits stage 2 matches (for conversions that change the weights, e.g. GQA)."""
+    frozen model whose logits stage 2 matches (for conversions that change the weights, e.g. GQA).
+    ``shard`` (several processes): shard ``model`` (and ``teacher``) with FSDP2 first; the result is
+    then the sharded model with its LoRA adapters unmerged (``sharding.merged_state_dict``)."""
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    if sharding.wanted(acc) and not shard:
+        raise AttnSwapError("this command does not run sharded yet: FSDP (an accelerate config with distributed_type "
+                            "FSDP) works through attnswap.distill.train.distill(..., shard=True) only; see docs/MULTIGPU.md")
+    if shard and acc.num_processes > 1:
+        if cfg.full_train:
+            raise AttnSwapError("full_train is not supported when sharding")
+        sharding.shard(model, acc)
+        if teacher is not None:
+            sharding.shard(teacher, acc)
     torch.manual_seed(cfg.seed)
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed, acc)
     stats = DistillStats()

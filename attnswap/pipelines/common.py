@@ -106,8 +106,10 @@ def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, toke
     dev = procs.device if procs.num_processes > 1 else dev
     dt = loading.pick_dtype(dtype, dev)
     check_general(data) if is_general(data) else load_documents(data)  # before the weights: bad data fails fast
-    rank = f", process {procs.process_index + 1} of {procs.num_processes}" if procs.num_processes > 1 else ""
-    console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){rank}")
+    if procs.num_processes > 1 and not procs.is_main_process:
+        console.quiet = True  # the main process speaks for all (tracebacks of internal errors still print)
+    many = f" in each of {procs.num_processes} processes" if procs.num_processes > 1 else ""
+    console.print(f"loading {name} on {dev} ({str(dt).removeprefix('torch.')}){many}")
     net, tok = loading.load_model(src, dtype=dt, device=dev)
     d = training_data(data, tok, seq_len, eval_tokens=eval_tokens,
                       tokens_needed=tokens_needed and tokens_needed * procs.num_processes)
