@@ -56,8 +56,8 @@ def test_sparsify_loza_four_steps_on_smollm2(tmp_path):
     save -> load -> generate, at a short length with a small window so that layers really stream."""
     script = Path(sys.executable).with_name("convert")
     out = tmp_path / "smollm2-loza"
-    cmd = [str(script), "sparsify", "--method", "loza", "--model", "llama", "--steps", "4", "--seq-len", "512",
-           "--block", "32", "--local-blocks", "3", "--eval-tokens", "1024", "--out", str(out),
+    cmd = [str(script), "sparsify", "--method", "loza", "--model", "llama", "--steps", "4", "--seq-len", "256",
+           "--block", "16", "--local-blocks", "3", "--eval-tokens", "512", "--out", str(out),
            "--json", str(tmp_path / "report.json")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
