@@ -14,6 +14,13 @@ Every replacement runs in one of three modes, which distillation switches withou
   (size ``num_kv_heads``; its query heads share it). ``distill/calibrate.py`` gives the modules their
   ``calib_logit``, trains it and takes it away again; a method changes what "exact" and "cheap" mean
   by overriding ``calibration_outputs`` (by default: softmax attention and the method's student).
+
+Mixed layers: a method that lists ``exact_heads`` in ``optional_options`` (lolcats, lizard) may keep
+some of its KV heads exact. Those KV heads, with the query heads of their GQA groups, run full causal
+softmax attention over the whole context; the method runs on the other heads only (it narrows its own
+tensors with ``lin_q``/``lin_kv``). One module does both. In generation the layer's cache slot holds
+the method's state for its linear heads plus ``exact_k``/``exact_v`` (B, T, n_exact, D), the keys and
+values of its exact heads only, appended at every step.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class SwappedAttention(nn.Module):
     method: ClassVar[str] = ""
     decode_piece: ClassVar[int] = 256  # tokens attended per call when continuing from a state
     runtime_options: ClassVar[tuple[str, ...]] = ()  # options that may change at load time (no weights depend on them)
+    optional_options: ClassVar[dict] = {}  # options taken but left out of saved configs unless set (name -> default)
     _stolen = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
     def __init__(self, original: nn.Module, config, layer_idx: int, options: dict):
@@ -84,6 +92,9 @@ class SwappedAttention(nn.Module):
         self.mode = "student"
         self.transfer_loss: torch.Tensor | None = None
         self.calib_logit: nn.Parameter | None = None  # only while calibrating (distill/calibrate.py)
+        self.exact_heads: list[int] = []
+        if "exact_heads" in self.optional_options:
+            self.set_exact_heads(self.options.get("exact_heads", []))
 
     # --- to be provided by each method -------------------------------------------------------
     @classmethod
@@ -119,6 +130,78 @@ class SwappedAttention(nn.Module):
         a = torch.sigmoid(self.calib_logit.float())
         a = a.repeat_interleave(self.num_heads // a.numel()).view(1, 1, -1, 1)  # per query head
         return (a * exact.float() + (1.0 - a) * cheap.float()).to(exact.dtype)
+
+    # --- mixed layers: some KV heads exact ------------------------------------------------------
+    def set_exact_heads(self, heads) -> None:
+        """Keep the KV heads ``heads`` (and their query heads) exact; the method runs on the others."""
+        if "exact_heads" not in self.optional_options:
+            raise TypeError(f"{self.method} layers cannot keep heads exact")
+        heads = list(heads)
+        if any(not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < self.num_kv_heads for h in heads) \
+                or len(set(heads)) != len(heads):
+            from ..errors import AttnSwapError
+
+            raise AttnSwapError(f"layer {self.layer_idx}: exact_heads {heads} must be distinct KV-head indices "
+                                f"in 0-{self.num_kv_heads - 1}")
+        self.exact_heads = sorted(heads)
+        if self.exact_heads:
+            self.options["exact_heads"] = list(self.exact_heads)
+        else:
+            self.options.pop("exact_heads", None)
+        G = self.num_heads // self.num_kv_heads
+        ex_kv = self.exact_heads
+        lin_kv = [h for h in range(self.num_kv_heads) if h not in ex_kv]
+        ex_q = [h * G + g for h in ex_kv for g in range(G)]
+        lin_q = [h * G + g for h in lin_kv for g in range(G)]
+        # head indices as plain lists (no buffers: a model built on the meta device would leave them there)
+        self._heads = {"ex_kv": ex_kv, "lin_kv": lin_kv, "ex_q": ex_q, "lin_q": lin_q,
+                       "unmix": sorted(range(len(lin_q) + len(ex_q)), key=(lin_q + ex_q).__getitem__)}
+        self._head_index = {}
+
+    def _idx(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        t = self._head_index.get(key)
+        if t is None:
+            t = self._head_index[key] = torch.tensor(self._heads[name], dtype=torch.long, device=device)
+        return t
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.exact_heads)
+
+    @property
+    def has_linear_heads(self) -> bool:
+        return len(self.exact_heads) < self.num_kv_heads
+
+    def lin_q(self, t, dim: int = 2):
+        """``t`` narrowed to the query heads the method runs on (all of them in a layer without exact heads)."""
+        return t if t is None or not self.exact_heads else t.index_select(dim, self._idx("lin_q", t.device))
+
+    def lin_kv(self, t, dim: int = 2):
+        """``t`` narrowed to the KV heads the method runs on."""
+        return t if t is None or not self.exact_heads else t.index_select(dim, self._idx("lin_kv", t.device))
+
+    def _exact_qkv(self, x: QKV, k=None, v=None):
+        kv = self._idx("ex_kv", x.q.device)
+        k = x.k.index_select(2, kv) if k is None else k
+        v = x.v.index_select(2, kv) if v is None else v
+        return x.q.index_select(2, self._idx("ex_q", x.q.device)), k, v
+
+    def _join(self, lin, ex):
+        """Outputs of the linear heads and of the exact heads (B, T, ., D) -> all heads in order."""
+        if lin is None:
+            return ex
+        dt = ex.dtype
+        both = torch.cat([lin.to(dt), ex], 2)
+        return both.index_select(2, self._idx("unmix", both.device))
+
+    def _mixed_student(self, x: QKV) -> torch.Tensor:
+        """``student`` with the exact heads' softmax attention put in (no padding: causal over x)."""
+        if not self.exact_heads:
+            return self.student(x)
+        q, k, v = self._exact_qkv(x)
+        ex = self.softmax_attention(q, k, v)
+        return self._join(self.student(x) if self.has_linear_heads else None, ex)
 
     # --- shared machinery --------------------------------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -206,30 +289,62 @@ class SwappedAttention(nn.Module):
         """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
         B, T = x.q.shape[:2]
         layer = layer_slot(cache, self.layer_idx)
-        if layer.state is None:
+        if self.exact_heads:
+            out = self._recurrent_mixed(x, attention_mask, layer)
+        elif layer.state is None:
             valid = key_padding(attention_mask, T)
             valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
             out = self._student_padded(x, attention_mask)
             layer.state = self.prefill_state(x, valid)
         else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
-            outs = []
-            for a in range(0, T, self.decode_piece):
-                o, new = self.decode(x.span(a, a + self.decode_piece), layer.state)
-                layer.set_state(new)
-                outs.append(o)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+            out, new = self._decode_pieces(x, layer.state)
+            layer.set_state(new)
         layer.seen += T
         return out
 
-    def _student_padded(self, x: QKV, attention_mask):
-        """Run ``student``; with left padding, run each sequence on its real tokens only."""
+    def _decode_pieces(self, x: QKV, state: dict):
+        outs = []
+        for a in range(0, x.q.shape[1], self.decode_piece):
+            o, state = self.decode(x.span(a, a + self.decode_piece), state)
+            outs.append(o)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
+
+    def _recurrent_mixed(self, x: QKV, attention_mask, layer):
+        """A mixed layer's generation: the linear heads from their state, the exact heads by softmax
+        over their own growing keys and values (kept in the state as exact_k/exact_v)."""
+        B, T = x.q.shape[:2]
+        kv = self._idx("ex_kv", x.k.device)
+        k_new, v_new = x.k.index_select(2, kv), x.v.index_select(2, kv)
+        first = layer.state is None
+        old = {} if first else layer.state
+        lin_state = {n: t for n, t in old.items() if n not in ("exact_k", "exact_v")}
+        k_all = k_new if first else torch.cat([old["exact_k"], k_new.to(old["exact_k"].dtype)], 1)
+        v_all = v_new if first else torch.cat([old["exact_v"], v_new.to(old["exact_v"].dtype)], 1)
+        q, _, _ = self._exact_qkv(x, k_all, v_all)
+        ex = self.softmax_attention(q, k_all, v_all, attention_mask)
+        lin = None
+        if self.has_linear_heads:
+            if first:
+                valid = key_padding(attention_mask, T)
+                valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
+                lin = self._student_padded(x, attention_mask, linear_only=True)
+                lin_state = self.prefill_state(x, valid)
+            else:
+                lin, lin_state = self._decode_pieces(x, lin_state)
+        layer.set_state({**lin_state, "exact_k": k_all, "exact_v": v_all})
+        return self._join(lin, ex)
+
+    def _student_padded(self, x: QKV, attention_mask, linear_only: bool = False):
+        """Run ``student`` (with the exact heads of a mixed layer, unless ``linear_only``); with left
+        padding, run each sequence on its real tokens only."""
+        fn = self.student if linear_only else self._mixed_student
         valid = key_padding(attention_mask, x.k.shape[1])
         if valid is None or bool(valid.all()):
-            return self.student(x)
+            return fn(x)
         outs = []
         for b in range(x.q.shape[0]):
             start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
-            o = self.student(x.rows(b, start))
+            o = fn(x.rows(b, start))
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
         return torch.cat(outs)
 
@@ -245,7 +360,7 @@ class KVCacheAttention(SwappedAttention):
     def student(self, x: QKV) -> torch.Tensor:
         return self.attend(x.q, x.k, x.v)
 
-    def _student_padded(self, x: QKV, attention_mask):
+    def _student_padded(self, x: QKV, attention_mask, linear_only: bool = False):
         return self.attend(x.q, x.k, x.v, attention_mask)
 
 

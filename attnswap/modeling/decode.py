@@ -13,7 +13,8 @@ an eager step, beam reordering) is copied in first; a cache that still points at
 when another cache takes the graph over gets its own copy, so two generations never share state.
 
 The runtime option ``decode_graph`` (runtime.py; env ``ATTNSWAP_DECODE_GRAPH`` overrides it) picks
-the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere), ``off`` (always eager),
+the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere; a model with mixed layers, whose exact
+heads keep a growing KV cache, always decodes eagerly: ``_plain_step`` refuses it), ``off`` (always eager),
 ``static`` (the same static-buffer step without graph capture, on any device: for tests and
 debugging). ``compile_decode`` (env ``ATTNSWAP_COMPILE_DECODE``) also compiles with torch.compile
 (fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` the
@@ -148,8 +149,20 @@ def _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs
     if layers is None or len(layers) != n:
         return False
     mods = [layer.self_attn for layer in decoder_layers(model)]
+    if any(isinstance(mod, SwappedAttention) and mod.mixed for mod in mods):
+        _warn_mixed(model)
+        return False
     return all(isinstance(mod, SwappedAttention) and mod.can_decode and mod.mode == "student" for mod in mods) and all(
         isinstance(layer, StateLayer) and layer.state is not None for layer in layers)
+
+
+def _warn_mixed(model) -> None:
+    """Mixed layers' exact heads keep a KV cache that grows every step: the static-shape step cannot hold
+    it, so such a model decodes eagerly. Said once per model, at the first step that could have used it."""
+    if graph_mode(next(model.parameters()).device) != "off" and not model.__dict__.get("_attnswap_mixed_warned"):
+        model.__dict__["_attnswap_mixed_warned"] = True
+        logger.warning("attnswap: layers with exact heads keep a growing KV cache; decoding eagerly "
+                       "(no CUDA-graph step for mixed models yet)")
 
 
 def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embeds, labels, kwargs):

@@ -1,0 +1,193 @@
+"""Mixed layers (issue 16): some KV heads of a lolcats/lizard layer stay exact softmax attention over
+the whole context, the others run the linear method, in one module; generation keeps a KV cache for
+the exact heads only."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import attnswap  # noqa: F401  (registration)
+from attnswap.convert import attention_mode, swapped_modules
+from attnswap.convert.spec import validate_attnswap_config
+from attnswap.convert.swap import make_swap
+from attnswap.errors import AttnSwapError
+from attnswap.hf_compat import StateLayer
+from attnswap.modeling import convert_model
+from attnswap.saving import save_converted
+from tests.conftest import tiny_model, tiny_tokenizer
+
+OPTS = {"lolcats": {"window": 4, "sinks": 2}, "lizard": {"window": 4, "meta_tokens": 2}}
+
+
+def _converted(method, exact: dict[int, list[int]], fam="llama", seed=0):
+    """A tiny model whose three layers are ``method``, layer i keeping ``exact[i]`` KV heads exact."""
+    m = tiny_model(fam, seed=seed)
+    swaps = []
+    for i in range(m.config.num_hidden_layers):
+        opts = dict(OPTS[method])
+        if exact.get(i):
+            opts["exact_heads"] = exact[i]
+        swaps.append(make_swap(method, [i], opts, m.config))
+    convert_model(m, swaps, "tiny")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move the learned parts off their initial values
+        for name, p in m.named_parameters():
+            if any(s in name for s in ("feature_map", "window_factor", "gate_proj", "meta_")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@torch.no_grad()
+def _recompute_greedy(m, ids, n):
+    seq = ids
+    for _ in range(n):
+        nxt = m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_all_heads_exact_is_the_teachers_attention(method):
+    m = _converted(method, {0: [0, 1], 1: [1, 0], 2: [0, 1]})
+    ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = m(ids, use_cache=False).logits
+        with attention_mode(m, "teacher"):
+            want = m(ids, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+@pytest.mark.parametrize("fam", ["llama", "qwen3"])
+def test_each_head_is_either_the_method_or_exact_softmax(method, fam):
+    """Per query head, a mixed layer's output is the plain method's (linear heads) or softmax (exact)."""
+    plain = swapped_modules(_converted(method, {}, fam=fam))[0]
+    mixed = swapped_modules(_converted(method, {0: [1]}, fam=fam))[0]
+    torch.manual_seed(0)
+    h = torch.randn(1, 21, plain.q_proj.in_features)
+    pos = torch.arange(21)[None]
+    rope = tiny_model(fam).model.rotary_emb
+    with torch.no_grad():
+        x = plain.project(h, rope(h, pos))
+        want_lin = plain.student(x)
+        want_ex = plain.softmax_attention(x.q, x.k, x.v)
+        got = mixed._mixed_student(x)
+    G = plain.num_heads // plain.num_kv_heads
+    lin, ex = list(range(G)), list(range(G, 2 * G))  # KV head 1 exact: query heads G..2G-1
+    assert torch.allclose(got[:, :, lin], want_lin[:, :, lin], atol=1e-5)
+    assert torch.allclose(got[:, :, ex], want_ex[:, :, ex], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_no_exact_heads_is_the_plain_method(method):
+    a = _converted(method, {})
+    b = _converted(method, {0: [], 1: []})
+    assert all(not mod.mixed for mod in swapped_modules(b))
+    assert "exact_heads" not in json.dumps(b.config.attnswap)  # today's configs, unchanged
+    ids = torch.randint(0, 300, (1, 17))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+MIXED = {0: [0], 1: [1], 2: []}
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+@pytest.mark.parametrize("exact", [MIXED, {0: [0, 1], 1: [0], 2: [1]}])
+def test_generate_equals_recomputation(method, exact):
+    m = _converted(method, exact)
+    ids = torch.randint(0, 300, (1, 13), generator=torch.Generator().manual_seed(3))
+    want = _recompute_greedy(m, ids, 8)
+    for chunk in ({}, {"prefill_chunk_size": 5}, {"prefill_chunk_size": None}):
+        got = m.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, **chunk)
+        assert torch.equal(got, want), chunk
+
+
+def test_the_exact_heads_keep_keys_and_values_for_themselves_only():
+    m = _converted("lolcats", MIXED)
+    ids = torch.randint(0, 300, (1, 9))
+    out = m(ids, use_cache=True)
+    cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
+    layers = cache.layers
+    assert all(isinstance(layer, StateLayer) for layer in layers)
+    assert layers[0].state["exact_k"].shape == (1, 9, 1, 16) and layers[0].state["win_k"].shape[2] == 1
+    assert "exact_k" not in layers[2].state and layers[2].state["win_k"].shape[2] == 2
+    nxt = out.logits[:, -1:].argmax(-1)
+    m(nxt, past_key_values=cache, use_cache=True)
+    assert layers[0].state["exact_v"].shape == (1, 10, 1, 16)
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_left_padded_batch_and_beam_search(method):
+    m = _converted(method, MIXED)
+    m.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(1, 300, (1, 12), generator=g), torch.randint(1, 300, (1, 7), generator=g)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1)]).long()
+    got = m.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got[0, 12:], _recompute_greedy(m, a, 6)[0, 12:])
+    assert torch.equal(got[1, 12:], _recompute_greedy(m, b, 6)[0, 7:])
+    kw = dict(max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
+    assert torch.equal(m.generate(a, **kw), m.generate(a, use_cache=False, **kw))
+
+
+def test_the_static_decode_step_refuses_mixed_models_and_decodes_eagerly(monkeypatch, caplog):
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    m = _converted("lolcats", MIXED)
+    ids = torch.randint(0, 300, (1, 10))
+    with caplog.at_level("WARNING"):
+        got = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got, _recompute_greedy(m, ids, 6))
+    assert "_attnswap_decode_graphs" not in m.__dict__ or not m.__dict__["_attnswap_decode_graphs"]
+    assert "decoding eagerly" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_save_and_load_both_ways(method, tmp_path):
+    m = _converted(method, MIXED)
+    ids = torch.randint(0, 300, (1, 15))
+    with torch.no_grad():
+        ref = m(ids).logits
+    save_converted(m, tiny_tokenizer(), tmp_path / "out", overwrite=False)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [s["options"].get("exact_heads", []) for s in cfg["attnswap"]["swaps"]] == [[0], [1], []]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert [mod.exact_heads for mod in swapped_modules(again)] == [[0], [1], []]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert 'attnswap' not in sys.modules
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})
+with torch.no_grad():
+    assert torch.equal(m(ids).logits, ref), (m(ids).logits - ref).abs().max()
+out = m.generate(ids, max_new_tokens=4, do_sample=False)
+assert out.shape == (1, 19)
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_bad_exact_heads_are_refused():
+    m = tiny_model("llama")
+    with pytest.raises(AttnSwapError, match="exact_heads"):
+        make_swap("lolcats", [0], {"exact_heads": [0, 0]}, m.config)
+    with pytest.raises(AttnSwapError, match="exact_heads"):
+        make_swap("lolcats", [0], {"exact_heads": "0"}, m.config)
+    with pytest.raises(AttnSwapError, match="exact_heads"):
+        convert_model(m, [make_swap("lolcats", [0], {"exact_heads": [2]}, m.config)], "tiny")  # 2 KV heads
+    with pytest.raises(AttnSwapError, match="unknown option 'exact_heads'"):
+        make_swap("loza", [0], {"exact_heads": [0]}, m.config)
+    bad = {"version": "0.1.0", "swaps": [{"method": "lizard", "layers": [0], "options": {"exact_heads": [-1]}}]}
+    with pytest.raises(AttnSwapError, match="exact_heads"):
+        validate_attnswap_config(bad, 3)
