@@ -191,3 +191,99 @@ def test_bad_exact_heads_are_refused():
     bad = {"version": "0.1.0", "swaps": [{"method": "lizard", "layers": [0], "options": {"exact_heads": [-1]}}]}
     with pytest.raises(AttnSwapError, match="exact_heads"):
         validate_attnswap_config(bad, 3)
+
+
+# --- the pipeline: linearize --exact-heads N -------------------------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from attnswap.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _tiny_args(tiny_dir, tiny_text, out):
+    return ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 32,
+            "--batch-size", 2, "--eval-tokens", 128, "--window", 8]
+
+
+@pytest.mark.parametrize("value,needle", [("-1", "--exact-heads must not be negative (got -1)"),
+                                          ("auto", "--exact-heads auto is not implemented yet"),
+                                          ("two", "--exact-heads takes a non-negative integer"),
+                                          ("7", "--exact-heads 7 is more than the 6 KV heads")])
+def test_bad_exact_heads_flag_exits_2_in_one_line(tiny_dir, tiny_text, tmp_path, value, needle):
+    out = tmp_path / "o"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), "--exact-heads", value)
+    text = res.output.strip()
+    assert res.exit_code == 2 and needle in text and len(text.splitlines()) == 1, text
+    assert not out.exists()
+
+
+def test_calib_steps_without_exact_heads_is_refused(tiny_dir, tiny_text, tmp_path):
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, tmp_path / "o"), "--calib-steps", "2")
+    assert res.exit_code == 2 and "--calib-steps applies only with --exact-heads" in res.output
+
+
+def test_steps_split_with_exact_heads():
+    from attnswap.pipelines.linearize import split_exact_steps
+
+    assert split_exact_steps(1000, None, None, None) == (400, 100, 500)
+    assert split_exact_steps(6, None, None, None) == (2, 1, 3)
+    assert split_exact_steps(10, None, 4, None) == (4, 4, 2)
+    assert split_exact_steps(10, 3, None, None) == (3, 1, 6)
+    assert split_exact_steps(10, None, None, 2) == (7, 1, 2)
+
+
+def test_linearize_exact_heads_end_to_end(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "mixed"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), "--exact-heads", 2, "--steps", 6, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["steps"] == {"transfer": 2, "calibration": 1, "lora": 3} and rep["tokens_seen"] == 6 * 2 * 32
+    assert sorted(rep["alpha"]) == ["0", "1", "2"] and all(len(a) == 2 for a in rep["alpha"].values())
+    chosen = [(int(layer), h) for layer, heads in rep["exact_heads"].items() for h in heads]
+    assert len(chosen) == 2
+    ranked = sorted(((a, (int(layer), h)) for layer, al in rep["alpha"].items() for h, a in enumerate(al)), reverse=True)
+    assert min(rep["alpha"][str(layer)][h] for layer, h in chosen) >= ranked[1][0]  # the two highest alphas
+    kv = rep["kv_cache"]
+    assert kv["per_token_before"] == 3 * 2 * 2 * 16 * 4 and kv["per_token_after"] == 2 * 2 * 16 * 4
+    assert "exact KV heads" in res.output
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    got = sorted((mod.layer_idx, h) for mod in swapped_modules(m) for h in mod.exact_heads)
+    assert got == sorted(chosen)
+    assert m.config.attnswap["calibration"]["unit"] == "kv_head"
+    assert not any("lora" in k or "calib" in k for k in m.state_dict())
+    ids = torch.randint(0, 200, (1, 12))
+    assert torch.equal(m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False), _recompute_greedy(m, ids, 5))
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # the last transfer step; LoRA's first (after calibration's one)
+def test_interrupted_exact_heads_run_resumes_to_the_same_model(tiny_dir, tiny_text, tmp_path, monkeypatch, stop_after):
+    from safetensors.torch import load_file
+
+    import attnswap.distill.checkpoint as ck
+
+    args = ["--exact-heads", 2, "--steps", 6, "--eval-tokens", 0, "--save-every", 1]
+    full = tmp_path / "full"
+    assert _cli(*_tiny_args(tiny_dir, tiny_text, full), *args).exit_code == 0
+    part = tmp_path / "part"
+    calls = {"n": 0}
+    orig = ck.StageRun.step_done
+
+    def stop(self, done):
+        orig(self, done)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.StageRun, "step_done", stop)
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, part), *args)
+    assert res.exit_code != 0 and not part.exists()
+    monkeypatch.setattr(ck.StageRun, "step_done", orig)
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, part), *args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (json.loads((d / "config.json").read_text())["attnswap"] for d in (full, part))
+    assert ca["swaps"] == cb["swaps"] and ca["calibration"] == cb["calibration"]
