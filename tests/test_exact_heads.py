@@ -208,7 +208,6 @@ def _tiny_args(tiny_dir, tiny_text, out):
 
 
 @pytest.mark.parametrize("value,needle", [("-1", "--exact-heads must not be negative (got -1)"),
-                                          ("auto", "--exact-heads auto is not implemented yet"),
                                           ("two", "--exact-heads takes a non-negative integer"),
                                           ("7", "--exact-heads 7 is more than the 6 KV heads")])
 def test_bad_exact_heads_flag_exits_2_in_one_line(tiny_dir, tiny_text, tmp_path, value, needle):
@@ -219,9 +218,16 @@ def test_bad_exact_heads_flag_exits_2_in_one_line(tiny_dir, tiny_text, tmp_path,
     assert not out.exists()
 
 
-def test_calib_steps_without_exact_heads_is_refused(tiny_dir, tiny_text, tmp_path):
-    res = _cli(*_tiny_args(tiny_dir, tiny_text, tmp_path / "o"), "--calib-steps", "2")
-    assert res.exit_code == 2 and "--calib-steps applies only with --exact-heads" in res.output
+@pytest.mark.parametrize("extra,needle", [(["--calib-steps", 2], "--calib-steps applies only with --exact-heads"),
+                                          (["--exact-heads", 1, "--recall-floor", 0.5], "--recall-floor applies only with --exact-heads auto"),
+                                          (["--exact-heads", "auto", "--recall-floor", 0], "--recall-floor must be in (0, 1]"),
+                                          (["--exact-heads", "auto", "--steps", 2], "--exact-heads auto needs retrieval rows")])
+def test_flags_that_do_not_apply_are_refused(tiny_dir, tiny_text, tmp_path, extra, needle):
+    out = tmp_path / "o"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), *extra)
+    last = res.output.strip().splitlines()[-1]  # (the last refusal comes after the model and data loaded)
+    assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
+    assert not out.exists()
 
 
 def test_steps_split_with_exact_heads():
@@ -287,3 +293,46 @@ def test_interrupted_exact_heads_run_resumes_to_the_same_model(tiny_dir, tiny_te
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = (json.loads((d / "config.json").read_text())["attnswap"] for d in (full, part))
     assert ca["swaps"] == cb["swaps"] and ca["calibration"] == cb["calibration"]
+
+
+def test_linearize_exact_heads_auto_takes_the_fewest_heads_meeting_the_recall_floor(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "auto"
+    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
+            "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", "auto", "--recall-floor", 1.0,
+            "--json", tmp_path / "r.json"]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    auto = rep["exact_heads_auto"]
+    n = auto["chosen"]
+    assert auto["probe_rows"] > 0 and auto["recall_floor"] == 1.0
+    assert sorted(map(int, auto["recall"])) == list(range(n + 1))  # scanned up from 0, stopped at the first
+    assert auto["recall"][str(n)] >= auto["teacher_recall"] and all(
+        auto["recall"][str(k)] < auto["teacher_recall"] for k in range(n))
+    assert rep["exact_head_count"] == n == sum(len(h) for h in rep["exact_heads"].values())
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(len(mod.exact_heads) for mod in swapped_modules(m)) == n
+    assert "exact heads (auto)" in res.output
+
+
+def test_auto_scans_up_the_alpha_ranking_and_stops_at_the_first_n_meeting_the_floor(monkeypatch):
+    from attnswap.pipelines import linearize as lin
+
+    m = _converted("lolcats", {})
+    ranked = [(2, 1), (0, 0), (1, 1), (0, 1), (1, 0), (2, 0)]
+    seen = []
+
+    def fake_recall(net, ids, details, rows):
+        mods = swapped_modules(net)
+        if mods[0].mode == "teacher":
+            return 0.8
+        units = sorted((mod.layer_idx, h) for mod in mods for h in mod.exact_heads)
+        seen.append(units)
+        return 0.8 * len(units) / 4  # meets 0.9 of the teacher's at 4 heads (0.72 at 3.6)
+
+    monkeypatch.setattr(lin, "answer_recall", fake_recall)
+    got = lin.auto_exact_heads(m, None, {}, [], ranked, floor=0.9)
+    assert got["chosen"] == 4 and got["teacher_recall"] == 0.8
+    assert [len(u) for u in seen] == [0, 1, 2, 3, 4]
+    assert seen[-1] == sorted(ranked[:4])  # the highest alphas first
+    assert all(mod.mode == "student" for mod in swapped_modules(m))

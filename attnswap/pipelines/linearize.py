@@ -7,7 +7,10 @@ attention transfer every KV head mixes exact and linear attention with a learned
 (``distill/calibrate.py``, per head) on retrieval-bearing text; the N heads with the highest alpha stay
 exact, the others become the linear method for good; then LoRA. ``--steps`` is then split
 ``TRANSFER_SHARE`` / ``CALIB_SHARE`` / the rest (40% / 10% / 50%); ``--transfer-steps``,
-``--calib-steps`` and ``--lora-steps`` override their stage (an unset stage takes what is left)."""
+``--calib-steps`` and ``--lora-steps`` override their stage (an unset stage takes what is left).
+``--exact-heads auto`` takes the smallest N, in the order of the alphas, whose model (before LoRA)
+recalls at least ``--recall-floor`` of what the teacher recalls on the calibration probe: the answer
+tokens of the calibration rows that carry retrieval, predicted greedily (``answer_recall``)."""
 
 from __future__ import annotations
 
@@ -50,13 +53,18 @@ class LinearizeConfig(RunConfig):
     feature_rope: bool | None = None
     exact_heads: int | str = 0  # KV heads of the whole model kept exact softmax (calibrated); 0: none
     calib_steps: int | None = None  # with --exact-heads: default CALIB_SHARE of steps
+    recall_floor: float = 0.9  # --exact-heads auto: share of the teacher's recall on the calibration probe
 
 
-def parse_exact_heads(value) -> int:
-    """--exact-heads: a non-negative integer ('auto' is not implemented yet: refused)."""
+AUTO = "auto"
+PROBE_ROWS = 16  # --exact-heads auto: retrieval rows of the calibration mix that the recall probe reads
+
+
+def parse_exact_heads(value) -> int | str:
+    """--exact-heads: a non-negative integer, or 'auto'."""
     text = str(value).strip().lower()
-    if text == "auto":
-        raise AttnSwapError("--exact-heads auto is not implemented yet; give the number of exact KV heads")
+    if text == AUTO:
+        return AUTO
     try:
         n = int(text)
     except ValueError:
@@ -124,6 +132,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
     else:
         n_transfer, n_lora = split_steps(cfg.steps, cfg.transfer_steps, cfg.lora_steps)
         n_calib = 0
+    if n_exact == AUTO and not 0.0 < cfg.recall_floor <= 1.0:
+        raise AttnSwapError(f"--recall-floor must be in (0, 1] (got {cfg.recall_floor})")
+    if n_exact != AUTO and "recall_floor" in cfg.given:
+        raise AttnSwapError("--recall-floor applies only with --exact-heads auto")
     check_retrieval_mix(cfg.retrieval_mix)
     for flag, v in (("--sinks", cfg.sinks), ("--meta-tokens", cfg.meta_tokens)):
         if v is not None and v < 0:
@@ -144,7 +156,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
     swap = make_swap(cfg.attention, chosen, options, mcfg)
-    if n_exact > len(chosen) * mcfg.num_key_value_heads:
+    if n_exact != AUTO and n_exact > len(chosen) * mcfg.num_key_value_heads:
         raise AttnSwapError(f"--exact-heads {n_exact} is more than the {len(chosen) * mcfg.num_key_value_heads} KV "
                             f"heads of the converted layers ({len(chosen)} x {mcfg.num_key_value_heads})")
     loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
@@ -157,8 +169,11 @@ def run(cfg: LinearizeConfig) -> dict | None:
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": str(ld.dtype), "transfer_lr": cfg.transfer_lr,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "ce_weight": cfg.ce_weight,
                 "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix,
-                **({"exact_heads": n_exact, "calib_steps": n_calib} if n_exact else {})}, cfg.resume)
+                **({"exact_heads": n_exact, "calib_steps": n_calib} if n_exact else {}),
+                **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
+    if n_exact == AUTO and ld.main:
+        calibration_mix(ld, cfg, n_exact)  # refused before any evaluation or training
     report: dict = {"model": cfg.model, "attention": cfg.attention, "layers": chosen,
                     "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, **({"calibration": n_calib} if n_exact else {}), "lora": n_lora},
@@ -192,36 +207,38 @@ def run(cfg: LinearizeConfig) -> dict | None:
     return report
 
 
-def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact: int, n_calib: int,
-                       report: dict):
+def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact, n_calib: int, report: dict):
     """Attention transfer; per-KV-head calibration on retrieval-bearing text; the ``n_exact`` heads with the
-    highest alpha stay exact (mixed layers), the others linear; then LoRA against the teacher's logits."""
+    highest alpha stay exact (mixed layers), the others linear (``auto``: the fewest that meet the recall
+    floor); then LoRA against the teacher's logits."""
     import dataclasses
 
-    from ..convert import swapped_modules
-    from ..distill.calibrate import CalibrationConfig, calibrate, select
+    from ..distill.calibrate import CalibrationConfig, calibrate
+    from ..distill.checkpoint import current_run
     from ..distill.train import distill
-    from ..synthetic import build_mix
 
+    share, mix, probe = calibration_mix(ld, cfg, n_exact)
     net, stats = distill(net, train, dataclasses.replace(dcfg, lora_steps=0))
-    share = cfg.retrieval_mix if cfg.retrieval_mix > 0 else CALIB_RETRIEVAL
-    calib_seqs = build_mix(ld.train, ld.tokenizer, fraction=share, seed=cfg.seed + 1).ids
-    calib = calibrate(net, calib_seqs, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
-                                                         seed=cfg.seed, step_offset=dcfg.transfer_steps))
+    calib = calibrate(net, mix.ids, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
+                                                      seed=cfg.seed, step_offset=dcfg.transfer_steps))
     alphas = calib.units()  # (layer, KV head) -> alpha
-    exact = select({u: -a for u, a in alphas.items()}, n_exact)  # the highest alphas (ties: the lower unit)
-    per_layer = {i: [h for (layer, h) in exact if layer == i] for i in swap["layers"]}
-    for m in swapped_modules(net):
-        m.set_exact_heads(per_layer[m.layer_idx])
+    ranked = sorted(alphas, key=lambda u: (-alphas[u], u))  # the highest alphas first (ties: the lower unit)
+    if n_exact == AUTO:
+        record = current_run().done_stages.setdefault("calibration", {})
+        if "auto" not in record:  # a resumed run takes the N found before (the scan ran on the weights of then)
+            record["auto"] = auto_exact_heads(net, mix.ids, mix.details, probe, ranked, cfg.recall_floor)
+        report["exact_heads_auto"] = record["auto"]
+        n_exact = record["auto"]["chosen"]
+    per_layer = _set_exact(net, swap["layers"], ranked[:n_exact])
     swaps = exact_head_swaps(swap, per_layer)
     alpha_report = {str(i): [round(a, 6) for a in calib.alphas[i]] for i in sorted(calib.alphas)}
     exact_report = {str(i): h for i, h in per_layer.items() if h}
     net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
                            "calibration": {"unit": "kv_head", "alpha": alpha_report, "exact_heads": exact_report,
                                            "steps": n_calib, "retrieval_mix": share}}
-    report.update(alpha=alpha_report, exact_heads=exact_report, calibration_retrieval_mix=share,
-                  calibration_seconds=calib.seconds, calibration_loss=calib.loss, calibration_tokens=calib.tokens,
-                  kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
+    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact,
+                  calibration_retrieval_mix=share, calibration_seconds=calib.seconds, calibration_loss=calib.loss,
+                  calibration_tokens=calib.tokens, kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
     lora = dataclasses.replace(dcfg, transfer_steps=0, step_offset=dcfg.transfer_steps + n_calib)
     net, lstats = distill(net, train, lora)
     stats.lora_params = lstats.lora_params
@@ -229,6 +246,67 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     stats.seconds += calib.seconds + lstats.seconds
     stats.losses.update({"calibration": calib.loss, **lstats.losses})
     return net, stats
+
+
+def calibration_mix(ld, cfg: LinearizeConfig, n_exact):
+    """The calibration rows (a share carrying retrieval) and the probe's rows among them; ``auto`` with
+    no row to probe is refused."""
+    from ..synthetic import build_mix
+
+    share = cfg.retrieval_mix if cfg.retrieval_mix > 0 else CALIB_RETRIEVAL
+    mix = build_mix(ld.train, ld.tokenizer, fraction=share, seed=cfg.seed + 1)
+    probe = [r for r in sorted(mix.details) if mix.details[r].facts][:PROBE_ROWS]
+    if n_exact == AUTO and not probe:
+        raise AttnSwapError(f"--exact-heads auto needs retrieval rows to probe, and none fits in --seq-len {cfg.seq_len}; "
+                            "give a longer --seq-len or the number of exact heads")
+    return share, mix, probe
+
+
+def _set_exact(net, layers: list[int], units) -> dict[int, list[int]]:
+    """Keep the (layer, KV head) ``units`` exact in ``net``'s converted layers; returns layer -> heads."""
+    from ..convert import swapped_modules
+
+    per_layer = {i: sorted(h for (layer, h) in units if layer == i) for i in layers}
+    for m in swapped_modules(net):
+        m.set_exact_heads(per_layer.get(m.layer_idx, []))
+    return per_layer
+
+
+def auto_exact_heads(net, ids, details, probe: list[int], ranked: list, floor: float) -> dict:
+    """The smallest N such that, with the first N of ``ranked`` exact, the model recalls at least ``floor``
+    of the teacher's recall on the probe rows (N = all heads always does: it is the teacher)."""
+    from ..convert import attention_mode
+
+    with attention_mode(net, "teacher"):
+        teacher = answer_recall(net, ids, details, probe)
+    curve = {}
+    chosen = len(ranked)
+    for n in range(len(ranked) + 1):
+        _set_exact(net, sorted({layer for layer, _ in ranked}), ranked[:n])
+        curve[str(n)] = answer_recall(net, ids, details, probe)
+        if curve[str(n)] >= floor * teacher - 1e-12:
+            chosen = n
+            break
+    return {"chosen": chosen, "recall_floor": floor, "teacher_recall": teacher, "recall": curve,
+            "probe_rows": len(probe), "probe_tokens": sum(b - a for r in probe for a, b in (f.answer for f in details[r].facts))}
+
+
+def answer_recall(net, ids, details, rows: list[int]) -> float:
+    """Share of the answer tokens of ``rows`` (facts asked for later, ``synthetic.build_mix``) that the
+    model predicts greedily, each from the exact row up to it (one forward pass per row)."""
+    import torch
+
+    dev = next(net.parameters()).device
+    hits = total = 0
+    with torch.no_grad():
+        for r in rows:
+            row = ids[r : r + 1].to(dev)
+            pred = net(input_ids=row, use_cache=False).logits[0].argmax(-1)
+            for f in details[r].facts:
+                a, b = f.answer
+                hits += int((pred[a - 1 : b - 1] == row[0, a:b]).sum())
+                total += b - a
+    return hits / max(1, total)
 
 
 def exact_head_swaps(swap: dict, per_layer: dict[int, list[int]]) -> list[dict]:
