@@ -114,11 +114,13 @@ def test_the_exact_heads_keep_keys_and_values_for_themselves_only():
     cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
     layers = cache.layers
     assert all(isinstance(layer, StateLayer) for layer in layers)
-    assert layers[0].state["exact_k"].shape == (1, 9, 1, 16) and layers[0].state["win_k"].shape[2] == 1
+    st = layers[0].state
+    assert st["exact_k"].shape == (1, 256, 1, 16) and st["win_k"].shape[2] == 1  # one exact head, room for 256
+    assert st["exact_ok"][0].tolist() == [True] * 9 + [False] * 247 and st["exact_n"].tolist() == [9]
     assert "exact_k" not in layers[2].state and layers[2].state["win_k"].shape[2] == 2
     nxt = out.logits[:, -1:].argmax(-1)
     m(nxt, past_key_values=cache, use_cache=True)
-    assert layers[0].state["exact_v"].shape == (1, 10, 1, 16)
+    assert layers[0].state["exact_n"].tolist() == [10] and int(layers[0].state["exact_ok"].sum()) == 10
 
 
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
@@ -136,15 +138,29 @@ def test_left_padded_batch_and_beam_search(method):
     assert torch.equal(m.generate(a, **kw), m.generate(a, use_cache=False, **kw))
 
 
-def test_the_static_decode_step_refuses_mixed_models_and_decodes_eagerly(monkeypatch, caplog):
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_the_static_decode_step_covers_mixed_models_and_their_growing_cache(monkeypatch, method):
+    """The decode graph's static-buffer step (what CUDA captures) on a mixed model: the exact heads'
+    buffers start at 4 slots here and double while decoding, each capacity its own step."""
+    from attnswap.convert.base import SwappedAttention
+
+    monkeypatch.setattr(SwappedAttention, "exact_capacity_min", 4)
+    m = _converted(method, MIXED)
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    want = _recompute_greedy(m, ids, 12)
     monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
-    m = _converted("lolcats", MIXED)
-    ids = torch.randint(0, 300, (1, 10))
-    with caplog.at_level("WARNING"):
-        got = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert torch.equal(got, _recompute_greedy(m, ids, 6))
-    assert "_attnswap_decode_graphs" not in m.__dict__ or not m.__dict__["_attnswap_decode_graphs"]
-    assert "decoding eagerly" in caplog.text
+    got = m.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    caps = sorted(k[-1] for k in m.__dict__["_attnswap_decode_graphs"])
+    assert caps == [(8, 8), (16, 16)]  # 5 prompt + 11 fed tokens: 8 slots, then 16, each its own step
+    m.generation_config.pad_token_id = 0  # a left-padded batch through the static step
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(1, 300, (1, 9), generator=g), torch.randint(1, 300, (1, 6), generator=g)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1)]).long()
+    got = m.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got[0, 9:], _recompute_greedy(m, a, 6)[0, 9:])
+    assert torch.equal(got[1, 9:], _recompute_greedy(m, b, 6)[0, 6:])
 
 
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])

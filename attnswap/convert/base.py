@@ -19,8 +19,9 @@ Mixed layers: a method that lists ``exact_heads`` in ``optional_options`` (lolca
 some of its KV heads exact. Those KV heads, with the query heads of their GQA groups, run full causal
 softmax attention over the whole context; the method runs on the other heads only (it narrows its own
 tensors with ``lin_q``/``lin_kv``). One module does both. In generation the layer's cache slot holds
-the method's state for its linear heads plus ``exact_k``/``exact_v`` (B, T, n_exact, D), the keys and
-values of its exact heads only, appended at every step.
+the method's state for its linear heads plus the keys and values of its exact heads only
+(``_recurrent_mixed``), in buffers of fixed capacity that double when full, so that the decode graph
+(``modeling/decode.py``) can capture the step.
 """
 
 from __future__ import annotations
@@ -309,29 +310,70 @@ class SwappedAttention(nn.Module):
             outs.append(o)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
+    exact_capacity_min: ClassVar[int] = 256  # slots first given to the exact heads' keys (then doubled)
+    EXACT_KEYS: ClassVar[tuple[str, ...]] = ("exact_k", "exact_v", "exact_ok", "exact_n")
+
+    def reserve_exact(self, layer, new_tokens: int) -> None:
+        """Make room in the exact heads' cache for ``new_tokens`` more (doubling its capacity): before
+        a step that writes into it in place of growing it (eager calls and the decode graph alike)."""
+        st = layer.state
+        if st is None or "exact_k" not in st:
+            return
+        cap, need = st["exact_k"].shape[1], layer.seen + new_tokens
+        if need <= cap:
+            return
+        grow = max(need, 2 * cap) - cap
+        st = dict(st)
+        for name in ("exact_k", "exact_v"):
+            t = st[name]
+            st[name] = torch.cat([t, t.new_zeros(t.shape[0], grow, *t.shape[2:])], 1)
+        st["exact_ok"] = torch.cat([st["exact_ok"], st["exact_ok"].new_zeros(st["exact_ok"].shape[0], grow)], 1)
+        layer.set_state(st)
+
     def _recurrent_mixed(self, x: QKV, attention_mask, layer):
-        """A mixed layer's generation: the linear heads from their state, the exact heads by softmax
-        over their own growing keys and values (kept in the state as exact_k/exact_v)."""
+        """A mixed layer's generation: the linear heads from their state, the exact heads by softmax over
+        their own keys and values. Those live in the state with a fixed capacity (so the decode graph can
+        hold them): ``exact_k``/``exact_v`` (B, C, n_exact, D), ``exact_ok`` (B, C) real tokens written,
+        ``exact_n`` (B,) slots written (the same for every row); ``reserve_exact`` grows C when full."""
         B, T = x.q.shape[:2]
-        kv = self._idx("ex_kv", x.k.device)
+        dev = x.q.device
+        kv = self._idx("ex_kv", dev)
         k_new, v_new = x.k.index_select(2, kv), x.v.index_select(2, kv)
+        q = x.q.index_select(2, self._idx("ex_q", dev))
+        valid = key_padding(attention_mask, T)  # None in the decode graph's step: new tokens are real
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev) if valid is None else valid
         first = layer.state is None
-        old = {} if first else layer.state
-        lin_state = {n: t for n, t in old.items() if n not in ("exact_k", "exact_v")}
-        k_all = k_new if first else torch.cat([old["exact_k"], k_new.to(old["exact_k"].dtype)], 1)
-        v_all = v_new if first else torch.cat([old["exact_v"], v_new.to(old["exact_v"].dtype)], 1)
-        q, _, _ = self._exact_qkv(x, k_all, v_all)
-        ex = self.softmax_attention(q, k_all, v_all, attention_mask)
         lin = None
-        if self.has_linear_heads:
-            if first:
-                valid = key_padding(attention_mask, T)
-                valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
+        if first:  # prefill: attend over the new tokens only, then store them with room to grow
+            ex = self.softmax_attention(q, k_new, v_new, attention_mask)
+            cap = max(self.exact_capacity_min, 1 << (T - 1).bit_length())
+
+            def room(t, fill=0):
+                return torch.cat([t, t.new_full((B, cap - T, *t.shape[2:]), fill)], 1)
+
+            exact = {"exact_k": room(k_new), "exact_v": room(v_new), "exact_ok": room(valid, False),
+                     "exact_n": torch.full((B,), T, dtype=torch.long, device=dev)}
+            lin_state = {}
+            if self.has_linear_heads:
                 lin = self._student_padded(x, attention_mask, linear_only=True)
                 lin_state = self.prefill_state(x, valid)
-            else:
+        else:
+            self.reserve_exact(layer, T)
+            old = layer.state
+            lin_state = {n: t for n, t in old.items() if n not in self.EXACT_KEYS}
+            n0 = old["exact_n"]
+            pos = n0[:1] + torch.arange(T, device=dev)  # the slots written now (a tensor: no host sync)
+            k_all = old["exact_k"].index_copy(1, pos, k_new.to(old["exact_k"].dtype))
+            v_all = old["exact_v"].index_copy(1, pos, v_new.to(old["exact_v"].dtype))
+            ok = old["exact_ok"].index_copy(1, pos, valid)
+            slot = torch.arange(k_all.shape[1], device=dev)
+            see = ok[:, None, :] & (slot[None, None, :] <= pos[None, :, None])  # (B, T, C) causal over real keys
+            see = see | (slot[None, None, :] == pos[None, :, None])  # a query always sees itself: no empty row
+            ex = self.softmax_attention(q, k_all, v_all, see[:, None])
+            exact = {"exact_k": k_all, "exact_v": v_all, "exact_ok": ok, "exact_n": n0 + T}
+            if self.has_linear_heads:
                 lin, lin_state = self._decode_pieces(x, lin_state)
-        layer.set_state({**lin_state, "exact_k": k_all, "exact_v": v_all})
+        layer.set_state({**lin_state, **exact})
         return self._join(lin, ex)
 
     def _student_padded(self, x: QKV, attention_mask, linear_only: bool = False):

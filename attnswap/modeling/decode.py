@@ -6,6 +6,9 @@ and replayed, which removes the per-operation launch cost that dominates decodin
 ``AttnSwap*ForCausalLM.forward`` sends a call here when it is a plain one-token decoding step
 (what ``generate()`` makes after the prompt); everything else takes the ordinary eager path. The
 step is the family's own forward (``stock_forward``) over a cache that holds the static state.
+Mixed layers (some heads exact, ``convert/base.py``) keep their exact heads' keys in buffers of fixed
+capacity inside that state; room for the step's key is made before it (``reserve_exact``, doubling the
+buffers when full), and a new capacity is a new shape, so a new captured step (keyed by the capacities).
 
 The graph owns static copies of the decoding state. A replay updates them in place and the cache
 layers then point at them. A cache whose state is elsewhere (the first step after a prefill, after
@@ -13,8 +16,7 @@ an eager step, beam reordering) is copied in first; a cache that still points at
 when another cache takes the graph over gets its own copy, so two generations never share state.
 
 The runtime option ``decode_graph`` (runtime.py; env ``ATTNSWAP_DECODE_GRAPH`` overrides it) picks
-the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere; a model with mixed layers, whose exact
-heads keep a growing KV cache, always decodes eagerly: ``_plain_step`` refuses it), ``off`` (always eager),
+the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere), ``off`` (always eager),
 ``static`` (the same static-buffer step without graph capture, on any device: for tests and
 debugging). ``compile_decode`` (env ``ATTNSWAP_COMPILE_DECODE``) also compiles with torch.compile
 (fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` the
@@ -149,20 +151,8 @@ def _plain_step(model, input_ids, past_key_values, inputs_embeds, labels, kwargs
     if layers is None or len(layers) != n:
         return False
     mods = [layer.self_attn for layer in decoder_layers(model)]
-    if any(isinstance(mod, SwappedAttention) and mod.mixed for mod in mods):
-        _warn_mixed(model)
-        return False
     return all(isinstance(mod, SwappedAttention) and mod.can_decode and mod.mode == "student" for mod in mods) and all(
         isinstance(layer, StateLayer) and layer.state is not None for layer in layers)
-
-
-def _warn_mixed(model) -> None:
-    """Mixed layers' exact heads keep a KV cache that grows every step: the static-shape step cannot hold
-    it, so such a model decodes eagerly. Said once per model, at the first step that could have used it."""
-    if graph_mode(next(model.parameters()).device) != "off" and not model.__dict__.get("_attnswap_mixed_warned"):
-        model.__dict__["_attnswap_mixed_warned"] = True
-        logger.warning("attnswap: layers with exact heads keep a growing KV cache; decoding eagerly "
-                       "(no CUDA-graph step for mixed models yet)")
 
 
 def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embeds, labels, kwargs):
@@ -174,10 +164,16 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
         return None
     if position_ids is None:
         position_ids = torch.full_like(input_ids, past_key_values.get_seq_length())
+    # mixed layers: room for this step's key in their exact heads' buffers, whose size is part of the shapes
+    caps = []
+    for layer, mod in zip(past_key_values.layers, (d.self_attn for d in decoder_layers(model))):
+        if mod.mixed:
+            mod.reserve_exact(layer, 1)
+            caps.append(layer.state["exact_k"].shape[1])
     graphs = model.__dict__.setdefault("_attnswap_decode_graphs", {})
     # a graph reads the weights at fixed addresses: replacing a tensor (not updating it) needs a new one
     key = (input_ids.shape[0], input_ids.device, mode, model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype,
-           compile_setting())
+           compile_setting(), tuple(caps))
     g = graphs.get(key)
     if g is None:
         while len(graphs) >= MAX_GRAPHS:  # each holds a copy of the state and a memory pool
