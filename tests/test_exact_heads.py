@@ -352,3 +352,19 @@ def test_auto_scans_up_the_alpha_ranking_and_stops_at_the_first_n_meeting_the_fl
     assert [len(u) for u in seen] == [0, 1, 2, 3, 4]
     assert seen[-1] == sorted(ranked[:4])  # the highest alphas first
     assert all(mod.mode == "student" for mod in swapped_modules(m))
+
+
+def test_linearize_lizard_with_one_exact_head(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "liz"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), "--attention", "lizard", "--meta-tokens", 2, "--exact-heads", 1,
+               "--steps", 3, "--layers", "0,2", "--eval-tokens", 0, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["steps"] == {"transfer": 1, "calibration": 1, "lora": 1} and sorted(rep["alpha"]) == ["0", "2"]
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    swaps = m.config.attnswap["swaps"]
+    assert sorted(i for s in swaps for i in s["layers"]) == [0, 2] and all(s["method"] == "lizard" for s in swaps)
+    assert sum(len(s["options"].get("exact_heads", [])) * len(s["layers"]) for s in swaps) == 1
+    assert rep["kv_cache"]["per_token_after"] == (1 + 2) * 2 * 16 * 4  # layer 1 left softmax: both its heads
+    ids = torch.randint(0, 200, (1, 12))
+    assert torch.equal(m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False), _recompute_greedy(m, ids, 5))
