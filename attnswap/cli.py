@@ -165,6 +165,9 @@ def linearize(
     retrieval_mix: float = typer.Option(0.0, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0, the default, disables)."),
     sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
     feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
+    exact_heads: str = typer.Option("0", help="KV heads of the whole model kept exact softmax attention over the full context, chosen by per-head calibration after attention transfer (0, the default: none; 'auto': the fewest that meet --recall-floor). Steps then split 40% transfer / 10% calibration / 50% LoRA."),
+    calib_steps: Optional[int] = typer.Option(None, help="With --exact-heads: calibration steps (default: 10% of --steps)."),
+    recall_floor: float = typer.Option(0.9, help="--exact-heads auto: the fewest exact heads whose model recalls at least this share of what the teacher recalls on the calibration probe."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,
@@ -199,6 +202,15 @@ def _summary(r: dict) -> None:
             t.add_row("change" if key == "teacher" else f"change ({where})", f"{100 * (cp / tp - 1):+.2f}%")
             t.add_row(f"{where} tokens", f"{side['teacher']['tokens']:,}")
     t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
+    if r.get("exact_heads") is not None:
+        heads = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in r["exact_heads"].items()) or "none"
+        t.add_row("exact KV heads", heads)
+        auto = r.get("exact_heads_auto")
+        if auto:
+            t.add_row("exact heads (auto)", f"{auto['chosen']}: recall {auto['recall'][str(auto['chosen'])]:.3f}, teacher "
+                      f"{auto['teacher_recall']:.3f}, floor {auto['recall_floor']:g}")
+        kv = r["kv_cache"]
+        t.add_row("KV cache per token", f"{kv['per_token_before']:,} -> {kv['per_token_after']:,} bytes")
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")

@@ -146,7 +146,10 @@ def mask_key_length(attention_mask) -> int | None:
 # --- the cache layer that holds a converted layer's state ------------------------------------------
 class StateLayer(DynamicLayer):
     """A cache layer for a converted attention layer: it counts the tokens seen (so positions and
-    masks come out right) and holds the method's fixed-size state instead of keys and values."""
+    masks come out right) and holds the method's fixed-size state instead of keys and values. A mixed
+    layer (some heads exact, convert/base.py) adds its exact heads' keys and values to that state, in
+    buffers it doubles when full; every tensor of the state has the batch first, so the batch
+    operations below apply to all of them alike."""
 
     is_sliding = False
     is_compileable = False

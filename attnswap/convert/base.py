@@ -14,6 +14,14 @@ Every replacement runs in one of three modes, which distillation switches withou
   (size ``num_kv_heads``; its query heads share it). ``distill/calibrate.py`` gives the modules their
   ``calib_logit``, trains it and takes it away again; a method changes what "exact" and "cheap" mean
   by overriding ``calibration_outputs`` (by default: softmax attention and the method's student).
+
+Mixed layers: a method that lists ``exact_heads`` in ``optional_options`` (lolcats, lizard) may keep
+some of its KV heads exact. Those KV heads, with the query heads of their GQA groups, run full causal
+softmax attention over the whole context; the method runs on the other heads only (it narrows its own
+tensors with ``lin_q``/``lin_kv``). One module does both. In generation the layer's cache slot holds
+the method's state for its linear heads plus the keys and values of its exact heads only
+(``_recurrent_mixed``), in buffers of fixed capacity that double when full, so that the decode graph
+(``modeling/decode.py``) can capture the step.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class SwappedAttention(nn.Module):
     method: ClassVar[str] = ""
     decode_piece: ClassVar[int] = 256  # tokens attended per call when continuing from a state
     runtime_options: ClassVar[tuple[str, ...]] = ()  # options that may change at load time (no weights depend on them)
+    optional_options: ClassVar[dict] = {}  # options taken but left out of saved configs unless set (name -> default)
     _stolen = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
     def __init__(self, original: nn.Module, config, layer_idx: int, options: dict):
@@ -84,6 +93,9 @@ class SwappedAttention(nn.Module):
         self.mode = "student"
         self.transfer_loss: torch.Tensor | None = None
         self.calib_logit: nn.Parameter | None = None  # only while calibrating (distill/calibrate.py)
+        self.exact_heads: list[int] = []
+        if "exact_heads" in self.optional_options:
+            self.set_exact_heads(self.options.get("exact_heads", []))
 
     # --- to be provided by each method -------------------------------------------------------
     @classmethod
@@ -119,6 +131,78 @@ class SwappedAttention(nn.Module):
         a = torch.sigmoid(self.calib_logit.float())
         a = a.repeat_interleave(self.num_heads // a.numel()).view(1, 1, -1, 1)  # per query head
         return (a * exact.float() + (1.0 - a) * cheap.float()).to(exact.dtype)
+
+    # --- mixed layers: some KV heads exact ------------------------------------------------------
+    def set_exact_heads(self, heads) -> None:
+        """Keep the KV heads ``heads`` (and their query heads) exact; the method runs on the others."""
+        if "exact_heads" not in self.optional_options:
+            raise TypeError(f"{self.method} layers cannot keep heads exact")
+        heads = list(heads)
+        if any(not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < self.num_kv_heads for h in heads) \
+                or len(set(heads)) != len(heads):
+            from ..errors import AttnSwapError
+
+            raise AttnSwapError(f"layer {self.layer_idx}: exact_heads {heads} must be distinct KV-head indices "
+                                f"in 0-{self.num_kv_heads - 1}")
+        self.exact_heads = sorted(heads)
+        if self.exact_heads:
+            self.options["exact_heads"] = list(self.exact_heads)
+        else:
+            self.options.pop("exact_heads", None)
+        G = self.num_heads // self.num_kv_heads
+        ex_kv = self.exact_heads
+        lin_kv = [h for h in range(self.num_kv_heads) if h not in ex_kv]
+        ex_q = [h * G + g for h in ex_kv for g in range(G)]
+        lin_q = [h * G + g for h in lin_kv for g in range(G)]
+        # head indices as plain lists (no buffers: a model built on the meta device would leave them there)
+        self._heads = {"ex_kv": ex_kv, "lin_kv": lin_kv, "ex_q": ex_q, "lin_q": lin_q,
+                       "unmix": sorted(range(len(lin_q) + len(ex_q)), key=(lin_q + ex_q).__getitem__)}
+        self._head_index = {}
+
+    def _idx(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        t = self._head_index.get(key)
+        if t is None:
+            t = self._head_index[key] = torch.tensor(self._heads[name], dtype=torch.long, device=device)
+        return t
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.exact_heads)
+
+    @property
+    def has_linear_heads(self) -> bool:
+        return len(self.exact_heads) < self.num_kv_heads
+
+    def lin_q(self, t, dim: int = 2):
+        """``t`` narrowed to the query heads the method runs on (all of them in a layer without exact heads)."""
+        return t if t is None or not self.exact_heads else t.index_select(dim, self._idx("lin_q", t.device))
+
+    def lin_kv(self, t, dim: int = 2):
+        """``t`` narrowed to the KV heads the method runs on."""
+        return t if t is None or not self.exact_heads else t.index_select(dim, self._idx("lin_kv", t.device))
+
+    def _exact_qkv(self, x: QKV, k=None, v=None):
+        kv = self._idx("ex_kv", x.q.device)
+        k = x.k.index_select(2, kv) if k is None else k
+        v = x.v.index_select(2, kv) if v is None else v
+        return x.q.index_select(2, self._idx("ex_q", x.q.device)), k, v
+
+    def _join(self, lin, ex):
+        """Outputs of the linear heads and of the exact heads (B, T, ., D) -> all heads in order."""
+        if lin is None:
+            return ex
+        dt = ex.dtype
+        both = torch.cat([lin.to(dt), ex], 2)
+        return both.index_select(2, self._idx("unmix", both.device))
+
+    def _mixed_student(self, x: QKV) -> torch.Tensor:
+        """``student`` with the exact heads' softmax attention put in (no padding: causal over x)."""
+        if not self.exact_heads:
+            return self.student(x)
+        q, k, v = self._exact_qkv(x)
+        ex = self.softmax_attention(q, k, v)
+        return self._join(self.student(x) if self.has_linear_heads else None, ex)
 
     # --- shared machinery --------------------------------------------------------------------
     def project(self, hidden_states, position_embeddings):
@@ -206,30 +290,103 @@ class SwappedAttention(nn.Module):
         """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
         B, T = x.q.shape[:2]
         layer = layer_slot(cache, self.layer_idx)
-        if layer.state is None:
+        if self.exact_heads:
+            out = self._recurrent_mixed(x, attention_mask, layer)
+        elif layer.state is None:
             valid = key_padding(attention_mask, T)
             valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
             out = self._student_padded(x, attention_mask)
             layer.state = self.prefill_state(x, valid)
         else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
-            outs = []
-            for a in range(0, T, self.decode_piece):
-                o, new = self.decode(x.span(a, a + self.decode_piece), layer.state)
-                layer.set_state(new)
-                outs.append(o)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+            out, new = self._decode_pieces(x, layer.state)
+            layer.set_state(new)
         layer.seen += T
         return out
 
-    def _student_padded(self, x: QKV, attention_mask):
-        """Run ``student``; with left padding, run each sequence on its real tokens only."""
+    def _decode_pieces(self, x: QKV, state: dict):
+        outs = []
+        for a in range(0, x.q.shape[1], self.decode_piece):
+            o, state = self.decode(x.span(a, a + self.decode_piece), state)
+            outs.append(o)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
+
+    exact_capacity_min: ClassVar[int] = 256  # slots first given to the exact heads' keys (then doubled)
+    EXACT_KEYS: ClassVar[tuple[str, ...]] = ("exact_k", "exact_v", "exact_ok", "exact_n")
+
+    def reserve_exact(self, layer, new_tokens: int) -> None:
+        """Make room in the exact heads' cache for ``new_tokens`` more (doubling its capacity): before
+        a step that writes into it in place of growing it (eager calls and the decode graph alike)."""
+        st = layer.state
+        if st is None or "exact_k" not in st:
+            return
+        cap, need = st["exact_k"].shape[1], layer.seen + new_tokens
+        if need <= cap:
+            return
+        grow = max(need, 2 * cap) - cap
+        st = dict(st)
+        for name in ("exact_k", "exact_v"):
+            t = st[name]
+            st[name] = torch.cat([t, t.new_zeros(t.shape[0], grow, *t.shape[2:])], 1)
+        st["exact_ok"] = torch.cat([st["exact_ok"], st["exact_ok"].new_zeros(st["exact_ok"].shape[0], grow)], 1)
+        layer.set_state(st)
+
+    def _recurrent_mixed(self, x: QKV, attention_mask, layer):
+        """A mixed layer's generation: the linear heads from their state, the exact heads by softmax over
+        their own keys and values. Those live in the state with a fixed capacity (so the decode graph can
+        hold them): ``exact_k``/``exact_v`` (B, C, n_exact, D), ``exact_ok`` (B, C) real tokens written,
+        ``exact_n`` (B,) slots written (the same for every row); ``reserve_exact`` grows C when full."""
+        B, T = x.q.shape[:2]
+        dev = x.q.device
+        kv = self._idx("ex_kv", dev)
+        k_new, v_new = x.k.index_select(2, kv), x.v.index_select(2, kv)
+        q = x.q.index_select(2, self._idx("ex_q", dev))
+        valid = key_padding(attention_mask, T)  # None in the decode graph's step: new tokens are real
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev) if valid is None else valid
+        first = layer.state is None
+        lin = None
+        if first:  # prefill: attend over the new tokens only, then store them with room to grow
+            ex = self.softmax_attention(q, k_new, v_new, attention_mask)
+            cap = max(self.exact_capacity_min, 1 << (T - 1).bit_length())
+
+            def room(t, fill=0):
+                return torch.cat([t, t.new_full((B, cap - T, *t.shape[2:]), fill)], 1)
+
+            exact = {"exact_k": room(k_new), "exact_v": room(v_new), "exact_ok": room(valid, False),
+                     "exact_n": torch.full((B,), T, dtype=torch.long, device=dev)}
+            lin_state = {}
+            if self.has_linear_heads:
+                lin = self._student_padded(x, attention_mask, linear_only=True)
+                lin_state = self.prefill_state(x, valid)
+        else:
+            self.reserve_exact(layer, T)
+            old = layer.state
+            lin_state = {n: t for n, t in old.items() if n not in self.EXACT_KEYS}
+            n0 = old["exact_n"]
+            pos = n0[:1] + torch.arange(T, device=dev)  # the slots written now (a tensor: no host sync)
+            k_all = old["exact_k"].index_copy(1, pos, k_new.to(old["exact_k"].dtype))
+            v_all = old["exact_v"].index_copy(1, pos, v_new.to(old["exact_v"].dtype))
+            ok = old["exact_ok"].index_copy(1, pos, valid)
+            slot = torch.arange(k_all.shape[1], device=dev)
+            see = ok[:, None, :] & (slot[None, None, :] <= pos[None, :, None])  # (B, T, C) causal over real keys
+            see = see | (slot[None, None, :] == pos[None, :, None])  # a query always sees itself: no empty row
+            ex = self.softmax_attention(q, k_all, v_all, see[:, None])
+            exact = {"exact_k": k_all, "exact_v": v_all, "exact_ok": ok, "exact_n": n0 + T}
+            if self.has_linear_heads:
+                lin, lin_state = self._decode_pieces(x, lin_state)
+        layer.set_state({**lin_state, **exact})
+        return self._join(lin, ex)
+
+    def _student_padded(self, x: QKV, attention_mask, linear_only: bool = False):
+        """Run ``student`` (with the exact heads of a mixed layer, unless ``linear_only``); with left
+        padding, run each sequence on its real tokens only."""
+        fn = self.student if linear_only else self._mixed_student
         valid = key_padding(attention_mask, x.k.shape[1])
         if valid is None or bool(valid.all()):
-            return self.student(x)
+            return fn(x)
         outs = []
         for b in range(x.q.shape[0]):
             start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
-            o = self.student(x.rows(b, start))
+            o = fn(x.rows(b, start))
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
         return torch.cat(outs)
 
@@ -245,7 +402,7 @@ class KVCacheAttention(SwappedAttention):
     def student(self, x: QKV) -> torch.Tensor:
         return self.attend(x.q, x.k, x.v)
 
-    def _student_padded(self, x: QKV, attention_mask):
+    def _student_padded(self, x: QKV, attention_mask, linear_only: bool = False):
         return self.attend(x.q, x.k, x.v, attention_mask)
 
 

@@ -25,6 +25,8 @@ from .lolcats import HedgehogFeatureMap
 
 @register_method("lizard")
 class LizardAttention(SwappedAttention):
+    optional_options = {"exact_heads": []}  # KV heads kept exact (a mixed layer, base.py)
+
     def __init__(self, original, config, layer_idx, options):
         options = {**self.default_options(config), **options}
         super().__init__(original, config, layer_idx, options)
@@ -58,21 +60,26 @@ class LizardAttention(SwappedAttention):
         return self.feature_map_k(x.kn), g
 
     def _parts(self, x):
+        """Everything the operators take, narrowed to the linear heads (all heads unless some are exact)."""
         fk, g = self._keys(x)
         fq = self.feature_map_q(x.qn)
-        meta = {} if self.meta_k is None else {"meta_k": self.meta_k.float(), "meta_v": self.meta_v.float()}
-        return fq, fk, g, torch.sigmoid(self.window_factor.float()), meta
+        meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k.float(), 1),
+                                               "meta_v": self.lin_kv(self.meta_v.float(), 1)}
+        gamma = self.lin_q(torch.sigmoid(self.window_factor.float()), 0)
+        return self.lin_q(fq), self.lin_kv(fk), self.lin_kv(g), gamma, meta
 
     def student(self, x):
         fq, fk, g, gamma, meta = self._parts(x)
         dt = x.q.dtype
-        return gated_hybrid_attn(x.q, x.k, x.v, fq.to(dt), fk.to(dt), g, gamma, window=self.window,
-                                 scale=self.scaling, **meta)
+        return gated_hybrid_attn(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq.to(dt), fk.to(dt), g, gamma,
+                                 window=self.window, scale=self.scaling, **meta)
 
     def prefill_state(self, x, valid):
         fk, g = self._keys(x)
-        return hybrid_prefill_state(x.k, x.v, fk, valid, window=self.window, g=g)
+        return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(fk), valid, window=self.window,
+                                    g=self.lin_kv(g))
 
     def decode(self, x, state):
         fq, fk, g, gamma, meta = self._parts(x)
-        return hybrid_step(x.q, x.k, x.v, fq, fk, gamma, state, window=self.window, scale=self.scaling, g=g, **meta)
+        return hybrid_step(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq, fk, gamma, state,
+                           window=self.window, scale=self.scaling, g=g, **meta)

@@ -38,6 +38,8 @@ class HedgehogFeatureMap(nn.Module):
 
 @register_method("lolcats")
 class LolcatsAttention(SwappedAttention):
+    optional_options = {"exact_heads": []}  # KV heads kept exact (a mixed layer, base.py)
+
     def __init__(self, original, config, layer_idx, options):
         options = {**self.default_options(config), **options}
         super().__init__(original, config, layer_idx, options)
@@ -65,22 +67,27 @@ class LolcatsAttention(SwappedAttention):
         return self.feature_map_q(q), self.feature_map_k(k)
 
     def student(self, x):
+        """The method on its linear heads (all heads unless the layer keeps some exact)."""
         fq, fk = self._features(x) if self.use_linear else (None, None)
         dt = x.q.dtype
+        q, k, v = self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v)
+        fq, fk = self.lin_q(fq), self.lin_kv(fk)
         return hybrid_attn(
-            x.q, x.k, x.v, fq.to(dt) if fq is not None else None, fk.to(dt) if fk is not None else None,
-            self.gamma(), window=self.window, scale=self.scaling, use_linear=self.use_linear, sinks=self.sinks,
+            q, k, v, fq.to(dt) if fq is not None else None, fk.to(dt) if fk is not None else None,
+            self.lin_q(self.gamma(), 0), window=self.window, scale=self.scaling, use_linear=self.use_linear,
+            sinks=self.sinks,
         )
 
     def gamma(self):
         return torch.sigmoid(self.window_factor.float())
 
     def prefill_state(self, x, valid):
-        return hybrid_prefill_state(x.k, x.v, self._features(x)[1], valid, window=self.window, sinks=self.sinks)
+        return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(self._features(x)[1]), valid,
+                                    window=self.window, sinks=self.sinks)
 
     def decode(self, x, state):
         fq, fk = self._features(x)
         if not self.use_linear:
             fq, fk = torch.zeros_like(fq), torch.zeros_like(fk)
-        return hybrid_step(x.q, x.k, x.v, fq, fk, self.gamma(), state, window=self.window, scale=self.scaling,
-                           sinks=self.sinks)
+        return hybrid_step(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), self.lin_q(fq), self.lin_kv(fk),
+                           self.lin_q(self.gamma(), 0), state, window=self.window, scale=self.scaling, sinks=self.sinks)

@@ -49,7 +49,8 @@ def _is_int(x) -> bool:
 
 def _known_options(method: str) -> dict | None:
     try:
-        return {**OPTIONAL, **METHODS[method].default_options(_STUB)}
+        cls = METHODS[method]
+        return {**OPTIONAL, **cls.optional_options, **cls.default_options(_STUB)}
     except Exception:  # noqa: BLE001 - a method whose defaults need more of the config: check scalars only
         return None
 
@@ -76,6 +77,10 @@ def _check_option(method: str, name, value, bad=_bad) -> None:
     if name not in known:
         raise bad(f"unknown option {str(name)[:40]!r} for method {method} (known: {', '.join(sorted(known))})")
     default = known[name]
+    if isinstance(default, list):  # exact_heads: distinct KV-head indices (their range the module checks)
+        if not isinstance(value, list) or not all(_is_int(x) and x >= 0 for x in value) or len(set(value)) != len(value):
+            raise bad(f"option {name!r} of {method} must be a list of distinct non-negative integers")
+        return
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
     elif isinstance(default, int):

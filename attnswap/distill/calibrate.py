@@ -43,6 +43,7 @@ class CalibrationConfig:
     per_head: bool = False  # one alpha per KV head instead of one per layer
     init: float = 0.5  # every alpha's starting value
     seed: int = 0
+    step_offset: int = 0  # global steps run before calibration (by an earlier stage, e.g. attention transfer)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
     model.train()
     try:
         record = _loop(STAGE, cfg.steps, Batches(seqs, cfg.batch_size, cfg.seed, acc), acc, stats, opt, sched,
-                       params, loss_fn, module=model)
+                       params, loss_fn, step_offset=cfg.step_offset, module=model)
     finally:
         model.train(was_training)
         found = {m.layer_idx: torch.sigmoid(m.calib_logit.detach().float()).cpu().tolist() for m in mods}

@@ -6,6 +6,9 @@ and replayed, which removes the per-operation launch cost that dominates decodin
 ``AttnSwap*ForCausalLM.forward`` sends a call here when it is a plain one-token decoding step
 (what ``generate()`` makes after the prompt); everything else takes the ordinary eager path. The
 step is the family's own forward (``stock_forward``) over a cache that holds the static state.
+Mixed layers (some heads exact, ``convert/base.py``) keep their exact heads' keys in buffers of fixed
+capacity inside that state; room for the step's key is made before it (``reserve_exact``, doubling the
+buffers when full), and a new capacity is a new shape, so a new captured step (keyed by the capacities).
 
 The graph owns static copies of the decoding state. A replay updates them in place and the cache
 layers then point at them. A cache whose state is elsewhere (the first step after a prefill, after
@@ -161,10 +164,16 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
         return None
     if position_ids is None:
         position_ids = torch.full_like(input_ids, past_key_values.get_seq_length())
+    # mixed layers: room for this step's key in their exact heads' buffers, whose size is part of the shapes
+    caps = []
+    for layer, mod in zip(past_key_values.layers, (d.self_attn for d in decoder_layers(model))):
+        if mod.mixed:
+            mod.reserve_exact(layer, 1)
+            caps.append(layer.state["exact_k"].shape[1])
     graphs = model.__dict__.setdefault("_attnswap_decode_graphs", {})
     # a graph reads the weights at fixed addresses: replacing a tensor (not updating it) needs a new one
     key = (input_ids.shape[0], input_ids.device, mode, model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype,
-           compile_setting())
+           compile_setting(), tuple(caps))
     g = graphs.get(key)
     if g is None:
         while len(graphs) >= MAX_GRAPHS:  # each holds a copy of the state and a memory pool

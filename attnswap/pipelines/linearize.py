@@ -1,5 +1,16 @@
 """``convert linearize``: swap softmax attention for learnable linear + sliding-window attention
-(lolcats, lizard), then distil in two stages (attention transfer, then LoRA against the teacher's logits)."""
+(lolcats, lizard), then distil in two stages (attention transfer, then LoRA against the teacher's logits).
+
+``--exact-heads N`` (N > 0) keeps N KV heads of the whole model exact softmax attention over the full
+context (mixed layers, ``convert/base.py``), chosen by calibration between the two stages: after
+attention transfer every KV head mixes exact and linear attention with a learned alpha
+(``distill/calibrate.py``, per head) on retrieval-bearing text; the N heads with the highest alpha stay
+exact, the others become the linear method for good; then LoRA. ``--steps`` is then split
+``TRANSFER_SHARE`` / ``CALIB_SHARE`` / the rest (40% / 10% / 50%); ``--transfer-steps``,
+``--calib-steps`` and ``--lora-steps`` override their stage (an unset stage takes what is left).
+``--exact-heads auto`` takes the smallest N, in the order of the alphas, whose model (before LoRA)
+recalls at least ``--recall-floor`` of what the teacher recalls on the calibration probe: the answer
+tokens of the calibration rows that carry retrieval, predicted greedily (``answer_recall``)."""
 
 from __future__ import annotations
 
@@ -14,6 +25,12 @@ from .common import (RunConfig, check_convertible, check_positive, check_retriev
 # the attention options' flags, for the refusal of one the method does not take
 METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
                 "sinks": "--sinks", "feature_rope": "--feature-rope"}
+
+
+TRANSFER_SHARE = 0.4  # of --steps: attention transfer
+CALIB_SHARE = 0.1  # of --steps, with --exact-heads: calibration of the per-head alphas (the rest is LoRA)
+CALIB_RETRIEVAL = 0.5  # share of calibration rows carrying retrieval when --retrieval-mix is 0
+KV_REPORT_LENGTH = 8192  # the KV cache is also reported for a sequence this long
 
 
 @dataclass
@@ -34,6 +51,42 @@ class LinearizeConfig(RunConfig):
     retrieval_mix: float = 0.0  # fraction of training sequences rewritten to carry retrieval (synthetic.py)
     sinks: int | None = None
     feature_rope: bool | None = None
+    exact_heads: int | str = 0  # KV heads of the whole model kept exact softmax (calibrated); 0: none
+    calib_steps: int | None = None  # with --exact-heads: default CALIB_SHARE of steps
+    recall_floor: float = 0.9  # --exact-heads auto: share of the teacher's recall on the calibration probe
+
+
+AUTO = "auto"
+PROBE_ROWS = 16  # --exact-heads auto: retrieval rows of the calibration mix that the recall probe reads
+
+
+def parse_exact_heads(value) -> int | str:
+    """--exact-heads: a non-negative integer, or 'auto'."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        raise AttnSwapError(f"--exact-heads takes a non-negative integer (got {str(value)[:40]!r})") from None
+    if n < 0:
+        raise AttnSwapError(f"--exact-heads must not be negative (got {n})")
+    return n
+
+
+def split_exact_steps(steps: int, transfer: int | None, calib: int | None, lora: int | None) -> tuple[int, int, int]:
+    """--steps with --exact-heads: TRANSFER_SHARE transfer, CALIB_SHARE calibration (at least one step
+    each), the rest LoRA. A stage's own flag wins; an unset transfer or LoRA stage takes what is left."""
+    if calib is None:
+        calib = max(1, round(steps * CALIB_SHARE))
+    if transfer is None and lora is None:
+        transfer = max(1, round(steps * TRANSFER_SHARE))
+        lora = max(0, steps - transfer - calib)
+    elif transfer is None:
+        transfer = max(0, steps - calib - lora)
+    elif lora is None:
+        lora = max(0, steps - transfer - calib)
+    return transfer, calib, lora
 
 
 def method_options(method: str, **given) -> dict:
@@ -70,7 +123,19 @@ def run(cfg: LinearizeConfig) -> dict | None:
                    feature_dim=cfg.feature_dim, lora_rank=cfg.lora_rank)
     if any(v is not None and v < 0 for v in (cfg.transfer_steps, cfg.lora_steps)):
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
-    n_transfer, n_lora = split_steps(cfg.steps, cfg.transfer_steps, cfg.lora_steps)
+    n_exact = parse_exact_heads(cfg.exact_heads)
+    if n_exact:
+        check_positive(calib_steps=cfg.calib_steps)
+        n_transfer, n_calib, n_lora = split_exact_steps(cfg.steps, cfg.transfer_steps, cfg.calib_steps, cfg.lora_steps)
+    elif cfg.calib_steps is not None:
+        raise AttnSwapError("--calib-steps applies only with --exact-heads")
+    else:
+        n_transfer, n_lora = split_steps(cfg.steps, cfg.transfer_steps, cfg.lora_steps)
+        n_calib = 0
+    if n_exact == AUTO and not 0.0 < cfg.recall_floor <= 1.0:
+        raise AttnSwapError(f"--recall-floor must be in (0, 1] (got {cfg.recall_floor})")
+    if n_exact != AUTO and "recall_floor" in cfg.given:
+        raise AttnSwapError("--recall-floor applies only with --exact-heads auto")
     check_retrieval_mix(cfg.retrieval_mix)
     for flag, v in (("--sinks", cfg.sinks), ("--meta-tokens", cfg.meta_tokens)):
         if v is not None and v < 0:
@@ -91,19 +156,27 @@ def run(cfg: LinearizeConfig) -> dict | None:
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
     swap = make_swap(cfg.attention, chosen, options, mcfg)
+    if n_exact != AUTO and n_exact > len(chosen) * mcfg.num_key_value_heads:
+        raise AttnSwapError(f"--exact-heads {n_exact} is more than the {len(chosen) * mcfg.num_key_value_heads} KV "
+                            f"heads of the converted layers ({len(chosen)} x {mcfg.num_key_value_heads})")
     loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
     ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, cfg.seq_len, cfg.eval_tokens,
-                           tokens_needed=(n_transfer + n_lora) * cfg.batch_size * cfg.seq_len)
+                           tokens_needed=(n_transfer + n_calib + n_lora) * cfg.batch_size * cfg.seq_len)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data, "train_tokens": tokens_hash(ld.train), "swap": swap,
                 "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": cfg.seq_len,
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": str(ld.dtype), "transfer_lr": cfg.transfer_lr,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "ce_weight": cfg.ce_weight,
-                "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix}, cfg.resume)
+                "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix,
+                **({"exact_heads": n_exact, "calib_steps": n_calib} if n_exact else {}),
+                **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
+    if n_exact == AUTO and ld.main:
+        calibration_mix(ld, cfg, n_exact)  # refused before any evaluation or training
     report: dict = {"model": cfg.model, "attention": cfg.attention, "layers": chosen,
-                    "window": swap["options"]["window"], "steps": {"transfer": n_transfer, "lora": n_lora},
+                    "window": swap["options"]["window"],
+                    "steps": {"transfer": n_transfer, **({"calibration": n_calib} if n_exact else {}), "lora": n_lora},
                     "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "data": ld.info}
     if ld.heldout is not None and ld.main:
         report["teacher"] = perplexity(net, ld.heldout, label="teacher perplexity")
@@ -117,7 +190,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
     report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
     hint = resume_command(cfg.command, "linearize")
     with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)):
-        net, stats = distill(net, mixed, dcfg)
+        if n_exact:
+            net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report)
+        else:
+            net, stats = distill(net, mixed, dcfg)
     if not ld.main:  # the other processes helped train; the main one evaluates and saves
         return None
     if ld.heldout is not None:
@@ -129,3 +205,137 @@ def run(cfg: LinearizeConfig) -> dict | None:
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(ld.device))
     return report
+
+
+def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact, n_calib: int, report: dict):
+    """Attention transfer; per-KV-head calibration on retrieval-bearing text; the ``n_exact`` heads with the
+    highest alpha stay exact (mixed layers), the others linear (``auto``: the fewest that meet the recall
+    floor); then LoRA against the teacher's logits."""
+    import dataclasses
+
+    from ..distill.calibrate import CalibrationConfig, calibrate
+    from ..distill.checkpoint import current_run
+    from ..distill.train import distill
+
+    share, mix, probe = calibration_mix(ld, cfg, n_exact)
+    net, stats = distill(net, train, dataclasses.replace(dcfg, lora_steps=0))
+    calib = calibrate(net, mix.ids, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
+                                                      seed=cfg.seed, step_offset=dcfg.transfer_steps))
+    alphas = calib.units()  # (layer, KV head) -> alpha
+    ranked = sorted(alphas, key=lambda u: (-alphas[u], u))  # the highest alphas first (ties: the lower unit)
+    if n_exact == AUTO:
+        record = current_run().done_stages.setdefault("calibration", {})
+        if "auto" not in record:  # a resumed run takes the N found before (the scan ran on the weights of then)
+            record["auto"] = auto_exact_heads(net, mix.ids, mix.details, probe, ranked, cfg.recall_floor)
+        report["exact_heads_auto"] = record["auto"]
+        n_exact = record["auto"]["chosen"]
+    per_layer = _set_exact(net, swap["layers"], ranked[:n_exact])
+    swaps = exact_head_swaps(swap, per_layer)
+    alpha_report = {str(i): [round(a, 6) for a in calib.alphas[i]] for i in sorted(calib.alphas)}
+    exact_report = {str(i): h for i, h in per_layer.items() if h}
+    net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
+                           "calibration": {"unit": "kv_head", "alpha": alpha_report, "exact_heads": exact_report,
+                                           "steps": n_calib, "retrieval_mix": share}}
+    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact,
+                  calibration_retrieval_mix=share, calibration_seconds=calib.seconds, calibration_loss=calib.loss,
+                  calibration_tokens=calib.tokens, kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
+    lora = dataclasses.replace(dcfg, transfer_steps=0, step_offset=dcfg.transfer_steps + n_calib)
+    net, lstats = distill(net, train, lora)
+    stats.lora_params = lstats.lora_params
+    stats.tokens += calib.tokens + lstats.tokens
+    stats.seconds += calib.seconds + lstats.seconds
+    stats.losses.update({"calibration": calib.loss, **lstats.losses})
+    return net, stats
+
+
+def calibration_mix(ld, cfg: LinearizeConfig, n_exact):
+    """The calibration rows (a share carrying retrieval) and the probe's rows among them; ``auto`` with
+    no row to probe is refused."""
+    from ..synthetic import build_mix
+
+    share = cfg.retrieval_mix if cfg.retrieval_mix > 0 else CALIB_RETRIEVAL
+    mix = build_mix(ld.train, ld.tokenizer, fraction=share, seed=cfg.seed + 1)
+    probe = [r for r in sorted(mix.details) if mix.details[r].facts][:PROBE_ROWS]
+    if n_exact == AUTO and not probe:
+        raise AttnSwapError(f"--exact-heads auto needs retrieval rows to probe, and none fits in --seq-len {cfg.seq_len}; "
+                            "give a longer --seq-len or the number of exact heads")
+    return share, mix, probe
+
+
+def _set_exact(net, layers: list[int], units) -> dict[int, list[int]]:
+    """Keep the (layer, KV head) ``units`` exact in ``net``'s converted layers; returns layer -> heads."""
+    from ..convert import swapped_modules
+
+    per_layer = {i: sorted(h for (layer, h) in units if layer == i) for i in layers}
+    for m in swapped_modules(net):
+        m.set_exact_heads(per_layer.get(m.layer_idx, []))
+    return per_layer
+
+
+def auto_exact_heads(net, ids, details, probe: list[int], ranked: list, floor: float) -> dict:
+    """The smallest N such that, with the first N of ``ranked`` exact, the model recalls at least ``floor``
+    of the teacher's recall on the probe rows (N = all heads always does: it is the teacher)."""
+    from ..convert import attention_mode
+
+    with attention_mode(net, "teacher"):
+        teacher = answer_recall(net, ids, details, probe)
+    curve = {}
+    chosen = len(ranked)
+    for n in range(len(ranked) + 1):
+        _set_exact(net, sorted({layer for layer, _ in ranked}), ranked[:n])
+        curve[str(n)] = answer_recall(net, ids, details, probe)
+        if curve[str(n)] >= floor * teacher - 1e-12:
+            chosen = n
+            break
+    return {"chosen": chosen, "recall_floor": floor, "teacher_recall": teacher, "recall": curve,
+            "probe_rows": len(probe), "probe_tokens": sum(b - a for r in probe for a, b in (f.answer for f in details[r].facts))}
+
+
+def answer_recall(net, ids, details, rows: list[int]) -> float:
+    """Share of the answer tokens of ``rows`` (facts asked for later, ``synthetic.build_mix``) that the
+    model predicts greedily, each from the exact row up to it (one forward pass per row)."""
+    import torch
+
+    dev = next(net.parameters()).device
+    hits = total = 0
+    with torch.no_grad():
+        for r in rows:
+            row = ids[r : r + 1].to(dev)
+            pred = net(input_ids=row, use_cache=False).logits[0].argmax(-1)
+            for f in details[r].facts:
+                a, b = f.answer
+                hits += int((pred[a - 1 : b - 1] == row[0, a:b]).sum())
+                total += b - a
+    return hits / max(1, total)
+
+
+def exact_head_swaps(swap: dict, per_layer: dict[int, list[int]]) -> list[dict]:
+    """The swap split by exact-head set: layers keeping the same KV heads exact share one swap (its
+    options then say which); layers with none keep the options as given."""
+    groups: dict[tuple, list[int]] = {}
+    for i in swap["layers"]:
+        groups.setdefault(tuple(per_layer.get(i, [])), []).append(i)
+    out = []
+    for heads, layers in sorted(groups.items(), key=lambda kv: kv[1][0]):
+        options = {**swap["options"], "exact_heads": list(heads)} if heads else dict(swap["options"])
+        out.append({**swap, "layers": layers, "options": options})
+    return out
+
+
+def kv_cache_bytes(config, swaps: list[dict], dtype, length: int = KV_REPORT_LENGTH) -> dict:
+    """KV-cache bytes per token of the whole model: before (the teacher: every layer keeps every head's
+    keys and values) and after (layers left softmax keep all heads, converted layers only their exact
+    heads). Converted layers' fixed-size state (window and linear sums) is not per token and not counted."""
+    import torch
+
+    heads = config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_head = 2 * dim * torch.empty((), dtype=dtype).element_size()  # a key and a value, one head, one token
+    n = config.num_hidden_layers
+    kept = [heads] * n
+    for s in swaps:
+        for i in s["layers"]:
+            kept[i] = len(s["options"].get("exact_heads", []))
+    before, after = n * heads * per_head, sum(kept) * per_head
+    return {"per_token_before": before, "per_token_after": after, "ratio": after / before, "length": length,
+            "before": before * length, "after": after * length}
