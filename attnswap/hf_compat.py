@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -136,6 +137,30 @@ def key_padding(attention_mask, n_keys: int) -> torch.Tensor | None:
     return row if row.dtype == torch.bool else row == 0
 
 
+_padding_seen: tuple | None = None  # (weakref to a 4D mask, its version, n_keys, answer): see padding_plan
+
+
+def padding_plan(attention_mask, n_keys: int) -> list[int] | None:
+    """Whether the last ``n_keys`` keys of the 4D mask hold padding: None when every key of every
+    row is real (or there is no 4D mask), else the number of leading padding keys of each row.
+
+    Reading the mask's values on the host waits for the device (one synchronisation). Every layer of
+    a forward receives the same mask object, so the answer is remembered for that object (while it
+    lives and is not changed in place) and the mask is read once per forward, not once per layer."""
+    global _padding_seen
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    seen = _padding_seen
+    if (seen is not None and seen[0]() is attention_mask and seen[1] == attention_mask._version
+            and seen[2] == n_keys):
+        return seen[3]
+    valid = key_padding(attention_mask, n_keys)
+    pads, lead = torch.stack([(~valid).sum(1), (~valid).int().cumprod(1).sum(1)]).tolist()  # the one sync
+    answer = None if not any(pads) else lead
+    _padding_seen = (weakref.ref(attention_mask), attention_mask._version, n_keys, answer)
+    return answer
+
+
 def mask_key_length(attention_mask) -> int | None:
     """Number of keys the 4D mask covers (history included), or None without a 4D mask."""
     if attention_mask is None or attention_mask.dim() != 4:
@@ -214,6 +239,7 @@ class StreamingLayer(DynamicLayer):
         super().__init__()
         self.seen = 0
         self.positions: torch.Tensor | None = None
+        self.dropped = False  # whether keep() ever dropped a key: if not, positions are 0..seen-1
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -228,6 +254,7 @@ class StreamingLayer(DynamicLayer):
         if bool(which.all()):
             return
         idx = which.nonzero().flatten()
+        self.dropped = True
         self.keys = self.keys.index_select(-2, idx)
         self.values = self.values.index_select(-2, idx)
         self.positions = self.positions[idx]
@@ -241,7 +268,7 @@ class StreamingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.positions = 0, None
+        self.seen, self.positions, self.dropped = 0, None, False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:

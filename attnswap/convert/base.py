@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf_compat import CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, pop_cache
+from ..hf_compat import (CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, padding_plan,
+                         pop_cache)
 
 MODES = ("student", "teacher", "transfer", "calibrate")
 
@@ -223,12 +224,11 @@ class SwappedAttention(nn.Module):
 
     def _student_padded(self, x: QKV, attention_mask):
         """Run ``student``; with left padding, run each sequence on its real tokens only."""
-        valid = key_padding(attention_mask, x.k.shape[1])
-        if valid is None or bool(valid.all()):
+        starts = padding_plan(attention_mask, x.k.shape[1])  # leading pad tokens per row; read once per forward
+        if starts is None:
             return self.student(x)
         outs = []
-        for b in range(x.q.shape[0]):
-            start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
+        for b, start in enumerate(starts):
             o = self.student(x.rows(b, start))
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
         return torch.cat(outs)
