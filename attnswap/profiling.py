@@ -13,6 +13,8 @@ The number of ATen calls is a proxy for kernel launches (it also counts views, w
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import traceback
 
 import torch
@@ -45,25 +47,55 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.record, self.stacks = record, stacks
 
+    def note(self, name: str) -> None:
+        """Count a synchronisation called ``name``, and where it was made."""
+        r = self.record
+        r.syncs += 1
+        if self.stacks:
+            frames = [f for f in traceback.extract_stack()[:-1] if "attnswap" in f.filename
+                      and not f.filename.endswith("profiling.py")]
+            here = " < ".join(f"{f.filename.rsplit('attnswap/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:3])
+            r.where.append(f"{name} at {here or 'outside attnswap'}")
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)  # "aten.<op>.<overload>"
-        r = self.record
-        r.ops += 1
-        r.by_op[name] += 1
+        self.record.ops += 1
+        self.record.by_op[name] += 1
         if _is_sync(name):
-            r.syncs += 1
-            if self.stacks:
-                frames = [f for f in traceback.extract_stack()[:-1] if "attnswap" in f.filename
-                          and not f.filename.endswith("profiling.py")]
-                here = " < ".join(f"{f.filename.rsplit('attnswap/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:3])
-                r.where.append(f"{name} at {here or 'outside attnswap'}")
+            self.note(name)
         return func(*args, **(kwargs or {}))
+
+
+# Tensor methods that copy to the host without an ATen call on a CPU tensor (on a GPU they wait for it)
+HOST_READS = ("tolist", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def _host_reads(counter: "_Counter"):
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        def read(self, *args, **kwargs):
+            counter.note(f"Tensor.{name}")
+            return fn(self, *args, **kwargs)
+        return read
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
 
 
 def count_host_ops(fn, *args, stacks: bool = False, **kwargs) -> tuple[object, HostOps]:
     """Run ``fn(*args, **kwargs)``; return its result and the ``HostOps`` it ran. ``stacks``: note
-    where each synchronisation was made (slower)."""
+    where each synchronisation was made (slower). Besides the ATen calls of ``SYNC_OPS``, the
+    ``HOST_READS`` methods count as synchronisations: on a CPU tensor they make no ATen call."""
     record = HostOps()
-    with _Counter(record, stacks):
+    counter = _Counter(record, stacks)
+    with _host_reads(counter), counter:
         out = fn(*args, **kwargs)
     return out, record
