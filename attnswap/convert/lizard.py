@@ -60,7 +60,8 @@ class LizardAttention(SwappedAttention):
     def _parts(self, x):
         fk, g = self._keys(x)
         fq = self.feature_map_q(x.qn)
-        meta = {} if self.meta_k is None else {"meta_k": self.meta_k.float(), "meta_v": self.meta_v.float()}
+        # every operator casts the meta tokens itself: a .float() copy here would be one more launch per layer
+        meta = {} if self.meta_k is None else {"meta_k": self.meta_k, "meta_v": self.meta_v}
         return fq, fk, g, torch.sigmoid(self.window_factor.float()), meta
 
     def student(self, x):
