@@ -65,7 +65,8 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
 
         def pick(x):
             got = x.gather(1, t.view(B, Sk, *([1] * (x.dim() - 2))).expand(B, Sk, *x.shape[2:]))
-            return torch.where(has.view(B, Sk, *([1] * (x.dim() - 2))), got, torch.zeros((), dtype=x.dtype, device=x.device))
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            return torch.where(has.view(B, Sk, *([1] * (x.dim() - 2))), got, zero)
 
         sink_k, sink_v, sink_on = pick(k), pick(v), has & (t < old)
     else:
