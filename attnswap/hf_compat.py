@@ -240,14 +240,41 @@ class StreamingLayer(DynamicLayer):
         self.seen = 0
         self.positions: torch.Tensor | None = None
         self.dropped = False  # whether keep() ever dropped a key: if not, positions are 0..seen-1
+        self.spans: list[tuple[int, int]] = []  # the positions again, on the host: sorted [a, b) ranges
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         T = key_states.shape[-2]
         new = torch.arange(self.seen, self.seen + T, device=keys.device)
         self.positions = new if self.positions is None else torch.cat([self.positions.to(keys.device), new])
+        if self.spans and self.spans[-1][1] == self.seen:
+            self.spans[-1] = (self.spans[-1][0], self.seen + T)
+        elif T:
+            self.spans.append((self.seen, self.seen + T))
         self.seen += T
         return keys, values
+
+    def keep_ranges(self, needed: list[tuple[int, int]]) -> None:
+        """Keep only the stored keys whose position lies in one of the ``needed`` [a, b) ranges (any
+        order, may overlap). Decided on the host from ``spans``: no wait for the device."""
+        kept, idx, offset = [], [], 0
+        for a, b in self.spans:
+            for na, nb in _merged(needed):
+                lo, hi = max(a, na), min(b, nb)
+                if lo < hi:
+                    kept.append((lo, hi))
+                    idx.append((offset + lo - a, offset + hi - a))
+            offset += b - a
+        if kept == self.spans:
+            return
+        dev = self.keys.device
+        index = torch.cat([torch.arange(i, j, device=dev) for i, j in idx]) if idx else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        self.dropped = True
+        self.keys = self.keys.index_select(-2, index)
+        self.values = self.values.index_select(-2, index)
+        self.positions = self.positions[index]
+        self.spans = _merged(kept)
 
     def keep(self, which: torch.Tensor) -> None:
         """Keep only the stored keys where ``which`` ((L,) bool over the stored columns) is True."""
@@ -258,6 +285,7 @@ class StreamingLayer(DynamicLayer):
         self.keys = self.keys.index_select(-2, idx)
         self.values = self.values.index_select(-2, idx)
         self.positions = self.positions[idx]
+        self.spans = _merged([(p, p + 1) for p in self.positions.tolist()])
 
     def stored(self) -> int:
         """How many keys are held (what the cache costs), not how many tokens were seen."""
@@ -268,11 +296,22 @@ class StreamingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.positions, self.dropped = 0, None, False
+        self.seen, self.positions, self.dropped, self.spans = 0, None, False, []
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
             raise NotImplementedError("a streaming cache cannot be rolled back (assisted decoding is not supported)")
+
+
+def _merged(ranges) -> list[tuple[int, int]]:
+    """Half-open [a, b) ranges, sorted, empty ones dropped and touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[0] < r[1]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def layer_slot(cache: Cache, idx: int, cls: type = StateLayer):

@@ -58,8 +58,6 @@ CASES = [(meth, cache) for meth in ("lolcats", "lizard", "seer", "loza") for cac
 @pytest.mark.parametrize("method,cache", CASES)
 @pytest.mark.parametrize("mask", ["none", "ones", "left_padded"])
 def test_no_host_sync_per_layer(method, cache, mask):
-    if method == "loza" and cache:
-        pytest.skip("loza's streaming cache decides on the host which keys to drop (one sync per layer and call)")
     counts = {}
     for layers in (2, 4):
         r = _syncs(_converted(method, layers), _masks()[mask], cache)
@@ -87,3 +85,28 @@ def test_the_padding_plan_is_read_once_per_mask_and_again_when_it_changes():
     mask[1] = 0  # changed in place: read again
     assert padding_plan(mask, 5) is None
     assert padding_plan(torch.zeros(2, 1, 5, 5), 5) is None and padding_plan(None, 5) is None
+
+
+def test_loza_drops_the_same_keys_decided_on_the_host():
+    """``needed_ranges`` (host) marks the same keys as ``still_needed`` (device), and ``keep_ranges``
+    leaves a streaming cache as ``keep`` with that mask does, over random calls and paddings."""
+    from attnswap.hf_compat import StreamingLayer
+
+    m = _converted("loza", 1)
+    attn = m.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        host, dev = StreamingLayer(), StreamingLayer()
+        starts = None if trial % 2 else torch.randint(0, 6, (3,), generator=g).tolist()
+        for _ in range(6):
+            T = int(torch.randint(1, 9, (1,), generator=g))
+            kv = torch.randn(3, 2, T, 4, generator=g)
+            for layer in (host, dev):
+                layer.update(kv, kv + 1)
+            st = None if starts is None else torch.tensor(starts)
+            dev.keep(attn.still_needed(dev.positions, dev.seen, st))
+            (_, r) = count_host_ops(host.keep_ranges, attn.needed_ranges(host.seen, starts))
+            assert r.syncs == 0
+            assert torch.equal(host.positions, dev.positions) and torch.equal(host.keys, dev.keys)
+            assert torch.equal(host.values, dev.values) and host.dropped == dev.dropped
+            assert host.spans == dev.spans

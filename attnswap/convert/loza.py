@@ -87,7 +87,17 @@ class LoZAAttention(KVCacheAttention):
         # positions 0..Tk-1 (nothing dropped yet, known on the host) are what positions=None means
         out = self.stream(x.q, kc.transpose(1, 2), vc.transpose(1, 2), attention_mask,
                           layer.positions if layer.dropped else None)
-        layer.keep(self.still_needed(layer.positions, layer.seen, _row_starts(attention_mask)))
+        n = mask_key_length(attention_mask)
+        layer.keep_ranges(self.needed_ranges(layer.seen, None if n is None else padding_plan(attention_mask, n)))
+        return out
+
+    def needed_ranges(self, seen: int, starts: list[int] | None) -> list[tuple[int, int]]:
+        """``still_needed`` as absolute [a, b) ranges, on the host: row r (padded by ``starts[r]``) needs
+        its sink blocks and its window from the next query's block ``(seen - start) // block`` back."""
+        out = []
+        for s in starts if starts is not None else [0]:
+            qb = (seen - s) // self.block
+            out += [(s, s + self.sink * self.block), (s + max(0, (qb - self.local + 1) * self.block), seen)]
         return out
 
     def still_needed(self, positions: torch.Tensor, seen: int, starts: torch.Tensor | None) -> torch.Tensor:
