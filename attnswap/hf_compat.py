@@ -14,7 +14,9 @@ What still relies on internals, and how each is guarded:
 - the decoder-layer call and its return shape (a tensor, or a tuple in older releases):
   ``call_decoder_layer``;
 - the rotary helper ``apply_rotary_pos_emb`` of the Llama modeling file: ``apply_rope``;
-- the layout of the 4D attention mask that attention layers receive: ``key_padding``;
+- the layout of the 4D attention mask that attention layers receive: ``key_padding``; and that every
+  layer of a forward receives the same mask object (``padding_plan`` reads it once; were it not so,
+  each layer would read it again: slower, not wrong);
 - the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer, of our KV layer
   with per-block summaries and of the streaming KV layer (its ``keys``/``values`` fields, ``update``,
   ``get_seq_length``, and ``get_mask_sizes`` reading the latter): ``StateLayer``, ``BlockSummaryLayer``,
