@@ -14,7 +14,9 @@ What still relies on internals, and how each is guarded:
 - the decoder-layer call and its return shape (a tensor, or a tuple in older releases):
   ``call_decoder_layer``;
 - the rotary helper ``apply_rotary_pos_emb`` of the Llama modeling file: ``apply_rope``;
-- the layout of the 4D attention mask that attention layers receive: ``key_padding``;
+- the layout of the 4D attention mask that attention layers receive: ``key_padding``; and that every
+  layer of a forward receives the same mask object (``padding_plan`` reads it once; were it not so,
+  each layer would read it again: slower, not wrong);
 - the list ``cache.layers`` and the ``DynamicLayer`` base class of our state layer, of our KV layer
   with per-block summaries and of the streaming KV layer (its ``keys``/``values`` fields, ``update``,
   ``get_seq_length``, and ``get_mask_sizes`` reading the latter): ``StateLayer``, ``BlockSummaryLayer``,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -136,6 +139,30 @@ def key_padding(attention_mask, n_keys: int) -> torch.Tensor | None:
     return row if row.dtype == torch.bool else row == 0
 
 
+_padding_seen: tuple | None = None  # (weakref to a 4D mask, its version, n_keys, answer): see padding_plan
+
+
+def padding_plan(attention_mask, n_keys: int) -> list[int] | None:
+    """Whether the last ``n_keys`` keys of the 4D mask hold padding: None when every key of every
+    row is real (or there is no 4D mask), else the number of leading padding keys of each row.
+
+    Reading the mask's values on the host waits for the device (one synchronisation). Every layer of
+    a forward receives the same mask object, so the answer is remembered for that object (while it
+    lives and is not changed in place) and the mask is read once per forward, not once per layer."""
+    global _padding_seen
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    seen = _padding_seen
+    if (seen is not None and seen[0]() is attention_mask and seen[1] == attention_mask._version
+            and seen[2] == n_keys):
+        return seen[3]
+    valid = key_padding(attention_mask, n_keys)
+    pads, lead = torch.stack([(~valid).sum(1), (~valid).int().cumprod(1).sum(1)]).tolist()  # the one sync
+    answer = None if not any(pads) else lead
+    _padding_seen = (weakref.ref(attention_mask), attention_mask._version, n_keys, answer)
+    return answer
+
+
 def mask_key_length(attention_mask) -> int | None:
     """Number of keys the 4D mask covers (history included), or None without a 4D mask."""
     if attention_mask is None or attention_mask.dim() != 4:
@@ -217,23 +244,53 @@ class StreamingLayer(DynamicLayer):
         super().__init__()
         self.seen = 0
         self.positions: torch.Tensor | None = None
+        self.dropped = False  # whether keep() ever dropped a key: if not, positions are 0..seen-1
+        self.spans: list[tuple[int, int]] = []  # the positions again, on the host: sorted [a, b) ranges
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         T = key_states.shape[-2]
         new = torch.arange(self.seen, self.seen + T, device=keys.device)
         self.positions = new if self.positions is None else torch.cat([self.positions.to(keys.device), new])
+        if self.spans and self.spans[-1][1] == self.seen:
+            self.spans[-1] = (self.spans[-1][0], self.seen + T)
+        elif T:
+            self.spans.append((self.seen, self.seen + T))
         self.seen += T
         return keys, values
+
+    def keep_ranges(self, needed: list[tuple[int, int]]) -> None:
+        """Keep only the stored keys whose position lies in one of the ``needed`` [a, b) ranges (any
+        order, may overlap). Decided on the host from ``spans``: no wait for the device."""
+        kept, idx, offset = [], [], 0
+        for a, b in self.spans:
+            for na, nb in _merged(needed):
+                lo, hi = max(a, na), min(b, nb)
+                if lo < hi:
+                    kept.append((lo, hi))
+                    idx.append((offset + lo - a, offset + hi - a))
+            offset += b - a
+        if kept == self.spans:
+            return
+        dev = self.keys.device
+        index = torch.cat([torch.arange(i, j, device=dev) for i, j in idx]) if idx else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        self.dropped = True
+        self.keys = self.keys.index_select(-2, index)
+        self.values = self.values.index_select(-2, index)
+        self.positions = self.positions[index]
+        self.spans = _merged(kept)
 
     def keep(self, which: torch.Tensor) -> None:
         """Keep only the stored keys where ``which`` ((L,) bool over the stored columns) is True."""
         if bool(which.all()):
             return
         idx = which.nonzero().flatten()
+        self.dropped = True
         self.keys = self.keys.index_select(-2, idx)
         self.values = self.values.index_select(-2, idx)
         self.positions = self.positions[idx]
+        self.spans = _merged([(p, p + 1) for p in self.positions.tolist()])
 
     def stored(self) -> int:
         """How many keys are held (what the cache costs), not how many tokens were seen."""
@@ -244,11 +301,22 @@ class StreamingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.positions = 0, None
+        self.seen, self.positions, self.dropped, self.spans = 0, None, False, []
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
             raise NotImplementedError("a streaming cache cannot be rolled back (assisted decoding is not supported)")
+
+
+def _merged(ranges) -> list[tuple[int, int]]:
+    """Half-open [a, b) ranges, sorted, empty ones dropped and touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[0] < r[1]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def layer_slot(cache: Cache, idx: int, cls: type = StateLayer):

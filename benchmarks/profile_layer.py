@@ -9,7 +9,10 @@ with default options) and each length L:
   divided by the number of layers (``per layer``): the difference to the layer figure is the rest of
   the decoder layer (MLP, norms) and the model's own overhead;
 - with ``--trace``, the top operators of one layer's forward+backward from ``torch.profiler``,
-  by device time (CUDA) or CPU time, so fusions and copies can be seen by name.
+  by device time (CUDA) or CPU time, so fusions and copies can be seen by name;
+- with ``--syncs``, host-device synchronisations and ATen calls (``attnswap.profiling``) of the layer's
+  forward, its forward+backward, the whole model's forward without a cache and its prefill into a
+  cache (with an all-ones mask, as ``generate()`` passes): the host-side overhead, countable on CPU.
 
     python benchmarks/profile_layer.py --model llama --lengths 4096,32768 --methods teacher,lolcats,lizard --trace
 """
@@ -29,7 +32,9 @@ import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.base import attention_mode
 from attnswap.convert.swap import make_swap
+from attnswap.hf_compat import cache_kwargs, new_cache
 from attnswap.modeling import convert_model
+from attnswap.profiling import count_host_ops
 from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
 
@@ -58,7 +63,17 @@ def layer_inputs(model, L: int, dev, dtype):
     return h, (cos, sin)
 
 
-def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool) -> dict:
+def host_counts(model, fns: dict) -> dict:
+    """Syncs and ATen calls of each ``fns`` entry (after one uncounted call)."""
+    out = {}
+    for key, fn in fns.items():
+        fn()
+        r = count_host_ops(fn)[1]
+        out[key] = {"syncs": r.syncs, "aten_ops": r.ops}
+    return out
+
+
+def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False) -> dict:
     attn = model.model.layers[0].self_attn
     h, pe = layer_inputs(model, L, dev, dtype)
     hg = h.clone().requires_grad_(True)
@@ -77,7 +92,18 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool) -> 
         with torch.no_grad():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                  **cache_kwargs(new_cache(model.config)))
+
     with attention_mode(model, "student"):
+        if syncs:
+            counts = host_counts(model, {"layer_fwd": fwd, "layer_fwd_bwd": fwd_bwd, "model_fwd": whole,
+                                         "model_prefill": prefill})
+            for p_ in attn.parameters():
+                p_.grad = None
+            return {"method": name, "L": L, "counts": counts}
         row = {"method": name, "L": L, "layer_fwd_ms": _timed(fwd, dev, repeats),
                "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats)}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
@@ -103,6 +129,8 @@ def main():
     ap.add_argument("--lengths", default="4096,32768")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators per method and length")
+    ap.add_argument("--syncs", action="store_true",
+                    help="count host syncs and ATen calls (layer, whole model, prefill) instead of timing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -122,7 +150,7 @@ def main():
             model.to(dev, dtype)
         for L in lengths:
             try:
-                row = profile(model, method, L, dev, dtype, a.repeats, a.trace)
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs)
             except torch.OutOfMemoryError:
                 row = {"method": method, "L": L, "error": "out of memory"}
             rows.append(row)
@@ -132,6 +160,26 @@ def main():
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if a.syncs:
+        nl = teacher.config.num_hidden_layers
+        print(f"\nhost syncs / ATen calls ({nl} layers)\n{'method':10s} {'L':>6s} {'layer fwd':>12s} "
+              f"{'layer fwd+bwd':>14s} {'model fwd':>12s} {'prefill':>12s} {'model ops/layer':>16s}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
+                continue
+            c = r["counts"]
+            cell = lambda k: f"{c[k]['syncs']} / {c[k]['aten_ops']}"  # noqa: E731
+            print(f"{r['method']:10s} {r['L']:6d} {cell('layer_fwd'):>12s} {cell('layer_fwd_bwd'):>14s} "
+                  f"{cell('model_fwd'):>12s} {cell('model_prefill'):>12s} {c['model_fwd']['aten_ops'] / nl:16.1f}")
+    else:
+        _timing_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
+
+
+def _timing_table(rows):
     print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}")
     for r in rows:
         if "error" in r:
@@ -139,9 +187,6 @@ def main():
             continue
         print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
               f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf_compat import CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, pop_cache
+from ..hf_compat import (CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, padding_plan,
+                         pop_cache)
 
 MODES = ("student", "teacher", "transfer", "calibrate")
 
@@ -380,12 +381,11 @@ class SwappedAttention(nn.Module):
         """Run ``student`` (with the exact heads of a mixed layer, unless ``linear_only``); with left
         padding, run each sequence on its real tokens only."""
         fn = self.student if linear_only else self._mixed_student
-        valid = key_padding(attention_mask, x.k.shape[1])
-        if valid is None or bool(valid.all()):
+        starts = padding_plan(attention_mask, x.k.shape[1])  # leading pad tokens per row; read once per forward
+        if starts is None:
             return fn(x)
         outs = []
-        for b in range(x.q.shape[0]):
-            start = int((~valid[b]).int().cumprod(0).sum())  # number of leading pad tokens
+        for b, start in enumerate(starts):
             o = fn(x.rows(b, start))
             outs.append(torch.cat([o.new_zeros(1, start, *o.shape[2:]), o], dim=1))
         return torch.cat(outs)

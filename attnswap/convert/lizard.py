@@ -63,8 +63,8 @@ class LizardAttention(SwappedAttention):
         """Everything the operators take, narrowed to the linear heads (all heads unless some are exact)."""
         fk, g = self._keys(x)
         fq = self.feature_map_q(x.qn)
-        meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k.float(), 1),
-                                               "meta_v": self.lin_kv(self.meta_v.float(), 1)}
+        # every operator casts the meta tokens itself: a .float() copy here would be one more launch per layer
+        meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k, 1), "meta_v": self.lin_kv(self.meta_v, 1)}
         gamma = self.lin_q(torch.sigmoid(self.window_factor.float()), 0)
         return self.lin_q(fq), self.lin_kv(fk), self.lin_kv(g), gamma, meta
 

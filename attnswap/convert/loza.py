@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..hf_compat import StreamingLayer, key_padding, layer_slot, mask_key_length
+from ..hf_compat import StreamingLayer, key_padding, layer_slot, mask_key_length, padding_plan
 from ..kernels import streaming_attn
 from ..kernels.streaming_attn.naive import streaming_mask
 from .base import KVCacheAttention, register_method
@@ -84,8 +84,20 @@ class LoZAAttention(KVCacheAttention):
             return super()._cached(x, attention_mask, cache)
         layer = layer_slot(cache, self.layer_idx, StreamingLayer)
         kc, vc = layer.update(x.k.transpose(1, 2), x.v.transpose(1, 2))
-        out = self.stream(x.q, kc.transpose(1, 2), vc.transpose(1, 2), attention_mask, layer.positions)
-        layer.keep(self.still_needed(layer.positions, layer.seen, _row_starts(attention_mask)))
+        # positions 0..Tk-1 (nothing dropped yet, known on the host) are what positions=None means
+        out = self.stream(x.q, kc.transpose(1, 2), vc.transpose(1, 2), attention_mask,
+                          layer.positions if layer.dropped else None)
+        n = mask_key_length(attention_mask)
+        layer.keep_ranges(self.needed_ranges(layer.seen, None if n is None else padding_plan(attention_mask, n)))
+        return out
+
+    def needed_ranges(self, seen: int, starts: list[int] | None) -> list[tuple[int, int]]:
+        """``still_needed`` as absolute [a, b) ranges, on the host: row r (padded by ``starts[r]``) needs
+        its sink blocks and its window from the next query's block ``(seen - start) // block`` back."""
+        out = []
+        for s in starts if starts is not None else [0]:
+            qb = (seen - s) // self.block
+            out += [(s, s + self.sink * self.block), (s + max(0, (qb - self.local + 1) * self.block), seen)]
         return out
 
     def still_needed(self, positions: torch.Tensor, seen: int, starts: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +116,6 @@ def _row_starts(attention_mask) -> torch.Tensor | None:
     n = mask_key_length(attention_mask)
     if n is None:
         return None
-    valid = key_padding(attention_mask, n)
-    if bool(valid.all()):
+    if padding_plan(attention_mask, n) is None:  # the mask is read on the host once per forward
         return None
-    return (~valid).int().cumprod(1).sum(1)
+    return (~key_padding(attention_mask, n)).int().cumprod(1).sum(1)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf_compat import key_padding, summary_slot
+from ..hf_compat import padding_plan, summary_slot
 from ..kernels import attn_with_block_map, block_sparse_attn, block_sparse_decode, decode_index
 from .base import KVCacheAttention, register_method
 
@@ -50,9 +50,9 @@ def pool_queries(q: torch.Tensor, start: int, block: int) -> tuple[torch.Tensor,
     (B, nQ, H, D) in float32 and the absolute block index of each row (nQ,)."""
     B, T, H, D = q.shape
     ids = _block_ids(start, T, block, q.device)
-    first = int(ids[0])
+    first = start // block  # ids[0] and ids[-1], from the shapes: reading them would wait for the device
     rel = ids - first
-    n = int(rel[-1]) + 1
+    n = (start + T - 1) // block - first + 1
     sums = q.new_zeros(B, n, H, D, dtype=torch.float32).index_add_(1, rel, q.float())
     counts = torch.bincount(rel, minlength=n).clamp_min(1).to(torch.float32)
     return sums / counts.view(1, n, 1, 1), torch.arange(first, first + n, device=q.device)
@@ -178,8 +178,11 @@ class SeerAttention(KVCacheAttention):
         self.gate_dim = G
         self.gate_q = nn.Parameter(torch.randn(self.num_heads, self.head_dim, G) / math.sqrt(self.head_dim))
         self.gate_k = nn.Parameter(torch.randn(self.num_kv_heads, 3 * self.head_dim, G) / math.sqrt(3 * self.head_dim))
-        self.last_density: float | None = None
-        self.density_seen: list[float] = []  # densities of the calls since reset_density()
+        # densities of the calls since reset_density(), kept on the device (reading one would wait for it):
+        # the last one, the float64 sum and the count
+        self._last_density: torch.Tensor | None = None
+        self._density_sum: torch.Tensor | None = None
+        self._density_n = 0
 
     @classmethod
     def default_options(cls, config) -> dict:
@@ -231,8 +234,10 @@ class SeerAttention(KVCacheAttention):
         keep = select_blocks(per_kv, qpos, sparsity=float(o["sparsity"]), threshold=float(o["threshold"]),
                              token_budget=int(o["token_budget"]), block=self.block)
         causal = (torch.arange(nK, device=q.device)[None, :] <= qpos[:, None]).sum()
-        self.last_density = float(keep.sum() / (causal * B * self.num_kv_heads))
-        self.density_seen.append(self.last_density)
+        d = (keep.sum() / (causal * B * self.num_kv_heads)).detach().double()
+        self._last_density = d
+        self._density_sum = d if self._density_sum is None else self._density_sum + d
+        self._density_n += 1
         return keep, qpos
 
     # the gate keys kept in the KV cache
@@ -274,12 +279,17 @@ class SeerAttention(KVCacheAttention):
         return parts
 
     def reset_density(self) -> None:
-        self.density_seen = []
+        self._density_sum, self._density_n = None, 0
+
+    @property
+    def last_density(self) -> float | None:
+        """Fraction of causal key blocks the last call attended."""
+        return None if self._last_density is None else float(self._last_density)
 
     @property
     def mean_density(self) -> float | None:
         """Mean fraction of causal key blocks attended over the calls since reset_density()."""
-        return sum(self.density_seen) / len(self.density_seen) if self.density_seen else None
+        return float(self._density_sum) / self._density_n if self._density_n else None
 
     def attend(self, q, k, v, attention_mask=None, gate_keys: list[torch.Tensor] | None = None):
         T, Tk = q.shape[1], k.shape[1]
@@ -306,5 +316,4 @@ class SeerAttention(KVCacheAttention):
 
 
 def _has_padding(attention_mask, n_keys: int) -> bool:
-    valid = key_padding(attention_mask, n_keys)
-    return valid is not None and not bool(valid.all())
+    return padding_plan(attention_mask, n_keys) is not None  # the mask is read once per forward

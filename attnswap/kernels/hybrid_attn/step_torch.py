@@ -56,14 +56,23 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
         x = x[:, old:]
         return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else x
 
-    sink_k = k.new_zeros(B, Sk, Hk, D)
-    sink_v = v.new_zeros(B, Sk, Hk, v.shape[-1])
-    sink_on = torch.zeros(B, Sk, dtype=torch.bool, device=k.device)
-    if sinks:
-        b, t = is_sink.nonzero(as_tuple=True)
-        sink_k[b, rank[b, t]] = k[b, t]
-        sink_v[b, rank[b, t]] = v[b, t]
-        sink_on[b, rank[b, t]] = t < old
+    if sinks:  # sink r of row b is that row's r-th real token: found by search, not by nonzero (no host sync)
+        n_before = valid.long().cumsum(1)  # real tokens up to and including each position, nondecreasing
+        want = torch.arange(1, Sk + 1, device=k.device).expand(B, Sk).contiguous()
+        t = torch.searchsorted(n_before, want)  # (B, Sk): first position holding that many real tokens
+        has = t < T  # rows with fewer real tokens than sinks leave the last slots empty
+        t = t.clamp_max(T - 1)
+
+        def pick(x):
+            got = x.gather(1, t.view(B, Sk, *([1] * (x.dim() - 2))).expand(B, Sk, *x.shape[2:]))
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            return torch.where(has.view(B, Sk, *([1] * (x.dim() - 2))), got, zero)
+
+        sink_k, sink_v, sink_on = pick(k), pick(v), has & (t < old)
+    else:
+        sink_k = k.new_zeros(B, Sk, Hk, D)
+        sink_v = v.new_zeros(B, Sk, Hk, v.shape[-1])
+        sink_on = torch.zeros(B, Sk, dtype=torch.bool, device=k.device)
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk.float()),
             "win_rank": last(rank, fill=-1), "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on,
             "n_real": valid.long().sum(1), "win_g": last(g)}
