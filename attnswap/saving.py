@@ -81,9 +81,10 @@ def atomic_dir(out: Path, overwrite: bool, flag: str = "--out"):
         raise
 
 
-def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
+def save_converted(model, tokenizer, out: Path, *, overwrite: bool, state_dict=None) -> Path:
     """Save a converted model (safetensors, config with auto_map, remote-code shim, tokenizer). What
-    was written is read back by the code that loads it before it is renamed into place."""
+    was written is read back by the code that loads it before it is renamed into place.
+    ``state_dict``: the weights to write in place of ``model``'s (a sharded run's, gathered)."""
     from .modeling import REMOTE_CODE_FILE, remote_code_source
 
     with atomic_dir(out, overwrite) as tmp:
@@ -94,7 +95,7 @@ def save_converted(model, tokenizer, out: Path, *, overwrite: bool) -> Path:
         from .loading import _quiet
 
         with _quiet():
-            model.save_pretrained(tmp, max_shard_size="2GB")
+            model.save_pretrained(tmp, max_shard_size="2GB", state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
         verify_saved(tmp, out)
     return out

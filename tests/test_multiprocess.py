@@ -2,7 +2,9 @@
 torch's launcher and the gloo backend: two processes with one sequence each must end where one
 process with both sequences ends, only the main process writes the output, and a two-process run
 that is stopped and resumed (checkpoints through accelerate's save_state/load_state) ends where an
-uninterrupted one ends."""
+uninterrupted one ends; under FSDP (ACCELERATE_USE_FSDP=true, what `accelerate launch` sets for an
+FSDP config) linearize, gqa and sparsify save what one process with the same global batch saves, and a
+sharded run stopped and resumed ends where an uninterrupted one ends."""
 
 import json
 import os
@@ -94,8 +96,75 @@ def test_sharded_distillation_ends_where_the_unsharded_one_ends(tmp_path):
     assert _diff(load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "sharded.safetensors")) < 1e-6
 
 
-def test_the_cli_refuses_fsdp_rather_than_running_unsharded(tiny_dir, tiny_text, tmp_path):
-    args = [*_args(tiny_dir, tiny_text), "--batch-size", "1", "--out", str(tmp_path / "m")]
-    r = _run([*TWO, "-m", "attnswap.cli", *args], ok=False, cwd=tmp_path, extra_env={"ACCELERATE_USE_FSDP": "true"})
-    assert r.returncode != 0 and "does not run sharded yet" in r.stderr, r.stderr[-2000:]
+FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP config sets
+
+
+def _same_as_one_process(args, tmp_path):
+    """``args`` run sharded on 2 processes with --batch-size 1 and on 1 process with --batch-size 2:
+    the two outputs (max weight difference) and reports."""
+    _run([*TWO, "-m", "attnswap.cli", *args, "--batch-size", "1", "--out", str(tmp_path / "fsdp"),
+          "--json", str(tmp_path / "fsdp.json")], cwd=tmp_path, extra_env=FSDP)
+    _run([sys.executable, "-m", "attnswap.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "one"),
+          "--json", str(tmp_path / "one.json")], cwd=tmp_path)
+    diff = _diff(*(load_file(tmp_path / n / "model.safetensors") for n in ("one", "fsdp")))
+    return diff, *(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fsdp", "one"))
+
+
+def test_linearize_under_fsdp_saves_what_one_process_with_the_same_global_batch_saves(tiny_dir, tiny_text, tmp_path):
+    """The command line sharded (FSDP2, 2 processes, --batch-size 1): it trains, evaluates on every
+    process, gathers the whole model to the main one, which writes an output that loads and equals
+    the output of one unsharded process with --batch-size 2."""
+    from transformers import AutoModelForCausalLM
+
+    diff, rep, ref = _same_as_one_process(_args(tiny_dir, tiny_text), tmp_path)
+    assert diff < 1e-6 and rep["sharded"]["processes"] == 2 and "sharded" not in ref
+    assert abs(rep["converted"]["ppl"] - ref["converted"]["ppl"]) < 1e-4 * ref["converted"]["ppl"]
+    fsdp = load_file(tmp_path / "fsdp" / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp", trust_remote_code=True).state_dict()
+    assert _diff({k: loaded[k] for k in fsdp}, fsdp) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fsdp", "one"]  # checkpoints removed
+
+
+def test_gqa_under_fsdp_shards_its_teacher_copy_too(tiny_dir, tiny_text, tmp_path):
+    """gqa's separate teacher copy is sharded like the student (LoRA; adjacent/mean merging, which
+    needs no calibration batches, whose size would differ between the two runs)."""
+    args = ["gqa", "--model", str(tiny_dir), "--data", str(tiny_text), "--seq-len", "32", "--eval-tokens", "128",
+            "--kv-heads", "1", "--grouping", "adjacent", "--merge", "mean", "--steps", "4", "--seed", "3"]
+    diff, rep, ref = _same_as_one_process(args, tmp_path)
+    assert diff < 1e-6 and rep["sharded"]["processes"] == 2
+    assert abs(rep["distilled"]["ppl"] - ref["distilled"]["ppl"]) < 1e-4 * ref["distilled"]["ppl"]
+
+
+def test_sparsify_seer_under_fsdp(tiny_dir, tiny_text, tmp_path):
+    args = ["sparsify", "--model", str(tiny_dir), "--data", str(tiny_text), "--seq-len", "64", "--block", "16",
+            "--gate-dim", "8", "--eval-tokens", "128", "--sparsity", "0.5", "--steps", "3", "--seed", "3"]
+    diff, rep, ref = _same_as_one_process(args, tmp_path)
+    assert diff < 1e-6 and rep["sharded"]["processes"] == 2
+    assert rep["density"] == ref["density"]  # measured on every process's sharded forward, reported by the main one
+
+
+def test_a_sharded_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(tiny_dir, tiny_text, tmp_path):
+    """Checkpoints of a sharded run: SIGTERM to process 1 only after global step 3 (a LoRA step, with
+    sharded feature maps and replicated LoRA weights training); the checkpoint holds the gathered
+    whole tensors and their Adam moments, and --resume scatters them back: bit for bit the same
+    output as an uninterrupted sharded run."""
+    args = [*_args(tiny_dir, tiny_text), "--batch-size", "1", "--save-every", "2"]
+    _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(tmp_path / "straight")], cwd=tmp_path, extra_env=FSDP)
+    out = tmp_path / "resumed"
+    stopped = _run([*TWO, str(ROOT / "tests" / "inject.py"), "--signal-after-step", "3", "--signum",
+                    str(int(signal.SIGTERM)), "--rank", "1", "--", *args, "--out", str(out)], ok=False, cwd=tmp_path,
+                   extra_env=FSDP)
+    assert stopped.returncode != 0 and not out.exists()
+    assert [d.name for d in (tmp_path / "resumed.ckpt").iterdir()] == ["step-00000003"], stopped.stderr[-3000:]
+    r = _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(out), "--resume"], cwd=tmp_path, extra_env=FSDP)
+    assert "resuming LoRA distillation at step 1/4" in r.stdout + r.stderr
+    assert _diff(load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")) == 0
+
+
+def test_gqa_full_training_is_refused_under_fsdp(tiny_dir, tiny_text, tmp_path):
+    gqa = ["gqa", "--model", str(tiny_dir), "--data", str(tiny_text), "--kv-heads", "1", "--train", "kv", "--out",
+           str(tmp_path / "m")]
+    r = _run([*TWO, "-m", "attnswap.cli", *gqa], ok=False, cwd=tmp_path, extra_env=FSDP)
+    assert r.returncode != 0 and "gqa --train kv does not run sharded (FSDP) yet" in r.stderr, r.stderr[-2000:]
+    assert "loading " not in r.stdout + r.stderr  # refused before anything is loaded
     assert not (tmp_path / "m").exists()

@@ -42,6 +42,7 @@ from ..convert.base import swapped_modules
 from ..errors import AttnSwapError
 from ..paths import CHECKPOINT_ENTRY
 from ..progress import console
+from . import sharding
 from .faults import InterruptFlag, Interrupted, StepGuard
 
 FORMAT = 1
@@ -355,6 +356,19 @@ class _StageSlot:
         self.stage.load(state)
 
 
+def _sharded_optimizer_state(opt, state: dict, convert) -> dict:
+    """``state`` (an optimizer state dict) with each sharded parameter's tensors (Adam's moments) passed
+    through ``convert(tensor, param)``: gathered whole to save, this process's shard to load. The
+    state dict numbers parameters in the order of the optimizer's groups."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    out = {}
+    for i, st in state["state"].items():
+        p = params[int(i)]
+        out[i] = {k: convert(v, p) if sharding.is_sharded(p) and torch.is_tensor(v) and v.dim() > 0 else v
+                  for k, v in st.items()}
+    return {**state, "state": out}
+
+
 class StageRun:
     """One stage of the loop: where it starts (0, or a checkpoint's step), counters, saving."""
 
@@ -407,13 +421,25 @@ class StageRun:
                                 f"delete {ck.root} to start over")
         with torch.no_grad():
             for n, p in self.named:
-                p.data = tensors[n].to(p.device, p.dtype)
-        self.opt.load_state_dict(state["optimizer"])
+                if sharding.is_sharded(p):  # this process's shard of the whole tensor (every process calls this)
+                    sharding.local(p).copy_(sharding.local(sharding.scatter(tensors[n].to(p.dtype), p)))
+                else:
+                    p.data = tensors[n].to(p.device, p.dtype)
+        opt_state = state["optimizer"]
+        if any(sharding.is_sharded(p) for _, p in self.named):
+            opt_state = _sharded_optimizer_state(self.opt, opt_state, sharding.scatter)
+        self.opt.load_state_dict(opt_state)
         self.sched.load_state_dict(state["scheduler"])
 
     def state(self) -> dict:
-        return {"params": {n: p.detach().to("cpu").contiguous() for n, p in self.named},
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        """Parameters, optimizer and scheduler. Sharded (FSDP) parameters and their optimizer state are
+        gathered whole (a collective: every process calls this, accelerate's save_state does), so a
+        sharded checkpoint has the unsharded one's contents and is written by the main process."""
+        opt_state = self.opt.state_dict()
+        if any(sharding.is_sharded(p) for _, p in self.named):
+            opt_state = _sharded_optimizer_state(self.opt, opt_state, lambda t, _p: sharding.full(t).to("cpu"))
+        return {"params": {n: sharding.full(p.detach()).to("cpu").contiguous() for n, p in self.named},
+                "optimizer": opt_state, "scheduler": self.sched.state_dict()}
 
     def __enter__(self):
         if self.run.checkpoints is not None:

@@ -21,7 +21,9 @@ import torch
 
 
 def wanted(acc) -> bool:
-    """Shard when launched with an FSDP accelerate config (several processes only)."""
+    """Shard when launched with an FSDP accelerate config (several processes only). ``acc``: an
+    ``Accelerator`` or accelerate's ``PartialState``. The one test of whether a launch asks for FSDP:
+    the commands (pipelines/common.py, ``sharded_launch``) and ``distill`` both ask it."""
     if acc.num_processes < 2:
         return False
     from accelerate.utils import DistributedType
@@ -65,6 +67,14 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def scatter(whole: torch.Tensor, like) -> torch.Tensor:
+    """This process's shard of ``whole`` (the same on every process), laid out as the sharded tensor
+    ``like`` (a DTensor); a collective: every process calls it."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements)
+
+
 def clip_grad_norm_(params, max_norm: float, acc) -> torch.Tensor:
     """Clip the global gradient norm over sharded and replicated parameters alike: sharded gradients
     contribute their shards' squares summed over processes, replicated ones (already averaged, the
@@ -82,10 +92,13 @@ def clip_grad_norm_(params, max_norm: float, acc) -> torch.Tensor:
     return norm
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole trained model's state on the CPU of every process, with the LoRA adapters merged into
-    their weights (what ``merge_and_unload`` gives unsharded), under the plain model's names. Every
-    process must call it (it gathers the shards, one tensor at a time)."""
+def merged_state_dict(model, main_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole trained model's state on the CPU of every process (``main_only``: of the main process
+    only; the others get an empty dict), with the LoRA adapters merged into their weights (what
+    ``merge_and_unload`` gives unsharded), under the plain model's names. Every process must call it
+    (it gathers the shards, one tensor at a time, so no process holds more than one whole tensor on
+    the device at once)."""
+    keep = not main_only or _rank() == 0
     lora = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and "default" in getattr(mod, "lora_A", {}):
@@ -94,14 +107,25 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if ".lora_" in name:
             continue
-        out[_plain(name)] = full(t).detach().to("cpu").clone()
+        whole = full(t)
+        if keep:
+            out[_plain(name)] = whole.detach().to("cpu").clone()
+        del whole
     for name, mod in lora.items():
         a = full(mod.lora_A["default"].weight).detach().to("cpu").float()
         b = full(mod.lora_B["default"].weight).detach().to("cpu").float()
+        if not keep:
+            continue
         key = _plain(name) + ".weight"
         w = out[key]
         out[key] = (w.float() + (b @ a) * mod.scaling["default"]).to(w.dtype)
     return out
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _plain(name: str) -> str:

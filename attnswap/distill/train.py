@@ -7,7 +7,8 @@ with the LoRA adapters disabled, so no second copy of the weights is held.
 
 Multi-GPU runs go through accelerate: ``accelerate launch -m attnswap.cli linearize ...``. Each
 process takes its own slice of every global batch. ``distill(..., shard=True)`` under several
-processes shards the model with FSDP2 first (``sharding.py``).
+processes shards the model with FSDP2 first (``sharding.py``); the commands pass it when launched
+with an FSDP accelerate config (``sharding.wanted``).
 """
 
 from __future__ import annotations
@@ -246,8 +247,6 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     run.main_process = acc.is_main_process
     run.accelerator = acc
     sharded = any(sharding.is_sharded(p) for p in params)
-    if sharded and run.checkpoints is not None:
-        raise AttnSwapError("checkpoints of a sharded (FSDP) run are not supported yet")
     t0, seen = time.perf_counter(), 0
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
@@ -303,8 +302,8 @@ def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Ac
     then the sharded model with its LoRA adapters unmerged (``sharding.merged_state_dict``)."""
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     if sharding.wanted(acc) and not shard:
-        raise AttnSwapError("this command does not run sharded yet: FSDP (an accelerate config with distributed_type "
-                            "FSDP) works through attnswap.distill.train.distill(..., shard=True) only; see docs/MULTIGPU.md")
+        raise AttnSwapError("launched with FSDP (an accelerate config with distributed_type FSDP) but asked to "
+                            "run unsharded: pass shard=True to distill; see docs/MULTIGPU.md")
     if shard and acc.num_processes > 1:
         if cfg.full_train:
             raise AttnSwapError("full_train is not supported when sharding")

@@ -87,6 +87,7 @@ class Loaded:
     heldout: object  # (M, seq_len) in-domain held-out sequences, or None
     ood: object = None  # out-of-domain sequences (a source training never sees), or None
     info: dict | None = None  # the data's record for the report (name, hash, tokens)
+    processes: int = 1  # how many processes the launch started
 
 
 def processes(dev):
@@ -94,6 +95,25 @@ def processes(dev):
     from accelerate import PartialState
 
     return PartialState(cpu=dev.type == "cpu")
+
+
+def sharded_launch(cfg: RunConfig, verb: str, supported: bool = True) -> bool:
+    """Whether this launch asks for FSDP (``sharding.wanted``: an accelerate config with distributed_type
+    FSDP, i.e. ACCELERATE_USE_FSDP=true, and several processes), checked before anything is loaded. A
+    command that cannot run sharded is refused."""
+    from .. import loading
+    from ..distill import sharding
+
+    try:
+        dev = loading.pick_device(cfg.device)
+    except AttnSwapError:
+        return False  # refused where it always was (load_for_training), after the model's own checks
+    if not sharding.wanted(processes(dev)):
+        return False
+    if not supported:
+        raise AttnSwapError(f"{verb} does not run sharded (FSDP) yet: launch it without FSDP "
+                            "(examples/accelerate/ddp.yaml) or on one process; see docs/MULTIGPU.md")
+    return True
 
 
 def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, tokens_needed=None) -> Loaded:
@@ -113,7 +133,7 @@ def load_for_training(name, src, device, dtype, data, seq_len, eval_tokens, toke
     net, tok = loading.load_model(src, dtype=dt, device=dev)
     d = training_data(data, tok, seq_len, eval_tokens=eval_tokens,
                       tokens_needed=tokens_needed and tokens_needed * procs.num_processes)
-    return Loaded(dev, dt, procs.is_main_process, net, tok, d.train, d.heldout, d.ood, d.info)
+    return Loaded(dev, dt, procs.is_main_process, net, tok, d.train, d.heldout, d.ood, d.info, procs.num_processes)
 
 
 def resume_command(command: str, verb: str) -> str:
@@ -155,9 +175,10 @@ def plan_training_outputs(cfg: RunConfig, out: Path):
     return ckpts
 
 
-def save_output(cfg: RunConfig, net, tok, out, ckpts) -> None:
+def save_output(cfg: RunConfig, net, tok, out, ckpts, state_dict=None) -> None:
     """Save (atomically, read back first), then drop the checkpoints; a failure says where the
-    trained weights still are."""
+    trained weights still are. ``state_dict``: the weights to write instead of ``net``'s own (a
+    sharded run's, gathered to the main process by ``gather_sharded``)."""
     from ..distill.faults import Interrupted, Terminated
     from ..saving import save_converted
 
@@ -165,7 +186,7 @@ def save_output(cfg: RunConfig, net, tok, out, ckpts) -> None:
         return f"; the trained weights are checkpointed in {ckpts.root}: rerun with --resume" if ckpts.latest() else ""
 
     try:
-        save_converted(net, tok, out, overwrite=cfg.overwrite)
+        save_converted(net, tok, out, overwrite=cfg.overwrite, state_dict=state_dict)
     except AttnSwapError as e:
         raise AttnSwapError(f"{e}{kept()}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while saving: the temporary output is already gone
@@ -173,6 +194,17 @@ def save_output(cfg: RunConfig, net, tok, out, ckpts) -> None:
         raise Interrupted(f"{how} while saving {out}; nothing was written there{kept()}", sig) from None
     if not cfg.keep_checkpoints:
         ckpts.remove()
+
+
+def gather_sharded(net):
+    """A sharded run's result for saving: (the plain model, for its config and save_pretrained; the
+    whole model's state dict with LoRA merged, on the main process's CPU, empty on the others). Every
+    process must call it."""
+    from ..distill import sharding
+
+    state = sharding.merged_state_dict(net, main_only=True)
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return base, state
 
 
 def write_json(path: Optional[Path], text: str, done: str) -> None:

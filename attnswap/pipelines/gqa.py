@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len, load_for_training,
-                     plan_training_outputs, refuse_given, require_text, resume_command, retrieval_mix, save_output,
-                     tokens_hash)
+from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len, gather_sharded,
+                     load_for_training, plan_training_outputs, refuse_given, require_text, resume_command,
+                     retrieval_mix, save_output, sharded_launch, tokens_hash)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_proj", "up_proj", "down_proj")}
@@ -68,6 +68,8 @@ def run(cfg: GqaConfig) -> dict | None:
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.train in FULL_TRAIN else 1e-3)
     out = cfg.out or cfg.default_out(f"gqa{cfg.kv_heads}")
     ckpts = plan_training_outputs(cfg, out)
+    # sharded: the model and its teacher copy, LoRA only (whole matrices trained in float32 are not sharded)
+    shard = sharded_launch(cfg, f"gqa --train {cfg.train}", supported=cfg.train == "lora")
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
@@ -95,6 +97,8 @@ def run(cfg: GqaConfig) -> dict | None:
                     "query_heads": geom.heads, "grouping": cfg.grouping, "merge": cfg.merge, "train": cfg.train,
                     "steps": cfg.steps if trains else 0, "seq_len": seq_len, "batch_size": bs,
                     "kv_bytes_per_token": {"before": kv_bytes_per_token(net.config, dt)}, "data": ld.info}
+    if shard:
+        report["sharded"] = {"method": "FSDP2 fully_shard", "processes": ld.processes}
     if held is not None and ld.main:
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     if ood is not None and ld.main:
@@ -122,16 +126,22 @@ def run(cfg: GqaConfig) -> dict | None:
         report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
         hint = resume_command(cfg.command, "gqa")
         with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)):
-            net, dstats = distill(net, mixed, dcfg, teacher=teacher)
+            net, dstats = distill(net, mixed, dcfg, teacher=teacher, shard=shard)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
-        if ld.main and held is not None:
+        # sharded, every process takes part in the evaluation's forward passes (the main one reports)
+        if (ld.main or shard) and held is not None:
             report["distilled"] = perplexity(net, held, label="distilled perplexity")
-        if ld.main and ood is not None:
-            report["out_of_domain"]["distilled"] = perplexity(net, ood, label="distilled perplexity (out of domain)")
+        if (ld.main or shard) and ood is not None:
+            ppl = perplexity(net, ood, label="distilled perplexity (out of domain)")
+            if ld.main:
+                report["out_of_domain"]["distilled"] = ppl
     del teacher
+    state = None
+    if shard:  # the whole model, LoRA merged, to the main process's CPU
+        net, state = gather_sharded(net)
     if not ld.main:  # the other processes helped train; the main one evaluates and saves
         return None
-    save_output(cfg, net, ld.tokenizer, out, ckpts)
+    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if trains else None, wall_seconds=time.perf_counter() - t0, device=str(ld.device),
                   dtype=str(dt).removeprefix("torch."))

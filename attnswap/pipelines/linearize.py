@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
-                     load_for_training, plan_training_outputs, require_text, resume_command, retrieval_mix,
-                     save_output, tokens_hash)
+                     gather_sharded, load_for_training, plan_training_outputs, require_text, resume_command,
+                     retrieval_mix, save_output, sharded_launch, tokens_hash)
 
 # the attention options' flags, for the refusal of one the method does not take
 METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
@@ -144,6 +144,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
                              meta_tokens=cfg.meta_tokens, sinks=cfg.sinks, feature_rope=cfg.feature_rope)
     out = cfg.out or cfg.default_out(cfg.attention)
     ckpts = plan_training_outputs(cfg, out)
+    # --exact-heads calibrates per head between the stages, unsharded: not under FSDP yet
+    shard = sharded_launch(cfg, "linearize --exact-heads" if n_exact else "linearize", supported=not n_exact)
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
@@ -178,6 +180,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
                     "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, **({"calibration": n_calib} if n_exact else {}), "lora": n_lora},
                     "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "data": ld.info}
+    if shard:
+        report["sharded"] = {"method": "FSDP2 fully_shard", "processes": ld.processes}
     if ld.heldout is not None and ld.main:
         report["teacher"] = perplexity(net, ld.heldout, label="teacher perplexity")
     if ld.ood is not None and ld.main:
@@ -193,14 +197,22 @@ def run(cfg: LinearizeConfig) -> dict | None:
         if n_exact:
             net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report)
         else:
-            net, stats = distill(net, mixed, dcfg)
-    if not ld.main:  # the other processes helped train; the main one evaluates and saves
+            net, stats = distill(net, mixed, dcfg, shard=shard)
+    if not ld.main and not shard:  # the other processes helped train; the main one evaluates and saves
         return None
+    # sharded, every process takes part in the evaluation's forward passes (the main one reports)
     if ld.heldout is not None:
         report["converted"] = perplexity(net, ld.heldout, label="converted perplexity")
     if ld.ood is not None:
-        report["out_of_domain"]["converted"] = perplexity(net, ld.ood, label="converted perplexity (out of domain)")
-    save_output(cfg, net, ld.tokenizer, out, ckpts)
+        ppl = perplexity(net, ld.ood, label="converted perplexity (out of domain)")
+        if ld.main:
+            report["out_of_domain"]["converted"] = ppl
+    state = None
+    if shard:  # the whole model, LoRA merged, to the main process's CPU
+        net, state = gather_sharded(net)
+        if not ld.main:
+            return None
+    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(ld.device))

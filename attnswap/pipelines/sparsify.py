@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
-                     load_for_training, plan_training_outputs, require_text, resume_command, save_output, tokens_hash)
+                     gather_sharded, load_for_training, plan_training_outputs, require_text, resume_command,
+                     save_output, sharded_launch, tokens_hash)
 
 METHODS = ("seer", "loza")
 CALIB_SHARE = 0.3  # loza: share of --steps that calibrates (the rest is LoRA recovery)
@@ -99,6 +100,7 @@ def run(cfg: SparsifyConfig) -> dict | None:
     check(cfg)
     out = cfg.out or cfg.default_out(cfg.method)
     ckpts = plan_training_outputs(cfg, out)
+    shard = sharded_launch(cfg, "sparsify")
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
@@ -128,6 +130,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
                 "dtype": str(ld.dtype), "lr": cfg.lr, **extra}, cfg.resume)
     report: dict = {"model": cfg.model, "method": cfg.method, "layers": layers, "options": options, "steps": cfg.steps,
                     "seq_len": seq_len, "batch_size": cfg.batch_size, "data": ld.info, **extra}
+    if shard:
+        report["sharded"] = {"method": "FSDP2 fully_shard", "processes": ld.processes}
     if ld.heldout is not None and ld.main:
         report["teacher"] = perplexity(net, ld.heldout, batch_size=1, label="teacher perplexity")
     if ld.ood is not None and ld.main:
@@ -135,9 +139,10 @@ def run(cfg: SparsifyConfig) -> dict | None:
 
     train = _train_loza if cfg.method == "loza" else _train_seer
     with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=resume_command(cfg.command, "sparsify"))):
-        net, stats = train(net, ld, cfg, swap, report)
-    if not ld.main:
+        net, stats = train(net, ld, cfg, swap, report, shard)
+    if not ld.main and not shard:
         return None
+    # sharded, every process takes part in the evaluation's forward passes (the main one reports)
     label = "streaming" if cfg.method == "loza" else "sparse"
     if ld.heldout is not None:
         mods = _gated(net)
@@ -147,15 +152,22 @@ def run(cfg: SparsifyConfig) -> dict | None:
         if cfg.method == "seer":
             report["density"] = {str(m.layer_idx): m.mean_density for m in mods}
     if ld.ood is not None:
-        report["out_of_domain"]["converted"] = perplexity(net, ld.ood, batch_size=1, label=f"{label} perplexity (out of domain)")
-    save_output(cfg, net, ld.tokenizer, out, ckpts)
+        ppl = perplexity(net, ld.ood, batch_size=1, label=f"{label} perplexity (out of domain)")
+        if ld.main:
+            report["out_of_domain"]["converted"] = ppl
+    state = None
+    if shard:  # the whole model, LoRA merged, to the main process's CPU
+        net, state = gather_sharded(net)
+        if not ld.main:
+            return None
+    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
     report.update(out=str(out), trained_params=stats.transfer_params + stats.lora_params, tokens_seen=stats.tokens,
                   train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
                   device=str(ld.device))
     return report
 
 
-def _train_seer(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
+def _train_seer(net, ld, cfg: SparsifyConfig, swap: dict, report: dict, shard: bool = False):
     """Only the gates train (stage 1 against the teacher's attention maps); the weights stay."""
     import torch
 
@@ -166,10 +178,10 @@ def _train_seer(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
     convert_model(net, [swap], source=cfg.model)
     dcfg = DistillConfig(transfer_steps=cfg.steps, lora_steps=0, batch_size=cfg.batch_size, transfer_lr=cfg.lr,
                          seed=cfg.seed)
-    return distill(net, ld.train, dcfg)
+    return distill(net, ld.train, dcfg, shard=shard)
 
 
-def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
+def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict, shard: bool = False):
     """Every layer of the swap a streaming candidate; calibrate their alphas on retrieval-bearing
     text; the ``fraction`` with the lowest alpha stream, the others go back to exact attention; LoRA
     recovery against the teacher's logits on the same text."""
@@ -202,7 +214,7 @@ def _train_loza(net, ld, cfg: SparsifyConfig, swap: dict, report: dict):
     dcfg = DistillConfig(transfer_steps=0, lora_steps=report["lora_steps"], batch_size=cfg.batch_size, lr=cfg.lr,
                          lora_rank=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank, seed=cfg.seed,
                          step_offset=report["calib_steps"])
-    net, stats = distill(net, seqs, dcfg)
+    net, stats = distill(net, seqs, dcfg, shard=shard)  # sharded after calibration, which runs unsharded
     stats.tokens += calib.tokens
     stats.seconds += calib.seconds
     stats.losses["calibration"] = calib.loss
