@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 if [ $# -eq 0 ]; then
   bash scripts/setup-oldest.sh
   echo "--- the transformers contract on transformers $(PYTHONPATH=.venv/oldest-transformers python -c 'import transformers; print(transformers.__version__)')"

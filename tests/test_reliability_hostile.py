@@ -129,7 +129,7 @@ CASES = {
     "sp checkpoint dir is a file": (lambda w: w.sp("--checkpoint-dir", w.file("ck")), "is a file, not a directory"),
     "sp reversed layer range": (lambda w: w.sp("--layers", "0,2-1"), "runs backwards"),
     "sp sparsity of one": (lambda w: w.sp("--sparsity", 1), "--sparsity must be in [0, 1)"),
-    "sp unknown method": (lambda w: w.sp("--method", "loza"), "unknown --method 'loza'"),
+    "sp unknown method": (lambda w: w.sp("--method", "nope"), "unknown --method 'nope'"),
     "sp empty model": (lambda w: _swap(w.sp(), "--model", ""), "--model is empty"),
     # --- linearize: options that do not apply, output locations, inputs that are not what they seem
     "lin meta-tokens with lolcats": (lambda w: w.lin("--meta-tokens", 4), "--meta-tokens does not apply to --attention lolcats"),
