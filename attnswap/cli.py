@@ -185,7 +185,9 @@ def linearize(
 ):
     """Swap softmax attention for learnable linear + sliding-window attention, then distil."""
     cfg = _config(ctx, linearize_pipeline.LinearizeConfig, locals())
-    _show(linearize_pipeline.run(cfg), _summary, cfg.json_out)
+    report = linearize_pipeline.run(cfg)
+    _show(report, _summary, cfg.json_out)
+    _alpha_plot(report)
 
 
 def _summary(r: dict) -> None:
@@ -420,8 +422,7 @@ def sparsify(
     cfg = _config(ctx, sparsify_pipeline.SparsifyConfig, locals())
     report = sparsify_pipeline.run(cfg)
     _show(report, _sparsify_summary, cfg.json_out)
-    if report is not None and cfg.method == "loza" and cfg.json_out is not None:
-        _alpha_plot(report, cfg.json_out.with_name(cfg.json_out.stem + "-alpha.png"))
+    _alpha_plot(report)
 
 
 def _sparsify_summary(report: dict) -> None:
@@ -452,12 +453,16 @@ def _sparsify_summary(report: dict) -> None:
     console.print(t)
 
 
-def _alpha_plot(report: dict, path: Path) -> None:
-    """alpha per layer beside the retrieval probe, next to the JSON report (only with matplotlib)."""
+def _alpha_plot(report: dict | None) -> None:
+    """The calibrated alphas beside the retrieval probe, as calibration.png in the saved model's
+    directory (loza and --exact-heads runs; only with matplotlib)."""
+    if not report or not report.get("alpha"):
+        return
     try:
         from .evals import plots
 
-        plots.calibration(report["alpha"], report.get("retrieval_probe"), report["streaming_layers"], path)
+        path = plots.calibration(report["alpha"], report.get("retrieval_probe"), report.get("streaming_layers", []),
+                                 Path(report["out"]) / "calibration.png", exact=report.get("exact_heads"))
     except ImportError:
         return
     console.print(f"alpha plot: {path}")

@@ -9,9 +9,14 @@ For each model and prompt length L (random token ids):
 - ``decode tok/s``: N greedy one-token steps from that cache (a converted model's steps go through
   its default decode path: the CUDA-graph step on CUDA), timed; the median of ``--repeats``.
 
+- ``cache MiB``: the bytes the cache holds after the N steps (keys/values of softmax layers, the
+  fixed-size state of converted layers, the exact heads' buffers), counted from its tensors.
+
 Converted models are made here from the teacher with default options (all layers, untrained):
 speed and memory do not depend on training. ``--methods`` picks them (teacher, lolcats, lizard, seer;
 seer's steps keep the completed blocks' gate keys in the cache and re-pool only the partial block).
+An entry that is a directory is a saved conversion, loaded as a user loads it (for what only a
+trained run decides: loza's streaming layers, ``--exact-heads``' chosen heads).
 It also runs against older attnswap checkouts (``PYTHONPATH=old-tree``) for before/after figures.
 
     python benchmarks/generation.py --model llama --lengths 2048,8192,32768 --json gen.json
@@ -25,12 +30,14 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
+from attnswap.evals.speed import cache_bytes
 from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
 try:
@@ -54,7 +61,7 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
     g = torch.Generator().manual_seed(L)
     ids = torch.randint(100, vocab - 1, (1, L), generator=g).to(dev)
     cuda = dev.type == "cuda"
-    peaks, pref, dec = [], [], []
+    peaks, pref, dec, cache = [], [], [], []
     for _ in range(repeats):
         gc.collect()
         if cuda:
@@ -76,12 +83,13 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
             past, nxt = _out_cache(o), o.logits[:, -1:].argmax(-1)
         _sync(dev)
         t3 = time.perf_counter()
+        cache.append(cache_bytes(past) / 2**20)
         del past
         pref.append(L / (t1 - t0))
         dec.append(new / (t3 - t2))
     nan = float("nan")
     return {"generate_peak_gib": statistics.median(peaks) if peaks else nan,
-            "prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec)}
+            "prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec), "cache_mib": max(cache)}
 
 
 
@@ -103,9 +111,13 @@ def main():
     teacher, tok = loading.load_model(loading.resolve(a.model), dtype=dt, device="cpu")
     results = {}
     for method in a.methods.split(","):
-        m = copy.deepcopy(teacher)
-        if method != "teacher":
-            convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], a.model)
+        if Path(method).expanduser().is_dir():  # a saved conversion
+            m, _ = loading.load_model(loading.resolve(str(Path(method).expanduser())), dtype=dt, device="cpu")
+            method = Path(method).name
+        else:
+            m = copy.deepcopy(teacher)
+            if method != "teacher":
+                convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], a.model)
         m = m.to(device=dev, dtype=dt).eval()
         m.generation_config.max_length = None
         gk = {"prefill_chunk_size": a.prefill_chunk} if a.prefill_chunk else {}
@@ -120,10 +132,11 @@ def main():
 
     print(f"device {name}, {dt}, attnswap commit {_commit()} {a.label}, transformers {transformers.__version__}, "
           f"{a.new_tokens} new tokens, median of {a.repeats}")
-    print(f"{'model':10s} {'L':>7s} {'generate peak GiB':>18s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
+    print(f"{'model':14s} {'L':>7s} {'generate peak GiB':>18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'cache MiB':>10s}")
     for method, rows in results.items():
         for L, r in rows.items():
-            print(f"{method:10s} {L:7d} {r['generate_peak_gib']:18.3f} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f}")
+            print(f"{method:14s} {L:7d} {r['generate_peak_gib']:18.3f} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f} "
+                  f"{r['cache_mib']:10.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": name, "label": a.label, "commit": _commit(),

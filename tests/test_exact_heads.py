@@ -2,6 +2,7 @@
 the whole context, the others run the linear method, in one module; generation keeps a KV cache for
 the exact heads only."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -270,6 +271,8 @@ def test_linearize_exact_heads_end_to_end(tiny_dir, tiny_text, tmp_path):
     kv = rep["kv_cache"]
     assert kv["per_token_before"] == 3 * 2 * 2 * 16 * 4 and kv["per_token_after"] == 2 * 2 * 16 * 4
     assert "exact KV heads" in res.output
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "calibration.png").stat().st_size > 0  # alpha per head; no probe (no fact fits in 32 tokens)
     m = AutoModelForCausalLM.from_pretrained(out).eval()
     got = sorted((mod.layer_idx, h) for mod in swapped_modules(m) for h in mod.exact_heads)
     assert got == sorted(chosen)
@@ -329,6 +332,9 @@ def test_linearize_exact_heads_auto_takes_the_fewest_heads_meeting_the_recall_fl
     m = AutoModelForCausalLM.from_pretrained(out)
     assert sum(len(mod.exact_heads) for mod in swapped_modules(m)) == n
     assert "exact heads (auto)" in res.output
+    probe = rep["retrieval_probe"]  # the teacher's attention on the stated facts, per KV head
+    assert probe["facts"] > 0 and sorted(probe["head"]) == ["0", "1", "2"]
+    assert all(len(h) == 2 and all(0 <= v <= 1 for v in h) for h in probe["head"].values())
 
 
 def test_auto_scans_up_the_alpha_ranking_and_stops_at_the_first_n_meeting_the_floor(monkeypatch):

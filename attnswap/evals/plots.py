@@ -151,11 +151,16 @@ def all_plots(models: dict[str, dict], folder: Path) -> dict[str, str]:
     return out
 
 
-def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path) -> Path | None:
-    """Calibrated alpha per layer (bars; the streaming layers hatched) beside the retrieval-probe score
-    per layer (line, right axis), and per KV head when the probe has them (a second panel)."""
+def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path, exact: dict | None = None) -> Path | None:
+    """Calibrated alpha beside the retrieval-probe score. Per layer (loza): bars, the streaming layers
+    hatched, the probe per layer as a line on the right axis, and the probe per KV head as a second
+    panel when it has them. Per KV head (``linearize --exact-heads``: each alpha value is a list): a
+    layer x head map of alpha with the heads kept exact (``exact``: {layer: [heads]}) boxed, beside the
+    same map of the probe."""
     if not alpha:
         return None
+    if any(isinstance(v, (list, tuple)) for v in alpha.values()):
+        return _head_calibration(alpha, probe, exact or {}, path)
     plt = _plt()
     heads = (probe or {}).get("head") or {}
     fig, axes = plt.subplots(1, 2 if heads else 1, figsize=(12 if heads else 7, 3.8), squeeze=False)
@@ -184,6 +189,36 @@ def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path) ->
         c.set_xlabel("layer")
         c.set_ylabel("KV head")
         fig.colorbar(im, ax=c)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _get(d: dict, i: int, default=None):
+    return d.get(str(i), d.get(i, default))
+
+
+def _head_calibration(alpha: dict, probe: dict | None, exact: dict, path: Path) -> Path:
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    layers = sorted(int(k) for k in alpha)
+    heads = (probe or {}).get("head") or {}
+    fig, axes = plt.subplots(1, 2 if heads else 1, figsize=(13 if heads else 7, 3.8), squeeze=False)
+    maps = [("calibrated alpha per KV head (boxed: kept exact)", [_get(alpha, i) for i in layers], (0, 1))]
+    if heads:
+        maps.append(("retrieval probe per KV head (teacher)", [_get(heads, i, []) for i in layers], (None, None)))
+    for ax, (title, grid, (lo, hi)) in zip(axes[0], maps):
+        im = ax.imshow([list(r) for r in zip(*grid)], aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
+                       extent=(layers[0] - 0.5, layers[-1] + 0.5, len(grid[0]) - 0.5, -0.5))
+        for i in layers:
+            for h in _get(exact, i, []):
+                ax.add_patch(Rectangle((i - 0.5, h - 0.5), 1, 1, fill=False, edgecolor=COLORS[1], linewidth=2))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("KV head")
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

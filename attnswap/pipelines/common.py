@@ -196,6 +196,19 @@ def save_output(cfg: RunConfig, net, tok, out, ckpts, state_dict=None) -> None:
         ckpts.remove()
 
 
+def save_run(cfg: RunConfig, ld, net, out, ckpts, shard: bool) -> bool:
+    """The end of every pipeline: a sharded run gathers its whole model to the main process (every
+    process must call this), then the main process saves it (``save_output``). False on the other
+    processes, which have nothing more to report."""
+    state = None
+    if shard:  # the whole model, LoRA merged, to the main process's CPU
+        net, state = gather_sharded(net)
+    if not ld.main:
+        return False
+    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
+    return True
+
+
 def gather_sharded(net):
     """A sharded run's result for saving: (the plain model, for its config and save_pretrained; the
     whole model's state dict with LoRA merged, on the main process's CPU, empty on the others). Every

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len, gather_sharded,
+from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, refuse_given, require_text, resume_command,
-                     retrieval_mix, save_output, sharded_launch, tokens_hash)
+                     retrieval_mix, save_run, sharded_launch, tokens_hash)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_proj", "up_proj", "down_proj")}
@@ -136,12 +136,8 @@ def run(cfg: GqaConfig) -> dict | None:
             if ld.main:
                 report["out_of_domain"]["distilled"] = ppl
     del teacher
-    state = None
-    if shard:  # the whole model, LoRA merged, to the main process's CPU
-        net, state = gather_sharded(net)
-    if not ld.main:  # the other processes helped train; the main one evaluates and saves
+    if not save_run(cfg, ld, net, out, ckpts, shard):
         return None
-    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if trains else None, wall_seconds=time.perf_counter() - t0, device=str(ld.device),
                   dtype=str(dt).removeprefix("torch."))

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
-                     gather_sharded, load_for_training, plan_training_outputs, require_text, resume_command,
-                     retrieval_mix, save_output, sharded_launch, tokens_hash)
+                     load_for_training, plan_training_outputs, require_text, resume_command,
+                     retrieval_mix, save_run, sharded_launch, tokens_hash)
 
 # the attention options' flags, for the refusal of one the method does not take
 METHOD_FLAGS = {"window": "--window", "feature_dim": "--feature-dim", "meta_tokens": "--meta-tokens",
@@ -207,12 +207,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
         ppl = perplexity(net, ld.ood, label="converted perplexity (out of domain)")
         if ld.main:
             report["out_of_domain"]["converted"] = ppl
-    state = None
-    if shard:  # the whole model, LoRA merged, to the main process's CPU
-        net, state = gather_sharded(net)
-        if not ld.main:
-            return None
-    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
+    if not save_run(cfg, ld, net, out, ckpts, shard):
+        return None
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
                   final_losses=stats.losses, device=str(ld.device))
@@ -230,6 +226,10 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     from ..distill.train import distill
 
     share, mix, probe = calibration_mix(ld, cfg, n_exact)
+    if ld.main:  # which heads retrieve, by the teacher's attention (for the report and its plot)
+        from ..evals.probe import retrieval_probe
+
+        report["retrieval_probe"] = retrieval_probe(net, mix.ids, mix.details)
     net, stats = distill(net, train, dataclasses.replace(dcfg, lora_steps=0))
     calib = calibrate(net, mix.ids, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
                                                       seed=cfg.seed, step_offset=dcfg.transfer_steps))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
-                     gather_sharded, load_for_training, plan_training_outputs, require_text, resume_command,
-                     save_output, sharded_launch, tokens_hash)
+                     load_for_training, plan_training_outputs, require_text, resume_command,
+                     save_run, sharded_launch, tokens_hash)
 
 METHODS = ("seer", "loza")
 CALIB_SHARE = 0.3  # loza: share of --steps that calibrates (the rest is LoRA recovery)
@@ -155,12 +155,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
         ppl = perplexity(net, ld.ood, batch_size=1, label=f"{label} perplexity (out of domain)")
         if ld.main:
             report["out_of_domain"]["converted"] = ppl
-    state = None
-    if shard:  # the whole model, LoRA merged, to the main process's CPU
-        net, state = gather_sharded(net)
-        if not ld.main:
-            return None
-    save_output(cfg, net, ld.tokenizer, out, ckpts, state_dict=state)
+    if not save_run(cfg, ld, net, out, ckpts, shard):
+        return None
     report.update(out=str(out), trained_params=stats.transfer_params + stats.lora_params, tokens_seen=stats.tokens,
                   train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
                   device=str(ld.device))
