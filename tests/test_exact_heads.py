@@ -139,10 +139,26 @@ def test_left_padded_batch_and_beam_search(method):
     assert torch.equal(m.generate(a, **kw), m.generate(a, use_cache=False, **kw))
 
 
+def test_exact_capacity_grows_by_a_quarter_in_whole_units():
+    from attnswap.convert.base import SwappedAttention
+
+    cap = SwappedAttention.exact_capacity
+    m = SwappedAttention.__new__(SwappedAttention)
+    assert [cap(m, n) for n in (1, 256, 257, 8192)] == [256, 256, 512, 8192]
+    assert cap(m, 8193, 8192) == 10240 and cap(m, 257, 256) == 512 and cap(m, 20000, 8192) == 20224
+    c, seen = 256, []
+    for need in range(257, 65536, 64):  # a long decode: few regrowths, never more than 25% + a unit spare
+        if need > c:
+            c = cap(m, need, c)
+            seen.append(c)
+        assert need <= c <= need * 1.25 + 256 + 64
+    assert len(seen) <= 25  # 256 -> 64k: log base 1.25 of 256
+
+
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
 def test_the_static_decode_step_covers_mixed_models_and_their_growing_cache(monkeypatch, method):
     """The decode graph's static-buffer step (what CUDA captures) on a mixed model: the exact heads'
-    buffers start at 4 slots here and double while decoding, each capacity its own step."""
+    buffers grow in 4-slot units here while decoding, each capacity its own step."""
     from attnswap.convert.base import SwappedAttention
 
     monkeypatch.setattr(SwappedAttention, "exact_capacity_min", 4)
@@ -153,7 +169,7 @@ def test_the_static_decode_step_covers_mixed_models_and_their_growing_cache(monk
     got = m.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert torch.equal(got, want)
     caps = sorted(k[-1] for k in m.__dict__["_attnswap_decode_graphs"])
-    assert caps == [(8, 8), (16, 16)]  # 5 prompt + 11 fed tokens: 8 slots, then 16, each its own step
+    assert caps == [(8, 8), (12, 12), (16, 16)]  # 5 prompt + 11 fed tokens: 8 slots, then 12, 16, each its own step
     m.generation_config.pad_token_id = 0  # a left-padded batch through the static step
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(1, 300, (1, 9), generator=g), torch.randint(1, 300, (1, 6), generator=g)

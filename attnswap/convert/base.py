@@ -20,7 +20,7 @@ some of its KV heads exact. Those KV heads, with the query heads of their GQA gr
 softmax attention over the whole context; the method runs on the other heads only (it narrows its own
 tensors with ``lin_q``/``lin_kv``). One module does both. In generation the layer's cache slot holds
 the method's state for its linear heads plus the keys and values of its exact heads only
-(``_recurrent_mixed``), in buffers of fixed capacity that double when full, so that the decode graph
+(``_recurrent_mixed``), in buffers of fixed capacity that grow by a quarter when full, so that the decode graph
 (``modeling/decode.py``) can capture the step.
 """
 
@@ -311,19 +311,28 @@ class SwappedAttention(nn.Module):
             outs.append(o)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
-    exact_capacity_min: ClassVar[int] = 256  # slots first given to the exact heads' keys (then doubled)
+    exact_capacity_min: ClassVar[int] = 256  # the exact heads' key slots grow in multiples of this
+
+    def exact_capacity(self, need: int, cap: int = 0) -> int:
+        """Slots for ``need`` exact keys, growing from ``cap``: by at least a quarter (so a long decode
+        re-captures its graph O(log) times) and at most 25% + one unit over ``need``, in multiples of
+        ``exact_capacity_min``."""
+        unit = self.exact_capacity_min
+        want = need if cap == 0 else max(need, cap + max(unit, cap // 4))
+        return -(-want // unit) * unit
+
     EXACT_KEYS: ClassVar[tuple[str, ...]] = ("exact_k", "exact_v", "exact_ok", "exact_n")
 
     def reserve_exact(self, layer, new_tokens: int) -> None:
-        """Make room in the exact heads' cache for ``new_tokens`` more (doubling its capacity): before
-        a step that writes into it in place of growing it (eager calls and the decode graph alike)."""
+        """Make room in the exact heads' cache for ``new_tokens`` more (``exact_capacity``): before a
+        step that writes into it in place of growing it (eager calls and the decode graph alike)."""
         st = layer.state
         if st is None or "exact_k" not in st:
             return
         cap, need = st["exact_k"].shape[1], layer.seen + new_tokens
         if need <= cap:
             return
-        grow = max(need, 2 * cap) - cap
+        grow = self.exact_capacity(need, cap) - cap
         st = dict(st)
         for name in ("exact_k", "exact_v"):
             t = st[name]
@@ -347,7 +356,7 @@ class SwappedAttention(nn.Module):
         lin = None
         if first:  # prefill: attend over the new tokens only, then store them with room to grow
             ex = self.softmax_attention(q, k_new, v_new, attention_mask)
-            cap = max(self.exact_capacity_min, 1 << (T - 1).bit_length())
+            cap = self.exact_capacity(T)
 
             def room(t, fill=0):
                 return torch.cat([t, t.new_full((B, cap - T, *t.shape[2:]), fill)], 1)
