@@ -3,14 +3,19 @@
 # end-to-end runs on the real SmolLM2; on the newest transformers pip resolves. Then the transformers
 # contract tests (`-m compat`: generation, the decode step, the seam) again on the oldest supported
 # transformers (5.17.0, the GPU image's), from an overlay in .venv/oldest-transformers.
-# Extra arguments go to the first pytest run only, and skip the second.
+# Extra arguments go to the first pytest run only, and skip the second. Tests run in one pytest-xdist
+# worker per core (ATTNSWAP_TEST_WORKERS overrides; 0 runs them in this process), each with one
+# intra-op thread: most tests are small and Python-bound, so workers beat threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+workers=${ATTNSWAP_TEST_WORKERS:-$(nproc)}
+par=()
+if [ "$workers" -gt 1 ]; then par=(-n "$workers"); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+python -m pytest -q -p no:cacheprovider --durations=15 "${par[@]}" "$@"
 if [ $# -eq 0 ]; then
   bash scripts/setup-oldest.sh
   echo "--- the transformers contract on transformers $(PYTHONPATH=.venv/oldest-transformers python -c 'import transformers; print(transformers.__version__)')"
-  PYTHONPATH=.venv/oldest-transformers python -m pytest -q -p no:cacheprovider -m compat
+  PYTHONPATH=.venv/oldest-transformers python -m pytest -q -p no:cacheprovider "${par[@]}" -m compat
 fi
