@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..convert.base import attention_mode, swapped_modules
+from ..progress import progress_bar
 
 
 @torch.no_grad()
@@ -44,11 +45,13 @@ def retrieval_probe(model, ids: torch.Tensor, details: dict, max_rows: int = 8) 
     n = 0
     dev = next(model.parameters()).device
     try:
-        with attention_mode(model, "teacher"):
+        with attention_mode(model, "teacher"), progress_bar() as bar:
+            task = bar.add_task("retrieval probe (teacher attention)", total=len(rows))
             for r in rows:
                 state["spans"] = [(f.fact, f.answer) for f in details[r].facts]
                 n += len(state["spans"])
                 model(input_ids=ids[r : r + 1].to(dev), use_cache=False)
+                bar.update(task, advance=1)
     finally:
         for h in handles:
             h.remove()
