@@ -182,13 +182,7 @@ def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path, ex
         b.set_ylabel("attention mass on the fact (teacher)")
         b.set_ylim(bottom=0)
     if heads:
-        c = axes[0][1]
-        grid = [heads.get(i, heads.get(str(i), [])) for i in layers]
-        im = c.imshow([list(r) for r in zip(*grid)], aspect="auto", cmap="viridis")
-        c.set_title("retrieval probe per KV head", fontsize=10)
-        c.set_xlabel("layer")
-        c.set_ylabel("KV head")
-        fig.colorbar(im, ax=c)
+        _head_map(fig, axes[0][1], [_get(heads, i, []) for i in layers], layers, "retrieval probe per KV head")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -197,6 +191,16 @@ def calibration(alpha: dict, probe: dict | None, streaming: list, path: Path, ex
 
 def _get(d: dict, i: int, default=None):
     return d.get(str(i), d.get(i, default))
+
+
+def _head_map(fig, ax, grid: list, layers: list[int], title: str, lo=None, hi=None) -> None:
+    """``grid`` (one list of per-KV-head values per layer) as a KV head x layer image on ``ax``."""
+    im = ax.imshow([list(r) for r in zip(*grid)], aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
+                   extent=(layers[0] - 0.5, layers[-1] + 0.5, len(grid[0]) - 0.5, -0.5))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KV head")
+    fig.colorbar(im, ax=ax)
 
 
 def _head_calibration(alpha: dict, probe: dict | None, exact: dict, path: Path) -> Path:
@@ -210,15 +214,10 @@ def _head_calibration(alpha: dict, probe: dict | None, exact: dict, path: Path) 
     if heads:
         maps.append(("retrieval probe per KV head (teacher)", [_get(heads, i, []) for i in layers], (None, None)))
     for ax, (title, grid, (lo, hi)) in zip(axes[0], maps):
-        im = ax.imshow([list(r) for r in zip(*grid)], aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
-                       extent=(layers[0] - 0.5, layers[-1] + 0.5, len(grid[0]) - 0.5, -0.5))
+        _head_map(fig, ax, grid, layers, title, lo, hi)
         for i in layers:
             for h in _get(exact, i, []):
                 ax.add_patch(Rectangle((i - 0.5, h - 0.5), 1, 1, fill=False, edgecolor=COLORS[1], linewidth=2))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("KV head")
-        fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
