@@ -26,6 +26,16 @@ batch)  # issue 16: exact heads and loza, side by side
   $L xlol9 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9 $EV --json ~/res/xlol9.json -- --exact-heads 9 --steps 1000 --eval-tokens 8192"
   $L loza "python quality.py --model $M --convert sparsify --out ~/runs/loza $EV --json ~/res/loza.json -- --method loza --fraction 0.5 --steps 1000 --eval-tokens 16384"
   ;;
+chain)  # everything, one after the other, detached: batch; then gen, alone and prof, each alone on the GPU
+  mkdir -p ~/res
+  setsid nohup bash -c "bash $REPO/benchmarks/lent_gpu/jobs.sh batch; bash $REPO/benchmarks/lent_gpu/wait.sh xliz3 xliz6 xliz9 xlol9 loza;
+    for p in gen alone prof; do bash $REPO/benchmarks/lent_gpu/jobs.sh \$p; bash $REPO/benchmarks/lent_gpu/wait.sh \$(bash $REPO/benchmarks/lent_gpu/jobs.sh names-\$p); done
+    echo done > ~/res/chain.rc" > ~/res/chain.log 2>&1 &
+  echo "chain launched"
+  ;;
+names-gen) echo gen2 ;;
+names-alone) echo alone ;;
+names-prof) echo prof ;;
 gen)    # alone: decode/prefill/cache of the trained conversions beside the teacher
   $L gen2 "python generation.py --model $M --methods teacher,lolcats,lizard,~/runs/lizard-x3,~/runs/lizard-x6,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza --lengths 2048,8192,32768 --repeats 3 --json ~/res/gen2.json"
   ;;
