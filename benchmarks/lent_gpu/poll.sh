@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # poll.sh SECONDS NAME... : wait until every job NAME (launch.sh) has an exit code or SECONDS pass, print
 # each job's last lines, and pack logs, JSON results and calibration plots into $OUT/res.tgz.
-# A machine that never saw these jobs (the lent one was released and this call got a fresh one) exits 3
+# A machine with none of these jobs' logs (the lent one was released and this call got a fresh one) exits 3
 # at once instead of waiting out SECONDS.
 limit=$1; shift
-for n in "$@"; do
-  if [ ! -f ~/res/$n.log ]; then echo "FRESH MACHINE: no ~/res/$n.log here; the jobs were lost with the last one"; exit 3; fi
-done
+seen=0
+for n in "$@"; do [ -f ~/res/$n.log ] && seen=1; done
+if [ $seen -eq 0 ]; then echo "FRESH MACHINE: none of the jobs' logs is here; they were lost with the last one"; exit 3; fi
 t0=$(date +%s)
 while :; do
   left=0
