@@ -36,6 +36,14 @@ chain)  # everything, one after the other, detached: batch; then gen, alone and 
 names-gen) echo gen2 ;;
 names-alone) echo alone ;;
 names-prof) echo prof ;;
+short)  # issue 16 in one call (~9 min): exact heads 9 for both attentions and loza, fewer steps than batch
+  $L xliz9 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 $EV --json ~/res/xliz9.json -- --attention lizard --exact-heads 9 --steps 500 --eval-tokens 8192"
+  $L xlol9 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9 $EV --json ~/res/xlol9.json -- --exact-heads 9 --steps 500 --eval-tokens 8192"
+  $L loza "python quality.py --model $M --convert sparsify --out ~/runs/loza $EV --json ~/res/loza.json -- --method loza --fraction 0.5 --steps 200 --eval-tokens 16384"
+  ;;
+gen8)   # alone, after short: decode/prefill/cache of its conversions beside the teacher
+  $L gen8 "python generation.py --model $M --methods teacher,lolcats,lizard,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza --lengths 2048,8192,32768 --repeats 3 --json ~/res/gen8.json"
+  ;;
 gen)    # alone: decode/prefill/cache of the trained conversions beside the teacher
   $L gen2 "python generation.py --model $M --methods teacher,lolcats,lizard,~/runs/lizard-x3,~/runs/lizard-x6,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza --lengths 2048,8192,32768 --repeats 3 --json ~/res/gen2.json"
   ;;
