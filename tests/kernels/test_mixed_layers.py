@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from tests.kernels.conftest import CASES, check, skip_triton_on, tol
-from tests.test_exact_heads import _converted
-
-EXACT = {0: [0], 1: [1], 2: []}  # layer -> KV heads kept exact (the tiny model has 2 KV heads a layer)
+from tests.test_exact_heads import MIXED, _converted  # MIXED: layer -> KV heads kept exact
 
 
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_mixed_model_triton_matches_torch(method, device, dtype, monkeypatch):
     skip_triton_on(device)
-    m = _converted(method, EXACT, seed=7).to(device=device, dtype=dtype)
+    m = _converted(method, MIXED, seed=7).to(device=device, dtype=dtype)
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(11)).to(device)
     with torch.no_grad():
         monkeypatch.setenv("ATTNSWAP_KERNELS", "torch")
