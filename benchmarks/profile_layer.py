@@ -8,8 +8,12 @@ with default options) and each length L:
 - ``model fwd ms``: a whole-model forward without a cache over L random tokens, and that time
   divided by the number of layers (``per layer``): the difference to the layer figure is the rest of
   the decoder layer (MLP, norms) and the model's own overhead;
+- ``model prefill ms``: a whole-model forward into a fresh cache with an all-ones mask and
+  ``logits_to_keep=1``, what ``generate()`` (and ``benchmarks/generation.py``'s prefill) runs;
 - with ``--trace``, the top operators of one layer's forward+backward from ``torch.profiler``,
-  by device time (CUDA) or CPU time, so fusions and copies can be seen by name;
+  by device time (CUDA) or CPU time, so fusions and copies can be seen by name; and of the whole-model
+  prefill, by self host time and by self device time (where the host spends its time between
+  launches); ``--trace-dir`` also writes each prefill's Chrome trace there (gzipped);
 - with ``--syncs``, host-device synchronisations and ATen calls (``attnswap.profiling``) of the layer's
   forward, its forward+backward, the whole model's forward without a cache and its prefill into a
   cache (with an all-ones mask, as ``generate()`` passes): the host-side overhead, countable on CPU.
@@ -73,7 +77,8 @@ def host_counts(model, fns: dict) -> dict:
     return out
 
 
-def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False) -> dict:
+def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False,
+            trace_dir: str | None = None) -> dict:
     attn = model.model.layers[0].self_attn
     h, pe = layer_inputs(model, L, dev, dtype)
     hg = h.clone().requires_grad_(True)
@@ -105,21 +110,42 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
                 p_.grad = None
             return {"method": name, "L": L, "counts": counts}
         row = {"method": name, "L": L, "layer_fwd_ms": _timed(fwd, dev, repeats),
-               "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats)}
+               "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats),
+               "model_prefill_ms": _timed(prefill, dev, repeats)}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
         if trace:
-            from torch.profiler import ProfilerActivity, profile as prof
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with prof(activities=acts) as p:
-                fwd_bwd()
-                _sync(dev)
-            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-            table = p.key_averages().table(sort_by=key, row_limit=18)
-            print(f"\n--- {name}, L={L}: one layer forward+backward, top operators by {key}\n{table}", flush=True)
+            _trace(fwd_bwd, dev, f"{name}, L={L}: one layer forward+backward", 18)
+            _trace(prefill, dev, f"{name}, L={L}: whole-model prefill into a cache", 30, by_self=True,
+                   path=f"{trace_dir}/prefill-{name}-{L}.json" if trace_dir else None)
     for p_ in attn.parameters():
         p_.grad = None
     return row
+
+
+def _trace(fn, dev, what: str, rows: int, by_self: bool = False, path: str | None = None):
+    """Print torch.profiler's top operators of one call of ``fn`` (after the timing runs warmed it)."""
+    import gzip
+    import os
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with prof(activities=acts) as p:
+        fn()
+        _sync(dev)
+    keys = (["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else [])) if by_self else \
+        ["cuda_time_total" if cuda else "cpu_time_total"]
+    for key in keys:
+        table = p.key_averages().table(sort_by=key, row_limit=rows)
+        print(f"\n--- {what}, top operators by {key}\n{table}", flush=True)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        p.export_chrome_trace(path)
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(path)
 
 
 def main():
@@ -129,6 +155,7 @@ def main():
     ap.add_argument("--lengths", default="4096,32768")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators per method and length")
+    ap.add_argument("--trace-dir", default=None, help="with --trace: write each prefill's Chrome trace here (.json.gz)")
     ap.add_argument("--syncs", action="store_true",
                     help="count host syncs and ATen calls (layer, whole model, prefill) instead of timing")
     ap.add_argument("--device", default="auto")
@@ -150,7 +177,7 @@ def main():
             model.to(dev, dtype)
         for L in lengths:
             try:
-                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs)
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir)
             except torch.OutOfMemoryError:
                 row = {"method": method, "L": L, "error": "out of memory"}
             rows.append(row)
@@ -180,13 +207,15 @@ def main():
 
 
 def _timing_table(rows):
-    print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}")
+    print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}"
+          f" {'prefill ms':>11s} {'prefill tok/s':>14s}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
             continue
         print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
-              f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f}")
+              f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f} {r['model_prefill_ms']:11.2f}"
+              f" {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # jobs.sh PHASE : the measured commands (run from benchmarks/ via launch.sh)
 M=~/smollm2.gguf
 L=$REPO/benchmarks/lent_gpu/launch.sh
-EV="--tasks ppl,passkey,mqar --ppl-lengths 1024,8192 --lengths 1024,2048,4096,8192 --samples 6"
+EV="--tasks ppl,passkey,mqar --ppl-lengths 1024,2048,8192 --lengths 1024,2048,4096,8192 --samples 6"
 # q NAME COMMAND OUTDIR EVAL_TOKENS 'FLAGS' : a conversion of M, then its quality suite ($EV), as job NAME
 q() { $L $1 "python quality.py --model $M --convert $2 --out ~/runs/$3 $EV --json ~/res/$1.json -- $5 --eval-tokens $4"; }
 # g NAME METHODS : the generation suite over METHODS (teacher, methods, saved runs) at 2k / 8k / 32k, as job NAME
@@ -37,6 +37,25 @@ chain)  # everything, one after the other, detached: batch; then gen, alone and 
   setsid nohup bash -c "$J batch; $W xliz3 xliz6 xliz9 xlol9 loza; $J gen; $W gen2; $J alone; $W alone; $J prof; $W prof
     echo done > ~/res/chain.rc" > ~/res/chain.log 2>&1 &
   echo "chain launched"
+  ;;
+wave)   # detached: one conversion alone (issue 17's timing), the profiler alone, then b14 and b16 side by side
+  mkdir -p ~/res
+  J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"
+  setsid nohup bash -c "$J alone; $W alone; $J prof2; $W prof2; $J b14; $J b16; echo done > ~/res/wave.rc" > ~/res/wave.log 2>&1 &
+  : > ~/res/alone.log; echo "wave launched"
+  ;;
+prof2)  # alone: per-layer and whole-model timing with prefill into a cache; traces of the prefill
+  $L prof2 "python profile_layer.py --model $M --lengths 2048,8192,32768 --repeats 5 --trace --trace-dir ~/res/traces --json ~/res/prof2.json"
+  ;;
+b14)    # issue 14: linearize on longer training rows (the same 8,192 tokens a step); gqa --train all
+  q lol4k linearize lolcats-4k 8192 "--seq-len 4096 --batch-size 2 --steps 1000"
+  q liz4k linearize lizard-4k 8192 "--attention lizard --seq-len 4096 --batch-size 2 --steps 1000"
+  q gqaall gqa gqa-all 8192 "--kv-heads 1 --train all --steps 1000"
+  q gqaall4k gqa gqa-all-4k 8192 "--kv-heads 1 --train all --seq-len 4096 --batch-size 2 --steps 1000"
+  ;;
+b16)    # issue 16: exact heads with retrieval rows in every training stage, 1000 steps
+  q xliz9r linearize lizard-x9r 8192 "--attention lizard --exact-heads 9 --retrieval-mix 0.25 --steps 1000"
+  q xlol9r linearize lolcats-x9r 8192 "--exact-heads 9 --retrieval-mix 0.25 --steps 1000"
   ;;
 gen8)   # alone, after short: decode/prefill/cache of its conversions beside the teacher
   g gen8 teacher,lolcats,lizard,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza

@@ -23,5 +23,5 @@ done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 if [ -n "$OUT" ]; then
   mkdir -p ~/res/png; for d in ~/runs/*/; do [ -f $d/calibration.png ] && cp $d/calibration.png ~/res/png/$(basename $d).png; done
-  cd ~/res && tar -czf $OUT/res.tgz *.log *.json png 2>/dev/null; ls -la $OUT
+  cd ~/res && tar -czf $OUT/res.tgz *.log *.json png $(ls -d traces 2>/dev/null) 2>/dev/null; ls -la $OUT
 fi
