@@ -1,5 +1,7 @@
 """The chunked PyTorch paths against their naive specifications: outputs and gradients."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,30 @@ def test_decode_state_continues_the_full_sequence(W, S, gated):
         o, _ = hybrid_step(q[:, n:], k[:, n:], v[:, n:], fq[:, n:], fk[:, n:], gamma, st, window=W, scale=0.3, sinks=S,
                            g=sl(gate, n, 26), **meta)
         assert rel_err(o, full[:, n:]) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_state_without_padding_equals_the_masked_one(gated, dtype):
+    """valid=None (every token real: slices and sums) builds the state the masked path builds from an
+    all-True mask, for lengths around the window and the sinks."""
+    from attnswap.kernels.hybrid_attn.step_torch import hybrid_prefill_state
+
+    g = torch.Generator().manual_seed(5)
+    B, Hk, D, Fd = 2, 3, 5, 6
+    for T, W, S in itertools.product((1, 3, 4, 5, 9, 17, 40), (4, 8), (0, 1, 4)):
+        k = torch.randn(B, T, Hk, D, generator=g).to(dtype)
+        v = torch.randn(B, T, Hk, D, generator=g).to(dtype)
+        fk = torch.rand(B, T, Hk, Fd, generator=g)
+        gate = F.logsigmoid(torch.randn(B, T, Hk, generator=g)) if gated else None
+        want = hybrid_prefill_state(k, v, fk, torch.ones(B, T, dtype=torch.bool), window=W, sinks=S, g=gate)
+        got = hybrid_prefill_state(k, v, fk, None, window=W, sinks=S, g=gate)
+        assert got.keys() == want.keys()
+        for name, w in want.items():
+            t = got[name]
+            assert t.shape == w.shape and t.dtype == w.dtype, (name, T, W, S)
+            if w.is_floating_point():
+                err = (t.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)
+                assert err < 1e-5, (name, T, W, S, float(err))
+            else:
+                assert torch.equal(t, w), (name, T, W, S)

@@ -232,10 +232,16 @@ class SwappedAttention(nn.Module):
         return out.transpose(1, 2)
 
     # --- recurrent generation (constant memory); a method that cannot decode leaves these out ----
-    def prefill_state(self, x: QKV, valid: torch.Tensor) -> dict:
-        """The decoding state after x's tokens; ``valid`` (B, T) marks real (not padding) tokens.
-        Its size must not depend on T."""
+    def prefill_state(self, x: QKV, valid: torch.Tensor | None) -> dict:
+        """The decoding state after x's tokens; ``valid`` (B, T) marks real (not padding) tokens,
+        None: all of them. Its size must not depend on T."""
         raise NotImplementedError
+
+    def student_and_state(self, x: QKV):
+        """``student(x)`` and ``prefill_state(x, None)`` for a prefill without padding. A method whose
+        output and state read the same features overrides it to compute them once (a prefill's host
+        time, not its device time, bounds a small model's prefill on a GPU: docs/BENCHMARKS.md)."""
+        return self.student(x), self.prefill_state(x, None)
 
     def decode(self, x: QKV, state: dict):
         """Attend x's new tokens, which directly follow ``state``; return (out, new state)."""
@@ -294,10 +300,11 @@ class SwappedAttention(nn.Module):
         if self.exact_heads:
             out = self._recurrent_mixed(x, attention_mask, layer)
         elif layer.state is None:
-            valid = key_padding(attention_mask, T)
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.q.device) if valid is None else valid
-            out = self._student_padded(x, attention_mask)
-            layer.state = self.prefill_state(x, valid)
+            if padding_plan(attention_mask, T) is None:  # every token real: one pass makes output and state
+                out, layer.state = self.student_and_state(x)
+            else:
+                out = self._student_padded(x, attention_mask)
+                layer.state = self.prefill_state(x, key_padding(attention_mask, T))
         else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
             out, new = self._decode_pieces(x, layer.state)
             layer.set_state(new)
@@ -364,7 +371,9 @@ class SwappedAttention(nn.Module):
             exact = {"exact_k": room(k_new), "exact_v": room(v_new), "exact_ok": room(valid, False),
                      "exact_n": torch.full((B,), T, dtype=torch.long, device=dev)}
             lin_state = {}
-            if self.has_linear_heads:
+            if self.has_linear_heads and padding_plan(attention_mask, T) is None:
+                lin, lin_state = self.student_and_state(x)
+            elif self.has_linear_heads:
                 lin = self._student_padded(x, attention_mask, linear_only=True)
                 lin_state = self.prefill_state(x, valid)
         else:

@@ -69,7 +69,10 @@ class LizardAttention(SwappedAttention):
         return self.lin_q(fq), self.lin_kv(fk), self.lin_kv(g), gamma, meta
 
     def student(self, x):
-        fq, fk, g, gamma, meta = self._parts(x)
+        return self._student(x, self._parts(x))
+
+    def _student(self, x, parts):
+        fq, fk, g, gamma, meta = parts
         dt = x.q.dtype
         return gated_hybrid_attn(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq.to(dt), fk.to(dt), g, gamma,
                                  window=self.window, scale=self.scaling, **meta)
@@ -78,6 +81,11 @@ class LizardAttention(SwappedAttention):
         fk, g = self._keys(x)
         return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(fk), valid, window=self.window,
                                     g=self.lin_kv(g))
+
+    def student_and_state(self, x):
+        parts = self._parts(x)  # key features and gates narrowed to the linear heads, as the state takes them
+        state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), parts[1], None, window=self.window, g=parts[2])
+        return self._student(x, parts), state
 
     def decode(self, x, state):
         fq, fk, g, gamma, meta = self._parts(x)

@@ -68,7 +68,9 @@ class LolcatsAttention(SwappedAttention):
 
     def student(self, x):
         """The method on its linear heads (all heads unless the layer keeps some exact)."""
-        fq, fk = self._features(x) if self.use_linear else (None, None)
+        return self._student(x, *(self._features(x) if self.use_linear else (None, None)))
+
+    def _student(self, x, fq, fk):
         dt = x.q.dtype
         q, k, v = self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v)
         fq, fk = self.lin_q(fq), self.lin_kv(fk)
@@ -81,9 +83,16 @@ class LolcatsAttention(SwappedAttention):
     def gamma(self):
         return torch.sigmoid(self.window_factor.float())
 
-    def prefill_state(self, x, valid):
-        return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(self._features(x)[1]), valid,
+    def prefill_state(self, x, valid, fk=None):
+        if fk is None:
+            fk = self.feature_map_k(x.k if self.feature_rope else x.kn)
+        return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(fk), valid,
                                     window=self.window, sinks=self.sinks)
+
+    def student_and_state(self, x):
+        fq, fk = self._features(x)
+        out = self._student(x, fq, fk) if self.use_linear else self._student(x, None, None)
+        return out, self.prefill_state(x, None, fk)
 
     def decode(self, x, state):
         fq, fk = self._features(x)

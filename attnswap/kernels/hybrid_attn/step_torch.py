@@ -37,8 +37,11 @@ def _one_token_step():
 
 
 def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None) -> dict:
-    """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool;
-    ``g`` (B, T, Hk) log-gates for the gated variant."""
+    """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool, or
+    None when every token is real (no padding: the state is then slices and two sums, a few operators
+    instead of the masked search below); ``g`` (B, T, Hk) log-gates for the gated variant."""
+    if valid is None:
+        return _prefill_state_unpadded(k, v, fk, window=window, sinks=sinks, g=g)
     B, T, Hk, D = k.shape
     W, Sk = window, max(sinks, 1)
     rank = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
@@ -76,6 +79,43 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk.float()),
             "win_rank": last(rank, fill=-1), "sink_k": sink_k, "sink_v": sink_v, "sink_on": sink_on,
             "n_real": valid.long().sum(1), "win_g": last(g)}
+
+
+def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) -> dict:
+    """``hybrid_prefill_state`` when every token is real: token t has rank t, the sinks are the first
+    ``sinks`` tokens, the linear sums run over tokens [sinks, T - W)."""
+    B, T, Hk, D = k.shape
+    W, Sk = window, max(sinks, 1)
+    old = max(0, T - W)
+    a = min(sinks, old)  # tokens before a are sinks: they never enter the linear sums
+    dev = k.device
+    f = fk[:, a:old].float()
+    if g is None:
+        gf = None
+    else:
+        gf = g.float()
+        G = time_cumsum(gf)
+        f = f * (G[:, -1:] - G[:, a:old]).exp()[..., None]  # decayed to the last token
+    S = torch.einsum("btxf,btxd->bxfd", f, v[:, a:old].float())
+    z = f.sum(1)
+    pad = max(0, W - T)
+
+    def last(x, fill=0):
+        x = x[:, old:]
+        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else x
+
+    n = min(Sk, T) if sinks else 0
+    slot = torch.arange(Sk, device=dev)
+
+    def first(x):  # the first n tokens, zero-filled up to Sk slots
+        return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else x[:, :Sk]
+
+    rank = torch.arange(T, device=dev).expand(B, T)
+    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk).float(),
+            "win_rank": last(rank, fill=-1), "sink_k": first(k), "sink_v": first(v),
+            "sink_on": (slot < min(n, old)).expand(B, Sk).contiguous(),
+            "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
+            "win_g": last(gf) if gf is not None else k.new_zeros(B, W, Hk, dtype=torch.float32)}
 
 
 def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
