@@ -162,7 +162,7 @@ def linearize(
     lora_rank: int = typer.Option(8, help="LoRA rank on q/k/v/o of converted layers."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     lora_feature_maps: bool = typer.Option(True, help="Keep training feature maps, gates and mixing factors during the LoRA stage."),
-    retrieval_mix: float = typer.Option(0.0, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0, the default, disables)."),
+    retrieval_mix: Optional[float] = typer.Option(None, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables). Default: 0, or 0.25 with --exact-heads."),
     sinks: Optional[int] = typer.Option(None, help="lolcats only: attention sinks, the first N tokens stay in the exact softmax part for every query (default: 4)."),
     feature_rope: Optional[bool] = typer.Option(None, "--feature-rope/--no-feature-rope", help="lolcats only: feature maps see q/k after RoPE (the paper's form) instead of before it (default: before)."),
     exact_heads: str = typer.Option("0", help="KV heads of the whole model kept exact softmax attention over the full context, chosen by per-head calibration after attention transfer (0, the default: none; 'auto': the fewest that meet --recall-floor). Steps then split 40% transfer / 10% calibration / 50% LoRA."),

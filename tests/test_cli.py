@@ -82,6 +82,7 @@ def test_linearize_then_eval_tiny(tiny_dir, tiny_text, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["steps"] == {"transfer": 2, "lora": 2} and rep["tokens_seen"] == 4 * 2 * 32
+    assert rep["retrieval_mix"] == 0.0 and rep["retrieval_sequences"] == 0  # the default without --exact-heads
     assert rep["teacher"]["ppl"] > 1 and rep["converted"]["ppl"] > 1
     assert "converted ppl" in res.output and "change" in res.output
     m = AutoModelForCausalLM.from_pretrained(out)

@@ -279,6 +279,7 @@ def test_linearize_exact_heads_end_to_end(tiny_dir, tiny_text, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["steps"] == {"transfer": 2, "calibration": 1, "lora": 3} and rep["tokens_seen"] == 6 * 2 * 32
+    assert rep["retrieval_mix"] == 0.25  # the default with --exact-heads (0 without)
     assert sorted(rep["alpha"]) == ["0", "1", "2"] and all(len(a) == 2 for a in rep["alpha"].values())
     chosen = [(int(layer), h) for layer, heads in rep["exact_heads"].items() for h in heads]
     assert len(chosen) == 2
