@@ -57,6 +57,17 @@ b16)    # issue 16: exact heads with retrieval rows in every training stage, 100
   q xliz9r linearize lizard-x9r 8192 "--attention lizard --exact-heads 9 --retrieval-mix 0.25 --steps 1000"
   q xlol9r linearize lolcats-x9r 8192 "--exact-heads 9 --retrieval-mix 0.25 --steps 1000"
   ;;
+next)   # detached, for the next session: the prefill re-timed after 4cf01f9 (alone), then issue 16's open rows
+  mkdir -p ~/res
+  J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"
+  setsid nohup bash -c "$J prof2; $W prof2; $J b16long; echo done > ~/res/next.rc" > ~/res/next.log 2>&1 &
+  : > ~/res/prof2.log; echo "next launched"
+  ;;
+b16long)  # issue 16: exact heads trained on rows of 4,096 (facts that far back), and 3 / 6 heads (retrieval rows by default)
+  q xliz9l linearize lizard-x9l 8192 "--attention lizard --exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
+  q xlol9l linearize lolcats-x9l 8192 "--exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
+  for n in 3 6; do q xliz$n linearize lizard-x$n 8192 "--attention lizard --exact-heads $n --steps 1000"; done
+  ;;
 gen8)   # alone, after short: decode/prefill/cache of its conversions beside the teacher
   g gen8 teacher,lolcats,lizard,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza
   ;;
