@@ -295,21 +295,26 @@ class SwappedAttention(nn.Module):
 
     def _recurrent(self, x: QKV, attention_mask, cache):
         """Generation with a constant-size state, kept in this layer's slot of the transformers cache."""
-        B, T = x.q.shape[:2]
+        T = x.q.shape[1]
         layer = layer_slot(cache, self.layer_idx)
         if self.exact_heads:
             out = self._recurrent_mixed(x, attention_mask, layer)
         elif layer.state is None:
-            if padding_plan(attention_mask, T) is None:  # every token real: one pass makes output and state
-                out, layer.state = self.student_and_state(x)
-            else:
-                out = self._student_padded(x, attention_mask)
-                layer.state = self.prefill_state(x, key_padding(attention_mask, T))
+            out, layer.state = self._first_prefill(x, attention_mask)
         else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
             out, new = self._decode_pieces(x, layer.state)
             layer.set_state(new)
         layer.seen += T
         return out
+
+    def _first_prefill(self, x: QKV, attention_mask, linear_only: bool = False):
+        """Output and state of the first call into a cache: one pass without padding (``student_and_state``),
+        else each row on its real tokens and the state from the padding mask."""
+        T = x.q.shape[1]
+        if padding_plan(attention_mask, T) is None:
+            return self.student_and_state(x)
+        out = self._student_padded(x, attention_mask, linear_only=linear_only)
+        return out, self.prefill_state(x, key_padding(attention_mask, T))
 
     def _decode_pieces(self, x: QKV, state: dict):
         outs = []
@@ -371,11 +376,8 @@ class SwappedAttention(nn.Module):
             exact = {"exact_k": room(k_new), "exact_v": room(v_new), "exact_ok": room(valid, False),
                      "exact_n": torch.full((B,), T, dtype=torch.long, device=dev)}
             lin_state = {}
-            if self.has_linear_heads and padding_plan(attention_mask, T) is None:
-                lin, lin_state = self.student_and_state(x)
-            elif self.has_linear_heads:
-                lin = self._student_padded(x, attention_mask, linear_only=True)
-                lin_state = self.prefill_state(x, valid)
+            if self.has_linear_heads:
+                lin, lin_state = self._first_prefill(x, attention_mask, linear_only=True)
         else:
             self.reserve_exact(layer, T)
             old = layer.state

@@ -83,8 +83,9 @@ class LizardAttention(SwappedAttention):
                                     g=self.lin_kv(g))
 
     def student_and_state(self, x):
-        parts = self._parts(x)  # key features and gates narrowed to the linear heads, as the state takes them
-        state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), parts[1], None, window=self.window, g=parts[2])
+        parts = self._parts(x)
+        _, fk, g, _, _ = parts  # already narrowed to the linear heads, as the state takes them
+        state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), fk, None, window=self.window, g=g)
         return self._student(x, parts), state
 
     def decode(self, x, state):

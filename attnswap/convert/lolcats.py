@@ -63,8 +63,10 @@ class LolcatsAttention(SwappedAttention):
 
     def _features(self, x):
         """Feature-mapped q and k: after RoPE (LoLCATs) or before it (``feature_rope: false``)."""
-        q, k = (x.q, x.k) if self.feature_rope else (x.qn, x.kn)
-        return self.feature_map_q(q), self.feature_map_k(k)
+        return self.feature_map_q(x.q if self.feature_rope else x.qn), self._key_features(x)
+
+    def _key_features(self, x):
+        return self.feature_map_k(x.k if self.feature_rope else x.kn)
 
     def student(self, x):
         """The method on its linear heads (all heads unless the layer keeps some exact)."""
@@ -84,14 +86,13 @@ class LolcatsAttention(SwappedAttention):
         return torch.sigmoid(self.window_factor.float())
 
     def prefill_state(self, x, valid, fk=None):
-        if fk is None:
-            fk = self.feature_map_k(x.k if self.feature_rope else x.kn)
+        fk = self._key_features(x) if fk is None else fk
         return hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(fk), valid,
                                     window=self.window, sinks=self.sinks)
 
     def student_and_state(self, x):
         fq, fk = self._features(x)
-        out = self._student(x, fq, fk) if self.use_linear else self._student(x, None, None)
+        out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
         return out, self.prefill_state(x, None, fk)
 
     def decode(self, x, state):

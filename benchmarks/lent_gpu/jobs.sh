@@ -2,6 +2,7 @@
 # jobs.sh PHASE : the measured commands (run from benchmarks/ via launch.sh)
 M=~/smollm2.gguf
 L=$REPO/benchmarks/lent_gpu/launch.sh
+J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"  # phases inside detached chains
 EV="--tasks ppl,passkey,mqar --ppl-lengths 1024,2048,8192 --lengths 1024,2048,4096,8192 --samples 6"
 # q NAME COMMAND OUTDIR EVAL_TOKENS 'FLAGS' : a conversion of M, then its quality suite ($EV), as job NAME
 q() { $L $1 "python quality.py --model $M --convert $2 --out ~/runs/$3 $EV --json ~/res/$1.json -- $5 --eval-tokens $4"; }
@@ -33,14 +34,12 @@ batch|short)  # issue 16, side by side: batch as the issue asks (1000 steps), sh
   ;;
 chain)  # everything, one after the other, detached: batch; then gen, alone and prof, each alone on the GPU
   mkdir -p ~/res
-  J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"
   setsid nohup bash -c "$J batch; $W xliz3 xliz6 xliz9 xlol9 loza; $J gen; $W gen2; $J alone; $W alone; $J prof; $W prof
     echo done > ~/res/chain.rc" > ~/res/chain.log 2>&1 &
   echo "chain launched"
   ;;
 wave)   # detached: one conversion alone (issue 17's timing), the profiler alone, then b14 and b16 side by side
   mkdir -p ~/res
-  J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"
   setsid nohup bash -c "$J alone; $W alone; $J prof2; $W prof2; $J b14; $J b16; echo done > ~/res/wave.rc" > ~/res/wave.log 2>&1 &
   : > ~/res/alone.log; echo "wave launched"
   ;;
@@ -59,7 +58,6 @@ b16)    # issue 16: exact heads with retrieval rows in every training stage, 100
   ;;
 next)   # detached, for the next session: the prefill re-timed after 4cf01f9 (alone), then issue 16's open rows
   mkdir -p ~/res
-  J="bash $REPO/benchmarks/lent_gpu/jobs.sh"; W="bash $REPO/benchmarks/lent_gpu/wait.sh"
   setsid nohup bash -c "$J prof2; $W prof2; $J b16long; echo done > ~/res/next.rc" > ~/res/next.log 2>&1 &
   : > ~/res/prof2.log; echo "next launched"
   ;;

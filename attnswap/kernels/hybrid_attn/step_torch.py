@@ -110,9 +110,9 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
     def first(x):  # the first n tokens, zero-filled up to Sk slots
         return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else x[:, :Sk]
 
-    rank = torch.arange(T, device=dev).expand(B, T)
+    rank = torch.arange(T - W, T, device=dev).clamp_min(-1)  # the window's slots; -1 before the first token
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk).float(),
-            "win_rank": last(rank, fill=-1), "sink_k": first(k), "sink_v": first(v),
+            "win_rank": rank.expand(B, W).contiguous(), "sink_k": first(k), "sink_v": first(v),
             "sink_on": (slot < min(n, old)).expand(B, Sk).contiguous(),
             "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
             "win_g": last(gf) if gf is not None else k.new_zeros(B, W, Hk, dtype=torch.float32)}
