@@ -97,7 +97,7 @@ def test_nan_in_lora_stage_names_the_layer(monkeypatch):
 
 
 def test_cli_stops_with_one_line_and_writes_nothing(tiny_dir, tiny_text, tmp_path, monkeypatch):
-    monkeypatch.setattr(HedgehogFeatureMap, "forward", lambda self, x: torch.full((*x.shape[:3], 2 * self.bias.shape[1]), float("nan")))
+    monkeypatch.setattr(HedgehogFeatureMap, "forward", lambda self, x, *a, **k: torch.full((*x.shape[:3], 2 * self.bias.shape[1]), float("nan")))
     out = tmp_path / "o"
     res = CliRunner().invoke(app, [str(a) for a in ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out,
                                                     "--seq-len", 32, "--batch-size", 2, "--eval-tokens", 0,

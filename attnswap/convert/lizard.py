@@ -54,22 +54,23 @@ class LizardAttention(SwappedAttention):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(),
                 *self.gate_proj.parameters(), self.window_factor, *extra]
 
-    def _keys(self, x):
-        """Key features and log-gates (B, T, Hk): what the state needs."""
+    def _keys(self, x, dtype=torch.float32, step=False):
+        """Key features (in ``dtype``) and log-gates (B, T, Hk): what the state needs."""
         g = F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())
-        return self.feature_map_k(x.kn), g
+        return self.feature_map_k(x.kn, dtype, step), g
 
-    def _parts(self, x):
-        """Everything the operators take, narrowed to the linear heads (all heads unless some are exact)."""
-        fk, g = self._keys(x)
-        fq = self.feature_map_q(x.qn)
+    def _parts(self, x, dtype=torch.float32, key_dtype=None, step=False):
+        """Everything the operators take, narrowed to the linear heads (all heads unless some are exact);
+        query features in ``dtype``, key features in ``key_dtype`` (default: the same)."""
+        fk, g = self._keys(x, dtype if key_dtype is None else key_dtype, step)
+        fq = self.feature_map_q(x.qn, dtype, step)
         # every operator casts the meta tokens itself: a .float() copy here would be one more launch per layer
         meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k, 1), "meta_v": self.lin_kv(self.meta_v, 1)}
         gamma = self.lin_q(torch.sigmoid(self.window_factor.float()), 0)
         return self.lin_q(fq), self.lin_kv(fk), self.lin_kv(g), gamma, meta
 
     def student(self, x):
-        return self._student(x, self._parts(x))
+        return self._student(x, self._parts(x, x.q.dtype))
 
     def _student(self, x, parts):
         fq, fk, g, gamma, meta = parts
@@ -83,12 +84,12 @@ class LizardAttention(SwappedAttention):
                                     g=self.lin_kv(g))
 
     def student_and_state(self, x):
-        parts = self._parts(x)
+        parts = self._parts(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
         _, fk, g, _, _ = parts  # already narrowed to the linear heads, as the state takes them
         state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), fk, None, window=self.window, g=g)
         return self._student(x, parts), state
 
     def decode(self, x, state):
-        fq, fk, g, gamma, meta = self._parts(x)
+        fq, fk, g, gamma, meta = self._parts(x, step=True)
         return hybrid_step(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq, fk, gamma, state,
                            window=self.window, scale=self.scaling, g=g, **meta)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import hybrid_attn
+from ..kernels import hedgehog, hybrid_attn
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
 
@@ -31,9 +31,10 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(eye.unsqueeze(0).repeat(n_heads, 1, 1))  # (H, D, Fd)
         self.bias = nn.Parameter(torch.zeros(n_heads, feature_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, T, H, 2 Fd)
-        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float()) + self.bias.float()
-        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32, step: bool = False) -> torch.Tensor:
+        """(B, T, H, D) -> (B, T, H, 2 Fd) in ``dtype`` (computed in fp32; one fused kernel on CUDA, see
+        ``kernels/feature_map``). ``step``: a one-token decoding step."""
+        return hedgehog(x, self.weight, self.bias, dtype, step=step)
 
 
 @register_method("lolcats")
@@ -61,16 +62,18 @@ class LolcatsAttention(SwappedAttention):
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
 
-    def _features(self, x):
-        """Feature-mapped q and k: after RoPE (LoLCATs) or before it (``feature_rope: false``)."""
-        return self.feature_map_q(x.q if self.feature_rope else x.qn), self._key_features(x)
+    def _features(self, x, dtype=torch.float32, key_dtype=None, step=False):
+        """Feature-mapped q and k (in ``dtype``; k in ``key_dtype`` if given): after RoPE (LoLCATs) or
+        before it (``feature_rope: false``)."""
+        fq = self.feature_map_q(x.q if self.feature_rope else x.qn, dtype, step)
+        return fq, self._key_features(x, dtype if key_dtype is None else key_dtype, step)
 
-    def _key_features(self, x):
-        return self.feature_map_k(x.k if self.feature_rope else x.kn)
+    def _key_features(self, x, dtype=torch.float32, step=False):
+        return self.feature_map_k(x.k if self.feature_rope else x.kn, dtype, step)
 
     def student(self, x):
         """The method on its linear heads (all heads unless the layer keeps some exact)."""
-        return self._student(x, *(self._features(x) if self.use_linear else (None, None)))
+        return self._student(x, *(self._features(x, x.q.dtype) if self.use_linear else (None, None)))
 
     def _student(self, x, fq, fk):
         dt = x.q.dtype
@@ -91,12 +94,12 @@ class LolcatsAttention(SwappedAttention):
                                     window=self.window, sinks=self.sinks)
 
     def student_and_state(self, x):
-        fq, fk = self._features(x)
+        fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
         out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
         return out, self.prefill_state(x, None, fk)
 
     def decode(self, x, state):
-        fq, fk = self._features(x)
+        fq, fk = self._features(x, step=True)
         if not self.use_linear:
             fq, fk = torch.zeros_like(fq), torch.zeros_like(fk)
         return hybrid_step(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), self.lin_q(fq), self.lin_kv(fk),

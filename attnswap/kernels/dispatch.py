@@ -17,6 +17,7 @@ import torch
 
 from .block_sparse.masks import index_to_mask, streaming_block_mask
 from .block_sparse.torch_chunk import torch_attn_with_block_map, torch_block_sparse_attn, torch_block_sparse_decode
+from .feature_map.naive import naive_hedgehog
 from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
 from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
@@ -48,6 +49,7 @@ def _triton_ops() -> dict | None:
     try:
         from .block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
         from .block_sparse.decode import triton_block_sparse_decode
+        from .feature_map.fused import triton_hedgehog
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
@@ -65,6 +67,7 @@ def _triton_ops() -> dict | None:
         "block_sparse": triton_block_sparse_attn,
         "attn_block_map": triton_attn_with_block_map,
         "block_sparse_decode": triton_block_sparse_decode,
+        "hedgehog": triton_hedgehog,
     }
 
 
@@ -116,6 +119,15 @@ def force_compile(setting: str):
         yield
     finally:
         _compile_forced = old
+
+
+def hedgehog(x, weight, bias, out_dtype=torch.float32, *, step: bool = False):
+    """Hedgehog feature map softmax([xW + b, -(xW + b)]) per head, x (..., H, D) -> (..., H, 2F) in
+    ``out_dtype``; see ``feature_map/naive.py``. ``step``: a one-token decoding step (PyTorch under
+    ``auto``, as the other step operators)."""
+    if backend_for(x, step=step) == "triton":
+        return _triton_ops()["hedgehog"](x, weight, bias, out_dtype)
+    return naive_hedgehog(x, weight, bias, out_dtype)
 
 
 def linear_attn(q, k, v, **kw):
