@@ -66,6 +66,19 @@ b16long)  # issue 16: exact heads trained on rows of 4,096 (facts that far back)
   q xlol9l linearize lolcats-x9l 8192 "--exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
   for n in 3 6; do q xliz$n linearize lizard-x$n 8192 "--attention lizard --exact-heads $n --steps 1000"; done
   ;;
+third)  # detached: the prefill re-timed after the fused feature maps (alone), issue 16's open rows side by side,
+        # then the compiled decode step of the trained models (alone)
+  mkdir -p ~/res
+  setsid nohup bash -c "$J prof2; $W prof2; $J b16long; $W xliz9l xlol9l xliz3 xliz6; $J genc; echo done > ~/res/third.rc" > ~/res/third.log 2>&1 &
+  : > ~/res/prof2.log; echo "third launched"
+  ;;
+kerneltests)  # foreground, bf16 on the GPU: this wave's kernels and the model on both backends
+  (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_feature_map.py tests/kernels/test_dispatch.py \
+     tests/kernels/test_mixed_layers.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
+  ;;
+genc)   # alone: decode with the compiled whole step (compile_decode=model) inside the CUDA graph, at 8k
+  $L genc "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods lolcats,~/runs/lizard-x9l,~/runs/lolcats-x9l,teacher --lengths 8192 --repeats 3 --json ~/res/genc.json"
+  ;;
 gen8)   # alone, after short: decode/prefill/cache of its conversions beside the teacher
   g gen8 teacher,lolcats,lizard,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza
   ;;
