@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf_compat import (CacheContractError, apply_rope, key_padding, layer_slot, mask_key_length, padding_plan,
-                         pop_cache)
+from ..hf_compat import CacheContractError, key_padding, layer_slot, mask_key_length, padding_plan, pop_cache
+from ..kernels.dispatch import rope
 
 MODES = ("student", "teacher", "transfer", "calibrate")
 
@@ -214,7 +214,8 @@ class SwappedAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        qr, kr = apply_rope(q, k, cos, sin)
+        # transformers' RoPE (hf_compat.apply_rope); one fused launch on CUDA (kernels/rope)
+        qr, kr = rope(q, k, cos, sin, step=T == 1)
         return QKV(qr, kr, v, q, k, hidden_states)
 
     def softmax_attention(self, q, k, v, attention_mask=None):

@@ -14,6 +14,7 @@ from .dispatch import (
     hybrid_attn_step,
     linear_attn,
     linear_attn_step,
+    rope,
     streaming_attn,
 )
 from .hybrid_attn.naive import hybrid_cache_from_prefill
@@ -33,5 +34,6 @@ __all__ = [
     "hybrid_cache_from_prefill",
     "linear_attn",
     "linear_attn_step",
+    "rope",
     "streaming_attn",
 ]

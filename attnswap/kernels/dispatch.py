@@ -18,6 +18,7 @@ import torch
 from .block_sparse.masks import index_to_mask, streaming_block_mask
 from .block_sparse.torch_chunk import torch_attn_with_block_map, torch_block_sparse_attn, torch_block_sparse_decode
 from .feature_map.naive import naive_hedgehog
+from .rope.naive import naive_rope
 from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
 from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
@@ -50,6 +51,7 @@ def _triton_ops() -> dict | None:
         from .block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
         from .block_sparse.decode import triton_block_sparse_decode
         from .feature_map.fused import triton_hedgehog
+        from .rope.fused import triton_rope
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
@@ -68,6 +70,7 @@ def _triton_ops() -> dict | None:
         "attn_block_map": triton_attn_with_block_map,
         "block_sparse_decode": triton_block_sparse_decode,
         "hedgehog": triton_hedgehog,
+        "rope": triton_rope,
     }
 
 
@@ -128,6 +131,15 @@ def hedgehog(x, weight, bias, out_dtype=torch.float32, *, step: bool = False):
     if backend_for(x, step=step) == "triton":
         return _triton_ops()["hedgehog"](x, weight, bias, out_dtype)
     return naive_hedgehog(x, weight, bias, out_dtype)
+
+
+def rope(q, k, cos, sin, *, step: bool = False):
+    """Rotary embeddings of q (B, T, H, D) and k (B, T, Hk, D) with the model's cos/sin (B or 1, T, D),
+    transformers' half-split form; see ``rope/naive.py``. ``step``: a one-token decoding step (PyTorch
+    under ``auto``). cos/sin that need a gradient always take the PyTorch form."""
+    if backend_for(q, step=step) == "triton" and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+        return _triton_ops()["rope"](q, k, cos, sin)
+    return naive_rope(q, k, cos, sin)
 
 
 def linear_attn(q, k, v, **kw):

@@ -61,10 +61,10 @@ next)   # detached, for the next session: the prefill re-timed after 4cf01f9 (al
   setsid nohup bash -c "$J prof2; $W prof2; $J b16long; echo done > ~/res/next.rc" > ~/res/next.log 2>&1 &
   : > ~/res/prof2.log; echo "next launched"
   ;;
-b16long)  # issue 16: exact heads trained on rows of 4,096 (facts that far back), and 3 / 6 heads (retrieval rows by default)
+b16long)  # issue 16: exact heads (9 lizard and lolcats, 3 / 6 lizard) trained on rows of 4,096 (facts that far back; retrieval rows by default)
   q xliz9l linearize lizard-x9l 8192 "--attention lizard --exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
   q xlol9l linearize lolcats-x9l 8192 "--exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
-  for n in 3 6; do q xliz$n linearize lizard-x$n 8192 "--attention lizard --exact-heads $n --steps 1000"; done
+  for n in 3 6; do q xliz$n linearize lizard-x$n 8192 "--attention lizard --exact-heads $n --seq-len 4096 --batch-size 2 --steps 1000"; done
   ;;
 third)  # detached: the prefill re-timed after the fused feature maps (alone), issue 16's open rows side by side,
         # then the compiled decode step of the trained models (alone)
