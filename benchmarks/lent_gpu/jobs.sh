@@ -79,6 +79,21 @@ kerneltests)  # foreground, bf16 on the GPU: this wave's kernels and the model o
 genc)   # alone: decode with the compiled whole step (compile_decode=model) inside the CUDA graph, at 8k
   $L genc "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods lolcats,~/runs/lizard-x9l,~/runs/lolcats-x9l,teacher --lengths 8192 --repeats 3 --json ~/res/genc.json"
   ;;
+gendc)  # the same as gend through the compiled step (the first generate() of each model compiles)
+  $L gendc "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods lolcats,~/runs/d-lol,~/runs/d-liz --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc.json"
+  ;;
+decode)  # detached, alone: decode speed of mixed models needs no training, so 20-step conversions with 9 exact
+         # heads, then the generation suite at 8k through the default CUDA graph and through the compiled step
+  mkdir -p ~/res
+  S="linearize --model $M --exact-heads 9 --steps 20 --eval-tokens 2048 --overwrite"
+  setsid nohup bash -c "cd $REPO/benchmarks && python -m attnswap.cli $S --out ~/runs/d-lol > ~/res/d-conv.log 2>&1 &&
+    python -m attnswap.cli $S --attention lizard --out ~/runs/d-liz >> ~/res/d-conv.log 2>&1; echo \$? > ~/res/d-conv.rc
+    $J gend; $W gend; $J gendc; echo done > ~/res/decode.rc" > ~/res/decode.log 2>&1 &
+  : > ~/res/d-conv.log; echo "decode launched"
+  ;;
+gend)   # the suite through the default decode path (CUDA graph)
+  $L gend "python generation.py --model $M --methods teacher,lolcats,~/runs/d-lol,~/runs/d-liz --lengths 8192 --repeats 3 --label graph --json ~/res/gend.json"
+  ;;
 gen8)   # alone, after short: decode/prefill/cache of its conversions beside the teacher
   g gen8 teacher,lolcats,lizard,~/runs/lizard-x9,~/runs/lolcats-x9,~/runs/loza
   ;;
