@@ -9,7 +9,10 @@ with default options) and each length L:
   divided by the number of layers (``per layer``): the difference to the layer figure is the rest of
   the decoder layer (MLP, norms) and the model's own overhead;
 - ``model prefill ms``: a whole-model forward into a fresh cache with an all-ones mask and
-  ``logits_to_keep=1``, what ``generate()`` (and ``benchmarks/generation.py``'s prefill) runs;
+  ``logits_to_keep=1``, what ``benchmarks/generation.py``'s prefill runs;
+- ``chunked prefill ms`` (when L > ``--chunk``): the same prompt fed in ``--chunk``-token pieces into one
+  cache, what ``generate()`` does by default for a converted model (``prefill_chunk``, 2048); every
+  piece after the first continues from the cache;
 - with ``--trace``, the top operators of one layer's forward+backward from ``torch.profiler``,
   by device time (CUDA) or CPU time, so fusions and copies can be seen by name; and of the whole-model
   prefill, by self host time and by self device time (where the host spends its time between
@@ -78,7 +81,7 @@ def host_counts(model, fns: dict) -> dict:
 
 
 def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False,
-            trace_dir: str | None = None) -> dict:
+            trace_dir: str | None = None, chunk: int = 2048) -> dict:
     attn = model.model.layers[0].self_attn
     h, pe = layer_inputs(model, L, dev, dtype)
     hg = h.clone().requires_grad_(True)
@@ -102,16 +105,28 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
                   **cache_kwargs(new_cache(model.config)))
 
+    def chunked():
+        with torch.no_grad():
+            cache = new_cache(model.config)
+            for a in range(0, L, chunk):
+                piece = ids[:, a : a + chunk]
+                pos = torch.arange(a, a + piece.shape[1], device=dev)[None]
+                model(input_ids=piece, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+
     with attention_mode(model, "student"):
         if syncs:
-            counts = host_counts(model, {"layer_fwd": fwd, "layer_fwd_bwd": fwd_bwd, "model_fwd": whole,
-                                         "model_prefill": prefill})
+            fns = {"layer_fwd": fwd, "layer_fwd_bwd": fwd_bwd, "model_fwd": whole, "model_prefill": prefill}
+            if L > chunk:
+                fns["chunked_prefill"] = chunked
+            counts = host_counts(model, fns)
             for p_ in attn.parameters():
                 p_.grad = None
             return {"method": name, "L": L, "counts": counts}
         row = {"method": name, "L": L, "layer_fwd_ms": _timed(fwd, dev, repeats),
                "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats),
                "model_prefill_ms": _timed(prefill, dev, repeats)}
+        if L > chunk:
+            row["chunked_prefill_ms"] = _timed(chunked, dev, repeats)
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
         if trace:
             _trace(fwd_bwd, dev, f"{name}, L={L}: one layer forward+backward", 18)
@@ -158,6 +173,8 @@ def main():
     ap.add_argument("--trace-dir", default=None, help="with --trace: write each prefill's Chrome trace here (.json.gz)")
     ap.add_argument("--syncs", action="store_true",
                     help="count host syncs and ATen calls (layer, whole model, prefill) instead of timing")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="piece size of the chunked prefill (generate()'s default prefill_chunk); lengths above it are also timed that way")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -177,7 +194,7 @@ def main():
             model.to(dev, dtype)
         for L in lengths:
             try:
-                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir)
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir, a.chunk)
             except torch.OutOfMemoryError:
                 row = {"method": method, "L": L, "error": "out of memory"}
             rows.append(row)
@@ -190,7 +207,7 @@ def main():
     if a.syncs:
         nl = teacher.config.num_hidden_layers
         print(f"\nhost syncs / ATen calls ({nl} layers)\n{'method':10s} {'L':>6s} {'layer fwd':>12s} "
-              f"{'layer fwd+bwd':>14s} {'model fwd':>12s} {'prefill':>12s} {'model ops/layer':>16s}")
+              f"{'layer fwd+bwd':>14s} {'model fwd':>12s} {'prefill':>12s} {'chunked prefill':>16s} {'model ops/layer':>16s}")
         for r in rows:
             if "error" in r:
                 print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
@@ -198,7 +215,8 @@ def main():
             c = r["counts"]
             cell = lambda k: f"{c[k]['syncs']} / {c[k]['aten_ops']}"  # noqa: E731
             print(f"{r['method']:10s} {r['L']:6d} {cell('layer_fwd'):>12s} {cell('layer_fwd_bwd'):>14s} "
-                  f"{cell('model_fwd'):>12s} {cell('model_prefill'):>12s} {c['model_fwd']['aten_ops'] / nl:16.1f}")
+                  f"{cell('model_fwd'):>12s} {cell('model_prefill'):>12s} "
+                  f"{cell('chunked_prefill') if 'chunked_prefill' in c else '-':>16s} {c['model_fwd']['aten_ops'] / nl:16.1f}")
     else:
         _timing_table(rows)
     if a.json:
@@ -208,14 +226,15 @@ def main():
 
 def _timing_table(rows):
     print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}"
-          f" {'prefill ms':>11s} {'prefill tok/s':>14s}")
+          f" {'prefill ms':>11s} {'prefill tok/s':>14s} {'chunked ms':>11s} {'chunked tok/s':>14s}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
             continue
         print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
               f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f} {r['model_prefill_ms']:11.2f}"
-              f" {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}")
+              f" {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
+              + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else ""))
 
 
 if __name__ == "__main__":
