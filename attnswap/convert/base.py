@@ -302,8 +302,11 @@ class SwappedAttention(nn.Module):
             out = self._recurrent_mixed(x, attention_mask, layer)
         elif layer.state is None:
             out, layer.state = self._first_prefill(x, attention_mask)
-        else:  # continue from the state, a bounded piece at a time (chunked prefill, decoding)
-            out, new = self._decode_pieces(x, layer.state)
+        else:  # continue from the state (chunked prefill, decoding)
+            fast = None
+            if T > 1 and not torch.is_grad_enabled():
+                fast = self.continue_fast(x, layer.state, layer.seen, attention_mask)
+            out, new = fast if fast is not None else self._decode_pieces(x, layer.state)
             layer.set_state(new)
         layer.seen += T
         return out
@@ -316,6 +319,18 @@ class SwappedAttention(nn.Module):
             return self.student_and_state(x)
         out = self._student_padded(x, attention_mask, linear_only=linear_only)
         return out, self.prefill_state(x, key_padding(attention_mask, T))
+
+    def continue_fast(self, x: QKV, state: dict, seen: int, attention_mask) -> tuple | None:
+        """(out, new state) for several new tokens after ``state`` through a whole-sequence kernel, or
+        None to step through ``decode`` in pieces. Called only without gradients; ``seen``: tokens
+        already in the state. An override must return None where the mask holds padding (``no_padding``)."""
+        return None
+
+    @staticmethod
+    def no_padding(attention_mask) -> bool:
+        """Every key of every row is a real token (reads the mask once per forward: ``padding_plan``)."""
+        return attention_mask is None or attention_mask.dim() != 4 or \
+            padding_plan(attention_mask, attention_mask.shape[-1]) is None
 
     def _decode_pieces(self, x: QKV, state: dict):
         outs = []

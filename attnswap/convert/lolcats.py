@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import hedgehog, hybrid_attn
+from ..kernels.dispatch import backend_for, hybrid_continue
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
 
@@ -97,6 +98,18 @@ class LolcatsAttention(SwappedAttention):
         fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
         out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
         return out, self.prefill_state(x, None, fk)
+
+    def continue_fast(self, x, state, seen, attention_mask):
+        """A chunked prefill's later pieces through the Triton forward, once the window is full and the
+        sinks have left it, without padding (otherwise, and on the PyTorch backend, ``decode`` steps in
+        pieces)."""
+        if not self.use_linear or seen < self.window + self.sinks or backend_for(x.q) != "triton" \
+                or not self.no_padding(attention_mask):
+            return None
+        fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        return hybrid_continue(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), self.lin_q(fq), self.lin_kv(fk),
+                               self.lin_q(self.gamma(), 0), state, window=self.window, scale=self.scaling,
+                               sinks=self.sinks)
 
     def decode(self, x, state):
         fq, fk = self._features(x, step=True)

@@ -53,7 +53,7 @@ def _triton_ops() -> dict | None:
         from .feature_map.fused import triton_hedgehog
         from .rope.fused import triton_rope
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
-        from .hybrid_attn.chunk import triton_hybrid_attn
+        from .hybrid_attn.chunk import triton_hybrid_attn, triton_hybrid_continue
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
         from .linear_attn.chunk import triton_linear_attn
         from .linear_attn.fused_recurrent import fused_recurrent_linear_step
@@ -62,6 +62,7 @@ def _triton_ops() -> dict | None:
     return {
         "linear": triton_linear_attn,
         "hybrid": triton_hybrid_attn,
+        "hybrid_continue": triton_hybrid_continue,
         "gated_linear": triton_gated_linear_attn,
         "gated_hybrid": triton_gated_hybrid_attn,
         "linear_step": fused_recurrent_linear_step,
@@ -170,6 +171,15 @@ def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **
     if backend_for(q) == "triton":
         return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
     return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
+
+
+def hybrid_continue(q, k, v, fq, fk, gamma, state, **kw):
+    """Several new tokens after a hybrid state through the Triton forward (a chunked prefill), as
+    (out, new state); None where the backend is not Triton (the caller then steps in PyTorch). The
+    state must hold a full window with the sinks out of it (``triton_hybrid_continue``)."""
+    if backend_for(q) != "triton":
+        return None
+    return _triton_ops()["hybrid_continue"](q, k, v, fq, fk, gamma, state, **kw)
 
 
 def linear_attn_step(q, k, v, state, **kw):

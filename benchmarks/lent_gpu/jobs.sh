@@ -73,7 +73,7 @@ third)  # detached: the prefill re-timed after the fused feature maps (alone), i
   : > ~/res/prof2.log; echo "third launched"
   ;;
 kerneltests)  # foreground, bf16 on the GPU: this wave's kernels and the model on both backends
-  (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_feature_map.py tests/kernels/test_rope.py tests/kernels/test_dispatch.py \
+  (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_feature_map.py tests/kernels/test_rope.py tests/kernels/test_hybrid_continue.py tests/kernels/test_dispatch.py \
      tests/kernels/test_mixed_layers.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
   ;;
 genc)   # alone: decode with the compiled whole step (compile_decode=model) inside the CUDA graph, at 8k

@@ -1,5 +1,5 @@
 """A converted model gives the same logits and gradients through the Triton kernels as through the
-PyTorch path (``force_backend``): lolcats with and without sink tokens, lizard with its learned meta
+PyTorch path (``ATTNSWAP_KERNELS``; checked to have taken each): lolcats with and without sink tokens, lizard with its learned meta
 tokens; under the interpreter on CPU. And what ``auto`` picks."""
 
 import pytest
@@ -8,7 +8,6 @@ from conftest import skip_triton_on
 
 from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
-from attnswap.kernels import force_backend
 from tests.conftest import tiny_model
 
 
@@ -17,8 +16,18 @@ TRAINED = ("feature_map", "window_factor", "meta_", "gate_proj")
 
 @pytest.mark.parametrize("method,options", [("lolcats", {"window": 8, "sinks": 0}), ("lolcats", {"window": 8, "sinks": 4}),
                                             ("lizard", {"window": 8, "meta_tokens": 2})])
-def test_converted_model_same_on_both_backends(method, options):
+def test_converted_model_same_on_both_backends(method, options, monkeypatch):
     skip_triton_on("cpu")
+    import attnswap.kernels.dispatch as dispatch
+
+    ops, used = dispatch._triton_ops(), []
+
+    class Counting(dict):
+        def __getitem__(self, name):
+            used.append(name)
+            return ops[name]
+
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: Counting(ops))
     m = tiny_model("llama", seed=1)
     convert_model(m, [make_swap(method, [0, 1, 2], options, m.config)], "tiny")
     g = torch.Generator().manual_seed(2)
@@ -30,8 +39,12 @@ def test_converted_model_same_on_both_backends(method, options):
     out = {}
     for backend in ("torch", "triton"):
         m.zero_grad()
-        with force_backend(backend):
-            logits = m(ids).logits
+        # the environment, not force_backend: a converted model applies its own runtime option
+        # (kernels="auto", PyTorch on CPU) inside forward, which a surrounding force_backend cannot override
+        monkeypatch.setenv("ATTNSWAP_KERNELS", backend)
+        used.clear()
+        logits = m(ids).logits
+        assert bool(used) == (backend == "triton"), used
         logits.float().pow(2).mean().backward()
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if any(t in n for t in TRAINED)}
         out[backend] = (logits.detach(), grads)

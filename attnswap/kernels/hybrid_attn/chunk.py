@@ -310,9 +310,11 @@ def _sink_tile(sinks: int) -> int:
 
 
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
-               out_fp32=False, sinks=0, split=None, segment_chunks=None):
+               out_fp32=False, sinks=0, split=None, segment_chunks=None, initial_state=None):
     """``split``: 16-bit operands as hi + lo halves (default: for 16-bit inputs); it costs extra
-    products and only matters for gradients that cancel, so forward-only callers turn it off."""
+    products and only matters for gradients that cancel, so forward-only callers turn it off.
+    ``initial_state``: (S0 (B, Hk, F, Dv), z0 (B, Hk, F)) fp32, linear-branch sums of keys before the
+    sequence, seen by every query (ungated only; forward only)."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     F = fq.shape[-1] if use_linear else 16
@@ -331,9 +333,13 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     split = q.dtype != torch.float32 and (split is None or bool(split))
     nch, nseg = plan_segments(T, C, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
     Sl = zl = None
+    if initial_state is not None and (Gc is not None or not use_linear):
+        raise ValueError("hy_forward: an initial state needs the ungated linear branch")
     if use_linear and nseg > 1:  # the linear branch's state at each segment start (keys < start - W + 1)
         Sl, zl = segment_states(fk, v, Gc, lag=window - 1, sinks=sinks, chunk_size=C, nch=nch, nseg=nseg,
-                                split=split)
+                                split=split, initial_state=initial_state)
+    elif initial_state is not None:  # one segment, starting from the given sums
+        Sl, zl = (t.float().unsqueeze(2).contiguous() for t in initial_state)
     warps = TUNING.get("hybrid_warps") or (8 if use_linear else 4)
 
     def launch(bv, stages):
@@ -454,3 +460,42 @@ def triton_hybrid_attn(
     return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
                                bool(use_linear), float(eps), int(chunk_size), int(sinks),
                                needs_grad(q, k, v, fq, fk, gamma), segment_chunks)
+
+
+@torch.no_grad()
+def triton_hybrid_continue(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0,
+                           eps: float = 1e-6, chunk_size: int = 64, segment_chunks: int | None = None):
+    """Attend T new tokens that directly follow ``state`` (layout in ``step_torch.py``) with the Triton
+    forward, and return (out (B, T, H, Dv), new state): what ``hybrid_step`` computes, for a chunked
+    prefill. The cached sinks and window go in front of the new tokens and the state's (S, z) are the
+    kernel's initial linear sums. Needs every row to have seen at least ``window + sinks`` real tokens
+    (full window, sinks already out of it) and no gates; the caller checks that."""
+    B, T, H, D = q.shape
+    Hk, W, P = k.shape[2], window, sinks
+    dt = q.dtype
+    sk, sv = state["sink_k"][:, :P], state["sink_v"][:, :P]
+
+    def ext(front, x):  # (B, P + W + T, ...) with the cached tokens first
+        return torch.cat([*front, x], 1).contiguous()
+
+    kx = ext([sk.to(dt), state["win_k"].to(dt)], k)
+    vx = ext([sv.to(dt), state["win_v"].to(dt)], v)
+    fkw = torch.cat([state["win_fk"], fk.float()], 1)  # (B, W + T, Hk, F) fp32: the window's and the new keys' features
+    fkx = ext([fkw.new_zeros(B, P, Hk, fkw.shape[-1])], fkw).to(dt)
+    qx = ext([q.new_zeros(B, P + W, H, D)], q)
+    fqx = ext([fq.new_zeros(B, P + W, H, fq.shape[-1]).to(dt)], fq.to(dt))
+    S0, z0 = state["S"].float().contiguous(), state["z"].float().contiguous()
+    o = hy_forward(qx, kx, vx, fqx, fkx, gamma.contiguous(), None, window=W, scale=scale, use_linear=True, eps=eps,
+                   chunk_size=chunk_size, save=False, sinks=P, split=False, initial_state=(S0, z0),
+                   segment_chunks=segment_chunks)[0]
+    leaving = fkw[:, :T]  # keys that leave the window: the oldest T of window + new
+    vw = torch.cat([state["win_v"], v.to(state["win_v"].dtype)], 1)
+    new = dict(state)
+    new["S"] = state["S"] + torch.einsum("btxf,btxd->bxfd", leaving, vw[:, :T].float())
+    new["z"] = state["z"] + leaving.sum(1)
+    new["win_k"] = torch.cat([state["win_k"], k.to(state["win_k"].dtype)], 1)[:, T:]
+    new["win_v"] = vw[:, T:]
+    new["win_fk"] = fkw[:, T:]
+    new["win_rank"] = state["win_rank"] + T
+    new["n_real"] = state["n_real"] + T
+    return o[:, P + W:], new
