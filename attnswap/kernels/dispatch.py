@@ -18,12 +18,12 @@ import torch
 from .block_sparse.masks import index_to_mask, streaming_block_mask
 from .block_sparse.torch_chunk import torch_attn_with_block_map, torch_block_sparse_attn, torch_block_sparse_decode
 from .feature_map.naive import naive_hedgehog
-from .rope.naive import naive_rope
 from .gated_attn.torch_chunk import chunk_gated_hybrid_attn, chunk_gated_linear_attn
 from .hybrid_attn.naive import naive_hybrid_step
 from .hybrid_attn.torch_chunk import chunk_hybrid_attn
 from .linear_attn.naive import naive_linear_step
 from .linear_attn.torch_chunk import chunk_linear_attn
+from .rope.naive import naive_rope
 from .streaming_attn.torch_chunk import torch_streaming_attn
 
 BACKENDS = ("auto", "torch", "triton")
@@ -51,12 +51,12 @@ def _triton_ops() -> dict | None:
         from .block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
         from .block_sparse.decode import triton_block_sparse_decode
         from .feature_map.fused import triton_hedgehog
-        from .rope.fused import triton_rope
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn, triton_hybrid_continue
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
         from .linear_attn.chunk import triton_linear_attn
         from .linear_attn.fused_recurrent import fused_recurrent_linear_step
+        from .rope.fused import triton_rope
     except Exception:  # triton missing or too old: the PyTorch path serves
         return None
     return {

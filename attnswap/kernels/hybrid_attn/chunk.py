@@ -475,26 +475,23 @@ def triton_hybrid_continue(q, k, v, fq, fk, gamma, state: dict, *, window: int, 
     dt = q.dtype
     sk, sv = state["sink_k"][:, :P], state["sink_v"][:, :P]
 
-    def ext(front, x):  # (B, P + W + T, ...) with the cached tokens first
-        return torch.cat([*front, x], 1).contiguous()
-
-    kx = ext([sk.to(dt), state["win_k"].to(dt)], k)
-    vx = ext([sv.to(dt), state["win_v"].to(dt)], v)
+    # (B, P + W + T, ...): sinks, window, new tokens
+    kx = torch.cat([sk.to(dt), state["win_k"].to(dt), k], 1)
+    vx = torch.cat([sv.to(dt), state["win_v"].to(dt), v], 1)
     fkw = torch.cat([state["win_fk"], fk.float()], 1)  # (B, W + T, Hk, F) fp32: the window's and the new keys' features
-    fkx = ext([fkw.new_zeros(B, P, Hk, fkw.shape[-1])], fkw).to(dt)
-    qx = ext([q.new_zeros(B, P + W, H, D)], q)
-    fqx = ext([fq.new_zeros(B, P + W, H, fq.shape[-1]).to(dt)], fq.to(dt))
+    fkx = torch.cat([fkw.new_zeros(B, P, Hk, fkw.shape[-1]), fkw], 1).to(dt)
+    qx = torch.cat([q.new_zeros(B, P + W, H, D), q], 1)
+    fqx = torch.cat([fq.new_zeros(B, P + W, H, fq.shape[-1], dtype=dt), fq.to(dt)], 1)
     S0, z0 = state["S"].float().contiguous(), state["z"].float().contiguous()
     o = hy_forward(qx, kx, vx, fqx, fkx, gamma.contiguous(), None, window=W, scale=scale, use_linear=True, eps=eps,
                    chunk_size=chunk_size, save=False, sinks=P, split=False, initial_state=(S0, z0),
                    segment_chunks=segment_chunks)[0]
     leaving = fkw[:, :T]  # keys that leave the window: the oldest T of window + new
-    vw = torch.cat([state["win_v"], v.to(state["win_v"].dtype)], 1)
     new = dict(state)
-    new["S"] = state["S"] + torch.einsum("btxf,btxd->bxfd", leaving, vw[:, :T].float())
+    new["S"] = state["S"] + torch.einsum("btxf,btxd->bxfd", leaving, vx[:, P : P + T].float())
     new["z"] = state["z"] + leaving.sum(1)
-    new["win_k"] = torch.cat([state["win_k"], k.to(state["win_k"].dtype)], 1)[:, T:]
-    new["win_v"] = vw[:, T:]
+    new["win_k"] = kx[:, P + T :].to(state["win_k"].dtype)
+    new["win_v"] = vx[:, P + T :].to(state["win_v"].dtype)
     new["win_fk"] = fkw[:, T:]
     new["win_rank"] = state["win_rank"] + T
     new["n_real"] = state["n_real"] + T
