@@ -303,13 +303,18 @@ class SwappedAttention(nn.Module):
         elif layer.state is None:
             out, layer.state = self._first_prefill(x, attention_mask)
         else:  # continue from the state (chunked prefill, decoding)
-            fast = None
-            if T > 1 and not torch.is_grad_enabled():
-                fast = self.continue_fast(x, layer.state, layer.seen, attention_mask)
-            out, new = fast if fast is not None else self._decode_pieces(x, layer.state)
+            out, new = self._continue(x, layer.state, layer.seen, attention_mask)
             layer.set_state(new)
         layer.seen += T
         return out
+
+    def _continue(self, x: QKV, state: dict, seen: int, attention_mask):
+        """(out, new state) of the linear heads for x's tokens after ``state``: a chunked prefill's later
+        piece through ``continue_fast`` where the method has one, else ``decode`` in pieces."""
+        fast = None
+        if x.q.shape[1] > 1 and not torch.is_grad_enabled():
+            fast = self.continue_fast(x, state, seen, attention_mask)
+        return fast if fast is not None else self._decode_pieces(x, state)
 
     def _first_prefill(self, x: QKV, attention_mask, linear_only: bool = False):
         """Output and state of the first call into a cache: one pass without padding (``student_and_state``),
@@ -409,7 +414,7 @@ class SwappedAttention(nn.Module):
             ex = self.softmax_attention(q, k_all, v_all, see[:, None])
             exact = {"exact_k": k_all, "exact_v": v_all, "exact_ok": ok, "exact_n": n0 + T}
             if self.has_linear_heads:
-                lin, lin_state = self._decode_pieces(x, lin_state)
+                lin, lin_state = self._continue(x, lin_state, layer.seen, attention_mask)
         layer.set_state({**lin_state, **exact})
         return self._join(lin, ex)
 

@@ -50,22 +50,25 @@ def test_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
             assert torch.equal(st[name], t), name
 
 
-def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch):
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed"])
+def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, mixed):
     """A tiny lolcats model fed in pieces: later pieces take the Triton continuation once the window
-    is full (counted), and the logits equal the PyTorch-step pieces and one pass."""
+    is full (counted), and the logits equal the PyTorch-step pieces and one pass. ``mixed``: layers
+    that keep some KV heads exact (their linear heads continue through the kernel)."""
     skip_triton_on("cpu")
     from attnswap.convert.lolcats import LolcatsAttention
     from attnswap.hf_compat import cache_kwargs, new_cache
+    from tests.test_exact_heads import _converted as _mixed
     from tests.test_generation import _converted
 
-    m = _converted(sinks=2, window=4).eval()
+    m = (_mixed("lolcats", {0: [0], 2: [1]}) if mixed else _converted(sinks=2, window=4)).eval()
     ids = torch.randint(1, 300, (2, 30), generator=torch.Generator().manual_seed(3))
     calls = []
     fast = LolcatsAttention.continue_fast
 
     def spy(self, x, state, seen, mask):
         r = fast(self, x, state, seen, mask)
-        calls.append((seen, r is not None))
+        calls.append((seen, r is not None, bool(self.exact_heads)))
         return r
 
     def pieces():
@@ -83,6 +86,7 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch):
         got = pieces()
         monkeypatch.setattr(LolcatsAttention, "continue_fast", lambda self, x, state, seen, mask: None)
         stepped = pieces()
-    assert calls and all(ran for seen, ran in calls if seen >= 6) and any(ran for _, ran in calls)
+    assert calls and all(ran for seen, ran, _ in calls if seen >= 6) and any(ran for _, ran, _ in calls)
+    assert any(ran and ex for _, ran, ex in calls) == mixed  # the mixed layers' linear heads took it too
     torch.testing.assert_close(got, stepped, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
