@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import gated_hybrid_attn
+from ..kernels.dispatch import backend_for, hybrid_continue
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
 from .lolcats import HedgehogFeatureMap
@@ -88,6 +89,15 @@ class LizardAttention(SwappedAttention):
         _, fk, g, _, _ = parts  # already narrowed to the linear heads, as the state takes them
         state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), fk, None, window=self.window, g=g)
         return self._student(x, parts), state
+
+    def continue_fast(self, x, state, seen, attention_mask):
+        """A chunked prefill's later pieces through the Triton forward once the window is full, without
+        padding (otherwise, and on the PyTorch backend, ``decode`` steps in pieces)."""
+        if seen < self.window or backend_for(x.q) != "triton" or not self.no_padding(attention_mask):
+            return None
+        fq, fk, g, gamma, meta = self._parts(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        return hybrid_continue(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq, fk, gamma, state,
+                               window=self.window, scale=self.scaling, g=g, **meta)
 
     def decode(self, x, state):
         fq, fk, g, gamma, meta = self._parts(x, step=True)

@@ -176,7 +176,8 @@ def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **
 def hybrid_continue(q, k, v, fq, fk, gamma, state, **kw):
     """Several new tokens after a hybrid state through the Triton forward (a chunked prefill), as
     (out, new state); None where the backend is not Triton (the caller then steps in PyTorch). The
-    state must hold a full window with the sinks out of it (``triton_hybrid_continue``)."""
+    state must hold a full window with the sinks out of it (``triton_hybrid_continue``); ``g=`` gated,
+    ``meta_k=``/``meta_v=`` Lizard's meta tokens."""
     if backend_for(q) != "triton":
         return None
     return _triton_ops()["hybrid_continue"](q, k, v, fq, fk, gamma, state, **kw)

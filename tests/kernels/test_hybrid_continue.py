@@ -1,6 +1,7 @@
 """A chunked prefill's later pieces through the Triton forward (``triton_hybrid_continue``): the same
 output and state as the PyTorch step (``hybrid_step``), and the same output as the whole sequence at
-once (``naive_hybrid_attn``); then through a converted model's cache. Interpreter on CPU (fp32)."""
+once (``naive_hybrid_attn``), ungated (lolcats) and gated with meta tokens (lizard); then through a
+converted model's cache. Interpreter on CPU (fp32), and bf16 on CUDA."""
 
 from __future__ import annotations
 
@@ -50,21 +51,64 @@ def test_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
             assert torch.equal(st[name], t), name
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed"])
-def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, mixed):
-    """A tiny lolcats model fed in pieces: later pieces take the Triton continuation once the window
-    is full (counted), and the logits equal the PyTorch-step pieces and one pass. ``mixed``: layers
-    that keep some KV heads exact (their linear heads continue through the kernel)."""
-    skip_triton_on("cpu")
-    from attnswap.convert.lolcats import LolcatsAttention
-    from attnswap.hf_compat import cache_kwargs, new_cache
-    from tests.test_exact_heads import _converted as _mixed
-    from tests.test_generation import _converted
+# (B, P prefilled, T new, H, Hk, D, F, W, meta tokens, gate scale, segment_chunks); gate scale 8: a window
+# whose total decay is far beyond what exp() holds in fp32 (the state's share must not be scaled up by it)
+GATED = [(1, 40, 70, 4, 2, 16, 32, 8, 0, 1.0, None), (2, 33, 50, 6, 3, 16, 16, 16, 3, 1.0, None),
+         (1, 90, 200, 2, 1, 32, 32, 20, 4, 1.0, 1), (2, 70, 17, 4, 4, 16, 16, 40, 2, 8.0, 1)]
 
-    m = (_mixed("lolcats", {0: [0], 2: [1]}) if mixed else _converted(sinks=2, window=4)).eval()
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("case", range(len(GATED)))
+def test_gated_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
+    """Lizard's form: log-gates on the linear branch and learned meta tokens in place of sinks."""
+    skip_triton_on(device)
+    from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_continue
+
+    B, P, T, H, Hk, D, F, W, M, gs, seg = GATED[case]
+    q, k, v, fq, fk, gamma = _seq(B, P + T, H, Hk, D, F, 100 + case, device, dtype)
+    gen = torch.Generator().manual_seed(200 + case)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, P + T, Hk, generator=gen) + 1.0) * gs).to(device)
+    meta = {}
+    if M:
+        meta = {"meta_k": torch.randn(M, Hk, D, generator=gen).to(device, dtype),
+                "meta_v": torch.randn(M, Hk, D, generator=gen).to(device, dtype)}
+    kw = dict(window=W, scale=D**-0.5)
+    state = hybrid_prefill_state(k[:, :P], v[:, :P], fk[:, :P], None, window=W, g=g[:, :P])
+    new = (slice(None), slice(P, None))
+    ref_out, ref_state = hybrid_step(q[new], k[new], v[new], fq[new], fk[new], gamma, state, g=g[new], **kw, **meta)
+    out, st = triton_hybrid_continue(q[new], k[new], v[new], fq[new], fk[new], gamma, state, g=g[new],
+                                     segment_chunks=seg, **kw, **meta)
+    assert torch.isfinite(out).all()
+    check(f"gated-continue/{case}/out", out, ref_out, dtype)
+    whole = naive_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, use_linear=True, **kw, **meta)
+    check(f"gated-continue/{case}/whole", out, whole[:, P:], dtype)
+    assert st.keys() == ref_state.keys()
+    for name, t in ref_state.items():
+        assert st[name].shape == t.shape and st[name].dtype == t.dtype, name
+        if t.dtype.is_floating_point:
+            check(f"gated-continue/{case}/{name}", st[name], t, dtype)
+        else:
+            assert torch.equal(st[name], t), name
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, method):
+    """A tiny converted model fed in pieces: later pieces take the Triton continuation once the window
+    is full (counted), and the logits equal the PyTorch-step pieces and one pass. Layers 0 and 2 keep a
+    KV head exact (their linear heads continue through the kernel), layer 1 is all linear."""
+    skip_triton_on("cpu")
+    from attnswap.convert.base import SwappedAttention
+    from attnswap.hf_compat import cache_kwargs, new_cache
+    from tests.test_exact_heads import _converted
+
+    m = _converted(method, {0: [0], 2: [1]}).eval()
+    cls = type(next(mod for mod in m.modules() if isinstance(mod, SwappedAttention)))
+    full = m.config.attnswap["swaps"][0]["options"]
+    ready = full["window"] + full.get("sinks", 0)
     ids = torch.randint(1, 300, (2, 30), generator=torch.Generator().manual_seed(3))
     calls = []
-    fast = LolcatsAttention.continue_fast
+    fast = cls.continue_fast
 
     def spy(self, x, state, seen, mask):
         r = fast(self, x, state, seen, mask)
@@ -82,11 +126,11 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, mixe
     monkeypatch.setenv("ATTNSWAP_KERNELS", "triton")  # the model's own option would pick PyTorch on CPU
     with torch.no_grad():
         whole = m(input_ids=ids).logits
-        monkeypatch.setattr(LolcatsAttention, "continue_fast", spy)
+        monkeypatch.setattr(cls, "continue_fast", spy)
         got = pieces()
-        monkeypatch.setattr(LolcatsAttention, "continue_fast", lambda self, x, state, seen, mask: None)
+        monkeypatch.setattr(cls, "continue_fast", lambda self, x, state, seen, mask: None)
         stepped = pieces()
-    assert calls and all(ran for seen, ran, _ in calls if seen >= 6) and any(ran for _, ran, _ in calls)
-    assert any(ran and ex for _, ran, ex in calls) == mixed  # the mixed layers' linear heads took it too
+    assert calls and all(ran for seen, ran, _ in calls if seen >= ready)
+    assert {ex for _, ran, ex in calls if ran} == {False, True}  # plain and mixed layers both took it
     torch.testing.assert_close(got, stepped, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gated_attn.torch_chunk import time_cumsum
 from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
 
@@ -464,35 +465,66 @@ def triton_hybrid_attn(
 
 @torch.no_grad()
 def triton_hybrid_continue(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0,
-                           eps: float = 1e-6, chunk_size: int = 64, segment_chunks: int | None = None):
+                           eps: float = 1e-6, chunk_size: int = 64, segment_chunks: int | None = None,
+                           g=None, meta_k=None, meta_v=None):
     """Attend T new tokens that directly follow ``state`` (layout in ``step_torch.py``) with the Triton
     forward, and return (out (B, T, H, Dv), new state): what ``hybrid_step`` computes, for a chunked
-    prefill. The cached sinks and window go in front of the new tokens and the state's (S, z) are the
-    kernel's initial linear sums. Needs every row to have seen at least ``window + sinks`` real tokens
-    (full window, sinks already out of it) and no gates; the caller checks that."""
+    prefill. The cached sinks (or Lizard's ``meta_k``/``meta_v``) and window go in front of the new
+    tokens. Ungated, the state's (S, z) are the kernel's initial linear sums. Gated (``g`` (B, T, Hk)
+    log-gates), the kernel starts from empty sums and the state's share is added to its numerator and
+    denominator here: the kernel would have to hold S referenced to a position before the window,
+    exp(window's total decay) times larger, which can overflow. Needs every row to have seen at least
+    ``window + sinks`` real tokens (full window, sinks already out of it); the caller checks that."""
     B, T, H, D = q.shape
-    Hk, W, P = k.shape[2], window, sinks
+    Hk, W = k.shape[2], window
     dt = q.dtype
-    sk, sv = state["sink_k"][:, :P], state["sink_v"][:, :P]
+    if meta_k is not None:
+        if sinks:
+            raise ValueError("triton_hybrid_continue: meta tokens and sinks together are not supported")
+        front_k = meta_k.to(dt).unsqueeze(0).expand(B, *meta_k.shape)
+        front_v = meta_v.to(dt).unsqueeze(0).expand(B, *meta_v.shape)
+    else:
+        front_k, front_v = state["sink_k"][:, :sinks], state["sink_v"][:, :sinks]
+    P = front_k.shape[1]
 
-    # (B, P + W + T, ...): sinks, window, new tokens
-    kx = torch.cat([sk.to(dt), state["win_k"].to(dt), k], 1)
-    vx = torch.cat([sv.to(dt), state["win_v"].to(dt), v], 1)
+    # (B, P + W + T, ...): sinks or meta tokens, window, new tokens
+    kx = torch.cat([front_k.to(dt), state["win_k"].to(dt), k], 1)
+    vx = torch.cat([front_v.to(dt), state["win_v"].to(dt), v], 1)
     fkw = torch.cat([state["win_fk"], fk.float()], 1)  # (B, W + T, Hk, F) fp32: the window's and the new keys' features
     fkx = torch.cat([fkw.new_zeros(B, P, Hk, fkw.shape[-1]), fkw], 1).to(dt)
     qx = torch.cat([q.new_zeros(B, P + W, H, D), q], 1)
     fqx = torch.cat([fq.new_zeros(B, P + W, H, fq.shape[-1], dtype=dt), fq.to(dt)], 1)
     S0, z0 = state["S"].float().contiguous(), state["z"].float().contiguous()
-    o = hy_forward(qx, kx, vx, fqx, fkx, gamma.contiguous(), None, window=W, scale=scale, use_linear=True, eps=eps,
-                   chunk_size=chunk_size, save=False, sinks=P, split=False, initial_state=(S0, z0),
-                   segment_chunks=segment_chunks)[0]
-    leaving = fkw[:, :T]  # keys that leave the window: the oldest T of window + new
     new = dict(state)
-    new["S"] = state["S"] + torch.einsum("btxf,btxd->bxfd", leaving, vx[:, P : P + T].float())
-    new["z"] = state["z"] + leaving.sum(1)
+    leaving, v_leaving = fkw[:, :T], vx[:, P : P + T].float()  # keys that leave the window: the oldest T of window + new
+    if g is None:
+        o = hy_forward(qx, kx, vx, fqx, fkx, gamma.contiguous(), None, window=W, scale=scale, use_linear=True,
+                       eps=eps, chunk_size=chunk_size, save=False, sinks=P, split=False, initial_state=(S0, z0),
+                       segment_chunks=segment_chunks)[0][:, P + W :]
+        new["S"] = state["S"] + torch.einsum("btxf,btxd->bxfd", leaving, v_leaving)
+        new["z"] = state["z"] + leaving.sum(1)
+    else:
+        gw = torch.cat([state["win_g"].float(), g.float()], 1)  # (B, W + T, Hk)
+        Gw = time_cumsum(gw)
+        Gc = torch.cat([Gw.new_zeros(B, P, Hk), Gw], 1).contiguous()  # the front tokens have no gate
+        o, den = hy_forward(qx, kx, vx, fqx, fkx, gamma.contiguous(), Gc, window=W, scale=scale, use_linear=True,
+                            eps=eps, chunk_size=chunk_size, save=True, out_fp32=True, sinks=P, split=False,
+                            segment_chunks=segment_chunks)[:2]
+        o, den = o[:, P + W :], den.transpose(1, 2)[:, P + W :]  # (B, T, H, Dv), (B, T, H)
+        # the state's keys, referenced to the last token seen (local W - 1), decayed to each new query
+        fqd = fq.float().view(B, T, Hk, H // Hk, -1) * (Gw[:, W:] - Gw[:, W - 1 : W]).exp()[..., None, None]
+        num = torch.einsum("btxgf,bxfd->btxgd", fqd, S0).reshape(B, T, H, -1)
+        extra = torch.einsum("btxgf,bxf->btxg", fqd, z0).reshape(B, T, H)
+        o = ((o * (den + eps)[..., None] + num) / (den + extra + eps)[..., None]).to(dt)
+        last = Gw[:, -1:]  # (B, 1, Hk)
+        carry = (last - Gw[:, W - 1 : W]).exp()[:, 0]  # (B, Hk): the old sums, decayed to the last new token
+        decayed = leaving * (last - Gw[:, :T]).exp()[..., None]
+        new["S"] = state["S"] * carry[..., None, None] + torch.einsum("btxf,btxd->bxfd", decayed, v_leaving)
+        new["z"] = state["z"] * carry[..., None] + decayed.sum(1)
+        new["win_g"] = gw[:, T:]
     new["win_k"] = kx[:, P + T :].to(state["win_k"].dtype)
     new["win_v"] = vx[:, P + T :].to(state["win_v"].dtype)
     new["win_fk"] = fkw[:, T:]
     new["win_rank"] = state["win_rank"] + T
     new["n_real"] = state["n_real"] + T
-    return o[:, P + W:], new
+    return o, new
