@@ -12,7 +12,8 @@ with default options) and each length L:
   ``logits_to_keep=1``, what ``benchmarks/generation.py``'s prefill runs;
 - ``chunked prefill ms`` (when L > ``--chunk``): the same prompt fed in ``--chunk``-token pieces into one
   cache, what ``generate()`` does by default for a converted model (``prefill_chunk``, 2048); every
-  piece after the first continues from the cache;
+  piece after the first continues from the cache; ``pieces vs one pass``: the relative difference of
+  the last token's logits the two ways, and whether their argmax agrees;
 - with ``--trace``, the top operators of one layer's forward+backward from ``torch.profiler``,
   by device time (CUDA) or CPU time, so fusions and copies can be seen by name; and of the whole-model
   prefill, by self host time and by self device time (where the host spends its time between
@@ -102,8 +103,8 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
 
     def prefill():
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                  **cache_kwargs(new_cache(model.config)))
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(new_cache(model.config))).logits
 
     def chunked():
         with torch.no_grad():
@@ -111,7 +112,8 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
             for a in range(0, L, chunk):
                 piece = ids[:, a : a + chunk]
                 pos = torch.arange(a, a + piece.shape[1], device=dev)[None]
-                model(input_ids=piece, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+                out = model(input_ids=piece, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+            return out.logits
 
     with attention_mode(model, "student"):
         if syncs:
@@ -127,6 +129,11 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
                "model_prefill_ms": _timed(prefill, dev, repeats)}
         if L > chunk:
             row["chunked_prefill_ms"] = _timed(chunked, dev, repeats)
+            # the same last-token logits both ways (another code path computes the later pieces)
+            one, pieces = prefill().float(), chunked().float()
+            row["chunked_vs_one_pass"] = {"max_abs": (one - pieces).abs().max().item(),
+                                          "rel": ((one - pieces).norm() / one.norm()).item(),
+                                          "same_argmax": bool(torch.equal(one.argmax(-1), pieces.argmax(-1)))}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
         if trace:
             _trace(fwd_bwd, dev, f"{name}, L={L}: one layer forward+backward", 18)
@@ -226,7 +233,7 @@ def main():
 
 def _timing_table(rows):
     print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}"
-          f" {'prefill ms':>11s} {'prefill tok/s':>14s} {'chunked ms':>11s} {'chunked tok/s':>14s}")
+          f" {'prefill ms':>11s} {'prefill tok/s':>14s} {'chunked ms':>11s} {'chunked tok/s':>14s} {'pieces vs one pass':>19s}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
@@ -234,7 +241,12 @@ def _timing_table(rows):
         print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
               f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f} {r['model_prefill_ms']:11.2f}"
               f" {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
-              + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else ""))
+              + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else "")
+              + (f" {_agree(r['chunked_vs_one_pass']):>19s}" if "chunked_vs_one_pass" in r else ""))
+
+
+def _agree(c: dict) -> str:
+    return f"{c['rel']:.1e}" + (" same" if c["same_argmax"] else " DIFFERENT")
 
 
 if __name__ == "__main__":
