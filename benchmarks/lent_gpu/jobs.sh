@@ -91,6 +91,16 @@ decode)  # detached, alone: decode speed of mixed models needs no training, so 2
     $J gend; $W gend; $J gendc; echo done > ~/res/decode.rc" > ~/res/decode.log 2>&1 &
   : > ~/res/d-conv.log; echo "decode launched"
   ;;
+fourth)  # detached, each alone: 20-step mixed models and decode at 8k through the CUDA graph (issue 16); the
+         # profiler (prefill, and the chunked prefill through the continuation kernels, logits checked against
+         # one pass); one 1000-step conversion (issue 17's wall time); last, decode through the compiled step
+  mkdir -p ~/res
+  S="linearize --model $M --exact-heads 9 --steps 20 --eval-tokens 2048 --overwrite"
+  setsid nohup bash -c "cd $REPO/benchmarks && python -m attnswap.cli $S --out ~/runs/d-lol > ~/res/d-conv.log 2>&1 &&
+    python -m attnswap.cli $S --attention lizard --out ~/runs/d-liz >> ~/res/d-conv.log 2>&1; echo \$? > ~/res/d-conv.rc
+    $J gend; $W gend; $J prof2; $W prof2; $J alone; $W alone; $J gendc; $W gendc; echo done > ~/res/fourth.rc" > ~/res/fourth.log 2>&1 &
+  : > ~/res/d-conv.log; echo "fourth launched"
+  ;;
 gend)   # the suite through the default decode path (CUDA graph)
   $L gend "python generation.py --model $M --methods teacher,lolcats,~/runs/d-lol,~/runs/d-liz --lengths 8192 --repeats 3 --label graph --json ~/res/gend.json"
   ;;
