@@ -14,6 +14,7 @@ For each model and prompt length L (random token ids):
 
 Converted models are made here from the teacher with default options (all layers, untrained):
 speed and memory do not depend on training. ``--methods`` picks them (teacher, lolcats, lizard, seer;
+``lolcats-x9``/``lizard-x9``: 9 exact KV heads in a fixed layout chosen by calibration, ``X9_LAYOUT``;
 seer's steps keep the completed blocks' gate keys in the cache and re-pool only the partial block).
 An entry that is a directory is a saved conversion, loaded as a user loads it (for what only a
 trained run decides: loza's streaming layers, ``--exact-heads``' chosen heads).
@@ -93,6 +94,12 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
 
 
 
+# 9 exact KV heads in the layers where a 20-step calibration on SmolLM2 put them (lent H200, commit 9fdadc9,
+# `convert linearize --exact-heads 9 --steps 20`): ``lolcats-x9`` / ``lizard-x9`` rebuild that layout
+# untrained, in process (decode speed does not depend on the values, only on which layers are mixed)
+X9_LAYOUT = {7: [1], 8: [0, 1], 15: [2], 17: [1], 20: [0], 21: [2], 23: [2], 24: [0]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama", help="the teacher: alias, directory or .gguf file")
@@ -117,7 +124,16 @@ def main():
         else:
             m = copy.deepcopy(teacher)
             if method != "teacher":
-                convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], a.model)
+                n = m.config.num_hidden_layers
+                if method.endswith("-x9"):
+                    base = method[: -len("-x9")]
+                    if n != 30:
+                        raise SystemExit(f"{method}: the fixed 9-head layout is SmolLM2's (30 layers), not {n}")
+                    swaps = [make_swap(base, [i], {"exact_heads": X9_LAYOUT[i]} if i in X9_LAYOUT else {}, m.config)
+                             for i in range(n)]
+                else:
+                    swaps = [make_swap(method, list(range(n)), {}, m.config)]
+                convert_model(m, swaps, a.model)
         m = m.to(device=dev, dtype=dt).eval()
         m.generation_config.max_length = None
         gk = {"prefill_chunk_size": a.prefill_chunk} if a.prefill_chunk else {}

@@ -101,6 +101,18 @@ fourth)  # detached, each alone: 20-step mixed models and decode at 8k through t
     $J gend; $W gend; $J prof2; $W prof2; $J alone; $W alone; $J gendc; $W gendc; echo done > ~/res/fourth.rc" > ~/res/fourth.log 2>&1 &
   : > ~/res/d-conv.log; echo "fourth launched"
   ;;
+fifth)  # detached, each alone: decode at 8k through the compiled step, mixed models rebuilt untrained in the
+         # calibrated layout (generation.py X9_LAYOUT); the profiler without traces; one conversion alone
+  mkdir -p ~/res
+  setsid nohup bash -c "$J gendc2; $W gendc2; $J prof3; $W prof3; $J alone; $W alone; echo done > ~/res/fifth.rc" > ~/res/fifth.log 2>&1 &
+  echo "fifth launched"
+  ;;
+gendc2) # compiled decode at 8k, the teacher and untrained models (plain, and 9 exact heads in the calibrated layout)
+  $L gendc2 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats,lolcats-x9,lizard-x9 --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc2.json"
+  ;;
+prof3)  # prof2 without traces: prefill and the chunked prefill (logits checked against one pass)
+  $L prof3 "python profile_layer.py --model $M --lengths 2048,8192,32768 --repeats 5 --json ~/res/prof3.json"
+  ;;
 gend)   # the suite through the default decode path (CUDA graph)
   $L gend "python generation.py --model $M --methods teacher,lolcats,~/runs/d-lol,~/runs/d-liz --lengths 8192 --repeats 3 --label graph --json ~/res/gend.json"
   ;;
