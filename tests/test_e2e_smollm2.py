@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_smollm2")]  # one worker builds the module's conversion
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,14 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# every launch costs seconds of imports per process: the module's runs stay on one worker (``shared``)
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 
 def _run(cmd, ok=True, extra_env=None, **kw):
@@ -40,28 +43,61 @@ def _args(tiny_dir, tiny_text):
             "--window", "8", "--steps", "6", "--seed", "3"]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, tiny_text, tmp_path):
+FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP config sets
+
+
+class Shared:
+    """The uninterrupted linearize runs several tests compare against, each made once on first use, in
+    a directory of its own (``out``: the model, ``report.json``): ``two`` (2 processes, --batch-size 1),
+    ``one`` (1 process, --batch-size 2: the same global batch) and ``fsdp`` (``two``, sharded)."""
+
+    def __init__(self, root: Path, args: list[str]):
+        self.root, self.args, self.done = root, args, {}
+
+    def __call__(self, name: str):
+        """(the run's directory, its finished process) for run ``name``."""
+        if name not in self.done:
+            d = self.root / name
+            d.mkdir()
+            launcher, bs, env = {"two": (TWO, "1", None), "one": ([sys.executable], "2", None),
+                                 "fsdp": (TWO, "1", FSDP)}[name]
+            r = _run([*launcher, "-m", "attnswap.cli", *self.args, "--batch-size", bs, "--out", str(d / "out"),
+                      "--json", str(d / "report.json")], cwd=d, extra_env=env)
+            self.done[name] = (d, r)
+        return self.done[name]
+
+    def model(self, name: str):
+        return load_file(self(name)[0] / "out" / "model.safetensors")
+
+    def report(self, name: str) -> dict:
+        return json.loads((self(name)[0] / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_dir, tiny_text, tmp_path_factory):
+    return Shared(tmp_path_factory.mktemp("shared-runs"), _args(tiny_dir, tiny_text))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, tiny_text, tmp_path, shared):
     args = _args(tiny_dir, tiny_text)
-    r = _run([*TWO, "-m", "attnswap.cli", *args, "--batch-size", "1",
-              "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")], cwd=tmp_path)
-    _run([sys.executable, "-m", "attnswap.cli", *args, "--batch-size", "2",
-          "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")], cwd=tmp_path)
     _run([sys.executable, "-m", "attnswap.cli", *args, "--batch-size", "1", "--out", str(tmp_path / "alone")], cwd=tmp_path)
-    one, two, alone = (load_file(tmp_path / n / "model.safetensors") for n in ("one", "two", "alone"))
+    one, two, alone = shared.model("one"), shared.model("two"), load_file(tmp_path / "alone" / "model.safetensors")
     assert _diff(one, two) < 1e-6  # the same steps, up to float rounding
     assert _diff(one, alone) > 1e-4  # control: one process's shard alone trains differently
-    assert json.loads((tmp_path / "two.json").read_text())["tokens_seen"] == 6 * 2 * 32
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["alone", "one", "two"]
-    assert torch.isfinite(torch.tensor(json.loads((tmp_path / "two.json").read_text())["converted"]["ppl"]))
+    rep = shared.report("two")
+    assert rep["tokens_seen"] == 6 * 2 * 32
+    assert sorted(p.name for p in shared("two")[0].iterdir()) == ["out", "report.json"]  # nothing else written
+    assert torch.isfinite(torch.tensor(rep["converted"]["ppl"]))
+    r = shared("two")[1]
     assert (r.stdout + r.stderr).count("loading ") == 1  # only the main process speaks
 
 
-def test_two_processes_stopped_and_resumed_end_where_an_uninterrupted_run_ends(tiny_dir, tiny_text, tmp_path):
+def test_two_processes_stopped_and_resumed_end_where_an_uninterrupted_run_ends(tiny_dir, tiny_text, tmp_path, shared):
     """SIGTERM reaches only the second process after global step 3 (a LoRA step): both processes stop
     after that step and checkpoint together through accelerate's save_state; --resume (load_state,
-    every process's RNG states) then ends bit for bit where an uninterrupted two-process run ends."""
+    every process's RNG states) then ends bit for bit where an uninterrupted two-process run (which
+    wrote no checkpoints) ends."""
     args = [*_args(tiny_dir, tiny_text), "--batch-size", "1", "--save-every", "2"]
-    _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(tmp_path / "straight")], cwd=tmp_path)
     out = tmp_path / "resumed"
     stopped = _run([*TWO, str(ROOT / "tests" / "inject.py"), "--signal-after-step", "3", "--signum",
                     str(int(signal.SIGTERM)), "--rank", "1", "--", *args, "--out", str(out)], ok=False, cwd=tmp_path)
@@ -73,7 +109,7 @@ def test_two_processes_stopped_and_resumed_end_where_an_uninterrupted_run_ends(t
     assert files == ["custom_checkpoint_0.pkl", "meta.json", "random_states_0.pkl", "random_states_1.pkl"], files
     assert json.loads((ckpt / step / "meta.json").read_text())["processes"] == 2
     _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(out), "--resume"], cwd=tmp_path)
-    assert _diff(load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")) == 0
+    assert _diff(shared.model("two"), load_file(out / "model.safetensors")) == 0
     assert not ckpt.exists()
 
 
@@ -96,9 +132,6 @@ def test_sharded_distillation_ends_where_the_unsharded_one_ends(tmp_path):
     assert _diff(load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "sharded.safetensors")) < 1e-6
 
 
-FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP config sets
-
-
 def _same_as_one_process(args, tmp_path):
     """``args`` run sharded on 2 processes with --batch-size 1 and on 1 process with --batch-size 2:
     the two outputs (max weight difference) and reports."""
@@ -110,19 +143,19 @@ def _same_as_one_process(args, tmp_path):
     return diff, *(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fsdp", "one"))
 
 
-def test_linearize_under_fsdp_saves_what_one_process_with_the_same_global_batch_saves(tiny_dir, tiny_text, tmp_path):
+def test_linearize_under_fsdp_saves_what_one_process_with_the_same_global_batch_saves(shared):
     """The command line sharded (FSDP2, 2 processes, --batch-size 1): it trains, evaluates on every
     process, gathers the whole model to the main one, which writes an output that loads and equals
     the output of one unsharded process with --batch-size 2."""
     from transformers import AutoModelForCausalLM
 
-    diff, rep, ref = _same_as_one_process(_args(tiny_dir, tiny_text), tmp_path)
-    assert diff < 1e-6 and rep["sharded"]["processes"] == 2 and "sharded" not in ref
+    fsdp = shared.model("fsdp")
+    rep, ref = shared.report("fsdp"), shared.report("one")
+    assert _diff(shared.model("one"), fsdp) < 1e-6 and rep["sharded"]["processes"] == 2 and "sharded" not in ref
     assert abs(rep["converted"]["ppl"] - ref["converted"]["ppl"]) < 1e-4 * ref["converted"]["ppl"]
-    fsdp = load_file(tmp_path / "fsdp" / "model.safetensors")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp", trust_remote_code=True).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(shared("fsdp")[0] / "out", trust_remote_code=True).state_dict()
     assert _diff({k: loaded[k] for k in fsdp}, fsdp) == 0
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fsdp", "one"]  # checkpoints removed
+    assert sorted(p.name for p in shared("fsdp")[0].iterdir()) == ["out", "report.json"]  # checkpoints removed
 
 
 def test_gqa_under_fsdp_shards_its_teacher_copy_too(tiny_dir, tiny_text, tmp_path):
@@ -143,13 +176,12 @@ def test_sparsify_seer_under_fsdp(tiny_dir, tiny_text, tmp_path):
     assert rep["density"] == ref["density"]  # measured on every process's sharded forward, reported by the main one
 
 
-def test_a_sharded_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(tiny_dir, tiny_text, tmp_path):
+def test_a_sharded_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(tiny_dir, tiny_text, tmp_path, shared):
     """Checkpoints of a sharded run: SIGTERM to process 1 only after global step 3 (a LoRA step, with
     sharded feature maps and replicated LoRA weights training); the checkpoint holds the gathered
     whole tensors and their Adam moments, and --resume scatters them back: bit for bit the same
-    output as an uninterrupted sharded run."""
+    output as an uninterrupted sharded run (which wrote no checkpoints)."""
     args = [*_args(tiny_dir, tiny_text), "--batch-size", "1", "--save-every", "2"]
-    _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(tmp_path / "straight")], cwd=tmp_path, extra_env=FSDP)
     out = tmp_path / "resumed"
     stopped = _run([*TWO, str(ROOT / "tests" / "inject.py"), "--signal-after-step", "3", "--signum",
                     str(int(signal.SIGTERM)), "--rank", "1", "--", *args, "--out", str(out)], ok=False, cwd=tmp_path,
@@ -158,7 +190,7 @@ def test_a_sharded_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(
     assert [d.name for d in (tmp_path / "resumed.ckpt").iterdir()] == ["step-00000003"], stopped.stderr[-3000:]
     r = _run([*TWO, "-m", "attnswap.cli", *args, "--out", str(out), "--resume"], cwd=tmp_path, extra_env=FSDP)
     assert "resuming LoRA distillation at step 1/4" in r.stdout + r.stderr
-    assert _diff(load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")) == 0
+    assert _diff(shared.model("fsdp"), load_file(out / "model.safetensors")) == 0
 
 
 def test_gqa_full_training_is_refused_under_fsdp(tiny_dir, tiny_text, tmp_path):
