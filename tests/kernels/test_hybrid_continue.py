@@ -21,6 +21,18 @@ def _seq(B, T, H, Hk, D, F, seed, device, dtype):
     return [x.to(device, dtype) for x in xs]
 
 
+def _same_state(tag, st, ref, dtype):
+    """The continuation's new state against the PyTorch step's: same tensors, shapes and dtypes; the
+    sums and window close to the bound, the integer bookkeeping equal."""
+    assert st.keys() == ref.keys()
+    for name, t in ref.items():
+        assert st[name].shape == t.shape and st[name].dtype == t.dtype, name
+        if t.dtype.is_floating_point:
+            check(f"{tag}/{name}", st[name], t, dtype)
+        else:
+            assert torch.equal(st[name], t), name
+
+
 # (B, P prefilled, T new, H, Hk, D, F, W, sinks, segment_chunks)
 CASES = [(1, 40, 70, 4, 2, 16, 32, 8, 0, None), (2, 33, 50, 6, 3, 16, 16, 16, 3, None),
          (1, 90, 200, 2, 1, 32, 32, 20, 4, 1), (2, 24, 17, 4, 4, 16, 16, 8, 2, 1)]
@@ -42,13 +54,7 @@ def test_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
     check(f"continue/{case}/out", out, ref_out, dtype)
     whole = naive_hybrid_attn(q, k, v, fq, fk, gamma, use_linear=True, **kw)
     check(f"continue/{case}/whole", out, whole[:, P:], dtype)
-    assert st.keys() == ref_state.keys()
-    for name, t in ref_state.items():
-        assert st[name].shape == t.shape and st[name].dtype == t.dtype, name
-        if t.dtype.is_floating_point:
-            check(f"continue/{case}/{name}", st[name], t, dtype)
-        else:
-            assert torch.equal(st[name], t), name
+    _same_state(f"continue/{case}", st, ref_state, dtype)
 
 
 # (B, P prefilled, T new, H, Hk, D, F, W, meta tokens, gate scale, segment_chunks); gate scale 8: a window
@@ -83,13 +89,7 @@ def test_gated_continue_matches_the_step_and_the_whole_sequence(case, device, dt
     check(f"gated-continue/{case}/out", out, ref_out, dtype)
     whole = naive_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, use_linear=True, **kw, **meta)
     check(f"gated-continue/{case}/whole", out, whole[:, P:], dtype)
-    assert st.keys() == ref_state.keys()
-    for name, t in ref_state.items():
-        assert st[name].shape == t.shape and st[name].dtype == t.dtype, name
-        if t.dtype.is_floating_point:
-            check(f"gated-continue/{case}/{name}", st[name], t, dtype)
-        else:
-            assert torch.equal(st[name], t), name
+    _same_state(f"gated-continue/{case}", st, ref_state, dtype)
 
 
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
