@@ -12,8 +12,10 @@ from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn, naive_gat
 from attnswap.kernels.hybrid_attn.naive import naive_hybrid_attn
 from attnswap.kernels.linear_attn.naive import naive_linear_attn
 
-# (B, T, H, Hk, D, F, Dv, W, chunk, segment_chunks)
-CPU = [(2, 150, 4, 2, 16, 32, 16, 20, 16, 2), (1, 100, 3, 1, 16, 16, 24, 16, 16, 3)]
+# (B, T, H, Hk, D, F, Dv, W, chunk, segment_chunks); on CPU (the interpreter) each has a partial last
+# chunk and a partial last segment: 105 = 6 x 16 + 9 in segments of 2, 2, 2, 1 chunks; 100 = 6 x 16 + 4
+# in segments of 3, 3, 1
+CPU = [(2, 105, 4, 2, 16, 32, 16, 20, 16, 2), (1, 100, 3, 1, 16, 16, 24, 16, 16, 3)]
 GPU = [(2, 1000, 6, 2, 64, 128, 64, 64, 64, 3), (1, 2100, 8, 8, 128, 128, 128, 128, 64, 4)]
 
 
