@@ -107,6 +107,22 @@ fifth)  # detached, each alone: decode at 8k through the compiled step, mixed mo
   setsid nohup bash -c "$J gendc2; $W gendc2; $J prof3; $W prof3; $J alone; $W alone; echo done > ~/res/fifth.rc" > ~/res/fifth.log 2>&1 &
   echo "fifth launched"
   ;;
+sixth)  # detached, for the next session: the price of larger prefill pieces (generate() peak memory with
+         # 8,192-token pieces; chunked prefill time), alone; then lolcats with 9 exact heads on rows of 8,192
+         # (passkey at 8k, issue 16's last lolcats miss)
+  mkdir -p ~/res
+  setsid nohup bash -c "$J chunk8k; $W chunk8k; $J prof8k; $W prof8k; $J xlol9k; echo done > ~/res/sixth.rc" > ~/res/sixth.log 2>&1 &
+  echo "sixth launched"
+  ;;
+chunk8k)
+  $L chunk8k "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --prefill-chunk 8192 --label chunk8k --json ~/res/chunk8k.json"
+  ;;
+prof8k)
+  $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
+  ;;
+xlol9k)
+  q xlol9k linearize lolcats-x9k 8192 "--exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  ;;
 gendc2) # compiled decode at 8k, the teacher and untrained models (plain, and 9 exact heads in the calibrated layout)
   $L gendc2 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats,lolcats-x9,lizard-x9 --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc2.json"
   ;;
