@@ -12,9 +12,9 @@ bash scripts/setup.sh
 . .venv/bin/activate
 workers=${ATTNSWAP_TEST_WORKERS:-$(nproc)}
 par=()
-# --dist loadgroup: a module marked xdist_group runs on one worker, so its module-scoped fixture (a
-# conversion of SmolLM2, shared runs of several processes) is built once, not once per worker
-if [ "$workers" -gt 1 ]; then par=(-n "$workers" --dist loadgroup); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+# What several tests read and costs tens of seconds is built once per run for all workers
+# (tests/conftest.py: built_once).
+if [ "$workers" -gt 1 ]; then par=(-n "$workers"); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 python -m pytest -q -p no:cacheprovider --durations=15 "${par[@]}" "$@"
 if [ $# -eq 0 ]; then
   bash scripts/setup-oldest.sh

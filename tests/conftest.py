@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +46,26 @@ def tiny_tokenizer():
     text = ["The quick brown fox jumps over the lazy dog.", "Linear attention keeps a running state."] * 20
     tk.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """Directory ``name``, filled by ``build(directory)`` once per test run and shared by every xdist
+    worker (a worker that needs it while another builds it waits on a lock; a failed build is tried
+    again by the next test that asks). For what costs tens of seconds (a conversion of SmolLM2,
+    launches of several processes) and several tests only read."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base temps sit in one directory of this run
+    d, done = root / name, root / f"{name}.complete"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            build(d)
+            done.touch()
+    return d
 
 
 @pytest.fixture(scope="session")

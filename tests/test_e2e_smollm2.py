@@ -8,21 +8,26 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_smollm2")]  # one worker builds the module's conversion
+from tests.conftest import built_once
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """A 4-step linearize of SmolLM2, made once per test run (``built_once``: every worker reads it)."""
     script = Path(sys.executable).with_name("convert")  # this environment's console script, not another `convert` on PATH
     if not script.is_file():
         pytest.fail("the `convert` console script is not installed (pip install -e .)")
-    d = tmp_path_factory.mktemp("e2e")
-    out = d / "smollm2-linear"
-    cmd = [str(script), "linearize", "--model", "llama", "--steps", "4", "--seq-len", "128", "--batch-size", "1",
-           "--eval-tokens", "512", "--out", str(out), "--json", str(d / "report.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, json.loads((d / "report.json").read_text())
+
+    def build(d):
+        cmd = [str(script), "linearize", "--model", "llama", "--steps", "4", "--seq-len", "128", "--batch-size", "1",
+               "--eval-tokens", "512", "--out", str(d / "smollm2-linear"), "--json", str(d / "report.json")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    d = built_once(tmp_path_factory, "e2e-linearize", build)
+    return d / "smollm2-linear", json.loads((d / "report.json").read_text())
 
 
 def test_report(converted):

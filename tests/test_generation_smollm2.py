@@ -10,7 +10,7 @@ from attnswap import loading
 from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 
-pytestmark = [pytest.mark.slow, pytest.mark.compat, pytest.mark.xdist_group("generation_smollm2")]  # one model load
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 
 @pytest.fixture(scope="module")

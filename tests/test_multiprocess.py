@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import built_once
+
 ROOT = Path(__file__).resolve().parents[1]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# every launch costs seconds of imports per process: the module's runs stay on one worker (``shared``)
-pytestmark = pytest.mark.xdist_group("multiprocess")
 
 
 def _run(cmd, ok=True, extra_env=None, **kw):
@@ -47,35 +47,34 @@ FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch` with an FSDP 
 
 
 class Shared:
-    """The uninterrupted linearize runs several tests compare against, each made once on first use, in
-    a directory of its own (``out``: the model, ``report.json``): ``two`` (2 processes, --batch-size 1),
+    """The uninterrupted linearize runs several tests compare against, each made once per test run for
+    every worker (``built_once``) on first use, in a directory of its own (``out``: the model,
+    ``report.json``, ``log.txt``: what its processes printed): ``two`` (2 processes, --batch-size 1),
     ``one`` (1 process, --batch-size 2: the same global batch) and ``fsdp`` (``two``, sharded)."""
 
-    def __init__(self, root: Path, args: list[str]):
-        self.root, self.args, self.done = root, args, {}
+    def __init__(self, factory, args: list[str]):
+        self.factory, self.args = factory, args
 
-    def __call__(self, name: str):
-        """(the run's directory, its finished process) for run ``name``."""
-        if name not in self.done:
-            d = self.root / name
-            d.mkdir()
-            launcher, bs, env = {"two": (TWO, "1", None), "one": ([sys.executable], "2", None),
-                                 "fsdp": (TWO, "1", FSDP)}[name]
+    def __call__(self, name: str) -> Path:
+        launcher, bs, env = {"two": (TWO, "1", None), "one": ([sys.executable], "2", None), "fsdp": (TWO, "1", FSDP)}[name]
+
+        def build(d):
             r = _run([*launcher, "-m", "attnswap.cli", *self.args, "--batch-size", bs, "--out", str(d / "out"),
                       "--json", str(d / "report.json")], cwd=d, extra_env=env)
-            self.done[name] = (d, r)
-        return self.done[name]
+            (d / "log.txt").write_text(r.stdout + r.stderr)
+
+        return built_once(self.factory, f"multiprocess-{name}", build)
 
     def model(self, name: str):
-        return load_file(self(name)[0] / "out" / "model.safetensors")
+        return load_file(self(name) / "out" / "model.safetensors")
 
     def report(self, name: str) -> dict:
-        return json.loads((self(name)[0] / "report.json").read_text())
+        return json.loads((self(name) / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def shared(tiny_dir, tiny_text, tmp_path_factory):
-    return Shared(tmp_path_factory.mktemp("shared-runs"), _args(tiny_dir, tiny_text))
+    return Shared(tmp_path_factory, _args(tiny_dir, tiny_text))
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, tiny_text, tmp_path, shared):
@@ -86,10 +85,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, ti
     assert _diff(one, alone) > 1e-4  # control: one process's shard alone trains differently
     rep = shared.report("two")
     assert rep["tokens_seen"] == 6 * 2 * 32
-    assert sorted(p.name for p in shared("two")[0].iterdir()) == ["out", "report.json"]  # nothing else written
+    assert sorted(p.name for p in shared("two").iterdir()) == ["log.txt", "out", "report.json"]  # nothing else written
     assert torch.isfinite(torch.tensor(rep["converted"]["ppl"]))
-    r = shared("two")[1]
-    assert (r.stdout + r.stderr).count("loading ") == 1  # only the main process speaks
+    assert (shared("two") / "log.txt").read_text().count("loading ") == 1  # only the main process speaks
 
 
 def test_two_processes_stopped_and_resumed_end_where_an_uninterrupted_run_ends(tiny_dir, tiny_text, tmp_path, shared):
@@ -153,9 +151,9 @@ def test_linearize_under_fsdp_saves_what_one_process_with_the_same_global_batch_
     rep, ref = shared.report("fsdp"), shared.report("one")
     assert _diff(shared.model("one"), fsdp) < 1e-6 and rep["sharded"]["processes"] == 2 and "sharded" not in ref
     assert abs(rep["converted"]["ppl"] - ref["converted"]["ppl"]) < 1e-4 * ref["converted"]["ppl"]
-    loaded = AutoModelForCausalLM.from_pretrained(shared("fsdp")[0] / "out", trust_remote_code=True).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(shared("fsdp") / "out", trust_remote_code=True).state_dict()
     assert _diff({k: loaded[k] for k in fsdp}, fsdp) == 0
-    assert sorted(p.name for p in shared("fsdp")[0].iterdir()) == ["out", "report.json"]  # checkpoints removed
+    assert sorted(p.name for p in shared("fsdp").iterdir()) == ["log.txt", "out", "report.json"]  # checkpoints removed
 
 
 def test_gqa_under_fsdp_shards_its_teacher_copy_too(tiny_dir, tiny_text, tmp_path):
