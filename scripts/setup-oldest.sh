@@ -9,8 +9,8 @@ want="transformers==5.17.0 huggingface-hub==1.33.0"
 if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$want" ]; then
   rm -rf "$dir"
   quiet() { "$@" 2>&1 | grep -vE "^WARNING: (Location|Target directory)|^\s*$" || true; }
-  quiet python -m pip install -q --no-compile --no-deps --target "$dir" $want
-  quiet python -m pip install -q --no-compile --target "$dir" httpx  # huggingface-hub 1.x talks httpx
+  quiet python -m pip install -q --no-deps --target "$dir" $want
+  quiet python -m pip install -q --target "$dir" httpx  # huggingface-hub 1.x talks httpx
   PYTHONPATH=$dir python -c "import transformers, sys; sys.exit(transformers.__version__ != '5.17.0')"
   echo "$want" > "$dir/.stamp"
 fi
