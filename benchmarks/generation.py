@@ -62,14 +62,16 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
     g = torch.Generator().manual_seed(L)
     ids = torch.randint(100, vocab - 1, (1, L), generator=g).to(dev)
     cuda = dev.type == "cuda"
-    peaks, pref, dec, cache = [], [], [], []
+    peaks, pref, dec, cache, wall = [], [], [], [], []
     for _ in range(repeats):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        tg = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **(gen_kwargs or {}))
         _sync(dev)
+        wall.append(time.perf_counter() - tg)
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         t0 = time.perf_counter()
@@ -90,7 +92,8 @@ def measure(model, L: int, new: int, dev, repeats: int, vocab: int, gen_kwargs: 
         dec.append(new / (t3 - t2))
     nan = float("nan")
     return {"generate_peak_gib": statistics.median(peaks) if peaks else nan,
-            "prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec), "cache_mib": max(cache)}
+            "prefill_tok_s": statistics.median(pref), "decode_tok_s": statistics.median(dec), "cache_mib": max(cache),
+            "generate_s": statistics.median(wall)}
 
 
 
@@ -109,7 +112,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--label", default="", help="tag for the rows (e.g. 'before')")
-    ap.add_argument("--prefill-chunk", type=int, default=None, help="pass prefill_chunk_size to generate() (default: none given)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="pass prefill_chunk_size to generate() (default: none given, so the model's default; 0: None, one pass)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = loading.pick_device(a.device)
@@ -136,7 +139,7 @@ def main():
                 convert_model(m, swaps, a.model)
         m = m.to(device=dev, dtype=dt).eval()
         m.generation_config.max_length = None
-        gk = {"prefill_chunk_size": a.prefill_chunk} if a.prefill_chunk else {}
+        gk = {} if a.prefill_chunk is None else {"prefill_chunk_size": a.prefill_chunk or None}
         measure(m, min(lengths), 4, dev, 1, len(tok), gk)  # warm-up: graph capture, allocator, autotuning
         results[method] = {L: measure(m, L, a.new_tokens, dev, a.repeats, len(tok), gk) for L in lengths}
         del m
@@ -148,11 +151,11 @@ def main():
 
     print(f"device {name}, {dt}, attnswap commit {_commit()} {a.label}, transformers {transformers.__version__}, "
           f"{a.new_tokens} new tokens, median of {a.repeats}")
-    print(f"{'model':14s} {'L':>7s} {'generate peak GiB':>18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'cache MiB':>10s}")
+    print(f"{'model':14s} {'L':>7s} {'generate peak GiB':>18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'cache MiB':>10s} {'generate() s':>13s}")
     for method, rows in results.items():
         for L, r in rows.items():
             print(f"{method:14s} {L:7d} {r['generate_peak_gib']:18.3f} {r['prefill_tok_s']:14,.0f} {r['decode_tok_s']:13,.1f} "
-                  f"{r['cache_mib']:10.2f}")
+                  f"{r['cache_mib']:10.2f} {r['generate_s']:13.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": name, "label": a.label, "commit": _commit(),

@@ -114,6 +114,25 @@ sixth)  # detached, for the next session: the price of larger prefill pieces (ge
   setsid nohup bash -c "$J chunk8k; $W chunk8k; $J prof8k; $W prof8k; $J xlol9k; echo done > ~/res/sixth.rc" > ~/res/sixth.log 2>&1 &
   echo "sixth launched"
   ;;
+seventh)  # detached: three 1000-step conversions side by side (issue 16: lolcats with 9 exact heads on rows of
+          # 8,192, for passkey at 8k; issue 14: the plain methods with a wider softmax window, for out-of-domain
+          # perplexity); beside them generate()'s peak memory for prompt pieces of 8k, 16k and one pass (peak
+          # memory is per process, so sharing the GPU does not move it; their times are not read); then the
+          # chunked prefill timed alone
+  mkdir -p ~/res
+  $J b7
+  setsid nohup bash -c "$J mem; $W mem; $W xlol9k lolw128 lizw256; $J prof8k; $W prof8k; echo done > ~/res/seventh.rc" > ~/res/seventh.log 2>&1 &
+  echo "seventh launched"
+  ;;
+b7)
+  q xlol9k linearize lolcats-x9k 8192 "--exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  q lolw128 linearize lolcats-w128 8192 "--window 128 --steps 1000"
+  q lizw256 linearize lizard-w256 8192 "--attention lizard --window 256 --steps 1000"
+  ;;
+mem)    # generate()'s peak memory and wall time at 8k and 32k with prompt pieces of 8k, 16k and one pass
+  G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 8192,32768 --new-tokens 16 --repeats 2"
+  $L mem "$G --prefill-chunk 8192 --label c8192 --json ~/res/mem8k.json; $G --prefill-chunk 16384 --label c16384 --json ~/res/mem16k.json; $G --prefill-chunk 0 --label onepass --json ~/res/mem0.json"
+  ;;
 chunk8k)
   $L chunk8k "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --prefill-chunk 8192 --label chunk8k --json ~/res/chunk8k.json"
   ;;
