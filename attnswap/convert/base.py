@@ -222,14 +222,17 @@ class SwappedAttention(nn.Module):
         """Exact causal softmax attention (the teacher), via SDPA, GQA without copying KV heads."""
         Tq, Tk = q.shape[1], k.shape[1]
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        mask = None
+        mask, causal = None, False
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask[..., -Tk:]
             if mask.dtype != torch.bool:
                 mask = mask == 0
+        elif Tq == Tk and Tq > 1:  # SDPA's own causal path: no (T, T) mask in memory (1 GiB at 32k), flash
+            causal = True
         elif Tq > 1:
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                             enable_gqa=True)
         return out.transpose(1, 2)
 
     # --- recurrent generation (constant memory); a method that cannot decode leaves these out ----
