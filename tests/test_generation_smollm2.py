@@ -19,12 +19,15 @@ def smollm2():
     return model
 
 
+WINDOW = {"lolcats": {"window": 64}, "lizard": {"window": 128}}  # short enough that these lengths cross it
+
+
 @pytest.mark.parametrize("method,prefix,total", [("lolcats", 90, 130), ("lizard", 150, 175)])
 def test_decoding_from_the_state_equals_a_full_forward(smollm2, monkeypatch, method, prefix, total):
     import copy
 
     m = copy.deepcopy(smollm2)
-    convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], "smollm2")
+    convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), WINDOW[method], m.config)], "smollm2")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move the learned parts off their initial values
         for name, p in m.named_parameters():
@@ -55,7 +58,7 @@ def test_generate_equals_recomputation_on_smollm2(smollm2, method):
     from tests.test_hf_compat import _recompute_greedy
 
     m = copy.deepcopy(smollm2)
-    convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), {}, m.config)], "smollm2")
+    convert_model(m, [make_swap(method, list(range(m.config.num_hidden_layers)), WINDOW[method], m.config)], "smollm2")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in m.named_parameters():

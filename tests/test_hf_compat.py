@@ -246,6 +246,15 @@ def test_generate_prefills_long_prompts_in_chunks_by_default(monkeypatch):
     sizes.clear()
     m.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, prefill_chunk_size=None)
     assert sizes == [30, 1]
+    # no runtime option: the device's default piece (PREFILL_CHUNK off CUDA, PREFILL_CHUNK_CUDA on it)
+    from attnswap.modeling import classes
+
+    m.attnswap_runtime = RuntimeOptions()
+    monkeypatch.setattr(classes, "PREFILL_CHUNK", 12)
+    sizes.clear()
+    assert torch.equal(m.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False), want)
+    assert sizes == [12, 12, 6, 1]
+    assert classes.default_prefill_chunk("cuda:0") == classes.PREFILL_CHUNK_CUDA > classes.default_prefill_chunk("cpu")
 
 
 # --- the KV layer with per-block summaries (seer's gate keys) --------------------------------------------

@@ -4,7 +4,7 @@ meta-memory sink tokens.
 - Hedgehog feature maps on q and k, taken before RoPE (no RoPE in the linear branch);
 - a scalar gate per KV head and token, g = log sigmoid(h W_g + b) <= 0, applied as a decay
   exp(g_{j+1} + ... + g_i) on the linear branch;
-- exact softmax over the last ``window`` keys (default 128) and over ``meta_tokens`` (default 4)
+- exact softmax over the last ``window`` keys (default 256) and over ``meta_tokens`` (default 4)
   learned key/value pairs every query can attend to; both share one normaliser with the linear terms.
 
 The operators live in ``attnswap.kernels.gated_attn`` (naive.py is their specification) and
@@ -47,7 +47,7 @@ class LizardAttention(SwappedAttention):
     def default_options(cls, config) -> dict:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # sigmoid(5) = 0.993: a memory of a few hundred tokens to start from
-        return {"window": 128, "feature_dim": head_dim, "meta_tokens": 4, "init_window_logit": 0.0,
+        return {"window": 256, "feature_dim": head_dim, "meta_tokens": 4, "init_window_logit": 0.0,
                 "init_gate_bias": 5.0}
 
     def transfer_parameters(self):

@@ -39,7 +39,7 @@ KV_REPORT_LENGTH = 8192  # the KV cache is also reported for a sequence this lon
 @dataclass
 class LinearizeConfig(RunConfig):
     attention: str = "lolcats"
-    window: int | None = None  # default: the method's (64 for lolcats, 128 for lizard)
+    window: int | None = None  # default: the method's (128 for lolcats, 256 for lizard)
     meta_tokens: int | None = None
     feature_dim: int | None = None
     layers: str = "all"
