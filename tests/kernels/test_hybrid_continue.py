@@ -134,3 +134,72 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, meth
     assert {ex for _, ran, ex in calls if ran} == {False, True}  # plain and mixed layers both took it
     torch.testing.assert_close(got, stepped, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+
+
+# (B, T, H, Hk, D, F, W, sinks, segment_chunks, chunk_size): several segments (the scan runs), T a multiple of
+# the chunk or not, the window reaching back past the sinks or not; last, one segment (no scan: None)
+PREFILL = [(1, 200, 4, 2, 16, 32, 8, 0, 1, 16), (2, 130, 6, 3, 16, 16, 20, 3, 2, 16),
+           (1, 128, 2, 1, 32, 32, 40, 4, 1, 32), (1, 70, 4, 4, 16, 16, 64, 8, 1, 16),
+           (1, 100, 2, 1, 16, 16, 8, 2, None, 16)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("case", range(len(PREFILL)))
+def test_prefill_sums_from_the_segment_scan(case, device, dtype):
+    """``triton_hybrid_prefill``: the forward's output, and the decoding state's linear sums read off its
+    segment scan, against the whole-sequence spec and the sums ``hybrid_prefill_state`` makes itself."""
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_prefill
+
+    B, T, H, Hk, D, F, W, S, seg, C = PREFILL[case]
+    q, k, v, fq, fk, gamma = _seq(B, T, H, Hk, D, F, 200 + case, device, dtype)
+    kw = dict(window=W, scale=D**-0.5, sinks=S)
+    out, sums = triton_hybrid_prefill(q, k, v, fq, fk, gamma, chunk_size=C, segment_chunks=seg, **kw)
+    check(f"prefill/{case}/out", out, naive_hybrid_attn(q, k, v, fq, fk, gamma, use_linear=True, **kw), dtype)
+    if seg is None:  # the default split: one segment on CPU (no scan: the caller sums), CUDA's own choice
+        assert sums is None or device == "cuda"
+        if sums is None:
+            return
+    ref = hybrid_prefill_state(k, v, fk, None, window=W, sinks=S)
+    assert sums is not None and sums[0].dtype == sums[1].dtype == torch.float32
+    check(f"prefill/{case}/S", sums[0], ref["S"], dtype)
+    check(f"prefill/{case}/z", sums[1], ref["z"], dtype)
+    st = hybrid_prefill_state(k, v, fk, None, window=W, sinks=S, sums=sums)
+    assert st.keys() == ref.keys() and st["S"] is sums[0]
+
+
+def test_converted_model_decodes_from_the_scan_sums(monkeypatch):
+    """lolcats (layer 0 mixed, layers 1-2 all linear) prefilled in one pass on Triton with the forward
+    split into segments, so each layer's state takes its sums from the segment scan (counted), then
+    decoded token by token: the logits equal one forward over the whole sequence."""
+    skip_triton_on("cpu")
+    from attnswap.hf_compat import cache_kwargs, new_cache
+    from attnswap.kernels import dispatch
+    from attnswap.kernels.hybrid_attn import chunk
+    from tests.test_exact_heads import _converted
+
+    m = _converted("lolcats", {0: [0]}).eval()
+    ids = torch.randint(1, 300, (2, 150), generator=torch.Generator().manual_seed(4))
+    split = chunk.plan_segments
+    monkeypatch.setattr(chunk, "plan_segments", lambda T, C, programs, seg, device: split(T, C, programs, 1, device))
+    monkeypatch.setenv("ATTNSWAP_KERNELS", "triton")
+    got_sums = []
+    prefill = dispatch.hybrid_prefill
+
+    def spy(*a, **kw):
+        out, sums = prefill(*a, **kw)
+        got_sums.append(sums is not None)
+        return out, sums
+
+    monkeypatch.setattr(dispatch, "hybrid_prefill", spy)
+    monkeypatch.setattr("attnswap.convert.lolcats.hybrid_prefill", spy)
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "off")
+    with torch.no_grad():
+        whole = m(input_ids=ids, use_cache=False).logits  # the student forward, no state
+        cache = new_cache(m.config)
+        outs = [m(input_ids=ids[:, :140], use_cache=True, **cache_kwargs(cache)).logits]
+        for t in range(140, 150):
+            outs.append(m(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[t]]), use_cache=True,
+                          **cache_kwargs(cache)).logits)
+    assert got_sums == [True, True, True]
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-4)
