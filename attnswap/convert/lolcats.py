@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import hedgehog, hybrid_attn
-from ..kernels.dispatch import backend_for, hybrid_continue, hybrid_prefill
+from ..kernels.dispatch import backend_for, hybrid_continue
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
 
@@ -96,18 +96,8 @@ class LolcatsAttention(SwappedAttention):
 
     def student_and_state(self, x):
         fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
-        if not self.use_linear or torch.is_grad_enabled():  # hybrid_prefill is inference only
-            out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
-            return out, self.prefill_state(x, None, fk)
-        dt = x.q.dtype
-        # on Triton the linear sums come from the forward's own segment scan (summed over the kernel's
-        # dtype of the key features); otherwise, or for a one-segment input, sums is None and they are summed here
-        out, sums = hybrid_prefill(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), self.lin_q(fq).to(dt),
-                                   self.lin_kv(fk).to(dt), self.lin_q(self.gamma(), 0), window=self.window,
-                                   scale=self.scaling, sinks=self.sinks)
-        state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), self.lin_kv(fk), None, window=self.window,
-                                     sinks=self.sinks, sums=sums)
-        return out, state
+        out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
+        return out, self.prefill_state(x, None, fk)
 
     def continue_fast(self, x, state, seen, attention_mask):
         """A chunked prefill's later pieces through the Triton forward, once the window is full and the

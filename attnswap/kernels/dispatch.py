@@ -52,7 +52,7 @@ def _triton_ops() -> dict | None:
         from .block_sparse.decode import triton_block_sparse_decode
         from .feature_map.fused import triton_hedgehog
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
-        from .hybrid_attn.chunk import triton_hybrid_attn, triton_hybrid_continue, triton_hybrid_prefill
+        from .hybrid_attn.chunk import triton_hybrid_attn, triton_hybrid_continue
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
         from .linear_attn.chunk import triton_linear_attn
         from .linear_attn.fused_recurrent import fused_recurrent_linear_step
@@ -63,7 +63,6 @@ def _triton_ops() -> dict | None:
         "linear": triton_linear_attn,
         "hybrid": triton_hybrid_attn,
         "hybrid_continue": triton_hybrid_continue,
-        "hybrid_prefill": triton_hybrid_prefill,
         "gated_linear": triton_gated_linear_attn,
         "gated_hybrid": triton_gated_hybrid_attn,
         "linear_step": fused_recurrent_linear_step,
@@ -172,16 +171,6 @@ def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **
     if backend_for(q) == "triton":
         return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
     return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
-
-
-def hybrid_prefill(q, k, v, fq, fk, gamma, *, sinks: int = 0, **kw):
-    """``hybrid_attn`` for a prefill without gradients, with the linear sums of the decoding state when
-    the backend gets them for free: (out, (S, z) or None). Triton reads them off the forward's own
-    segment scan (ungated); the PyTorch path, and Triton on a one-segment input, give None and the
-    caller sums the keys (``hybrid_prefill_state``)."""
-    if backend_for(q) == "triton":
-        return _triton_ops()["hybrid_prefill"](q, k, v, fq, fk, gamma, sinks=sinks, **kw)
-    return chunk_hybrid_attn(q, k, v, fq, fk, gamma, sinks=sinks, **kw), None
 
 
 def hybrid_continue(q, k, v, fq, fk, gamma, state, **kw):

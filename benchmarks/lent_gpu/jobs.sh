@@ -133,13 +133,12 @@ mem)    # generate()'s peak memory and wall time at 8k and 32k with prompt piece
   G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 8192,32768 --new-tokens 16 --repeats 2"
   $L mem "$G --prefill-chunk 8192 --label c8192 --json ~/res/mem8k.json; $G --prefill-chunk 16384 --label c16384 --json ~/res/mem16k.json; $G --prefill-chunk 0 --label onepass --json ~/res/mem0.json"
   ;;
-eighth)  # foreground, short: the bf16 kernel tests (the continuation, the prefill sums from the segment scan,
-         # mixed layers); prefill re-timed with those sums; generate()'s peak at 32k in one pass with 9 exact
-         # heads (SDPA's causal path since 68f4c6e)
+eighth)  # foreground, short: the bf16 kernel tests, then generate()'s peak with 9 exact heads (SDPA's causal
+         # path since 68f4c6e) in one pass and in the new default pieces, and the new default windows
   (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hybrid_continue.py tests/kernels/test_mixed_layers.py \
-     -k "cuda" 2>&1 | tail -3)
-  (cd $REPO/benchmarks && python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 2>&1 | tail -6)
-  (cd $REPO/benchmarks && python generation.py --model $M --methods lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 1 --prefill-chunk 0 2>&1 | tail -3)
+     tests/kernels/test_dispatch.py -k "cuda or dispatch or backends" 2>&1 | tail -3)
+  G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 2"
+  (cd $REPO/benchmarks && $G --prefill-chunk 0 --label onepass 2>&1 | tail -5 && $G --label default 2>&1 | tail -5)
   ;;
 chunk8k)
   $L chunk8k "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --prefill-chunk 8192 --label chunk8k --json ~/res/chunk8k.json"

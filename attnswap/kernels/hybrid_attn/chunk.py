@@ -311,14 +311,11 @@ def _sink_tile(sinks: int) -> int:
 
 
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
-               out_fp32=False, sinks=0, split=None, segment_chunks=None, initial_state=None, final=None):
+               out_fp32=False, sinks=0, split=None, segment_chunks=None, initial_state=None):
     """``split``: 16-bit operands as hi + lo halves (default: for 16-bit inputs); it costs extra
     products and only matters for gradients that cancel, so forward-only callers turn it off.
     ``initial_state``: (S0 (B, Hk, F, Dv), z0 (B, Hk, F)) fp32, linear-branch sums of keys before the
-    sequence, seen by every query (ungated only; forward only).
-    ``final``: a dict that, when the linear branch runs in several segments, receives ``S`` / ``z``: the
-    segment scan's running sums after its last chunk (keys [sinks, min(T, nchunks * C - window + 1)),
-    ungated; ``triton_hybrid_prefill`` trims them); left empty with one segment (no scan runs)."""
+    sequence, seen by every query (ungated only; forward only)."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     F = fq.shape[-1] if use_linear else 16
@@ -340,13 +337,8 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     if initial_state is not None and (Gc is not None or not use_linear):
         raise ValueError("hy_forward: an initial state needs the ungated linear branch")
     if use_linear and nseg > 1:  # the linear branch's state at each segment start (keys < start - W + 1)
-        want = final is not None and Gc is None
-        fin = (torch.empty(B, Hk, F, Dv, device=q.device, dtype=torch.float32),
-               torch.empty(B, Hk, F, device=q.device, dtype=torch.float32)) if want else None
         Sl, zl = segment_states(fk, v, Gc, lag=window - 1, sinks=sinks, chunk_size=C, nch=nch, nseg=nseg,
-                                split=split, initial_state=initial_state, final=fin)
-        if want:
-            final["S"], final["z"] = fin
+                                split=split, initial_state=initial_state)
     elif initial_state is not None:  # one segment, starting from the given sums
         Sl, zl = (t.float().unsqueeze(2).contiguous() for t in initial_state)
     warps = TUNING.get("hybrid_warps") or (8 if use_linear else 4)
@@ -469,30 +461,6 @@ def triton_hybrid_attn(
     return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
                                bool(use_linear), float(eps), int(chunk_size), int(sinks),
                                needs_grad(q, k, v, fq, fk, gamma), segment_chunks)
-
-
-@torch.no_grad()
-def triton_hybrid_prefill(q, k, v, fq, fk, gamma, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
-                          chunk_size: int = 64, segment_chunks: int | None = None):
-    """The ungated hybrid's inference forward and, read off its own segment scan, the linear sums a
-    decoding state starts from: (out, (S (B, Hk, F, Dv), z (B, Hk, F)) fp32 over keys [sinks, T - window)).
-    The sums are None when the forward ran as one segment (short inputs; the caller then sums the keys
-    itself, as ``step_torch.hybrid_prefill_state`` does). ``fk`` is summed as given (the kernel's dtype)."""
-    q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
-    T, C = q.shape[1], chunk_size
-    final: dict = {}
-    o = hy_forward(q, k, v, fq, fk, gamma.contiguous(), None, window=window, scale=scale, use_linear=True, eps=eps,
-                   chunk_size=C, save=False, sinks=sinks, split=False, segment_chunks=segment_chunks, final=final)[0]
-    if not final:
-        return o, None
-    S, z = final["S"], final["z"]
-    # the scan ran over whole chunks: take out the keys past the state's end, T - window (at most one chunk)
-    a, e = max(sinks, T - window, 0), min(T, triton.cdiv(T, C) * C - window + 1)
-    if e > a:
-        fx, vx = fk[:, a:e].float(), v[:, a:e].float()
-        S = S - torch.einsum("btxf,btxd->bxfd", fx, vx)
-        z = z - fx.sum(1)
-    return o, (S, z)
 
 
 @torch.no_grad()

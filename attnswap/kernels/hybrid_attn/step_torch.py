@@ -36,15 +36,12 @@ def _one_token_step():
     return _COMPILED
 
 
-def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None, sums=None) -> dict:
+def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None) -> dict:
     """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool, or
     None when every token is real (no padding: the state is then slices and two sums, a few operators
-    instead of the masked search below); ``g`` (B, T, Hk) log-gates for the gated variant. ``sums``:
-    the linear sums (S, z) already made (``dispatch.hybrid_prefill``; ungated, no padding only)."""
-    if sums is not None and (valid is not None or g is not None):
-        raise ValueError("hybrid_prefill_state: given sums need an unpadded, ungated prefill")
+    instead of the masked search below); ``g`` (B, T, Hk) log-gates for the gated variant."""
     if valid is None:
-        return _prefill_state_unpadded(k, v, fk, window=window, sinks=sinks, g=g, sums=sums)
+        return _prefill_state_unpadded(k, v, fk, window=window, sinks=sinks, g=g)
     B, T, Hk, D = k.shape
     W, Sk = window, max(sinks, 1)
     rank = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
@@ -84,7 +81,7 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
             "n_real": valid.long().sum(1), "win_g": last(g)}
 
 
-def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None, sums=None) -> dict:
+def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) -> dict:
     """``hybrid_prefill_state`` when every token is real: token t has rank t, the sinks are the first
     ``sinks`` tokens, the linear sums run over tokens [sinks, T - W)."""
     B, T, Hk, D = k.shape
@@ -92,16 +89,15 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None, su
     old = max(0, T - W)
     a = min(sinks, old)  # tokens before a are sinks: they never enter the linear sums
     dev = k.device
-    gf = None if g is None else g.float()
-    if sums is None:
-        f = fk[:, a:old].float()
-        if gf is not None:
-            G = time_cumsum(gf)
-            f = f * (G[:, -1:] - G[:, a:old]).exp()[..., None]  # decayed to the last token
-        S = torch.einsum("btxf,btxd->bxfd", f, v[:, a:old].float())
-        z = f.sum(1)
+    f = fk[:, a:old].float()
+    if g is None:
+        gf = None
     else:
-        S, z = sums
+        gf = g.float()
+        G = time_cumsum(gf)
+        f = f * (G[:, -1:] - G[:, a:old]).exp()[..., None]  # decayed to the last token
+    S = torch.einsum("btxf,btxd->bxfd", f, v[:, a:old].float())
+    z = f.sum(1)
     pad = max(0, W - T)
 
     def last(x, fill=0):
