@@ -10,7 +10,10 @@ from attnswap import loading
 from attnswap.modeling import convert_model
 from attnswap.convert.swap import make_swap
 
-pytestmark = [pytest.mark.slow, pytest.mark.compat]
+# not in the contract run on the oldest transformers (`-m compat`): the same paths run there on tiny
+# models (test_generation.py, test_hf_compat.py, test_decode_graph.py); these ~90 s on the real model
+# run once, on the newest
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
