@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama
 
-TESTED = ("5.17.0", "5.24.0")  # oldest and newest transformers the whole suite has passed on
+TESTED = ("5.17.0", "5.25.0")  # oldest and newest transformers the whole suite has passed on
 VERSION = Version(transformers.__version__)
 
 
