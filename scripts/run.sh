@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model, sized for a 2-core CPU (about 6.5 minutes):
+# The main job on the embedded default model, sized for a 2-core CPU (about 6 minutes with set-up):
 # linearize SmolLM2-135M-Instruct with LoLCATs attention, distil briefly on a 256 K-token slice of --data
 # general (tokenised once, then cached), save, report in-domain and out-of-domain perplexity.
 # Extra arguments go to `convert linearize` (e.g. --steps 1000 --seq-len 1024 on a GPU).
