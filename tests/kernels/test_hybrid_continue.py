@@ -42,9 +42,13 @@ CASES = [(1, 40, 70, 4, 2, 16, 32, 8, 0, None), (2, 33, 50, 6, 3, 16, 16, 16, 3,
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
     skip_triton_on(device)
+    _ungated_continue(CASES[case], case, device, dtype)
+
+
+def _ungated_continue(params, case, device, dtype):
     from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_continue
 
-    B, P, T, H, Hk, D, F, W, S, seg = CASES[case]
+    B, P, T, H, Hk, D, F, W, S, seg = params
     q, k, v, fq, fk, gamma = _seq(B, P + T, H, Hk, D, F, case, device, dtype)
     kw = dict(window=W, scale=D**-0.5, sinks=S)
     state = hybrid_prefill_state(k[:, :P], v[:, :P], fk[:, :P], None, window=W, sinks=S)
@@ -68,10 +72,14 @@ GATED = [(1, 40, 70, 4, 2, 16, 32, 8, 0, 1.0, None), (2, 33, 50, 6, 3, 16, 16, 1
 def test_gated_continue_matches_the_step_and_the_whole_sequence(case, device, dtype):
     """Lizard's form: log-gates on the linear branch and learned meta tokens in place of sinks."""
     skip_triton_on(device)
+    _gated_continue(GATED[case], case, device, dtype)
+
+
+def _gated_continue(params, case, device, dtype):
     from attnswap.kernels.gated_attn.naive import naive_gated_hybrid_attn
     from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_continue
 
-    B, P, T, H, Hk, D, F, W, M, gs, seg = GATED[case]
+    B, P, T, H, Hk, D, F, W, M, gs, seg = params
     q, k, v, fq, fk, gamma = _seq(B, P + T, H, Hk, D, F, 100 + case, device, dtype)
     gen = torch.Generator().manual_seed(200 + case)
     g = (torch.nn.functional.logsigmoid(torch.randn(B, P + T, Hk, generator=gen) + 1.0) * gs).to(device)
@@ -90,6 +98,18 @@ def test_gated_continue_matches_the_step_and_the_whole_sequence(case, device, dt
     whole = naive_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, use_linear=True, **kw, **meta)
     check(f"gated-continue/{case}/whole", out, whole[:, P:], dtype)
     _same_state(f"gated-continue/{case}", st, ref_state, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (minutes under the interpreter)")
+@pytest.mark.parametrize("gated", [False, True], ids=["lolcats", "lizard"])
+def test_continue_at_smollm2_shape_and_the_default_windows_cuda(gated):
+    """SmolLM2's shape (9 query / 3 KV heads, head dim 64, 128 features) at the methods' default windows
+    (lolcats 128 + 4 sinks, lizard 256 + 4 meta tokens) and 2,048-token pieces, in bf16: the sizes the
+    small cases above do not reach (several key tiles of window, a piece of many segments)."""
+    if gated:
+        _gated_continue((1, 2048, 2048, 9, 3, 64, 128, 256, 4, 1.0, None), 300, "cuda", torch.bfloat16)
+    else:
+        _ungated_continue((1, 2048, 2048, 9, 3, 64, 128, 128, 4, None), 301, "cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("method", ["lolcats", "lizard"])
