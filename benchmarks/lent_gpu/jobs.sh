@@ -140,6 +140,29 @@ eighth)  # foreground, short: the bf16 kernel tests, then generate()'s peak with
   G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 2"
   (cd $REPO/benchmarks && $G --prefill-chunk 0 --label onepass 2>&1 | tail -5 && $G --label default 2>&1 | tail -5)
   ;;
+ninth)  # for the next session. Foreground: the bf16 kernel tests (with the continuation at SmolLM2's shape and
+        # the default windows). Then detached, each alone: the chunked prefill against one pass with the new
+        # windows in 2,048- and 8,192-token pieces (the 0.35 at 8k seen at 5d1f2af); two 1000-step conversions
+        # side by side (lolcats with window 256 for 8k out of domain; lizard with 9 exact heads at the new
+        # window); then decode of the 9-head models through the compiled step
+  $J kerneltests
+  mkdir -p ~/res
+  setsid nohup bash -c "$J prof9; $W prof9a prof9b; $J b9; $W lolw256 xliz9w; $J gendc9; echo done > ~/res/ninth.rc" > ~/res/ninth.log 2>&1 &
+  echo "ninth launched"
+  ;;
+prof9)
+  P="python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5"
+  $L prof9a "$P --chunk 2048 --json ~/res/prof9a.json"
+  $W prof9a
+  $L prof9b "$P --chunk 8192 --json ~/res/prof9b.json"
+  ;;
+b9)
+  q lolw256 linearize lolcats-w256 8192 "--window 256 --steps 1000"
+  q xliz9w linearize lizard-x9w 8192 "--attention lizard --exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
+  ;;
+gendc9)
+  $L gendc9 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9,~/runs/lizard-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc9.json"
+  ;;
 chunk8k)
   $L chunk8k "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --prefill-chunk 8192 --label chunk8k --json ~/res/chunk8k.json"
   ;;
