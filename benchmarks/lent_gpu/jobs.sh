@@ -107,13 +107,6 @@ fifth)  # detached, each alone: decode at 8k through the compiled step, mixed mo
   setsid nohup bash -c "$J gendc2; $W gendc2; $J prof3; $W prof3; $J alone; $W alone; echo done > ~/res/fifth.rc" > ~/res/fifth.log 2>&1 &
   echo "fifth launched"
   ;;
-sixth)  # detached, for the next session: the price of larger prefill pieces (generate() peak memory with
-         # 8,192-token pieces; chunked prefill time), alone; then lolcats with 9 exact heads on rows of 8,192
-         # (passkey at 8k, issue 16's last lolcats miss)
-  mkdir -p ~/res
-  setsid nohup bash -c "$J chunk8k; $W chunk8k; $J prof8k; $W prof8k; $J xlol9k; echo done > ~/res/sixth.rc" > ~/res/sixth.log 2>&1 &
-  echo "sixth launched"
-  ;;
 seventh)  # detached: three 1000-step conversions side by side (issue 16: lolcats with 9 exact heads on rows of
           # 8,192, for passkey at 8k; issue 14: the plain methods with a wider softmax window, for out-of-domain
           # perplexity); beside them generate()'s peak memory for prompt pieces of 8k, 16k and one pass (peak
@@ -133,12 +126,11 @@ mem)    # generate()'s peak memory and wall time at 8k and 32k with prompt piece
   G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 8192,32768 --new-tokens 16 --repeats 2"
   $L mem "$G --prefill-chunk 8192 --label c8192 --json ~/res/mem8k.json; $G --prefill-chunk 16384 --label c16384 --json ~/res/mem16k.json; $G --prefill-chunk 0 --label onepass --json ~/res/mem0.json"
   ;;
-eighth)  # foreground, short: the bf16 kernel tests, then generate()'s peak with 9 exact heads (SDPA's causal
-         # path since 68f4c6e) in one pass and in the new default pieces, and the new default windows
-  (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hybrid_continue.py tests/kernels/test_mixed_layers.py \
-     tests/kernels/test_dispatch.py -k "cuda or dispatch or backends" 2>&1 | tail -3)
-  G="python generation.py --model $M --methods teacher,lolcats,lizard,lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 2"
-  (cd $REPO/benchmarks && $G --prefill-chunk 0 --label onepass 2>&1 | tail -5 && $G --label default 2>&1 | tail -5)
+eighth)  # foreground, short (what the 264 s left at 5d1f2af ran): prefill timed with the new windows; the bf16
+         # continuation and mixed-layer tests; generate()'s one-pass peak at 32k with 9 exact heads
+  (cd $REPO/benchmarks && python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 2>&1 | tail -5)
+  (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hybrid_continue.py tests/kernels/test_mixed_layers.py -k cuda 2>&1 | tail -3)
+  (cd $REPO/benchmarks && python generation.py --model $M --methods lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 1 --prefill-chunk 0 2>&1 | tail -2)
   ;;
 ninth)  # for the next session. Foreground: the bf16 kernel tests (with the continuation at SmolLM2's shape and
         # the default windows). Then detached, each alone: the chunked prefill against one pass with the new
@@ -163,14 +155,8 @@ b9)
 gendc9)
   $L gendc9 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9,~/runs/lizard-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc9.json"
   ;;
-chunk8k)
-  $L chunk8k "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --prefill-chunk 8192 --label chunk8k --json ~/res/chunk8k.json"
-  ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
-  ;;
-xlol9k)
-  q xlol9k linearize lolcats-x9k 8192 "--exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
   ;;
 gendc2) # compiled decode at 8k, the teacher and untrained models (plain, and 9 exact heads in the calibrated layout)
   $L gendc2 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats,lolcats-x9,lizard-x9 --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc2.json"
