@@ -18,6 +18,13 @@ with default options) and each length L:
   by device time (CUDA) or CPU time, so fusions and copies can be seen by name; and of the whole-model
   prefill, by self host time and by self device time (where the host spends its time between
   launches); ``--trace-dir`` also writes each prefill's Chrome trace there (gzipped);
+- ``prefill host ms``: the same prefill timed to the return of the call, before the device has
+  finished (it was idle at the start): the time the host takes to issue the work; close to ``prefill
+  ms`` means the host bounds the prefill;
+- with ``--pyprof``, Python's cProfile of one prefill (after the timing runs): the functions that take
+  the host's time, by self time and by cumulative time (cProfile slows every Python call, so read the
+  shares, not the times);
+- a method may be a saved conversion's directory (a trained model) in place of a method name;
 - with ``--syncs``, host-device synchronisations and ATen calls (``attnswap.profiling``) of the layer's
   forward, its forward+backward, the whole model's forward without a cache and its prefill into a
   cache (with an all-ones mask, as ``generate()`` passes): the host-side overhead, countable on CPU.
@@ -33,6 +40,7 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,8 +89,36 @@ def host_counts(model, fns: dict) -> dict:
     return out
 
 
+def _issue_ms(fn, dev, repeats: int) -> float:
+    """Median time to the return of ``fn`` with the device idle at the start (no sync before returning)."""
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        _sync(dev)
+    return 1e3 * statistics.median(times)
+
+
+def _pyprof(fn, what: str, rows: int = 25):
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(rows)
+        body = buf.getvalue()
+        print(f"\n--- {what}, cProfile by {key}\n{body[body.find('   ncalls'):]}", flush=True)
+
+
 def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False,
-            trace_dir: str | None = None, chunk: int = 2048) -> dict:
+            trace_dir: str | None = None, chunk: int = 2048, pyprof: bool = False) -> dict:
     attn = model.model.layers[0].self_attn
     h, pe = layer_inputs(model, L, dev, dtype)
     hg = h.clone().requires_grad_(True)
@@ -127,6 +163,7 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
         row = {"method": name, "L": L, "layer_fwd_ms": _timed(fwd, dev, repeats),
                "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats),
                "model_prefill_ms": _timed(prefill, dev, repeats)}
+        row["prefill_host_ms"] = _issue_ms(prefill, dev, repeats)
         if L > chunk:
             row["chunked_prefill_ms"] = _timed(chunked, dev, repeats)
             # the same last-token logits both ways (another code path computes the later pieces)
@@ -135,6 +172,9 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
                                           "rel": ((one - pieces).norm() / one.norm()).item(),
                                           "same_argmax": bool(torch.equal(one.argmax(-1), pieces.argmax(-1)))}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
+        if pyprof:
+            _pyprof(prefill, f"{name}, L={L}: whole-model prefill into a cache")
+            _sync(dev)
         if trace:
             _trace(fwd_bwd, dev, f"{name}, L={L}: one layer forward+backward", 18)
             _trace(prefill, dev, f"{name}, L={L}: whole-model prefill into a cache", 30, by_self=True,
@@ -178,6 +218,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators per method and length")
     ap.add_argument("--trace-dir", default=None, help="with --trace: write each prefill's Chrome trace here (.json.gz)")
+    ap.add_argument("--pyprof", action="store_true", help="print cProfile's top functions of one prefill per method and length")
     ap.add_argument("--syncs", action="store_true",
                     help="count host syncs and ATen calls (layer, whole model, prefill) instead of timing")
     ap.add_argument("--chunk", type=int, default=2048,
@@ -194,6 +235,9 @@ def main():
     for method in a.methods.split(","):
         if method == "teacher":
             model = teacher
+        elif Path(method).expanduser().is_dir():  # a saved conversion
+            model, _ = loading.load_model(loading.resolve(str(Path(method).expanduser())), dtype=dtype, device=dev)
+            method = Path(method).name
         else:
             model = copy.deepcopy(teacher)
             cfg = model.config
@@ -201,7 +245,7 @@ def main():
             model.to(dev, dtype)
         for L in lengths:
             try:
-                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir, a.chunk)
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir, a.chunk, a.pyprof)
             except torch.OutOfMemoryError:
                 row = {"method": method, "L": L, "error": "out of memory"}
             rows.append(row)
@@ -233,14 +277,14 @@ def main():
 
 def _timing_table(rows):
     print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'layer fwd+bwd ms':>17s} {'model fwd ms':>13s} {'per layer':>10s}"
-          f" {'prefill ms':>11s} {'prefill tok/s':>14s} {'chunked ms':>11s} {'chunked tok/s':>14s} {'pieces vs one pass':>19s}")
+          f" {'prefill ms':>11s} {'host ms':>8s} {'prefill tok/s':>14s} {'chunked ms':>11s} {'chunked tok/s':>14s} {'pieces vs one pass':>19s}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:10s} {r['L']:6d} {r['error']}")
             continue
         print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_bwd_ms']:17.3f} "
               f"{r['model_fwd_ms']:13.2f} {r['model_fwd_per_layer_ms']:10.3f} {r['model_prefill_ms']:11.2f}"
-              f" {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
+              f" {r.get('prefill_host_ms', float('nan')):8.2f} {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
               + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else "")
               + (f" {_agree(r['chunked_vs_one_pass']):>19s}" if "chunked_vs_one_pass" in r else ""))
 

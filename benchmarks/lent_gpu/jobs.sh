@@ -132,28 +132,34 @@ eighth)  # foreground, short (what the 264 s left at 5d1f2af ran): prefill timed
   (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hybrid_continue.py tests/kernels/test_mixed_layers.py -k cuda 2>&1 | tail -3)
   (cd $REPO/benchmarks && python generation.py --model $M --methods lolcats-x9 --lengths 32768 --new-tokens 16 --repeats 1 --prefill-chunk 0 2>&1 | tail -2)
   ;;
-ninth)  # for the next session. Foreground: the bf16 kernel tests (with the continuation at SmolLM2's shape and
-        # the default windows). Then detached, each alone: the chunked prefill against one pass with the new
-        # windows in 2,048- and 8,192-token pieces (the 0.35 at 8k seen at 5d1f2af); two 1000-step conversions
-        # side by side (lolcats with window 256 for 8k out of domain; lizard with 9 exact heads at the new
-        # window); then decode of the 9-head models through the compiled step
+ninth)  # Foreground: the bf16 kernel tests (with the continuation at SmolLM2's shape and the default windows).
+        # Then detached: alone, the prefill with its host time, and the chunked prefill against one pass in
+        # 2,048-token pieces with the new windows (the 0.35 at 8k seen at 5d1f2af); three 1000-step conversions
+        # side by side (lolcats with window 256, for 8k out of domain; lizard and lolcats with 9 exact heads on
+        # rows of 8,192, at window 256), beside them cProfile of a prefill at 8k (host shares only); then the
+        # trained models' chunked prefill, and decode of the 9-head models through the compiled step
   $J kerneltests
   mkdir -p ~/res
-  setsid nohup bash -c "$J prof9; $W prof9a prof9b; $J b9; $W lolw256 xliz9w; $J gendc9; echo done > ~/res/ninth.rc" > ~/res/ninth.log 2>&1 &
+  setsid nohup bash -c "$J prof9; $W prof9a; $J b9; $J prof9c; $W lolw256 xliz9k xlol9w prof9c; $J prof9d; $W prof9d;
+    $J gendc9; $W gendc9; echo done > ~/res/ninth.rc" > ~/res/ninth.log 2>&1 &
   echo "ninth launched"
   ;;
 prof9)
-  P="python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5"
-  $L prof9a "$P --chunk 2048 --json ~/res/prof9a.json"
-  $W prof9a
-  $L prof9b "$P --chunk 8192 --json ~/res/prof9b.json"
+  $L prof9a "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 3 --chunk 2048 --json ~/res/prof9a.json"
+  ;;
+prof9c)
+  $L prof9c "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192 --repeats 3 --pyprof --json ~/res/prof9c.json"
   ;;
 b9)
   q lolw256 linearize lolcats-w256 8192 "--window 256 --steps 1000"
-  q xliz9w linearize lizard-x9w 8192 "--attention lizard --exact-heads 9 --seq-len 4096 --batch-size 2 --steps 1000"
+  q xliz9k linearize lizard-x9k 8192 "--attention lizard --exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  q xlol9w linearize lolcats-x9w 8192 "--exact-heads 9 --window 256 --seq-len 8192 --batch-size 1 --steps 1000"
+  ;;
+prof9d) # trained models: the chunked prefill against one pass at 8k (2,048-token pieces)
+  $L prof9d "python profile_layer.py --model $M --methods ~/runs/lolcats-w256,~/runs/lizard-x9k,~/runs/lolcats-x9w --lengths 8192 --repeats 3 --chunk 2048 --json ~/res/prof9d.json"
   ;;
 gendc9)
-  $L gendc9 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9,~/runs/lizard-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc9.json"
+  $L gendc9 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,~/runs/lizard-x9k,~/runs/lolcats-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc9.json"
   ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
