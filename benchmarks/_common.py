@@ -19,3 +19,16 @@ def commit() -> str:
                               cwd=attnswap.__path__[0]).stdout.strip() or "?"
     except OSError:
         return "?"
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """``name[:key=value,...]`` -> (name, options), e.g. ``lolcats:window=256``: a method made with options
+    other than its defaults. Values are ints where they parse as ints."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"method {spec!r}: options are key=value pairs after ':'")
+        opts[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, opts

@@ -15,6 +15,7 @@ For each model and prompt length L (random token ids):
 Converted models are made here from the teacher with default options (all layers, untrained):
 speed and memory do not depend on training. ``--methods`` picks them (teacher, lolcats, lizard, seer;
 ``lolcats-x9``/``lizard-x9``: 9 exact KV heads in a fixed layout chosen by calibration, ``X9_LAYOUT``;
+options other than the defaults after a colon, e.g. ``lolcats:window=256``;
 seer's steps keep the completed blocks' gate keys in the cache and re-pool only the partial block).
 An entry that is a directory is a saved conversion, loaded as a user loads it (for what only a
 trained run decides: loza's streaming layers, ``--exact-heads``' chosen heads).
@@ -39,7 +40,7 @@ import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
 from attnswap.evals.speed import cache_bytes
-from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
+from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
 
 try:
     from attnswap.modeling import convert_model
@@ -128,14 +129,15 @@ def main():
             m = copy.deepcopy(teacher)
             if method != "teacher":
                 n = m.config.num_hidden_layers
-                if method.endswith("-x9"):
-                    base = method[: -len("-x9")]
+                name, opts = method_spec(method)
+                if name.endswith("-x9"):
+                    base = name[: -len("-x9")]
                     if n != 30:
                         raise SystemExit(f"{method}: the fixed 9-head layout is SmolLM2's (30 layers), not {n}")
-                    swaps = [make_swap(base, [i], {"exact_heads": X9_LAYOUT[i]} if i in X9_LAYOUT else {}, m.config)
-                             for i in range(n)]
+                    swaps = [make_swap(base, [i], {**opts, **({"exact_heads": X9_LAYOUT[i]} if i in X9_LAYOUT else {})},
+                                       m.config) for i in range(n)]
                 else:
-                    swaps = [make_swap(method, list(range(n)), {}, m.config)]
+                    swaps = [make_swap(name, list(range(n)), opts, m.config)]
                 convert_model(m, swaps, a.model)
         m = m.to(device=dev, dtype=dt).eval()
         m.generation_config.max_length = None

@@ -24,7 +24,7 @@ with default options) and each length L:
 - with ``--pyprof``, Python's cProfile of one prefill (after the timing runs): the functions that take
   the host's time, by self time and by cumulative time (cProfile slows every Python call, so read the
   shares, not the times);
-- a method may be a saved conversion's directory (a trained model) in place of a method name;
+- a method may carry options other than its defaults (``lolcats:window=256``), or be a saved conversion's directory (a trained model) in place of a method name;
 - with ``--syncs``, host-device synchronisations and ATen calls (``attnswap.profiling``) of the layer's
   forward, its forward+backward, the whole model's forward without a cache and its prefill into a
   cache (with an all-ones mask, as ``generate()`` passes): the host-side overhead, countable on CPU.
@@ -51,7 +51,7 @@ from attnswap.convert.swap import make_swap
 from attnswap.hf_compat import cache_kwargs, new_cache
 from attnswap.modeling import convert_model
 from attnswap.profiling import count_host_ops
-from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
+from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
 
 
 def _sync(dev):
@@ -241,7 +241,8 @@ def main():
         else:
             model = copy.deepcopy(teacher)
             cfg = model.config
-            convert_model(model, [make_swap(method, list(range(cfg.num_hidden_layers)), {}, cfg)], source=a.model)
+            name, opts = method_spec(method)  # e.g. lolcats:window=256
+            convert_model(model, [make_swap(name, list(range(cfg.num_hidden_layers)), opts, cfg)], source=a.model)
             model.to(dev, dtype)
         for L in lengths:
             try:

@@ -161,6 +161,11 @@ prof9d) # trained models: the chunked prefill against one pass at 8k (2,048-toke
 gendc9)
   $L gendc9 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,~/runs/lizard-x9k,~/runs/lolcats-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc9.json"
   ;;
+tenth)  # foreground, short (the device time left after ninth): lolcats' window 256 against 128 for speed, and
+        # the compiled decode at 8k with 9 exact heads at the default windows (issue 16's 5x)
+  (cd $REPO/benchmarks && python generation.py --model $M --methods teacher,lolcats,lolcats:window=256 --lengths 8192,32768 --repeats 3 --json ~/res/gen10.json 2>&1 | tail -8)
+  (cd $REPO/benchmarks && ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lizard-x9,lolcats-x9:window=256 --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc10.json 2>&1 | tail -5)
+  ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
   ;;
