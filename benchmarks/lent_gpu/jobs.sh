@@ -163,8 +163,8 @@ gendc9)
   ;;
 tenth)  # foreground, short (the device time left after ninth): lolcats' window 256 against 128 for speed, and
         # the compiled decode at 8k with 9 exact heads at the default windows (issue 16's 5x)
-  (cd $REPO/benchmarks && python generation.py --model $M --methods teacher,lolcats,lolcats:window=256 --lengths 8192,32768 --repeats 3 --json ~/res/gen10.json 2>&1 | tail -8)
-  (cd $REPO/benchmarks && ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lizard-x9,lolcats-x9:window=256 --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc10.json 2>&1 | tail -5)
+  (cd $REPO/benchmarks && timeout 130 python generation.py --model $M --methods teacher,lolcats,lolcats:window=256 --lengths 8192,32768 --new-tokens 32 --repeats 2 --json ~/res/gen10.json 2>&1 | tail -8)
+  (cd $REPO/benchmarks && ATTNSWAP_COMPILE_DECODE=model timeout 120 python generation.py --model $M --methods teacher,lizard-x9 --lengths 8192 --repeats 2 --label compiled --json ~/res/gendc10.json 2>&1 | tail -4)
   ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
