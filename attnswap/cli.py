@@ -149,7 +149,7 @@ def linearize(
     model: str = MODEL_OPT,
     out: Optional[Path] = out_opt("<model>-<attention>"),
     attention: str = typer.Option("lolcats", help="Replacement attention: lolcats (Hedgehog linear + sliding softmax window) or lizard (gated linear + window + learned sink tokens)."),
-    window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 128 for lolcats, 256 for lizard)."),
+    window: Optional[int] = typer.Option(None, help="Sliding softmax window, in tokens (default: 256; it should be shorter than --seq-len, or the linear part gets no training signal)."),
     meta_tokens: Optional[int] = typer.Option(None, help="lizard only: learned meta-memory sink tokens (default: 4)."),
     feature_dim: Optional[int] = typer.Option(None, help="Hedgehog feature dim per half (default: head dim)."),
     layers: str = typer.Option("all", help="Layers to convert: 'all' or indices/ranges like '0-11,15'."),

@@ -13,7 +13,7 @@ with insertions at random depths:
 
 Teacher-forced distillation on those answer tokens needs the fact, which lies a quarter of the row
 or more behind (the distance is drawn anew per insertion, from that minimum up to the whole row):
-far beyond a 64- or 128-token sliding window. Insertions land on sentence or line ends of the text
+in the default 1,024-token rows, at or beyond the default 256-token sliding window. Insertions land on sentence or line ends of the text
 where one is near. Rows keep exactly L tokens; rows too short to hold the smallest insertion
 (it may take at most a third of the row) are left as they are, and ``build_mix`` says which rows
 were rewritten. Everything depends only on the inputs and ``seed``: the rows chosen, their kinds,

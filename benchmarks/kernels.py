@@ -15,7 +15,7 @@ numerics of the execution paths a converted model can take. Needs a CUDA GPU.
 
 --paths and --decode-paths take a converted model directory as it is, or a teacher (alias, directory,
 .gguf), which is converted here with each method of --attention at its default options (now lolcats:
-window 128 and 4 sinks; lizard: window 256 and 4 meta tokens), with the feature maps, gates and meta
+window 256 and 4 sinks; lizard: window 256 and 4 meta tokens), with the feature maps, gates and meta
 tokens moved off their initial values so that every branch carries weight.
 
 Rows of the table: (shape, L). Shapes: "32h" = 32 query/KV heads, head dim 128, feature dim 128;

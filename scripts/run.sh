@@ -7,5 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec convert linearize --model llama --steps 40 --seq-len 256 --batch-size 2 --eval-tokens 8192 \
+# --window 128: half of the CPU job's 256-token rows (the default, 256, would cover them whole and leave
+# the linear part untrained)
+exec convert linearize --model llama --steps 40 --seq-len 256 --batch-size 2 --window 128 --eval-tokens 8192 \
   --out runs/smollm2-linear --overwrite "$@"

@@ -107,7 +107,20 @@ def test_linearize_lizard_tiny(tiny_dir, tiny_text, tmp_path):
     swap = AutoModelForCausalLM.from_pretrained(out).config.attnswap["swaps"][0]
     assert swap["method"] == "lizard" and swap["layers"] == [0, 2]
     assert swap["options"]["meta_tokens"] == 2 and swap["options"]["window"] == 8
+    assert "covers every" not in res.output  # a window under the rows: no warning
     assert "sinks" not in swap["options"]  # lolcats-only flags do not leak into other methods
+
+
+def test_window_over_the_training_rows_warns(tiny_dir, tiny_text, tmp_path):
+    """A window as long as the training rows leaves the linear part without a training signal: the run
+    goes on and says so. The later of two --window flags wins (as scripts/run.sh relies on)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "wide"
+    res = _run(*_tiny_args(tiny_dir, tiny_text, out), "--window", 40, "--steps", 1)
+    assert res.exit_code == 0, res.output
+    assert "40-token window covers every 32-token training row" in " ".join(res.output.split())
+    assert AutoModelForCausalLM.from_pretrained(out).config.attnswap["swaps"][0]["options"]["window"] == 40
 
 
 def test_unknown_attention_method(tiny_dir, tiny_text, tmp_path):

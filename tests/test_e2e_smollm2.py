@@ -22,7 +22,7 @@ def converted(tmp_path_factory):
 
     def build(d):
         cmd = [str(script), "linearize", "--model", "llama", "--steps", "4", "--seq-len", "128", "--batch-size", "1",
-               "--eval-tokens", "512", "--out", str(d / "smollm2-linear"), "--json", str(d / "report.json")]
+               "--window", "64", "--eval-tokens", "512", "--out", str(d / "smollm2-linear"), "--json", str(d / "report.json")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -58,7 +58,7 @@ class LolcatsAttention(SwappedAttention):
     @classmethod
     def default_options(cls, config) -> dict:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return {"window": 128, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": False, "sinks": 4}
+        return {"window": 256, "feature_dim": head_dim, "init_window_logit": 0.0, "feature_rope": False, "sinks": 4}
 
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
+from ..progress import console
 from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
@@ -39,7 +40,7 @@ KV_REPORT_LENGTH = 8192  # the KV cache is also reported for a sequence this lon
 @dataclass
 class LinearizeConfig(RunConfig):
     attention: str = "lolcats"
-    window: int | None = None  # default: the method's (128 for lolcats, 256 for lizard)
+    window: int | None = None  # default: the method's (256 for lolcats and lizard)
     meta_tokens: int | None = None
     feature_dim: int | None = None
     layers: str = "all"
@@ -164,6 +165,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
     if not chosen:
         raise AttnSwapError("no layers left to convert (check --layers and --keep-softmax)")
     swap = make_swap(cfg.attention, chosen, options, mcfg)
+    window = swap["options"]["window"]
+    if window >= cfg.seq_len:
+        console.print(f"warning: the {window}-token window covers every {cfg.seq_len}-token training row, so the linear "
+                      "attention gets no training signal; use a --seq-len above the window, or a smaller --window")
     if n_exact != AUTO and n_exact > len(chosen) * mcfg.num_key_value_heads:
         raise AttnSwapError(f"--exact-heads {n_exact} is more than the {len(chosen) * mcfg.num_key_value_heads} KV "
                             f"heads of the converted layers ({len(chosen)} x {mcfg.num_key_value_heads})")

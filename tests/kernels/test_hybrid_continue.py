@@ -102,9 +102,9 @@ def _gated_continue(params, case, device, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (minutes under the interpreter)")
 @pytest.mark.parametrize("gated", [False, True], ids=["lolcats", "lizard"])
-def test_continue_at_smollm2_shape_and_the_default_windows_cuda(gated):
-    """SmolLM2's shape (9 query / 3 KV heads, head dim 64, 128 features) at the methods' default windows
-    (lolcats 128 + 4 sinks, lizard 256 + 4 meta tokens) and 2,048-token pieces, in bf16: the sizes the
+def test_continue_at_smollm2_shape_and_wide_windows_cuda(gated):
+    """SmolLM2's shape (9 query / 3 KV heads, head dim 64, 128 features) at wide windows (lolcats
+    128 + 4 sinks, lizard 256 + 4 meta tokens, its default) and 2,048-token pieces, in bf16: the sizes the
     small cases above do not reach (several key tiles of window, a piece of many segments)."""
     if gated:
         _gated_continue((1, 2048, 2048, 9, 3, 64, 128, 256, 4, 1.0, None), 300, "cuda", torch.bfloat16)
