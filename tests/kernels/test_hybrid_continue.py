@@ -121,6 +121,7 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, meth
     from attnswap.convert.base import SwappedAttention
     from attnswap.hf_compat import cache_kwargs, new_cache
     from tests.test_exact_heads import _converted
+    from tests.test_generation import held_views
 
     m = _converted(method, {0: [0], 2: [1]}).eval()
     cls = type(next(mod for mod in m.modules() if isinstance(mod, SwappedAttention)))
@@ -135,12 +136,15 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, meth
         calls.append((seen, r is not None, bool(self.exact_heads)))
         return r
 
+    caches = []
+
     def pieces():
         cache, outs = new_cache(m.config), []
         for a in range(0, 30, 8):
             p = ids[:, a : a + 8]
             outs.append(m(input_ids=p, position_ids=torch.arange(a, a + p.shape[1])[None], use_cache=True,
                           **cache_kwargs(cache)).logits)
+        caches.append(cache)
         return torch.cat(outs, 1)
 
     monkeypatch.setenv("ATTNSWAP_KERNELS", "triton")  # the model's own option would pick PyTorch on CPU
@@ -151,6 +155,7 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, meth
         monkeypatch.setattr(cls, "continue_fast", lambda self, x, state, seen, mask: None)
         stepped = pieces()
     assert calls and all(ran for seen, ran, _ in calls if seen >= ready)
+    assert held_views(caches[0]) == []  # the kernel's window and features are copied out of its piece buffers
     assert {ex for _, ran, ex in calls if ran} == {False, True}  # plain and mixed layers both took it
     torch.testing.assert_close(got, stepped, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)

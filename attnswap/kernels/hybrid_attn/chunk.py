@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..gated_attn.torch_chunk import time_cumsum
+from .step_torch import owned
 from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
 
@@ -521,10 +522,11 @@ def triton_hybrid_continue(q, k, v, fq, fk, gamma, state: dict, *, window: int, 
         decayed = leaving * (last - Gw[:, :T]).exp()[..., None]
         new["S"] = state["S"] * carry[..., None, None] + torch.einsum("btxf,btxd->bxfd", decayed, v_leaving)
         new["z"] = state["z"] * carry[..., None] + decayed.sum(1)
-        new["win_g"] = gw[:, T:]
-    new["win_k"] = kx[:, P + T :].to(state["win_k"].dtype)
-    new["win_v"] = vx[:, P + T :].to(state["win_v"].dtype)
-    new["win_fk"] = fkw[:, T:]
+        new["win_g"] = owned(gw[:, T:])
+    # owned: not views of this piece's (P + W + T)-token buffers, which the cache would keep alive
+    new["win_k"] = owned(kx[:, P + T :].to(state["win_k"].dtype))
+    new["win_v"] = owned(vx[:, P + T :].to(state["win_v"].dtype))
+    new["win_fk"] = owned(fkw[:, T:])
     new["win_rank"] = state["win_rank"] + T
     new["n_real"] = state["n_real"] + T
     return o, new

@@ -36,6 +36,13 @@ def _one_token_step():
     return _COMPILED
 
 
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view into a buffer much larger than itself. A state slices its window
+    and sinks out of the whole prompt's keys, values and features; kept as views in the cache, they would
+    hold those per-token buffers alive (at 32k about 75 MB a SmolLM2 layer, 2.2 GB for the model)."""
+    return t.clone() if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size() else t
+
+
 def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None) -> dict:
     """The state after keys k (B, T, Hk, D), values v, key features fk; ``valid`` (B, T) bool, or
     None when every token is real (no padding: the state is then slices and two sums, a few operators
@@ -57,7 +64,7 @@ def hybrid_prefill_state(k, v, fk, valid, *, window: int, sinks: int = 0, g=None
 
     def last(x, fill=0):
         x = x[:, old:]
-        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else x
+        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else owned(x)
 
     if sinks:  # sink r of row b is that row's r-th real token: found by search, not by nonzero (no host sync)
         n_before = valid.long().cumsum(1)  # real tokens up to and including each position, nondecreasing
@@ -102,16 +109,16 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
 
     def last(x, fill=0):
         x = x[:, old:]
-        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else x
+        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else owned(x)
 
     n = min(Sk, T) if sinks else 0
     slot = torch.arange(Sk, device=dev)
 
     def first(x):  # the first n tokens, zero-filled up to Sk slots
-        return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else x[:, :Sk]
+        return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else owned(x[:, :Sk])
 
     rank = torch.arange(T - W, T, device=dev).clamp_min(-1)  # the window's slots; -1 before the first token
-    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk).float(),
+    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": owned(last(fk).float()),
             "win_rank": rank.expand(B, W).contiguous(), "sink_k": first(k), "sink_v": first(v),
             "sink_on": (slot < min(n, old)).expand(B, Sk).contiguous(),
             "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
