@@ -21,7 +21,7 @@ from ..kernels import gated_hybrid_attn
 from ..kernels.dispatch import backend_for, hybrid_continue
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
-from .lolcats import HedgehogFeatureMap
+from .lolcats import HedgehogFeatureMap, feature_pair
 
 
 @register_method("lizard")
@@ -55,16 +55,20 @@ class LizardAttention(SwappedAttention):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(),
                 *self.gate_proj.parameters(), self.window_factor, *extra]
 
+    def _gates(self, x):
+        """Log-gates (B, T, Hk)."""
+        return F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())
+
     def _keys(self, x, dtype=torch.float32, step=False):
         """Key features (in ``dtype``) and log-gates (B, T, Hk): what the state needs."""
-        g = F.logsigmoid(self.gate_proj(x.h.to(self.gate_proj.weight.dtype)).float())
-        return self.feature_map_k(x.kn, dtype, step), g
+        return self.feature_map_k(x.kn, dtype, step), self._gates(x)
 
     def _parts(self, x, dtype=torch.float32, key_dtype=None, step=False):
         """Everything the operators take, narrowed to the linear heads (all heads unless some are exact);
         query features in ``dtype``, key features in ``key_dtype`` (default: the same)."""
-        fk, g = self._keys(x, dtype if key_dtype is None else key_dtype, step)
-        fq = self.feature_map_q(x.qn, dtype, step)
+        fq, fk = feature_pair(self.feature_map_q, x.qn, dtype, self.feature_map_k, x.kn,
+                              dtype if key_dtype is None else key_dtype, step)
+        g = self._gates(x)
         # every operator casts the meta tokens itself: a .float() copy here would be one more launch per layer
         meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k, 1), "meta_v": self.lin_kv(self.meta_v, 1)}
         gamma = self.lin_q(torch.sigmoid(self.window_factor.float()), 0)

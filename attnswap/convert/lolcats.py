@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import hedgehog, hybrid_attn
+from ..kernels import hedgehog, hedgehog_pair, hybrid_attn
 from ..kernels.dispatch import backend_for, hybrid_continue
 from ..kernels.hybrid_attn.step_torch import hybrid_prefill_state, hybrid_step
 from .base import SwappedAttention, register_method
@@ -36,6 +36,12 @@ class HedgehogFeatureMap(nn.Module):
         """(B, T, H, D) -> (B, T, H, 2 Fd) in ``dtype`` (computed in fp32; one fused kernel on CUDA, see
         ``kernels/feature_map``). ``step``: a one-token decoding step."""
         return hedgehog(x, self.weight, self.bias, dtype, step=step)
+
+
+def feature_pair(fq: HedgehogFeatureMap, xq, q_dtype, fk: HedgehogFeatureMap, xk, k_dtype, step: bool = False):
+    """(fq(xq) in ``q_dtype``, fk(xk) in ``k_dtype``): a layer's query and key features, in one Triton
+    launch where that applies (inference; ``kernels.hedgehog_pair``)."""
+    return hedgehog_pair(xq, fq.weight, fq.bias, xk, fk.weight, fk.bias, q_dtype, k_dtype, step=step)
 
 
 @register_method("lolcats")
@@ -66,8 +72,9 @@ class LolcatsAttention(SwappedAttention):
     def _features(self, x, dtype=torch.float32, key_dtype=None, step=False):
         """Feature-mapped q and k (in ``dtype``; k in ``key_dtype`` if given): after RoPE (LoLCATs) or
         before it (``feature_rope: false``)."""
-        fq = self.feature_map_q(x.q if self.feature_rope else x.qn, dtype, step)
-        return fq, self._key_features(x, dtype if key_dtype is None else key_dtype, step)
+        return feature_pair(self.feature_map_q, x.q if self.feature_rope else x.qn, dtype,
+                            self.feature_map_k, x.k if self.feature_rope else x.kn,
+                            dtype if key_dtype is None else key_dtype, step)
 
     def _key_features(self, x, dtype=torch.float32, step=False):
         return self.feature_map_k(x.k if self.feature_rope else x.kn, dtype, step)

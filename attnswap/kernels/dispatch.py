@@ -50,7 +50,7 @@ def _triton_ops() -> dict | None:
     try:
         from .block_sparse.chunk import triton_attn_with_block_map, triton_block_sparse_attn
         from .block_sparse.decode import triton_block_sparse_decode
-        from .feature_map.fused import triton_hedgehog
+        from .feature_map.fused import triton_hedgehog, triton_hedgehog_pair
         from .gated_attn.chunk import triton_gated_hybrid_attn, triton_gated_linear_attn
         from .hybrid_attn.chunk import triton_hybrid_attn, triton_hybrid_continue
         from .hybrid_attn.fused_recurrent import fused_recurrent_hybrid_step
@@ -71,6 +71,7 @@ def _triton_ops() -> dict | None:
         "attn_block_map": triton_attn_with_block_map,
         "block_sparse_decode": triton_block_sparse_decode,
         "hedgehog": triton_hedgehog,
+        "hedgehog_pair": triton_hedgehog_pair,
         "rope": triton_rope,
     }
 
@@ -132,6 +133,14 @@ def hedgehog(x, weight, bias, out_dtype=torch.float32, *, step: bool = False):
     if backend_for(x, step=step) == "triton":
         return _triton_ops()["hedgehog"](x, weight, bias, out_dtype)
     return naive_hedgehog(x, weight, bias, out_dtype)
+
+
+def hedgehog_pair(xq, wq, bq, xk, wk, bk, q_dtype=torch.float32, k_dtype=torch.float32, *, step: bool = False):
+    """``hedgehog`` of a layer's queries and keys, (phi_q(xq) in ``q_dtype``, phi_k(xk) in ``k_dtype``):
+    one Triton launch for both where it can (no gradients, maps of one shape), two otherwise."""
+    if backend_for(xq, step=step) == "triton":
+        return _triton_ops()["hedgehog_pair"](xq, wq, bq, xk, wk, bk, q_dtype, k_dtype)
+    return naive_hedgehog(xq, wq, bq, q_dtype), naive_hedgehog(xk, wk, bk, k_dtype)
 
 
 def rope(q, k, cos, sin, *, step: bool = False):

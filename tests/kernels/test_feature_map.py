@@ -78,3 +78,44 @@ def test_hedgehog_rejects_mismatched_weights():
     skip_triton_on("cpu")
     with pytest.raises(ValueError, match="do not match"):
         _fused()(torch.randn(2, 3, 8), torch.randn(3, 4, 8), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("device,dtype", CASES + [pytest.param("cpu", torch.float16, id="cpu-fp16")])
+@pytest.mark.parametrize("lead", [(2, 70), (1, 1)], ids=["rows", "one-row"])
+def test_hedgehog_pair_matches_two_maps(device, dtype, lead):
+    """A layer's query (9 heads) and key (3 heads) maps in one launch, each in its own output dtype,
+    against the specification; a key input read through a head-sliced view."""
+    skip_triton_on(device)
+    from attnswap.kernels.feature_map.fused import triton_hedgehog_pair
+
+    xq, wq, bq = (t.detach() for t in _inputs(lead, 9, 64, 64, device, dtype, seed=21))
+    xk_big, wk, bk = (t.detach() for t in _inputs(lead, 5, 64, 64, device, dtype, seed=22))
+    xk, wk, bk = xk_big[..., 1:4, :], wk[1:4], bk[1:4]  # 3 heads, not contiguous
+    with torch.no_grad():
+        fq, fk = triton_hedgehog_pair(xq, wq, bq, xk, wk, bk, dtype, torch.float32)
+    assert fq.dtype == dtype and fk.dtype == torch.float32
+    assert fq.shape == (*lead, 9, 128) and fk.shape == (*lead, 3, 128)
+    check(f"hedgehog-pair/{dtype}/q", fq, naive_hedgehog(xq, wq, bq), dtype)
+    check(f"hedgehog-pair/{dtype}/k", fk, naive_hedgehog(xk.contiguous(), wk, bk), dtype)
+
+
+def test_hedgehog_pair_falls_back_to_two_maps():
+    """With gradients, or maps that cannot share a launch (other feature sizes), the pair is two maps:
+    the same values and gradients as calling each."""
+    skip_triton_on("cpu")
+    from attnswap.kernels.feature_map.fused import _pairable, hedgehog_pair_forward, triton_hedgehog, triton_hedgehog_pair
+
+    xq, wq, bq = _inputs((2, 9), 4, 16, 16, "cpu", torch.float32, seed=31)
+    xk, wk, bk = _inputs((2, 9), 2, 16, 8, "cpu", torch.float32, seed=32)  # 8 features: not pairable
+    assert not _pairable(xq, wq, xk, wk)
+    with pytest.raises(ValueError, match="cannot share a launch"):
+        hedgehog_pair_forward(xq, wq, bq, torch.float32, xk, wk, bk, torch.float32)
+    with torch.no_grad():
+        a, b = triton_hedgehog_pair(xq, wq, bq, xk, wk, bk)
+    check("hedgehog-pair/fallback/k", b, naive_hedgehog(xk, wk, bk), torch.float32)
+    fq, fk = triton_hedgehog_pair(xq, wq, bq, xq, wq, bq)  # pairable, but gradients are wanted
+    assert fq.grad_fn is not None and fk.grad_fn is not None
+    g_pair = torch.autograd.grad((fq.square().sum() + fk.sum()), (wq,))[0]
+    ref = triton_hedgehog(xq, wq, bq)
+    g_two = torch.autograd.grad(ref.square().sum() + ref.sum(), (wq,))[0]
+    check("hedgehog-pair/fallback/dw", g_pair, g_two, torch.float32)

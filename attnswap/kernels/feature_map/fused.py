@@ -24,10 +24,10 @@ from ..linear_attn.chunk import p2
 
 
 @triton.jit
-def _hedgehog_fwd_kernel(x, w, b, out, N, H, sxn, sxh, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
-                         BD: tl.constexpr, BF: tl.constexpr, NATIVE: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+def _hedgehog_rows(x, w, b, out, pid, h, N, H, sxn, sxh, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
+                   BD: tl.constexpr, BF: tl.constexpr, NATIVE: tl.constexpr):
+    """Features of rows [pid * BT, pid * BT + BT) of head h: out (N, H, 2F)."""
+    h = h.to(tl.int64)
     rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
     rd = tl.arange(0, BD)
     rf = tl.arange(0, BF)
@@ -49,7 +49,26 @@ def _hedgehog_fwd_kernel(x, w, b, out, N, H, sxn, sxh, D: tl.constexpr, F: tl.co
     tl.store(ob + F, (e2 * r[:, None]).to(out.dtype.element_ty), mask=om)
 
 
-def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+@triton.jit
+def _hedgehog_fwd_kernel(x, w, b, out, N, H, sxn, sxh, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
+                         BD: tl.constexpr, BF: tl.constexpr, NATIVE: tl.constexpr):
+    _hedgehog_rows(x, w, b, out, tl.program_id(0), tl.program_id(1), N, H, sxn, sxh, D, F, BT, BD, BF, NATIVE)
+
+
+@triton.jit
+def _hedgehog_pair_kernel(xa, wa, ba, oa, Ha, sxan, sxah, xb, wb, bb, ob, Hb, sxbn, sxbh, N, D: tl.constexpr,
+                          F: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, NATIVE: tl.constexpr):
+    """Two maps over the same rows in one launch (queries' and keys' heads): program column h < Ha
+    takes head h of the first, the rest the second."""
+    h = tl.program_id(1)
+    if h < Ha:
+        _hedgehog_rows(xa, wa, ba, oa, tl.program_id(0), h, N, Ha, sxan, sxah, D, F, BT, BD, BF, NATIVE)
+    else:
+        _hedgehog_rows(xb, wb, bb, ob, tl.program_id(0), h - Ha, N, Hb, sxbn, sxbh, D, F, BT, BD, BF, NATIVE)
+
+
+def _prepare(x, weight, bias, out_dtype):
+    """(rows (N, H, D) with a unit last stride, weight, bias, output (N, H, 2F), native)"""
     *lead, H, D = x.shape
     F = weight.shape[-1]
     if weight.shape != (H, D, F) or bias.shape != (H, F):
@@ -57,17 +76,50 @@ def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     x2 = x.reshape(-1, H, D)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    N = x2.shape[0]
-    out = torch.empty(N, H, 2 * F, device=x.device, dtype=out_dtype)
-    w, b = weight.contiguous(), bias.contiguous()
-    native = x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
-    BT = 64
+    out = torch.empty(x2.shape[0], H, 2 * F, device=x.device, dtype=out_dtype)
+    native = x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+    return x2, weight.contiguous(), bias.contiguous(), out, native
+
+
+_ROWS = 64  # rows of one program
+
+
+def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    x2, w, b, out, native = _prepare(x, weight, bias, out_dtype)
+    (N, H, D), F = x2.shape, w.shape[-1]
     if N:
-        _hedgehog_fwd_kernel[(triton.cdiv(N, BT), H)](
-            x2, w, b, out, N, H, x2.stride(0), x2.stride(1), D=D, F=F, BT=BT, BD=p2(D), BF=p2(F), NATIVE=native,
+        _hedgehog_fwd_kernel[(triton.cdiv(N, _ROWS), H)](
+            x2, w, b, out, N, H, x2.stride(0), x2.stride(1), D=D, F=F, BT=_ROWS, BD=p2(D), BF=p2(F), NATIVE=native,
             num_warps=4,
         )
-    return out.view(*lead, H, 2 * F)
+    return out.view(*x.shape[:-1], 2 * F)
+
+
+def _pairable(xa, wa, xb, wb) -> bool:
+    """Two maps can share a launch: the same rows, head dim and feature size, and the same kind of
+    product (16-bit inputs with weights of their dtype, or not)."""
+    def native(x, w):
+        return x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
+
+    return xa.shape[:-2] == xb.shape[:-2] and xa.shape[-1] == xb.shape[-1] and wa.shape[1:] == wb.shape[1:] \
+        and native(xa, wa) == native(xb, wb)
+
+
+def hedgehog_pair_forward(xa, wa, ba, da, xb, wb, bb, db):
+    """``hedgehog_forward`` of two maps in one launch, without gradients: (phi_a(xa) in ``da``, phi_b(xb)
+    in ``db``); the maps must be ``_pairable`` (a query and a key map of one layer are)."""
+    if not _pairable(xa, wa, xb, wb):
+        raise ValueError(f"hedgehog pair: x {tuple(xa.shape)} / {tuple(xb.shape)}, weights {tuple(wa.shape)} / "
+                         f"{tuple(wb.shape)} ({xa.dtype}/{wa.dtype}, {xb.dtype}/{wb.dtype}) cannot share a launch")
+    xa2, wa2, ba2, oa, native = _prepare(xa, wa, ba, da)
+    xb2, wb2, bb2, ob, _ = _prepare(xb, wb, bb, db)
+    (N, Ha, D), Hb, F = xa2.shape, xb2.shape[1], wa2.shape[-1]
+    if N:
+        _hedgehog_pair_kernel[(triton.cdiv(N, _ROWS), Ha + Hb)](
+            xa2, wa2, ba2, oa, Ha, xa2.stride(0), xa2.stride(1), xb2, wb2, bb2, ob, Hb, xb2.stride(0), xb2.stride(1),
+            N, D=D, F=F, BT=_ROWS, BD=p2(D), BF=p2(F), NATIVE=native, num_warps=4,
+        )
+    return oa.view(*xa.shape[:-1], 2 * F), ob.view(*xb.shape[:-1], 2 * F)
 
 
 class _HedgehogFn(torch.autograd.Function):
@@ -101,3 +153,12 @@ def triton_hedgehog(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _HedgehogFn.apply(x, weight, bias).to(out_dtype)
     return hedgehog_forward(x, weight, bias, out_dtype)
+
+
+def triton_hedgehog_pair(xa, wa, ba, xb, wb, bb, da=torch.float32, db=torch.float32):
+    """(phi_a(xa) in ``da``, phi_b(xb) in ``db``): one launch for both maps (a layer's query and key
+    features) when no gradient is needed and they are ``_pairable``, else ``triton_hedgehog`` twice."""
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (xa, wa, ba, xb, wb, bb))
+    if grads or not _pairable(xa, wa, xb, wb):
+        return triton_hedgehog(xa, wa, ba, da), triton_hedgehog(xb, wb, bb, db)
+    return hedgehog_pair_forward(xa, wa, ba, da, xb, wb, bb, db)
