@@ -170,3 +170,23 @@ def test_the_state_holds_no_prompt_sized_buffer(method, padded):
     cache = out.past_key_values
     assert _state_numel(cache) > 0
     assert held_views(cache) == []
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_watched_feature_maps_run_as_modules_in_a_prefill(method):
+    """A prefill into a cache computes a layer's query and key features together (one launch on the
+    Triton path), except where something watches the feature-map modules: a hook then sees its module
+    run, with the same logits."""
+    m = _converted(sinks=2) if method == "lolcats" else _converted(method="lizard")
+    ids = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).logits
+        seen = []
+        attn = m.model.layers[1].self_attn
+        handle = attn.feature_map_k.register_forward_hook(lambda mod, a, out: seen.append(out.shape))
+        try:
+            watched = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).logits
+        finally:
+            handle.remove()
+    assert seen and seen[0][:2] == (1, 20)
+    torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-6)

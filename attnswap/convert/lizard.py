@@ -63,11 +63,11 @@ class LizardAttention(SwappedAttention):
         """Key features (in ``dtype``) and log-gates (B, T, Hk): what the state needs."""
         return self.feature_map_k(x.kn, dtype, step), self._gates(x)
 
-    def _parts(self, x, dtype=torch.float32, key_dtype=None, step=False):
+    def _parts(self, x, dtype=torch.float32, key_dtype=None, step=False, paired=False):
         """Everything the operators take, narrowed to the linear heads (all heads unless some are exact);
         query features in ``dtype``, key features in ``key_dtype`` (default: the same)."""
         fq, fk = feature_pair(self.feature_map_q, x.qn, dtype, self.feature_map_k, x.kn,
-                              dtype if key_dtype is None else key_dtype, step)
+                              dtype if key_dtype is None else key_dtype, step, paired)
         g = self._gates(x)
         # every operator casts the meta tokens itself: a .float() copy here would be one more launch per layer
         meta = {} if self.meta_k is None else {"meta_k": self.lin_kv(self.meta_k, 1), "meta_v": self.lin_kv(self.meta_v, 1)}
@@ -89,7 +89,7 @@ class LizardAttention(SwappedAttention):
                                     g=self.lin_kv(g))
 
     def student_and_state(self, x):
-        parts = self._parts(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        parts = self._parts(x, x.q.dtype, torch.float32, paired=True)  # the state sums fp32 key features
         _, fk, g, _, _ = parts  # already narrowed to the linear heads, as the state takes them
         state = hybrid_prefill_state(self.lin_kv(x.k), self.lin_kv(x.v), fk, None, window=self.window, g=g)
         return self._student(x, parts), state
@@ -99,7 +99,7 @@ class LizardAttention(SwappedAttention):
         padding (otherwise, and on the PyTorch backend, ``decode`` steps in pieces)."""
         if seen < self.window or backend_for(x.q) != "triton" or not self.no_padding(attention_mask):
             return None
-        fq, fk, g, gamma, meta = self._parts(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        fq, fk, g, gamma, meta = self._parts(x, x.q.dtype, torch.float32, paired=True)  # the state sums fp32 key features
         return hybrid_continue(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), fq, fk, gamma, state,
                                window=self.window, scale=self.scaling, g=g, **meta)
 

@@ -38,10 +38,23 @@ class HedgehogFeatureMap(nn.Module):
         return hedgehog(x, self.weight, self.bias, dtype, step=step)
 
 
-def feature_pair(fq: HedgehogFeatureMap, xq, q_dtype, fk: HedgehogFeatureMap, xk, k_dtype, step: bool = False):
-    """(fq(xq) in ``q_dtype``, fk(xk) in ``k_dtype``): a layer's query and key features, in one Triton
-    launch where that applies (inference; ``kernels.hedgehog_pair``)."""
-    return hedgehog_pair(xq, fq.weight, fq.bias, xk, fk.weight, fk.bias, q_dtype, k_dtype, step=step)
+def _observed(m: nn.Module) -> bool:
+    """Something watches or replaces ``m``'s forward (hooks, a patched forward): it must run as a module."""
+    from torch.nn.modules import module as M
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or M._global_forward_hooks or M._global_forward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def feature_pair(fq: HedgehogFeatureMap, xq, q_dtype, fk: HedgehogFeatureMap, xk, k_dtype, step: bool = False,
+                 paired: bool = False):
+    """(fq(xq) in ``q_dtype``, fk(xk) in ``k_dtype``): a layer's query and key features. ``paired`` (the
+    generation paths: prefill into a cache, its later pieces) computes both in one Triton launch
+    (``kernels.hedgehog_pair``) when no gradient is wanted and nothing observes the two modules; every
+    other call runs each module, so training, hooks and fault location see them as before."""
+    if paired and not torch.is_grad_enabled() and not (_observed(fq) or _observed(fk)):
+        return hedgehog_pair(xq, fq.weight, fq.bias, xk, fk.weight, fk.bias, q_dtype, k_dtype, step=step)
+    return fq(xq, q_dtype, step), fk(xk, k_dtype, step)
 
 
 @register_method("lolcats")
@@ -69,12 +82,12 @@ class LolcatsAttention(SwappedAttention):
     def transfer_parameters(self):
         return [*self.feature_map_q.parameters(), *self.feature_map_k.parameters(), self.window_factor]
 
-    def _features(self, x, dtype=torch.float32, key_dtype=None, step=False):
+    def _features(self, x, dtype=torch.float32, key_dtype=None, step=False, paired=False):
         """Feature-mapped q and k (in ``dtype``; k in ``key_dtype`` if given): after RoPE (LoLCATs) or
-        before it (``feature_rope: false``)."""
+        before it (``feature_rope: false``). ``paired``: see ``feature_pair``."""
         return feature_pair(self.feature_map_q, x.q if self.feature_rope else x.qn, dtype,
                             self.feature_map_k, x.k if self.feature_rope else x.kn,
-                            dtype if key_dtype is None else key_dtype, step)
+                            dtype if key_dtype is None else key_dtype, step, paired)
 
     def _key_features(self, x, dtype=torch.float32, step=False):
         return self.feature_map_k(x.k if self.feature_rope else x.kn, dtype, step)
@@ -102,7 +115,7 @@ class LolcatsAttention(SwappedAttention):
                                     window=self.window, sinks=self.sinks)
 
     def student_and_state(self, x):
-        fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        fq, fk = self._features(x, x.q.dtype, torch.float32, paired=True)  # the state sums fp32 key features
         out = self._student(x, *((fq, fk) if self.use_linear else (None, None)))
         return out, self.prefill_state(x, None, fk)
 
@@ -113,7 +126,7 @@ class LolcatsAttention(SwappedAttention):
         if not self.use_linear or seen < self.window + self.sinks or backend_for(x.q) != "triton" \
                 or not self.no_padding(attention_mask):
             return None
-        fq, fk = self._features(x, x.q.dtype, torch.float32)  # the state sums fp32 key features
+        fq, fk = self._features(x, x.q.dtype, torch.float32, paired=True)  # the state sums fp32 key features
         return hybrid_continue(self.lin_q(x.q), self.lin_kv(x.k), self.lin_kv(x.v), self.lin_q(fq), self.lin_kv(fk),
                                self.lin_q(self.gamma(), 0), state, window=self.window, scale=self.scaling,
                                sinks=self.sinks)
