@@ -67,6 +67,11 @@ def _hedgehog_pair_kernel(xa, wa, ba, oa, Ha, sxan, sxah, xb, wb, bb, ob, Hb, sx
         _hedgehog_rows(xb, wb, bb, ob, tl.program_id(0), h - Ha, N, Hb, sxbn, sxbh, D, F, BT, BD, BF, NATIVE)
 
 
+def _native(x, weight) -> bool:
+    """16-bit inputs with weights of their dtype are multiplied as they are, anything else in fp32."""
+    return x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+
+
 def _prepare(x, weight, bias, out_dtype):
     """(rows (N, H, D) with a unit last stride, weight, bias, output (N, H, 2F), native)"""
     *lead, H, D = x.shape
@@ -77,8 +82,7 @@ def _prepare(x, weight, bias, out_dtype):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], H, 2 * F, device=x.device, dtype=out_dtype)
-    native = x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-    return x2, weight.contiguous(), bias.contiguous(), out, native
+    return x2, weight.contiguous(), bias.contiguous(), out, _native(x, weight)
 
 
 _ROWS = 64  # rows of one program
@@ -97,12 +101,9 @@ def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 def _pairable(xa, wa, xb, wb) -> bool:
     """Two maps can share a launch: the same rows, head dim and feature size, and the same kind of
-    product (16-bit inputs with weights of their dtype, or not)."""
-    def native(x, w):
-        return x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
-
+    product (``_native``)."""
     return xa.shape[:-2] == xb.shape[:-2] and xa.shape[-1] == xb.shape[-1] and wa.shape[1:] == wb.shape[1:] \
-        and native(xa, wa) == native(xb, wb)
+        and _native(xa, wa) == _native(xb, wb)
 
 
 def hedgehog_pair_forward(xa, wa, ba, da, xb, wb, bb, db):

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from ..gated_attn.torch_chunk import time_cumsum
-from .step_torch import owned
 from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
+from .step_torch import owned
 
 
 @triton.jit

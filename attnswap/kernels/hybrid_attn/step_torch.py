@@ -118,7 +118,7 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
         return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else owned(x[:, :Sk])
 
     rank = torch.arange(T - W, T, device=dev).clamp_min(-1)  # the window's slots; -1 before the first token
-    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": owned(last(fk).float()),
+    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk).float(),
             "win_rank": rank.expand(B, W).contiguous(), "sink_k": first(k), "sink_v": first(v),
             "sink_on": (slot < min(n, old)).expand(B, Sk).contiguous(),
             "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
