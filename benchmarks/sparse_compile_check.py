@@ -61,6 +61,11 @@ def lower(fn, types, consts, warps, stages, label):
 def main():
     knobs.runtime.add_stages_inspection_hook = _no_cubin
     dt = sys.argv[1] if len(sys.argv) > 1 else "bf16"
+    if dt in ("-h", "--help"):
+        print(f"usage: python benchmarks/sparse_compile_check.py [bf16|fp16]\n{__doc__}")
+        return
+    if dt not in ("bf16", "fp16"):
+        sys.exit(f"sparse_compile_check.py: the dtype is bf16 or fp16, not {dt!r}")
     P = {n: f"*{dt}" for n in ("q", "k", "v", "o")}
     P.update(idx="*i32", cnt="*i32", bmap="*fp32", qk_scale="fp32")
     for bm, bn, w, st in chunk.AUTOTUNE_CONFIGS:

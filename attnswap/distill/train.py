@@ -54,6 +54,7 @@ class DistillStats:
     tokens: int = 0
     seconds: float = 0.0
     losses: dict = field(default_factory=dict)
+    step_seconds: dict = field(default_factory=dict)  # stage name -> each step's wall time (each ends in a sync)
 
 
 def split_steps(steps: int, transfer_steps: int | None, lora_steps: int | None) -> tuple[int, int]:
@@ -248,10 +249,12 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     run.accelerator = acc
     sharded = any(sharding.is_sharded(p) for p in params)
     t0, seen = time.perf_counter(), 0
+    times = stats.step_seconds.setdefault(name, [])
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
         task = bar.add_task(name, total=steps, completed=st.start, loss="-", **{"tok/s": "-"})
         for step in range(st.start, steps):
+            t_step = time.perf_counter()
             ids = batches(step_offset + step)
             loss = loss_fn(ids)
             acc.backward(loss)
@@ -267,7 +270,8 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
             opt.zero_grad(set_to_none=True)
             seen += ids.numel() * acc.num_processes
             st.tokens += ids.numel() * acc.num_processes
-            st.add_loss(loss.item())
+            st.add_loss(loss.item())  # waits for the step's work: the step times below are device-inclusive
+            times.append(time.perf_counter() - t_step)
             rate = seen / max(1e-9, time.perf_counter() - t0)
             bar.update(task, advance=1, loss="-" if st.ema is None else f"{st.ema:.4g}", **{"tok/s": f"{rate:,.0f}"})
             st.step_done(step + 1)

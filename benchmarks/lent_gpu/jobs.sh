@@ -166,27 +166,32 @@ tenth)  # foreground, short (the device time left after ninth): lolcats' window 
   (cd $REPO/benchmarks && timeout 130 python generation.py --model $M --methods teacher,lolcats,lolcats:window=256 --lengths 8192,32768 --new-tokens 32 --repeats 2 --json ~/res/gen10.json 2>&1 | tail -8)
   (cd $REPO/benchmarks && ATTNSWAP_COMPILE_DECODE=model timeout 120 python generation.py --model $M --methods teacher,lizard-x9 --lengths 8192 --repeats 2 --label compiled --json ~/res/gendc10.json 2>&1 | tail -4)
   ;;
-eleventh) # for the next session. Foreground: the bf16 kernel tests (with the paired feature maps). Then detached,
-        # each alone: prefill and its host time after the paired feature maps and the owned state; generate()'s
-        # peak in one pass and in 8,192-token pieces after the state stopped holding the prompt's buffers; then
-        # side by side the two 9-exact-head conversions whose suites the ninth run lost; their compiled decode
-        $J kerneltests
+eleventh) # Foreground: the bf16 kernel tests (with the paired feature maps). Then detached: alone, prefill and
+        # its host time after the paired feature maps and the owned state; a training step of each stage
+        # profiled (issue 17's 3 minutes: where the LoRA stage's time goes); then side by side the two
+        # 9-exact-head conversions on rows of 8,192 whose suites the ninth run lost, and plain lolcats (window
+        # 256) on rows of 4,096 (issue 14's 8k target); beside them generate()'s peaks in one pass and in
+        # 8,192-token pieces (peak memory is per process: sharing does not move it; their times are not read)
+  $J kerneltests
   mkdir -p ~/res
-  setsid nohup bash -c "$J prof11; $W prof11 mem11a mem11b; $J b11; $W xliz9k xlol9w; $J gendc11; $W gendc11;
+  setsid nohup bash -c "$J prof11; $W prof11; $J proftrain; $W proftrain; $J b11; $J mem11; $W xliz9k xlol9w lol4kw mem11;
     echo done > ~/res/eleventh.rc" > ~/res/eleventh.log 2>&1 &
-  echo "eleventh launched"
+  : > ~/res/prof11.log; echo "eleventh launched"
   ;;
 prof11)
   $L prof11 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof11.json"
-  $W prof11
+  ;;
+proftrain)
+  $L proftrain "python profile_train.py --model $M --methods lolcats,lizard --steps 20 --trace --json ~/res/proftrain.json"
+  ;;
+mem11)
   G="python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --new-tokens 16 --repeats 2"
-  $L mem11a "$G --prefill-chunk 0 --json ~/res/mem11a.json"
-  $W mem11a
-  $L mem11b "$G --json ~/res/mem11b.json"
+  $L mem11 "$G --prefill-chunk 0 --label onepass --json ~/res/mem11a.json; $G --label c8192 --json ~/res/mem11b.json"
   ;;
 b11)
   q xliz9k linearize lizard-x9k 8192 "--attention lizard --exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
   q xlol9w linearize lolcats-x9w 8192 "--exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  q lol4kw linearize lolcats-4kw 8192 "--seq-len 4096 --batch-size 2 --steps 1000"
   ;;
 gendc11) # compiling the step takes minutes: no timeout here
   $L gendc11 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,~/runs/lizard-x9k,~/runs/lolcats-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc11.json"

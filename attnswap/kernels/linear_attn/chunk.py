@@ -503,7 +503,7 @@ def launch_fitting(key, configs, launch):
     raise err
 
 
-# tuning knobs (benchmarks/kernels.py --sweep changes them): programs per SM the segment split aims
+# tuning knobs (benchmarks/kernel_speed.py --sweep changes them): programs per SM the segment split aims
 # for, and the fewest chunks a segment may have
 # (and the most F x BV state elements one program keeps in registers: linear forward, hybrid forward;
 # at 32 heads x 128 on the H100 the linear forward took 0.66 ms at 16k with 128 x 128 against 0.81 ms

@@ -1,17 +1,17 @@
 """Kernel suite: the attention operators (median ms, triton.testing.do_bench, bf16, B=1) and the
 numerics of the execution paths a converted model can take. Needs a CUDA GPU.
 
-    python benchmarks/kernels.py            # full table (H100: a few minutes)
-    python benchmarks/kernels.py --quick    # 4k only
-    python benchmarks/kernels.py --sweep    # forward under each tuning knob (linear_attn.chunk.TUNING)
-    python benchmarks/kernels.py --paths llama --path-lengths 1024 --path-speed 4096,16384
+    python benchmarks/kernel_speed.py            # full table (H100: a few minutes)
+    python benchmarks/kernel_speed.py --quick    # 4k only
+    python benchmarks/kernel_speed.py --sweep    # forward under each tuning knob (linear_attn.chunk.TUNING)
+    python benchmarks/kernel_speed.py --paths llama --path-lengths 1024 --path-speed 4096,16384
         # a converted model's logits through Triton vs PyTorch, in fp32 and bf16, each against fp32
         # PyTorch; with --path-speed also whole-model forward and forward+backward time on both paths
-    python benchmarks/kernels.py --decode-paths runs/lolcats
+    python benchmarks/kernel_speed.py --decode-paths runs/lolcats
         # a converted model's decode logits through the CUDA graph / compiled step vs the eager step
-    compute-sanitizer python benchmarks/kernels.py --sanitize 4096,32,sinks
+    compute-sanitizer python benchmarks/kernel_speed.py --sanitize 4096,32,sinks
         # one hybrid / gated-hybrid forward (32 heads x 128, window 128, no_grad) with chosen knobs
-    python benchmarks/kernels.py --suite sparse [--lengths 16384,32768] [--no-flex] [--no-decode]
+    python benchmarks/kernel_speed.py --suite sparse [--lengths 16384,32768] [--no-flex] [--no-decode]
 
 --paths and --decode-paths take a converted model directory as it is, or a teacher (alias, directory,
 .gguf), which is converted here with each method of --attention at its default options (now lolcats:
