@@ -123,6 +123,31 @@ def test_window_over_the_training_rows_warns(tiny_dir, tiny_text, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.attnswap["swaps"][0]["options"]["window"] == 40
 
 
+def test_default_training_rows_by_method():
+    """lolcats trains on rows of 4,096 by default, other methods on rows of 1,024; the batch fills 8,192
+    tokens a step for any length; the model's maximum caps a default length, never a given one."""
+    from attnswap.pipelines.linearize import default_rows
+
+    assert default_rows("lolcats", None, None, 8192) == (4096, 2)
+    assert default_rows("lizard", None, None, 8192) == (1024, 8)
+    assert default_rows("lolcats", 2048, None, 8192) == (2048, 4)
+    assert default_rows("lolcats", None, 3, 8192) == (4096, 3)
+    assert default_rows("lolcats", None, None, 512) == (512, 16)
+    assert default_rows("lolcats", 16384, None, None) == (16384, 1)
+
+
+def test_default_rows_reach_the_run(tiny_dir, tiny_text, tmp_path):
+    """Without --seq-len the run trains and reports the method's default rows (here capped by the tiny
+    model's 512 positions) and fills the step from --batch-size's default."""
+    import json
+
+    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--eval-tokens", 128, "--window", 8, "--steps", 1]
+    res = _run(*args, "--out", tmp_path / "a", "--json", tmp_path / "a.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert (rep["seq_len"], rep["batch_size"]) == (512, 16)
+
+
 def test_unknown_attention_method(tiny_dir, tiny_text, tmp_path):
     out = tmp_path / "o"
     _assert_refused(_run(*_tiny_args(tiny_dir, tiny_text, out), "--attention", "mamba"), out,

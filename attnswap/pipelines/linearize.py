@@ -40,6 +40,8 @@ KV_REPORT_LENGTH = 8192  # the KV cache is also reported for a sequence this lon
 @dataclass
 class LinearizeConfig(RunConfig):
     attention: str = "lolcats"
+    seq_len: int | None = None  # default: the method's training rows (default_rows)
+    batch_size: int | None = None  # default: STEP_TOKENS // seq_len
     window: int | None = None  # default: the method's (256 for lolcats and lizard)
     meta_tokens: int | None = None
     feature_dim: int | None = None
@@ -62,6 +64,24 @@ class LinearizeConfig(RunConfig):
 
 
 AUTO = "auto"
+STEP_TOKENS = 8192  # tokens a training step takes unless --batch-size says otherwise
+# Training rows by method, unless --seq-len says otherwise. lolcats' linear part, which has no decay, learns to
+# weigh a long history only from long rows: on rows of 4,096 SmolLM2's 8k out-of-domain perplexity went from
+# 1.141x to 1.069x the teacher's at 1000 steps; lizard met its targets on rows of 1,024 (docs/BENCHMARKS.md).
+SEQ_LEN = {"lolcats": 4096}
+SEQ_LEN_OTHERS = 1024
+
+
+def default_rows(attention: str, seq_len: int | None, batch_size: int | None, max_positions: int | None):
+    """(seq_len, batch_size) with the defaults filled in: the method's row length (at most the model's
+    maximum) and as many rows as make STEP_TOKENS a step."""
+    if seq_len is None:
+        seq_len = SEQ_LEN.get(attention, SEQ_LEN_OTHERS)
+        if max_positions:
+            seq_len = min(seq_len, max_positions)
+    if batch_size is None:
+        batch_size = max(1, STEP_TOKENS // seq_len)
+    return seq_len, batch_size
 PROBE_ROWS = 16  # --exact-heads auto: retrieval rows of the calibration mix that the recall probe reads
 
 
@@ -157,6 +177,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
     check_convertible(cfg.model, mcfg)
+    cfg.seq_len, cfg.batch_size = default_rows(cfg.attention, cfg.seq_len, cfg.batch_size,
+                                               getattr(mcfg, "max_position_embeddings", None))
     check_seq_len(cfg.seq_len, mcfg)
     n_layers = mcfg.num_hidden_layers
     chosen = parse_layers(cfg.layers, n_layers)  # before --keep-softmax: its errors come first
