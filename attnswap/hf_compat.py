@@ -29,6 +29,7 @@ The versions the test suite runs on are ``TESTED``; another version warns once, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -140,6 +141,22 @@ def key_padding(attention_mask, n_keys: int) -> torch.Tensor | None:
 
 
 _padding_seen: tuple | None = None  # (weakref to a 4D mask, its version, n_keys, answer): see padding_plan
+_unpadded = 0  # depth of unpadded_rows blocks
+
+
+@contextlib.contextmanager
+def unpadded_rows():
+    """Within the block every row a model runs on is one whole sequence without padding (training
+    batches: ``distill.train.StepGraph``), so ``padding_plan`` answers None without reading the mask.
+    Reading it is a host synchronisation, which a CUDA graph capture forbids, and transformers builds a
+    4D causal mask while capturing (5.17 does so for any mask; later versions when packed sequences
+    are possible). The masks themselves still reach softmax attention, so the result is the same."""
+    global _unpadded
+    _unpadded += 1
+    try:
+        yield
+    finally:
+        _unpadded -= 1
 
 
 def padding_plan(attention_mask, n_keys: int) -> list[int] | None:
@@ -150,7 +167,7 @@ def padding_plan(attention_mask, n_keys: int) -> list[int] | None:
     a forward receives the same mask object, so the answer is remembered for that object (while it
     lives and is not changed in place) and the mask is read once per forward, not once per layer."""
     global _padding_seen
-    if attention_mask is None or attention_mask.dim() != 4:
+    if attention_mask is None or attention_mask.dim() != 4 or _unpadded:
         return None
     seen = _padding_seen
     if (seen is not None and seen[0]() is attention_mask and seen[1] == attention_mask._version

@@ -11,7 +11,9 @@ For each method (a conversion made untrained from the teacher, default options u
 - ``tok/s`` of each stage at that median, and ``1000 steps s``: what ``--steps 1000`` would take at the
   default 40 / 60 split (``distill.split_steps``), training only (no loading, evaluation or saving);
 - with ``--trace``: the top operators of ``--trace-steps`` further steps of each stage, by self device
-  time and by self host time.
+  time and by self host time;
+- with ``ATTNSWAP_TRAIN_GRAPH=1`` in the environment, each stage's step replayed as a CUDA graph
+  (``distill.train.StepGraph``); ``graph steps`` says how many steps of each stage were.
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -43,11 +45,12 @@ def _stage_cfg(stage: str, steps: int, batch_size: int) -> DistillConfig:
 
 def time_stages(model, seqs, batch_size: int, warmup: int, steps: int) -> dict:
     """Median step time (s) of each stage, after ``warmup`` steps of it (their times are dropped)."""
-    out = {}
+    out = {"graph_steps": {}}
     for stage in ("transfer", "lora"):
         _, stats = distill(model, seqs, _stage_cfg(stage, warmup + steps, batch_size))
         times = next(t for name, t in stats.step_seconds.items() if STAGES[name] == stage)
         out[stage] = statistics.median(times[warmup:])
+        out["graph_steps"].update(stats.graph_steps)
     return out
 
 
@@ -100,7 +103,7 @@ def main():
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
                "transfer_ms": 1e3 * t["transfer"], "lora_ms": 1e3 * t["lora"],
                "transfer_tok_s": tokens / t["transfer"], "lora_tok_s": tokens / t["lora"],
-               "steps_1000_s": t_share * t["transfer"] + l_share * t["lora"]}
+               "steps_1000_s": t_share * t["transfer"] + l_share * t["lora"], "graph_steps": t["graph_steps"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.trace:

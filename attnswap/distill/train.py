@@ -23,7 +23,8 @@ from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
 from ..errors import AttnSwapError
-from ..progress import progress_bar
+from ..hf_compat import unpadded_rows
+from ..progress import console, progress_bar
 from . import sharding
 from .checkpoint import current_run
 
@@ -55,6 +56,7 @@ class DistillStats:
     seconds: float = 0.0
     losses: dict = field(default_factory=dict)
     step_seconds: dict = field(default_factory=dict)  # stage name -> each step's wall time (each ends in a sync)
+    graph_steps: dict = field(default_factory=dict)  # stage name -> steps replayed as a CUDA graph (StepGraph)
 
 
 def split_steps(steps: int, transfer_steps: int | None, lora_steps: int | None) -> tuple[int, int]:
@@ -240,6 +242,79 @@ def _full_train(model, names: tuple[str, ...]):
     return params, undo
 
 
+GRAPH_ENV = "ATTNSWAP_TRAIN_GRAPH"  # "1": replay each stage's forward+backward as one CUDA graph (experimental)
+
+
+class StepGraph:
+    """A training step's forward and backward (``loss_fn(ids)`` then ``backward``) captured once as a CUDA
+    graph and replayed for every later batch of the same shape: the host issues one launch where an
+    eager LoRA step issues ~9,000 (a small model's training is bound by the host: docs/BENCHMARKS.md).
+    The optimizer, the NaN guard and checkpoints stay eager; the parameters are updated in place, so
+    the replay reads their new values. The gradients live in the graph's memory: after each replay the
+    parameters' ``.grad`` point at them again, and the eager path (``run`` returns None) is the
+    reference the CUDA test compares against. Capturing needs a forward without host syncs."""
+
+    def __init__(self, loss_fn, params, warmup: int = 2):
+        self.loss_fn, self.params, self.warmup = loss_fn, list(params), warmup
+        self.graph = None
+        self.failed: str | None = None
+
+    @staticmethod
+    def wanted(acc: Accelerator, params) -> bool:
+        """Asked for (``ATTNSWAP_TRAIN_GRAPH=1``) and possible: CUDA, one process, unsharded, no loss scaler."""
+        import os
+
+        return (os.environ.get(GRAPH_ENV, "") == "1" and acc.device.type == "cuda" and acc.num_processes == 1
+                and getattr(acc, "scaler", None) is None and not any(sharding.is_sharded(p) for p in params))
+
+    def run(self, ids: torch.Tensor):
+        """The step's loss, its gradients in ``.grad``; None where the eager step must run instead (another
+        batch shape than the captured one, or a capture that failed)."""
+        if self.failed is not None:
+            return None
+        if self.graph is None:
+            try:
+                self._capture(ids)
+            except Exception as e:  # a host sync or an unsupported operator inside the step
+                self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                self.graph = None
+                for p in self.params:
+                    p.grad = None
+                torch.cuda.synchronize()
+                console.print(f"[yellow]warning:[/yellow] the training step could not be captured as a CUDA graph "
+                              f"({self.failed}); it runs eagerly", highlight=False, soft_wrap=True)
+                return None
+        if ids.shape != self.ids.shape or ids.dtype != self.ids.dtype:
+            return None
+        self.ids.copy_(ids)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return self.loss
+
+    def _capture(self, ids: torch.Tensor) -> None:
+        with unpadded_rows():  # training rows hold no padding: no mask is read on the host
+            self._capture_unpadded(ids)
+
+    def _capture_unpadded(self, ids: torch.Tensor) -> None:
+        self.ids = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: autotuning, lazy initialisation, allocator
+            for _ in range(self.warmup):
+                for p in self.params:
+                    p.grad = None
+                self.loss_fn(self.ids).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self.loss_fn(self.ids)
+            self.loss.backward()
+        self.graph, self.grads = graph, [p.grad for p in self.params]
+
+
 def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_offset=0, module=None) -> dict:
     """One stage's optimisation. The current TrainingRun (checkpoint.py) resumes it, checkpoints it,
     handles Ctrl-C, and skips steps with NaN/inf (see faults.py); ``module`` names the parameters.
@@ -250,14 +325,19 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     sharded = any(sharding.is_sharded(p) for p in params)
     t0, seen = time.perf_counter(), 0
     times = stats.step_seconds.setdefault(name, [])
+    graph = StepGraph(loss_fn, params) if StepGraph.wanted(acc, params) else None
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
         task = bar.add_task(name, total=steps, completed=st.start, loss="-", **{"tok/s": "-"})
         for step in range(st.start, steps):
             t_step = time.perf_counter()
             ids = batches(step_offset + step)
-            loss = loss_fn(ids)
-            acc.backward(loss)
+            loss = graph.run(ids) if graph is not None else None
+            if loss is None:
+                loss = loss_fn(ids)
+                acc.backward(loss)
+            else:
+                stats.graph_steps[name] = stats.graph_steps.get(name, 0) + 1
             if acc.num_processes > 1:  # every process takes its slice of the global batch: average
                 loss = _all_reduce_grads(acc, params, loss)
             if st.finite(step, loss, lambda: loss_fn(ids)):

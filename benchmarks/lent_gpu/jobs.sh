@@ -74,7 +74,7 @@ third)  # detached: the prefill re-timed after the fused feature maps (alone), i
   ;;
 kerneltests)  # foreground, bf16 on the GPU: this wave's kernels and the model on both backends
   (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_feature_map.py tests/kernels/test_rope.py tests/kernels/test_hybrid_continue.py tests/kernels/test_dispatch.py \
-     tests/kernels/test_mixed_layers.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
+     tests/kernels/test_mixed_layers.py tests/test_train_graph.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
   ;;
 genc)   # alone: decode with the compiled whole step (compile_decode=model) inside the CUDA graph, at 8k
   $L genc "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods lolcats,~/runs/lizard-x9l,~/runs/lolcats-x9l,teacher --lengths 8192 --repeats 3 --json ~/res/genc.json"
@@ -195,6 +195,16 @@ b11)
   ;;
 gendc11) # compiling the step takes minutes: no timeout here
   $L gendc11 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,~/runs/lizard-x9k,~/runs/lolcats-x9w --lengths 8192 --repeats 3 --label compiled --json ~/res/gendc11.json"
+  ;;
+twelfth) # for the next session, foreground and short: the bf16 tests (with the graphed training step against the
+         # eager one); a training step timed eagerly and as a CUDA graph; then one conversion alone with the
+         # graphed step at the default rows (issue 17's 3 minutes) and the quality suite of its model
+  $J kerneltests
+  (cd $REPO/benchmarks && python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
+  (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
+  (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20 2>&1 | tail -3)
+  mkdir -p ~/res
+  $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
   ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"

@@ -1,0 +1,62 @@
+"""The training step replayed as a CUDA graph (``ATTNSWAP_TRAIN_GRAPH=1``, distill/train.py: StepGraph)
+against the eager step, its reference: the same losses and weights after both stages. On a machine
+without CUDA the variable changes nothing."""
+
+import pytest
+import torch
+
+import attnswap  # noqa: F401  (registration)
+from attnswap.convert.swap import make_swap
+from attnswap.distill.train import GRAPH_ENV, DistillConfig, distill
+from attnswap.modeling import convert_model
+from tests.conftest import tiny_model
+
+
+def _run(device: str, graph: bool, monkeypatch):
+    monkeypatch.setenv(GRAPH_ENV, "1" if graph else "0")
+    torch.manual_seed(0)
+    m = tiny_model("llama")
+    convert_model(m, [make_swap("lolcats", [0, 1, 2], {"window": 4}, m.config)], source="tiny")
+    m.to(device)
+    seqs = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    m, stats = distill(m, seqs, DistillConfig(transfer_steps=5, lora_steps=5, batch_size=2, lora_rank=2, warmup=1))
+    return m, stats
+
+
+def test_the_graph_variable_changes_nothing_without_cuda(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    eager, s0 = _run("cpu", False, monkeypatch)
+    asked, s1 = _run("cpu", True, monkeypatch)
+    assert s1.graph_steps == {} and s0.graph_steps == {}
+    assert s0.losses == s1.losses
+    for (n, a), (_, b) in zip(eager.state_dict().items(), asked.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_steps_match_eager_cuda(monkeypatch):
+    eager, s0 = _run("cuda", False, monkeypatch)
+    graphed, s1 = _run("cuda", True, monkeypatch)
+    assert s0.graph_steps == {}
+    assert s1.graph_steps == {"attention transfer": 5, "LoRA distillation": 5}, s1.graph_steps
+    for k in s0.losses:
+        assert abs(s0.losses[k] - s1.losses[k]) <= 1e-3 * abs(s0.losses[k]) + 1e-6, (k, s0.losses, s1.losses)
+    for (n, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items()):
+        rel = ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)).item()
+        assert rel < 1e-3, (n, rel)
+
+
+def test_unpadded_rows_skips_reading_the_mask():
+    """Inside ``unpadded_rows`` a 4D mask is taken as padding-free without a host read (a CUDA graph
+    capture forbids one); outside, a padded mask is still found."""
+    from attnswap.hf_compat import padding_plan, unpadded_rows
+    from attnswap.profiling import count_host_ops
+
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    mask[1, ..., 0] = False  # row 1: one leading pad
+    assert padding_plan(mask.clone(), 4) == [0, 1]
+    with unpadded_rows():
+        answer, r = count_host_ops(padding_plan, mask.clone(), 4)
+    assert answer is None and r.syncs == 0
+    assert padding_plan(mask.clone(), 4) == [0, 1]
