@@ -97,7 +97,10 @@ def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = Non
     c = report.candidate["results"]
     if "passkey" in c:
         for side in (report.baseline, report.candidate):
-            depths = ", ".join(f"{d}: {v:.0%}" for d, v in side["results"]["passkey"]["by_depth"].items())
+            pk = side["results"]["passkey"]
+            lengths = ", ".join(f"{n}: {v:.0%}" for n, v in pk.get("by_length", {}).items())
+            depths = ", ".join(f"{d}: {v:.0%}" for d, v in pk["by_depth"].items())
+            print(f"passkey by length, {side['name']}: {lengths}")
             print(f"passkey by depth, {side['name']}: {depths}")
     if "mqar" in c:
         for side in (report.baseline, report.candidate):

@@ -206,6 +206,11 @@ twelfth) # for the next session, foreground and short: the bf16 tests (with the 
   mkdir -p ~/res
   $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
   ;;
+b12)     # issue 16's rows still without a full result: lizard with 9 exact heads on rows of 8,192 (stopped twice),
+         # loza at 1000 steps (lost twice); side by side, ~20 minutes
+  q xliz9k linearize lizard-x9k 8192 "--attention lizard --exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  ;;
 prof8k)
   $L prof8k "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 32768 --chunk 8192 --repeats 5 --json ~/res/prof8k.json"
   ;;
