@@ -200,6 +200,7 @@ def _head_map(fig, ax, grid: list, layers: list[int], title: str, lo=None, hi=No
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("layer")
     ax.set_ylabel("KV head")
+    ax.set_yticks(range(len(grid[0])))  # whole heads, not matplotlib's half steps
     fig.colorbar(im, ax=ax)
 
 
