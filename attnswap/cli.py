@@ -168,6 +168,7 @@ def linearize(
     exact_heads: str = typer.Option("0", help="KV heads of the whole model kept exact softmax attention over the full context, chosen by per-head calibration after attention transfer (0, the default: none; 'auto': the fewest that meet --recall-floor). Steps then split 40% transfer / 10% calibration / 50% LoRA."),
     calib_steps: Optional[int] = typer.Option(None, help="With --exact-heads: calibration steps (default: 10% of --steps)."),
     recall_floor: float = typer.Option(0.9, help="--exact-heads auto: the fewest exact heads whose model recalls at least this share of what the teacher recalls on the calibration probe."),
+    exact_heads_by: str = typer.Option("alpha", help="How --exact-heads ranks the KV heads: alpha (calibrated, the default) or probe (the teacher's attention on the facts of the calibration rows, a retrieval-head probe; calibration still runs and is reported)."),
     seq_len: Optional[int] = typer.Option(None, help="Training sequence length (default: 4096 for lolcats, 1024 for lizard, at most the model's maximum)."),
     batch_size: Optional[int] = typer.Option(None, help=f"{BATCH_SIZE_HELP} Default: 8,192 tokens a step (2 rows of 4,096, 8 of 1,024)."),
     seed: int = SEED_OPT,

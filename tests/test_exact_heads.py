@@ -391,3 +391,44 @@ def test_linearize_lizard_with_one_exact_head(tiny_dir, tiny_text, tmp_path):
     assert rep["kv_cache"]["per_token_after"] == (1 + 2) * 2 * 16 * 4  # layer 1 left softmax: both its heads
     ids = torch.randint(0, 200, (1, 12))
     assert torch.equal(m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False), _recompute_greedy(m, ids, 5))
+
+
+def test_rank_heads_by_alpha_or_by_the_probe():
+    from attnswap.errors import AttnSwapError
+    from attnswap.pipelines.linearize import rank_heads
+
+    alphas = {(0, 0): 0.9, (0, 1): 0.1, (1, 0): 0.5, (1, 1): 0.5}
+    probe = {"head": {"0": [0.0, 0.3], "1": [0.2, 0.01]}}
+    assert rank_heads(alphas, probe, "alpha") == [(0, 0), (1, 0), (1, 1), (0, 1)]  # ties: the lower unit
+    assert rank_heads(alphas, probe, "probe") == [(0, 1), (1, 0), (1, 1), (0, 0)]
+    assert rank_heads(alphas, {"head": {0: [0.0, 0.3], 1: [0.2, 0.01]}}, "probe")[0] == (0, 1)  # int keys too
+    with pytest.raises(AttnSwapError, match="found no facts"):
+        rank_heads(alphas, {}, "probe")
+
+
+def test_linearize_exact_heads_by_probe_keeps_the_probes_top_heads(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "probe"
+    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
+            "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", 2, "--exact-heads-by", "probe",
+            "--json", tmp_path / "r.json"]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    scores = {(int(layer), h): v for layer, row in rep["retrieval_probe"]["head"].items() for h, v in enumerate(row)}
+    top = sorted(scores, key=lambda u: (-scores[u], u))[:2]
+    chosen = sorted((int(layer), h) for layer, heads in rep["exact_heads"].items() for h in heads)
+    assert chosen == sorted(top) and rep["exact_heads_by"] == "probe"
+    cfg = AutoModelForCausalLM.from_pretrained(out).config.attnswap
+    assert cfg["calibration"]["ranked_by"] == "probe"
+
+
+@pytest.mark.parametrize("extra,needle", [(["--exact-heads-by", "probe"], "--exact-heads-by applies only with --exact-heads"),
+                                          (["--exact-heads", 1, "--exact-heads-by", "random"], "--exact-heads-by is one of alpha, probe"),
+                                          (["--exact-heads", 1, "--exact-heads-by", "probe", "--steps", 2],
+                                           "--exact-heads-by probe needs retrieval rows")])
+def test_exact_heads_by_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
+    out = tmp_path / "o"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), *extra)
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
+    assert not out.exists()

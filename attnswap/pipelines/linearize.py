@@ -61,9 +61,11 @@ class LinearizeConfig(RunConfig):
     exact_heads: int | str = 0  # KV heads of the whole model kept exact softmax (calibrated); 0: none
     calib_steps: int | None = None  # with --exact-heads: default CALIB_SHARE of steps
     recall_floor: float = 0.9  # --exact-heads auto: share of the teacher's recall on the calibration probe
+    exact_heads_by: str = "alpha"  # rank heads for --exact-heads by calibrated alpha, or by the retrieval probe
 
 
 AUTO = "auto"
+RANK_BY = ("alpha", "probe")  # --exact-heads-by: calibrated alpha, or the teacher's attention on facts (evals/probe)
 STEP_TOKENS = 8192  # tokens a training step takes unless --batch-size says otherwise
 # Training rows by method, unless --seq-len says otherwise. lolcats' linear part, which has no decay, learns to
 # weigh a long history only from long rows: on rows of 4,096 SmolLM2's 8k out-of-domain perplexity went from
@@ -163,6 +165,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
         raise AttnSwapError(f"--recall-floor must be in (0, 1] (got {cfg.recall_floor})")
     if n_exact != AUTO and "recall_floor" in cfg.given:
         raise AttnSwapError("--recall-floor applies only with --exact-heads auto")
+    if cfg.exact_heads_by not in RANK_BY:
+        raise AttnSwapError(f"--exact-heads-by is one of {', '.join(RANK_BY)} (got {cfg.exact_heads_by!r})")
+    if not n_exact and "exact_heads_by" in cfg.given:
+        raise AttnSwapError("--exact-heads-by applies only with --exact-heads")
     check_retrieval_mix(cfg.retrieval_mix)
     for flag, v in (("--sinks", cfg.sinks), ("--meta-tokens", cfg.meta_tokens)):
         if v is not None and v < 0:
@@ -204,10 +210,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": str(ld.dtype), "transfer_lr": cfg.transfer_lr,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "ce_weight": cfg.ce_weight,
                 "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix,
-                **({"exact_heads": n_exact, "calib_steps": n_calib} if n_exact else {}),
+                **({"exact_heads": n_exact, "calib_steps": n_calib, "exact_heads_by": cfg.exact_heads_by} if n_exact else {}),
                 **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
-    if n_exact == AUTO and ld.main:
+    if (n_exact == AUTO or (n_exact and cfg.exact_heads_by == "probe")) and ld.main:
         calibration_mix(ld, cfg, n_exact)  # refused before any evaluation or training
     report: dict = {"model": cfg.model, "attention": cfg.attention, "layers": chosen,
                     "window": swap["options"]["window"],
@@ -259,15 +265,17 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     from ..distill.train import distill
 
     share, mix, probe = calibration_mix(ld, cfg, n_exact)
-    if ld.main:  # which heads retrieve, by the teacher's attention (for the report and its plot)
-        from ..evals.probe import retrieval_probe
+    scores = {}
+    if ld.main or cfg.exact_heads_by == "probe":  # which heads retrieve, by the teacher's attention (the report,
+        from ..evals.probe import retrieval_probe  # its plot; every process when it ranks the heads)
 
-        report["retrieval_probe"] = retrieval_probe(net, mix.ids, mix.details)
+        scores = retrieval_probe(net, mix.ids, mix.details)
+        report["retrieval_probe"] = scores
     net, stats = distill(net, train, dataclasses.replace(dcfg, lora_steps=0))
     calib = calibrate(net, mix.ids, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
                                                       seed=cfg.seed, step_offset=dcfg.transfer_steps))
     alphas = calib.units()  # (layer, KV head) -> alpha
-    ranked = sorted(alphas, key=lambda u: (-alphas[u], u))  # the highest alphas first (ties: the lower unit)
+    ranked = rank_heads(alphas, scores, cfg.exact_heads_by)
     if n_exact == AUTO:
         record = current_run().done_stages.setdefault("calibration", {})
         if "auto" not in record:  # a resumed run takes the N found before (the scan ran on the weights of then)
@@ -280,8 +288,8 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     exact_report = {str(i): h for i, h in per_layer.items() if h}
     net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
                            "calibration": {"unit": "kv_head", "alpha": alpha_report, "exact_heads": exact_report,
-                                           "steps": n_calib, "retrieval_mix": share}}
-    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact,
+                                           "steps": n_calib, "retrieval_mix": share, "ranked_by": cfg.exact_heads_by}}
+    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact, exact_heads_by=cfg.exact_heads_by,
                   calibration_retrieval_mix=share, calibration_seconds=calib.seconds, calibration_loss=calib.loss,
                   calibration_tokens=calib.tokens, kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
     lora = dataclasses.replace(dcfg, transfer_steps=0, step_offset=dcfg.transfer_steps + n_calib)
@@ -291,6 +299,24 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     stats.seconds += calib.seconds + lstats.seconds
     stats.losses.update({"calibration": calib.loss, **lstats.losses})
     return net, stats
+
+
+def rank_heads(alphas: dict, probe: dict, by: str) -> list:
+    """The (layer, KV head) units, the first to keep exact first: by calibrated alpha (highest first), or
+    by the retrieval probe's score (the teacher's attention mass on the facts; highest first). Ties go
+    to the lower unit."""
+    if by == "alpha":
+        return sorted(alphas, key=lambda u: (-alphas[u], u))
+    heads = (probe or {}).get("head") or {}
+    if not heads:  # calibration_mix refuses such a run before training; here for direct callers
+        raise AttnSwapError("--exact-heads-by probe: the retrieval probe found no facts to score the heads by")
+
+    def score(u):
+        layer, h = u
+        row = heads.get(layer, heads.get(str(layer), []))
+        return row[h] if h < len(row) else 0.0
+
+    return sorted(alphas, key=lambda u: (-score(u), u))
 
 
 def calibration_mix(ld, cfg: LinearizeConfig, n_exact):
@@ -304,6 +330,9 @@ def calibration_mix(ld, cfg: LinearizeConfig, n_exact):
     if n_exact == AUTO and not probe:
         raise AttnSwapError(f"--exact-heads auto needs retrieval rows to probe, and none fits in --seq-len {cfg.seq_len}; "
                             "give a longer --seq-len or the number of exact heads")
+    if n_exact and cfg.exact_heads_by == "probe" and not probe:
+        raise AttnSwapError(f"--exact-heads-by probe needs retrieval rows to probe, and none fits in --seq-len "
+                            f"{cfg.seq_len}; give a longer --seq-len or rank by alpha")
     return share, mix, probe
 
 

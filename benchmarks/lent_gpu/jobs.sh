@@ -207,8 +207,12 @@ twelfth) # for the next session, foreground and short: the bf16 tests (with the 
   $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
   ;;
 b12)     # issue 16's rows still without a full result: lizard with 9 exact heads on rows of 8,192 (stopped twice),
-         # loza at 1000 steps (lost twice); side by side, ~20 minutes
+         # lolcats with 9 heads ranked by the retrieval probe (against eleventh's alpha ranking: passkey at 8k),
+         # side by side, ~17 minutes with their suites; loza at 1000 steps (lost twice) is b12loza, ~20 minutes
   q xliz9k linearize lizard-x9k 8192 "--attention lizard --exact-heads 9 --seq-len 8192 --batch-size 1 --steps 1000"
+  q xlol9p linearize lolcats-x9p 8192 "--exact-heads 9 --exact-heads-by probe --seq-len 8192 --batch-size 1 --steps 1000"
+  ;;
+b12loza)
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
   ;;
 prof8k)
