@@ -196,6 +196,8 @@ def _summary(r: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     _data_row(t, r)
+    if r.get("seq_len") and r.get("batch_size"):
+        t.add_row("training rows", f"{r['batch_size']} x {r['seq_len']:,} tokens a step")
     for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
         side = r if key == "teacher" else r.get(key)
         if side and "teacher" in side:
@@ -207,7 +209,7 @@ def _summary(r: dict) -> None:
     t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
     if r.get("exact_heads") is not None:
         heads = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in r["exact_heads"].items()) or "none"
-        t.add_row("exact KV heads", heads)
+        t.add_row(f"exact KV heads (by {r.get('exact_heads_by', 'alpha')})", heads)
         auto = r.get("exact_heads_auto")
         if auto:
             t.add_row("exact heads (auto)", f"{auto['chosen']}: recall {auto['recall'][str(auto['chosen'])]:.3f}, teacher "
@@ -356,6 +358,8 @@ def _gqa_summary(r: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     _data_row(t, r)
+    if r.get("seq_len") and r.get("batch_size"):
+        t.add_row("training rows", f"{r['batch_size']} x {r['seq_len']:,} tokens a step")
     for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
         side = r if key == "teacher" else r.get(key)
         if side and "teacher" in side:

@@ -146,6 +146,7 @@ def test_default_rows_reach_the_run(tiny_dir, tiny_text, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "a.json").read_text())
     assert (rep["seq_len"], rep["batch_size"]) == (512, 16)
+    assert "16 x 512 tokens a step" in " ".join(res.output.split())  # the summary names the rows
 
 
 def test_unknown_attention_method(tiny_dir, tiny_text, tmp_path):
