@@ -84,6 +84,8 @@ def default_rows(attention: str, seq_len: int | None, batch_size: int | None, ma
     if batch_size is None:
         batch_size = max(1, STEP_TOKENS // seq_len)
     return seq_len, batch_size
+
+
 PROBE_ROWS = 16  # --exact-heads auto: retrieval rows of the calibration mix that the recall probe reads
 
 
