@@ -10,6 +10,7 @@ gradients of the linear branch), and dg is the reverse cumulative sum of dG.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..hybrid_attn.chunk import hy_backward, hy_forward, needs_grad, triton_hybrid_attn
 from ..linear_attn.chunk import la_backward, la_forward, norm_grads
@@ -105,12 +106,13 @@ def triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, window: int, scale: f
         def front(x, pre):  # (B, T, ...) -> (B, M + T, ...)
             return torch.cat([pre.to(x.dtype).unsqueeze(0).expand(B, *pre.shape), x], 1)
 
-        q = front(q, q.new_zeros(M, *q.shape[2:]))
+        def zeros_first(x):  # M zero rows in front, in one operator (was zeros, expand and cat)
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (M, 0))
+
+        q = zeros_first(q)  # the meta rows' queries: computed, then dropped
         k, v = front(k, meta_k), front(v, meta_v)
-        if use_linear:
-            fq = front(fq, fq.new_zeros(M, *fq.shape[2:]))
-            fk = front(fk, fk.new_zeros(M, *fk.shape[2:]))
-            g = front(g, g.new_zeros(M, *g.shape[2:]))
+        if use_linear:  # the meta tokens are never in the linear branch
+            fq, fk, g = zeros_first(fq), zeros_first(fk), zeros_first(g)
     if not use_linear:
         out = triton_hybrid_attn(q, k, v, None, None, gamma, window=window, scale=scale, use_linear=False,
                                  eps=eps, chunk_size=chunk_size, sinks=M, segment_chunks=segment_chunks)
