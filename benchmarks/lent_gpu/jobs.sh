@@ -74,7 +74,7 @@ third)  # detached: the prefill re-timed after the fused feature maps (alone), i
   ;;
 kerneltests)  # foreground, bf16 on the GPU: this wave's kernels and the model on both backends
   (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_feature_map.py tests/kernels/test_rope.py tests/kernels/test_hybrid_continue.py tests/kernels/test_dispatch.py \
-     tests/kernels/test_mixed_layers.py tests/test_train_graph.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
+     tests/kernels/test_mixed_layers.py tests/kernels/test_segments.py tests/test_train_graph.py -k "cuda or dispatch or backends" 2>&1 | tail -4)
   ;;
 genc)   # alone: decode with the compiled whole step (compile_decode=model) inside the CUDA graph, at 8k
   $L genc "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods lolcats,~/runs/lizard-x9l,~/runs/lolcats-x9l,teacher --lengths 8192 --repeats 3 --json ~/res/genc.json"
