@@ -25,6 +25,9 @@ with default options) and each length L:
   the host's time, by self time and by cumulative time (cProfile slows every Python call, so read the
   shares, not the times);
 - a method may carry options other than its defaults (``lolcats:window=256``), or be a saved conversion's directory (a trained model) in place of a method name;
+- with ``--syncs --stub-launches`` (no GPU needed): the same counts on the Triton path, in bf16, with every
+  Triton launch replaced by a no-op, so what the host issues on a GPU can be counted on a CPU (the
+  outputs are garbage; only the counts are read);
 - with ``--syncs``, host-device synchronisations and ATen calls (``attnswap.profiling``) of the layer's
   forward, its forward+backward, the whole model's forward without a cache and its prefill into a
   cache (with an all-ones mask, as ``generate()`` passes): the host-side overhead, countable on CPU.
@@ -38,9 +41,15 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if "--stub-launches" in sys.argv:  # before any Triton kernel is defined: interpreted kernels need no GPU driver
+    os.environ["ATTNSWAP_KERNELS"] = "triton"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
@@ -221,13 +230,20 @@ def main():
     ap.add_argument("--pyprof", action="store_true", help="print cProfile's top functions of one prefill per method and length")
     ap.add_argument("--syncs", action="store_true",
                     help="count host syncs and ATen calls (layer, whole model, prefill) instead of timing")
+    ap.add_argument("--stub-launches", action="store_true",
+                    help="with --syncs: the Triton path in bf16 with every kernel launch a no-op (counts on a CPU)")
     ap.add_argument("--chunk", type=int, default=2048,
                     help="piece size of the chunked prefill (generate()'s default prefill_chunk); lengths above it are also timed that way")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.stub_launches and not a.syncs:
+        raise SystemExit("--stub-launches only counts (--syncs): its kernels compute nothing")
     dev = loading.pick_device(a.device)
     dtype = loading.pick_dtype("auto", dev)
+    if a.stub_launches:
+        _stub_triton_launches()
+        dtype = torch.bfloat16
     teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
     lengths = [int(x) for x in a.lengths.split(",")]
     print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}, dtype {dtype}, commit {_commit()}")
@@ -274,6 +290,15 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
+
+
+def _stub_triton_launches() -> None:
+    """Every Triton kernel launch (plain, autotuned, interpreted) does nothing from here on."""
+    from triton.runtime import autotuner, interpreter, jit
+
+    for cls in (jit.JITFunction, autotuner.Autotuner, getattr(interpreter, "InterpretedFunction", None)):
+        if cls is not None and hasattr(cls, "run"):
+            cls.run = lambda self, *args, **kwargs: None
 
 
 def _timing_table(rows):
