@@ -196,8 +196,6 @@ def _summary(r: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     _data_row(t, r)
-    if r.get("seq_len") and r.get("batch_size"):
-        t.add_row("training rows", f"{r['batch_size']} x {r['seq_len']:,} tokens a step")
     for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
         side = r if key == "teacher" else r.get(key)
         if side and "teacher" in side:
@@ -229,6 +227,8 @@ def _data_row(t, r: dict) -> None:
         t.add_row("data", f"{d['name']} ({size}, sha256 {d['hash'][:12]})")
         if d.get("out_of_domain_note"):
             t.add_row("out of domain", "skipped: " + d["out_of_domain_note"][:120])
+    if r.get("seq_len") and r.get("batch_size"):
+        t.add_row("training rows", f"{r['batch_size']} x {r['seq_len']:,} tokens a step")
 
 
 @app.command("eval")
@@ -358,8 +358,6 @@ def _gqa_summary(r: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     _data_row(t, r)
-    if r.get("seq_len") and r.get("batch_size"):
-        t.add_row("training rows", f"{r['batch_size']} x {r['seq_len']:,} tokens a step")
     for key, where in (("teacher", "in-domain held-out"), ("out_of_domain", "out of domain")):
         side = r if key == "teacher" else r.get(key)
         if side and "teacher" in side:

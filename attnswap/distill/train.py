@@ -277,7 +277,6 @@ class StepGraph:
                 self._capture(ids)
             except Exception as e:  # a host sync or an unsupported operator inside the step
                 self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-                self.graph = None
                 for p in self.params:
                     p.grad = None
                 torch.cuda.synchronize()
