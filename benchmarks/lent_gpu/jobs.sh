@@ -206,6 +206,20 @@ twelfth) # for the next session, foreground and short: the bf16 tests (with the 
   mkdir -p ~/res
   $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
   ;;
+thirteenth) # twelfth in one budget: the bf16 tests and the training step eager and graphed (foreground), then
+         # detached: the graphed conversion alone, and b12 from the moment that model is saved (its suite
+         # runs beside b12)
+  $J kerneltests
+  (cd $REPO/benchmarks && python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
+  (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -6)
+  mkdir -p ~/res; : > ~/res/galone.log
+  setsid nohup bash -c "$J galone1; while [ ! -f ~/runs/lolcats-graph/config.json ] && [ ! -f ~/res/galone.rc ]; do sleep 3; done
+    $J b12; echo done > ~/res/thirteenth.rc" > ~/res/thirteenth.log 2>&1 &
+  echo "thirteenth chain launched"
+  ;;
+galone1)
+  $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
+  ;;
 b12)     # issue 16's rows still without a full result: lizard with 9 exact heads on rows of 8,192 (stopped twice),
          # lolcats with 9 heads ranked by the retrieval probe (against eleventh's alpha ranking: passkey at 8k),
          # side by side, ~17 minutes with their suites; loza at 1000 steps (lost twice) is b12loza, ~20 minutes
