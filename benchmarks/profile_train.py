@@ -12,8 +12,9 @@ For each method (a conversion made untrained from the teacher, default options u
   default 40 / 60 split (``distill.split_steps``), training only (no loading, evaluation or saving);
 - with ``--trace``: the top operators of ``--trace-steps`` further steps of each stage, by self device
   time and by self host time;
-- with ``ATTNSWAP_TRAIN_GRAPH=1`` in the environment, each stage's step replayed as a CUDA graph
-  (``distill.train.StepGraph``); ``graph steps`` says how many steps of each stage were.
+- on CUDA each stage's step is replayed as a CUDA graph (``distill.train.StepGraph``, the default);
+  ``graph steps`` says how many steps of each stage were; ``ATTNSWAP_TRAIN_GRAPH=0`` in the
+  environment times the eager steps.
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """

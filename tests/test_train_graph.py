@@ -1,6 +1,6 @@
-"""The training step replayed as a CUDA graph (``ATTNSWAP_TRAIN_GRAPH=1``, distill/train.py: StepGraph)
-against the eager step, its reference: the same losses and weights after both stages. On a machine
-without CUDA the variable changes nothing."""
+"""The training step replayed as a CUDA graph (on by default on one CUDA device; ``ATTNSWAP_TRAIN_GRAPH=0``
+turns it off; distill/train.py: StepGraph) against the eager step, its reference: the same losses and
+weights after both stages. On a machine without CUDA the variable changes nothing."""
 
 import pytest
 import torch
@@ -45,6 +45,28 @@ def test_graphed_steps_match_eager_cuda(monkeypatch):
     for (n, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items()):
         rel = ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)).item()
         assert rel < 1e-3, (n, rel)
+
+
+def test_the_graph_is_the_default_on_one_cuda_device_and_a_bad_value_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from attnswap.distill.train import StepGraph
+    from attnswap.errors import AttnSwapError
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), num_processes=1, scaler=None)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    monkeypatch.delenv(GRAPH_ENV, raising=False)
+    assert StepGraph.wanted(cuda, params)
+    assert not StepGraph.wanted(SimpleNamespace(device=torch.device("cpu"), num_processes=1, scaler=None), params)
+    assert not StepGraph.wanted(SimpleNamespace(device=torch.device("cuda"), num_processes=2, scaler=None), params)
+    assert not StepGraph.wanted(SimpleNamespace(device=torch.device("cuda"), num_processes=1, scaler=object()), params)
+    monkeypatch.setenv(GRAPH_ENV, "0")
+    assert not StepGraph.wanted(cuda, params)
+    monkeypatch.setenv(GRAPH_ENV, "1")
+    assert StepGraph.wanted(cuda, params)
+    monkeypatch.setenv(GRAPH_ENV, "yes")
+    with pytest.raises(AttnSwapError, match="must be 0"):
+        StepGraph.wanted(cuda, params)
 
 
 def test_unpadded_rows_skips_reading_the_mask():

@@ -242,7 +242,7 @@ def _full_train(model, names: tuple[str, ...]):
     return params, undo
 
 
-GRAPH_ENV = "ATTNSWAP_TRAIN_GRAPH"  # "1": replay each stage's forward+backward as one CUDA graph (experimental)
+GRAPH_ENV = "ATTNSWAP_TRAIN_GRAPH"  # "0": every training step eager; unset or "1": one CUDA graph a stage where possible
 
 
 class StepGraph:
@@ -261,10 +261,15 @@ class StepGraph:
 
     @staticmethod
     def wanted(acc: Accelerator, params) -> bool:
-        """Asked for (``ATTNSWAP_TRAIN_GRAPH=1``) and possible: CUDA, one process, unsharded, no loss scaler."""
+        """Not turned off (``ATTNSWAP_TRAIN_GRAPH=0``) and possible: CUDA, one process, unsharded, no loss
+        scaler. On by default since the H200 measurement (docs/BENCHMARKS.md): the same losses and the
+        same converted model as the eager steps, in half the time of a LoRA step."""
         import os
 
-        return (os.environ.get(GRAPH_ENV, "") == "1" and acc.device.type == "cuda" and acc.num_processes == 1
+        value = os.environ.get(GRAPH_ENV, "1").strip()
+        if value not in ("0", "1", ""):
+            raise AttnSwapError(f"{GRAPH_ENV} must be 0 (eager training steps) or 1 (CUDA graphs), not {value!r}")
+        return (value != "0" and acc.device.type == "cuda" and acc.num_processes == 1
                 and getattr(acc, "scaler", None) is None and not any(sharding.is_sharded(p) for p in params))
 
     def run(self, ids: torch.Tensor):

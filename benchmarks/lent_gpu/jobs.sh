@@ -182,7 +182,7 @@ prof11)
   $L prof11 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof11.json"
   ;;
 proftrain)
-  $L proftrain "python profile_train.py --model $M --methods lolcats,lizard --steps 20 --trace --json ~/res/proftrain.json"
+  $L proftrain "ATTNSWAP_TRAIN_GRAPH=0 python profile_train.py --model $M --methods lolcats,lizard --steps 20 --trace --json ~/res/proftrain.json"
   ;;
 mem11)
   G="python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --new-tokens 16 --repeats 2"
@@ -200,7 +200,7 @@ twelfth) # for the next session, foreground and short: the bf16 tests (with the 
          # eager one); a training step timed eagerly and as a CUDA graph; then one conversion alone with the
          # graphed step at the default rows (issue 17's 3 minutes) and the quality suite of its model
   $J kerneltests
-  (cd $REPO/benchmarks && python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
+  (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=0 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
   (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
   (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20 2>&1 | tail -3)
   mkdir -p ~/res
@@ -210,7 +210,7 @@ thirteenth) # twelfth in one budget: the bf16 tests and the training step eager 
          # detached: the graphed conversion alone, and b12 from the moment that model is saved (its suite
          # runs beside b12)
   $J kerneltests
-  (cd $REPO/benchmarks && python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
+  (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=0 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -4)
   (cd $REPO/benchmarks && ATTNSWAP_TRAIN_GRAPH=1 python profile_train.py --model $M --methods lolcats,lizard --steps 20 2>&1 | tail -6)
   mkdir -p ~/res; : > ~/res/galone.log
   setsid nohup bash -c "$J galone1; while [ ! -f ~/runs/lolcats-graph/config.json ] && [ ! -f ~/res/galone.rc ]; do sleep 3; done
