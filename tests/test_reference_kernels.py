@@ -134,7 +134,7 @@ def test_prefill_state_without_padding_equals_the_masked_one(gated, dtype):
     for T, W, S in itertools.product((1, 3, 4, 5, 9, 17, 40), (4, 8), (0, 1, 4)):
         k = torch.randn(B, T, Hk, D, generator=g).to(dtype)
         v = torch.randn(B, T, Hk, D, generator=g).to(dtype)
-        fk = torch.rand(B, T, Hk, Fd, generator=g)
+        fk = torch.rand(B, T, Hk, Fd, generator=g).to(dtype if T % 2 else torch.float32)  # fp32 features, or the model's
         gate = F.logsigmoid(torch.randn(B, T, Hk, generator=g)) if gated else None
         want = hybrid_prefill_state(k, v, fk, torch.ones(B, T, dtype=torch.bool), window=W, sinks=S, g=gate)
         got = hybrid_prefill_state(k, v, fk, None, window=W, sinks=S, g=gate)
@@ -147,3 +147,27 @@ def test_prefill_state_without_padding_equals_the_masked_one(gated, dtype):
                 assert err < 1e-5, (name, T, W, S, float(err))
             else:
                 assert torch.equal(t, w), (name, T, W, S)
+
+
+def test_prefill_states_share_their_shape_only_parts_and_own_the_rest():
+    """Two unpadded prefills of one shape (two layers) share the tensors that depend only on the shape
+    (made once: fewer launches a layer), made outside inference mode; the window and the sums are each
+    state's own, and compact (not views into the prompt's buffers)."""
+    from attnswap.kernels.hybrid_attn.step_torch import hybrid_prefill_state
+
+    g = torch.Generator().manual_seed(9)
+    B, T, Hk, D, W = 2, 40, 3, 5, 8
+    states = []
+    with torch.inference_mode():
+        for _ in range(2):
+            k, v = torch.randn(B, T, Hk, D, generator=g), torch.randn(B, T, Hk, D, generator=g)
+            fk = torch.rand(B, T, Hk, 6, generator=g).to(torch.bfloat16)
+            states.append(hybrid_prefill_state(k, v, fk, None, window=W, sinks=0))
+    a, b = states
+    for name in ("win_rank", "sink_on", "n_real", "sink_k", "sink_v", "win_g"):
+        assert a[name] is b[name], name
+        assert not a[name].is_inference(), name
+    for name in ("S", "z", "win_k", "win_v", "win_fk"):
+        assert a[name].data_ptr() != b[name].data_ptr(), name
+        assert a[name].untyped_storage().nbytes() == a[name].numel() * a[name].element_size(), name
+    assert a["win_fk"].dtype == torch.float32

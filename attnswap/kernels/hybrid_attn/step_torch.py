@@ -17,6 +17,8 @@ updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F_
 
@@ -96,33 +98,60 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
     old = max(0, T - W)
     a = min(sinks, old)  # tokens before a are sinks: they never enter the linear sums
     dev = k.device
-    f = fk[:, a:old].float()
+    # the linear keys' features (B, Hk, F, t) and values (B, Hk, t, Dv): cast and laid out for one
+    # batched product in one copy each (an einsum on the (B, t, Hk, .) inputs copies them twice)
+    ft = fk[:, a:old].permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    vt = v[:, a:old].permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)
     if g is None:
         gf = None
     else:
         gf = g.float()
         G = time_cumsum(gf)
-        f = f * (G[:, -1:] - G[:, a:old]).exp()[..., None]  # decayed to the last token
-    S = torch.einsum("btxf,btxd->bxfd", f, v[:, a:old].float())
-    z = f.sum(1)
+        ft = ft * (G[:, -1:] - G[:, a:old]).exp().permute(0, 2, 1)[:, :, None, :]  # decayed to the last token
+    S = ft @ vt
+    z = ft.sum(-1)
     pad = max(0, W - T)
 
-    def last(x, fill=0):
+    def last(x, dtype=None):
         x = x[:, old:]
-        return F_.pad(x, (0, 0) * (x.dim() - 2) + (pad, 0), value=fill) if pad else owned(x)
+        if pad:
+            return F_.pad(x if dtype is None else x.to(dtype), (0, 0) * (x.dim() - 2) + (pad, 0))
+        if dtype is not None and x.dtype != dtype:
+            return x.to(dtype)  # a compact copy already: owned() would copy it once more
+        return owned(x)
 
     n = min(Sk, T) if sinks else 0
-    slot = torch.arange(Sk, device=dev)
+    c = _unpadded_constants(B, T, W, Sk, min(n, old), Hk, k.shape[-1], v.shape[-1], k.dtype, v.dtype, dev)
 
-    def first(x):  # the first n tokens, zero-filled up to Sk slots
+    def first(x, zeros):  # the first n tokens, zero-filled up to Sk slots
+        if n == 0:
+            return zeros
         return F_.pad(x[:, :n], (0, 0) * (x.dim() - 2) + (0, Sk - n)) if n < Sk else owned(x[:, :Sk])
 
-    rank = torch.arange(T - W, T, device=dev).clamp_min(-1)  # the window's slots; -1 before the first token
-    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk).float(),
-            "win_rank": rank.expand(B, W).contiguous(), "sink_k": first(k), "sink_v": first(v),
-            "sink_on": (slot < min(n, old)).expand(B, Sk).contiguous(),
+    return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk, torch.float32),
+            "win_rank": c["win_rank"], "sink_k": first(k, c["sink_k"]), "sink_v": first(v, c["sink_v"]),
+            "sink_on": c["sink_on"], "n_real": c["n_real"], "win_g": last(gf) if gf is not None else c["win_g"]}
+
+
+@functools.lru_cache(maxsize=16)
+def _unpadded_constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev) -> dict:
+    """The parts of an unpadded prefill's state that depend only on shapes (the window's ranks, which
+    sinks have left the window, the tokens seen, zero sinks and gates), made once and shared by every
+    layer and every prefill of the same shape: each would cost a layer 2-4 launches. Safe because no
+    state tensor is ever written in place (decoding builds new ones; the decode graph copies a state
+    into buffers of its own). Made outside inference mode, so that a later prefill with autograd on
+    may use them."""
+    with torch.inference_mode(False):
+        return _constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev)
+
+
+def _constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev) -> dict:
+    return {"win_rank": torch.arange(T - W, T, device=dev).clamp_min(-1).expand(B, W).contiguous(),
+            "sink_on": (torch.arange(Sk, device=dev) < n_on).expand(B, Sk).contiguous(),
             "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
-            "win_g": last(gf) if gf is not None else k.new_zeros(B, W, Hk, dtype=torch.float32)}
+            "sink_k": torch.zeros(B, Sk, Hk, D, dtype=k_dtype, device=dev),
+            "sink_v": torch.zeros(B, Sk, Hk, Dv, dtype=v_dtype, device=dev),
+            "win_g": torch.zeros(B, W, Hk, dtype=torch.float32, device=dev)}
 
 
 def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
