@@ -122,12 +122,19 @@ def test_decode_state_continues_the_full_sequence(W, S, gated):
         assert rel_err(o, full[:, n:]) < 1e-5
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_state_without_padding_equals_the_masked_one(gated, dtype):
+def test_prefill_state_without_padding_equals_the_masked_one(gated, dtype, split, monkeypatch):
     """valid=None (every token real: slices and sums) builds the state the masked path builds from an
-    all-True mask, for lengths around the window and the sinks."""
+    all-True mask, for lengths around the window and the sinks; ``split``: the linear sums taken in
+    pieces of 3 keys from 4 keys on (long prompts' path), with and without a padded last piece."""
+    from attnswap.kernels.hybrid_attn import step_torch
     from attnswap.kernels.hybrid_attn.step_torch import hybrid_prefill_state
+
+    if split:
+        monkeypatch.setattr(step_torch, "SUM_SPLIT_FROM", 4)
+        monkeypatch.setattr(step_torch, "SUM_PIECE", 3)
 
     g = torch.Generator().manual_seed(5)
     B, Hk, D, Fd = 2, 3, 5, 6

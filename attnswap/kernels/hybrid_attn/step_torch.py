@@ -98,18 +98,12 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
     old = max(0, T - W)
     a = min(sinks, old)  # tokens before a are sinks: they never enter the linear sums
     dev = k.device
-    # the linear keys' features (B, Hk, F, t) and values (B, Hk, t, Dv): cast and laid out for one
-    # batched product in one copy each (an einsum on the (B, t, Hk, .) inputs copies them twice)
-    ft = fk[:, a:old].permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    vt = v[:, a:old].permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)
-    if g is None:
-        gf = None
-    else:
-        gf = g.float()
+    gf = None if g is None else g.float()
+    decay = None
+    if gf is not None:
         G = time_cumsum(gf)
-        ft = ft * (G[:, -1:] - G[:, a:old]).exp().permute(0, 2, 1)[:, :, None, :]  # decayed to the last token
-    S = ft @ vt
-    z = ft.sum(-1)
+        decay = (G[:, -1:] - G[:, a:old]).exp()  # (B, t, Hk): each linear key decayed to the last token
+    S, z = _linear_sums(fk[:, a:old], v[:, a:old], decay)
     pad = max(0, W - T)
 
     def last(x, dtype=None):
@@ -131,6 +125,38 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
     return {"S": S, "z": z, "win_k": last(k), "win_v": last(v), "win_fk": last(fk, torch.float32),
             "win_rank": c["win_rank"], "sink_k": first(k, c["sink_k"]), "sink_v": first(v, c["sink_v"]),
             "sink_on": c["sink_on"], "n_real": c["n_real"], "win_g": last(gf) if gf is not None else c["win_g"]}
+
+
+# Linear keys from which the state's sums are split into pieces of SUM_PIECE tokens: an fp32 product
+# with a few (B x KV head) output tiles over tens of thousands of keys keeps a few SMs busy (0.30 ms a
+# SmolLM2 layer at 32k on the H200, 2e90941's trace); pieces give it B x Hk x pieces tiles, for one
+# launch more (two with padding). Below it a prefill is bound by the host, where launches cost more.
+SUM_SPLIT_FROM = 16384
+SUM_PIECE = 512
+
+
+def _linear_sums(fk, v, decay=None):
+    """S = sum_t fk_t^T v_t (B, Hk, F, Dv) and z = sum_t fk_t (B, Hk, F) in fp32, over keys fk (B, t, Hk, F)
+    and values v (B, t, Hk, Dv), each key weighted by ``decay`` (B, t, Hk) when given. Inputs are cast
+    and laid out for a batched product in one copy each."""
+    B, t, Hk, Fd = fk.shape
+    Dv = v.shape[-1]
+    if t < SUM_SPLIT_FROM:
+        ft = fk.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)  # (B, Hk, F, t)
+        vt = v.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (B, Hk, t, Dv)
+        if decay is not None:
+            ft = ft * decay.permute(0, 2, 1)[:, :, None, :]
+        return ft @ vt, ft.sum(-1)
+    n = -(-t // SUM_PIECE)
+    pad = n * SUM_PIECE - t
+    if pad:  # zero keys at the end add nothing to either sum
+        fk, v = F_.pad(fk, (0, 0, 0, 0, 0, pad)), F_.pad(v, (0, 0, 0, 0, 0, pad))
+        decay = None if decay is None else F_.pad(decay, (0, 0, 0, pad))
+    ft = fk.reshape(B, n, SUM_PIECE, Hk, Fd).permute(0, 3, 1, 4, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    vt = v.reshape(B, n, SUM_PIECE, Hk, Dv).permute(0, 3, 1, 2, 4).to(torch.float32, memory_format=torch.contiguous_format)
+    if decay is not None:  # (B, Hk, pieces, 1, piece)
+        ft = ft * decay.reshape(B, n, SUM_PIECE, Hk).permute(0, 3, 1, 2)[:, :, :, None, :]
+    return (ft @ vt).sum(2), ft.sum((2, 4))
 
 
 @functools.lru_cache(maxsize=16)
