@@ -217,7 +217,14 @@ def _summary(r: dict) -> None:
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (training {r['train_seconds']:.1f} s)")
+    _phases_row(t, r)
     console.print(t)
+
+
+def _phases_row(t, r: dict) -> None:
+    """Where the wall time went (pipelines/common.py: Clock); the training phase includes its set-up."""
+    if r.get("seconds"):
+        t.add_row("time by phase", ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items()))
 
 
 def _data_row(t, r: dict) -> None:
@@ -377,6 +384,7 @@ def _gqa_summary(r: dict) -> None:
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")
+    _phases_row(t, r)
     console.print(t)
 
 
@@ -453,6 +461,7 @@ def _sparsify_summary(report: dict) -> None:
     t.add_row("params trained" if loza else "gate params trained", f"{report['trained_params']:,}")
     t.add_row("tokens seen", f"{report['tokens_seen']:,}")
     t.add_row("wall time", f"{report['wall_seconds']:.1f} s (training {report['train_seconds']:.1f} s)")
+    _phases_row(t, report)
     console.print(t)
 
 

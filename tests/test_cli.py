@@ -85,6 +85,11 @@ def test_linearize_then_eval_tiny(tiny_dir, tiny_text, tmp_path):
     assert rep["retrieval_mix"] == 0.0 and rep["retrieval_sequences"] == 0  # the default without --exact-heads
     assert rep["teacher"]["ppl"] > 1 and rep["converted"]["ppl"] > 1
     assert "converted ppl" in res.output and "change" in res.output
+    ph = rep["seconds"]  # where the wall time went, adding up to it
+    assert set(ph) == {"loading", "evaluation", "training", "saving", "other"} and min(ph.values()) >= 0
+    assert ph["training"] >= rep["train_seconds"] * 0.99 and ph["evaluation"] > 0 and ph["saving"] > 0
+    assert sum(ph.values()) == pytest.approx(rep["wall_seconds"], abs=0.05)
+    assert "time by phase" in res.output
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.attnswap["swaps"][0]["options"]["window"] == 8
     assert not any("lora" in k for k in m.state_dict())  # LoRA merged before saving

@@ -245,6 +245,8 @@ def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train):
     assert all(rep[k]["ppl"] > 1 for k in ("teacher", "merged", "distilled"))
     assert len(rep["groups"]) == 3 and all(len(g) == 2 for g in rep["groups"])
     assert "merged ppl, before training" in res.output and "KV cache bytes / token" in res.output
+    assert {"loading", "evaluation", "merging", "training", "saving", "other"} == set(rep["seconds"])
+    assert sum(rep["seconds"].values()) == pytest.approx(rep["wall_seconds"], abs=0.05)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2
     assert "auto_map" not in cfg and "attnswap" not in cfg and (out / "model.safetensors").is_file()

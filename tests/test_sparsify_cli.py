@@ -29,6 +29,7 @@ def test_sparsify_end_to_end(tiny_dir, tiny_text, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == "seer" and rep["layers"] == [0, 1, 2] and set(rep["density"]) == {"0", "1", "2"}
+    assert {"loading", "evaluation", "training", "saving", "other"} == set(rep["seconds"]) and "time by phase" in res.output
     assert not (tmp_path / "sparse.ckpt").exists()
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.attnswap["swaps"][0]["options"]["sparsity"] == 0.5

@@ -3,10 +3,13 @@ the data for training, the resume hint."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,6 +44,40 @@ class RunConfig:
 
     def default_out(self, suffix: str) -> Path:
         return Path(f"{stem(self.model)}-{suffix}")
+
+
+class Clock:
+    """A conversion's wall time by phase (loading, evaluation, training, saving), for the summary: where
+    a run's minutes go besides its training steps. Every phase ends by reading a value on the host
+    (a perplexity, a loss, a written file), so on a GPU these are device-inclusive."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def timed(self, name: str, fn):
+        """``fn``, each call of it counted in phase ``name``."""
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return call
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def report(self) -> dict:
+        """Seconds by phase, and ``other`` (checks, conversion, the rest) so that they add up to the wall time."""
+        wall = self.wall()
+        return {**{k: round(v, 2) for k, v in self.seconds.items()}, "other": round(max(0.0, wall - sum(self.seconds.values())), 2)}
 
 
 def check_positive(**values) -> None:

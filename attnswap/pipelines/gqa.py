@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (RunConfig, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, refuse_given, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
 
@@ -61,7 +61,8 @@ def run(cfg: GqaConfig) -> dict | None:
     from ..distill.train import DistillConfig, distill
     from ..evals.perplexity import perplexity
 
-    t0 = time.perf_counter()
+    clock = Clock()
+    perplexity = clock.timed("evaluation", perplexity)
     require_text(model=cfg.model, data=cfg.data)
     check(cfg)
     trains = cfg.train != "none"
@@ -78,8 +79,9 @@ def run(cfg: GqaConfig) -> dict | None:
     loading.check_weight_files(src)
 
     bs, seq_len = cfg.batch_size, cfg.seq_len
-    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
-                           tokens_needed=max(cfg.steps if trains else 0, cfg.calib_batches) * bs * seq_len)
+    with clock.phase("loading"):
+        ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
+                               tokens_needed=max(cfg.steps if trains else 0, cfg.calib_batches) * bs * seq_len)
     net, dt, held, ood = ld.model, ld.dtype, ld.heldout, ld.ood
     value_refit = cfg.merge == "aligned" if cfg.value_refit is None else cfg.value_refit
     if trains:
@@ -111,7 +113,8 @@ def run(cfg: GqaConfig) -> dict | None:
         stats = calibrate(net, [ld.train[pick[i : i + bs]] for i in range(0, pick.numel(), bs)])
         report["calibration_tokens"] = pick.numel() * seq_len
     info = merge_to_gqa(net, cfg.kv_heads, grouping=cfg.grouping, merge=cfg.merge, stats=stats, refit=value_refit)
-    report.update(value_refit=value_refit, merge_seconds=time.perf_counter() - tm, groups=info["groups"],
+    clock.seconds["merging"] = time.perf_counter() - tm
+    report.update(value_refit=value_refit, merge_seconds=clock.seconds["merging"], groups=info["groups"],
                   expanded_to_mha=info["expanded"],
                   kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})
     if held is not None and ld.main:
@@ -125,7 +128,7 @@ def run(cfg: GqaConfig) -> dict | None:
         mixed, report["retrieval_sequences"] = retrieval_mix(ld.train, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
         report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
         hint = resume_command(cfg.command, "gqa")
-        with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)):
+        with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
             net, dstats = distill(net, mixed, dcfg, teacher=teacher, shard=shard)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
         # sharded, every process takes part in the evaluation's forward passes (the main one reports)
@@ -136,9 +139,11 @@ def run(cfg: GqaConfig) -> dict | None:
             if ld.main:
                 report["out_of_domain"]["distilled"] = ppl
     del teacher
-    if not save_run(cfg, ld, net, out, ckpts, shard):
+    with clock.phase("saving"):
+        saved = save_run(cfg, ld, net, out, ckpts, shard)
+    if not saved:
         return None
     report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
-                  lr=lr if trains else None, wall_seconds=time.perf_counter() - t0, device=str(ld.device),
+                  lr=lr if trains else None, wall_seconds=clock.wall(), seconds=clock.report(), device=str(ld.device),
                   dtype=str(dt).removeprefix("torch."))
     return report

@@ -14,12 +14,11 @@ tokens of the calibration rows that carry retrieval, predicted greedily (``answe
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from ..progress import console
-from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
 
@@ -146,7 +145,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
     from ..evals.perplexity import perplexity
     from ..modeling import convert_model
 
-    t0 = time.perf_counter()
+    clock = Clock()
+    perplexity = clock.timed("evaluation", perplexity)
     require_text(model=cfg.model, data=cfg.data)
     check_positive(steps=cfg.steps, window=cfg.window, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                    feature_dim=cfg.feature_dim, lora_rank=cfg.lora_rank)
@@ -204,8 +204,9 @@ def run(cfg: LinearizeConfig) -> dict | None:
                             f"heads of the converted layers ({len(chosen)} x {mcfg.num_key_value_heads})")
     loading.check_weight_files(src)  # safetensors only: refused before the data is read, and again before loading
 
-    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, cfg.seq_len, cfg.eval_tokens,
-                           tokens_needed=(n_transfer + n_calib + n_lora) * cfg.batch_size * cfg.seq_len)
+    with clock.phase("loading"):
+        ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, cfg.seq_len, cfg.eval_tokens,
+                               tokens_needed=(n_transfer + n_calib + n_lora) * cfg.batch_size * cfg.seq_len)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data, "train_tokens": tokens_hash(ld.train), "swap": swap,
                 "transfer_steps": n_transfer, "lora_steps": n_lora, "seq_len": cfg.seq_len,
@@ -234,7 +235,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
     mixed, report["retrieval_sequences"] = retrieval_mix(ld.train, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
     report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
     hint = resume_command(cfg.command, "linearize")
-    with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)):
+    with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
         if n_exact:
             net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report)
         else:
@@ -248,10 +249,12 @@ def run(cfg: LinearizeConfig) -> dict | None:
         ppl = perplexity(net, ld.ood, label="converted perplexity (out of domain)")
         if ld.main:
             report["out_of_domain"]["converted"] = ppl
-    if not save_run(cfg, ld, net, out, ckpts, shard):
+    with clock.phase("saving"):
+        saved = save_run(cfg, ld, net, out, ckpts, shard)
+    if not saved:
         return None
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
-                  tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0,
+                  tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=clock.wall(), seconds=clock.report(),
                   final_losses=stats.losses, device=str(ld.device))
     return report
 

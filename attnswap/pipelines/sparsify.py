@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, require_text, resume_command,
                      save_run, sharded_launch, tokens_hash)
 
@@ -95,7 +94,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
     from ..distill.checkpoint import TrainingRun, use_run
     from ..evals.perplexity import perplexity
 
-    t0 = time.perf_counter()
+    clock = Clock()
+    perplexity = clock.timed("evaluation", perplexity)
     require_text(model=cfg.model, data=cfg.data)
     check(cfg)
     out = cfg.out or cfg.default_out(cfg.method)
@@ -121,8 +121,9 @@ def run(cfg: SparsifyConfig) -> dict | None:
     total_steps = sum(extra[k] for k in ("calib_steps", "lora_steps")) if extra else cfg.steps
 
     loading.check_weight_files(src)  # safetensors only, before the data is read
-    ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
-                           tokens_needed=total_steps * cfg.batch_size * seq_len)
+    with clock.phase("loading"):
+        ld = load_for_training(cfg.model, src, cfg.device, cfg.dtype, cfg.data, seq_len, cfg.eval_tokens,
+                               tokens_needed=total_steps * cfg.batch_size * seq_len)
     net = ld.model
     ckpts.bind({"model": cfg.model, "data": cfg.data,
                 "train_tokens": tokens_hash(ld.train),
@@ -138,7 +139,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
         report["out_of_domain"] = {"teacher": perplexity(net, ld.ood, batch_size=1, label="teacher perplexity (out of domain)")}
 
     train = _train_loza if cfg.method == "loza" else _train_seer
-    with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=resume_command(cfg.command, "sparsify"))):
+    with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=resume_command(cfg.command, "sparsify"))), \
+            clock.phase("training"):
         net, stats = train(net, ld, cfg, swap, report, shard)
     if not ld.main and not shard:
         return None
@@ -155,10 +157,12 @@ def run(cfg: SparsifyConfig) -> dict | None:
         ppl = perplexity(net, ld.ood, batch_size=1, label=f"{label} perplexity (out of domain)")
         if ld.main:
             report["out_of_domain"]["converted"] = ppl
-    if not save_run(cfg, ld, net, out, ckpts, shard):
+    with clock.phase("saving"):
+        saved = save_run(cfg, ld, net, out, ckpts, shard)
+    if not saved:
         return None
     report.update(out=str(out), trained_params=stats.transfer_params + stats.lora_params, tokens_seen=stats.tokens,
-                  train_seconds=stats.seconds, wall_seconds=time.perf_counter() - t0, final_losses=stats.losses,
+                  train_seconds=stats.seconds, wall_seconds=clock.wall(), seconds=clock.report(), final_losses=stats.losses,
                   device=str(ld.device))
     return report
 
