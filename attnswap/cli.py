@@ -169,6 +169,7 @@ def linearize(
     calib_steps: Optional[int] = typer.Option(None, help="With --exact-heads: calibration steps (default: 10% of --steps)."),
     recall_floor: float = typer.Option(0.9, help="--exact-heads auto: the fewest exact heads whose model recalls at least this share of what the teacher recalls on the calibration probe."),
     exact_heads_by: str = typer.Option("alpha", help="How --exact-heads ranks the KV heads: alpha (calibrated, the default) or probe (the teacher's attention on the facts of the calibration rows, a retrieval-head probe; calibration still runs and is reported)."),
+    calib_loss: str = typer.Option("all", help="What --exact-heads' calibration distils: all (the KL on every token of the calibration rows, the default) or answers (on the answer tokens of the rows carrying retrieval only, as DuoAttention calibrates its gates; experimental)."),
     seq_len: Optional[int] = typer.Option(None, help="Training sequence length (default: 4096 for lolcats, 1024 for lizard, at most the model's maximum)."),
     batch_size: Optional[int] = typer.Option(None, help=f"{BATCH_SIZE_HELP} Default: 8,192 tokens a step (2 rows of 4,096, 8 of 1,024)."),
     seed: int = SEED_OPT,
@@ -207,7 +208,8 @@ def _summary(r: dict) -> None:
     t.add_row("params trained (transfer / LoRA)", f"{r['trained_params']['transfer']:,} / {r['trained_params']['lora']:,}")
     if r.get("exact_heads") is not None:
         heads = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in r["exact_heads"].items()) or "none"
-        t.add_row(f"exact KV heads (by {r.get('exact_heads_by', 'alpha')})", heads)
+        by = r.get("exact_heads_by", "alpha") + (", calibrated on the answers" if r.get("calib_loss") == "answers" else "")
+        t.add_row(f"exact KV heads (by {by})", heads)
         auto = r.get("exact_heads_auto")
         if auto:
             t.add_row("exact heads (auto)", f"{auto['chosen']}: recall {auto['recall'][str(auto['chosen'])]:.3f}, teacher "

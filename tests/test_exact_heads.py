@@ -432,3 +432,55 @@ def test_exact_heads_by_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
     assert not out.exists()
+
+
+def test_answer_marks_round_trip_and_sit_where_the_logits_predict_the_answer():
+    from attnswap.distill.calibrate import mark_answers, split_marked
+
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    marked = mark_answers(ids, [[(5, 7)], [(0, 1), (10, 12)]])
+    back, w = split_marked(marked)
+    assert torch.equal(back, ids)
+    # the logits at position p predict token p + 1: answer tokens 5, 6 are predicted at 4, 5
+    assert w[0].nonzero().flatten().tolist() == [4, 5]
+    assert w[1].nonzero().flatten().tolist() == [9, 10]  # token 0 has no predicting position
+
+
+def test_calibration_on_the_answers_only():
+    """With every position marked, the answers-only loss is the plain one (same alphas); with a few
+    marked, only their KL counts: unmarked positions' logits may change freely."""
+    from attnswap.distill.calibrate import CalibrationConfig, calibrate, mark_answers
+
+    seqs = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    everything = mark_answers(seqs, [[(1, 41)], [(1, 41)]])
+    cfg = dict(steps=3, per_head=True, lr=0.2, batch_size=2)
+    plain = calibrate(_converted("lolcats", {}), seqs, CalibrationConfig(**cfg))
+    marked = calibrate(_converted("lolcats", {}), everything, CalibrationConfig(**cfg, answers_only=True))
+    for layer, a in plain.alphas.items():
+        assert a == pytest.approx(marked.alphas[layer], abs=1e-6), (layer, a, marked.alphas[layer])
+    few = calibrate(_converted("lolcats", {}), mark_answers(seqs, [[(30, 33)], []]), CalibrationConfig(**cfg, answers_only=True))
+    assert few.alphas != plain.alphas
+
+
+def test_linearize_calibrated_on_the_answers(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "ans"
+    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
+            "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", 2, "--calib-loss", "answers",
+            "--json", tmp_path / "r.json"]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["calib_loss"] == "answers" and rep["exact_head_count"] == 2 and "calibrated" in res.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.attnswap["calibration"]["loss"] == "answers"
+
+
+@pytest.mark.parametrize("extra,needle", [(["--calib-loss", "answers"], "--calib-loss applies only with --exact-heads"),
+                                          (["--exact-heads", 1, "--calib-loss", "some"], "--calib-loss is one of all, answers"),
+                                          (["--exact-heads", 1, "--calib-loss", "answers", "--steps", 2],
+                                           "--calib-loss answers needs calibration rows carrying retrieval")])
+def test_calib_loss_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
+    out = tmp_path / "o"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), *extra)
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
+    assert not out.exists()

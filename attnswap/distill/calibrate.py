@@ -44,6 +44,7 @@ class CalibrationConfig:
     init: float = 0.5  # every alpha's starting value
     seed: int = 0
     step_offset: int = 0  # global steps run before calibration (by an earlier stage, e.g. attention transfer)
+    answers_only: bool = False  # the KL on the answer tokens only (rows encoded by ``mark_answers``)
 
 
 @dataclass
@@ -58,6 +59,27 @@ class Calibration:
         if all(len(a) == 1 for a in self.alphas.values()):
             return {layer: a[0] for layer, a in self.alphas.items()}
         return {(layer, h): x for layer, a in self.alphas.items() for h, x in enumerate(a)}
+
+
+ANSWER_BIT = 1 << 40  # added to a token id whose logits' KL counts (``answers_only``); ids stay below it
+
+
+def mark_answers(ids: torch.Tensor, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """``ids`` (N, L) with, in each row, the positions whose next token lies in one of its answer spans
+    [start, end) marked (``ANSWER_BIT`` added): the logits there predict an answer token. One tensor
+    carries both, so the batches (and a training step replayed as a CUDA graph) see one input."""
+    out = ids.clone()
+    for r, row_spans in enumerate(spans):
+        for a, b in row_spans:
+            lo, hi = max(0, a - 1), max(0, b - 1)
+            out[r, lo:hi] += ANSWER_BIT
+    return out
+
+
+def split_marked(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids and the float mask of marked positions (``mark_answers``)."""
+    marked = ids >= ANSWER_BIT
+    return ids - marked.long() * ANSWER_BIT, marked.float()
 
 
 def select(alphas: dict, budget: int, max_alpha: float | None = None) -> list:
@@ -89,11 +111,17 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
     stats = DistillStats()
 
     def loss_fn(ids):
+        if cfg.answers_only:
+            ids, weight = split_marked(ids)
         with torch.no_grad(), attention_mode(model, "teacher"):
             t_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
         with attention_mode(model, "calibrate"):
             s_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-        kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+        if cfg.answers_only:  # the mean KL over the marked positions (a batch without any: zero)
+            per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
+            kl = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+        else:
+            kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
         return kl + cfg.penalty * torch.sigmoid(torch.cat(params)).mean()
 
     was_training = model.training

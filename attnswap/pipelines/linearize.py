@@ -61,9 +61,11 @@ class LinearizeConfig(RunConfig):
     calib_steps: int | None = None  # with --exact-heads: default CALIB_SHARE of steps
     recall_floor: float = 0.9  # --exact-heads auto: share of the teacher's recall on the calibration probe
     exact_heads_by: str = "alpha"  # rank heads for --exact-heads by calibrated alpha, or by the retrieval probe
+    calib_loss: str = "all"  # --exact-heads' calibration: KL on every token ("all") or on the answer tokens ("answers")
 
 
 AUTO = "auto"
+CALIB_LOSS = ("all", "answers")  # --calib-loss: what calibration distils (distill/calibrate.py: answers_only)
 RANK_BY = ("alpha", "probe")  # --exact-heads-by: calibrated alpha, or the teacher's attention on facts (evals/probe)
 STEP_TOKENS = 8192  # tokens a training step takes unless --batch-size says otherwise
 # Training rows by method, unless --seq-len says otherwise. lolcats' linear part, which has no decay, learns to
@@ -171,6 +173,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
         raise AttnSwapError(f"--exact-heads-by is one of {', '.join(RANK_BY)} (got {cfg.exact_heads_by!r})")
     if not n_exact and "exact_heads_by" in cfg.given:
         raise AttnSwapError("--exact-heads-by applies only with --exact-heads")
+    if cfg.calib_loss not in CALIB_LOSS:
+        raise AttnSwapError(f"--calib-loss is one of {', '.join(CALIB_LOSS)} (got {cfg.calib_loss!r})")
+    if not n_exact and "calib_loss" in cfg.given:
+        raise AttnSwapError("--calib-loss applies only with --exact-heads")
     check_retrieval_mix(cfg.retrieval_mix)
     for flag, v in (("--sinks", cfg.sinks), ("--meta-tokens", cfg.meta_tokens)):
         if v is not None and v < 0:
@@ -213,10 +219,11 @@ def run(cfg: LinearizeConfig) -> dict | None:
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": str(ld.dtype), "transfer_lr": cfg.transfer_lr,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "ce_weight": cfg.ce_weight,
                 "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix,
-                **({"exact_heads": n_exact, "calib_steps": n_calib, "exact_heads_by": cfg.exact_heads_by} if n_exact else {}),
+                **({"exact_heads": n_exact, "calib_steps": n_calib, "exact_heads_by": cfg.exact_heads_by,
+                    "calib_loss": cfg.calib_loss} if n_exact else {}),
                 **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
-    if (n_exact == AUTO or (n_exact and cfg.exact_heads_by == "probe")) and ld.main:
+    if (n_exact == AUTO or (n_exact and (cfg.exact_heads_by == "probe" or cfg.calib_loss == "answers"))) and ld.main:
         calibration_mix(ld, cfg, n_exact)  # refused before any evaluation or training
     report: dict = {"model": cfg.model, "attention": cfg.attention, "layers": chosen,
                     "window": swap["options"]["window"],
@@ -277,8 +284,10 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
         scores = retrieval_probe(net, mix.ids, mix.details)
         report["retrieval_probe"] = scores
     net, stats = distill(net, train, dataclasses.replace(dcfg, lora_steps=0))
-    calib = calibrate(net, mix.ids, CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True,
-                                                      seed=cfg.seed, step_offset=dcfg.transfer_steps))
+    answers = cfg.calib_loss == "answers"
+    calib = calibrate(net, answer_rows(mix) if answers else mix.ids,
+                      CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True, seed=cfg.seed,
+                                        step_offset=dcfg.transfer_steps, answers_only=answers))
     alphas = calib.units()  # (layer, KV head) -> alpha
     ranked = rank_heads(alphas, scores, cfg.exact_heads_by)
     if n_exact == AUTO:
@@ -293,8 +302,10 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     exact_report = {str(i): h for i, h in per_layer.items() if h}
     net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
                            "calibration": {"unit": "kv_head", "alpha": alpha_report, "exact_heads": exact_report,
-                                           "steps": n_calib, "retrieval_mix": share, "ranked_by": cfg.exact_heads_by}}
+                                           "steps": n_calib, "retrieval_mix": share, "ranked_by": cfg.exact_heads_by,
+                                           "loss": cfg.calib_loss}}
     report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact, exact_heads_by=cfg.exact_heads_by,
+                  calib_loss=cfg.calib_loss,
                   calibration_retrieval_mix=share, calibration_seconds=calib.seconds, calibration_loss=calib.loss,
                   calibration_tokens=calib.tokens, kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
     lora = dataclasses.replace(dcfg, transfer_steps=0, step_offset=dcfg.transfer_steps + n_calib)
@@ -304,6 +315,17 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     stats.seconds += calib.seconds + lstats.seconds
     stats.losses.update({"calibration": calib.loss, **lstats.losses})
     return net, stats
+
+
+def answer_rows(mix):
+    """The calibration rows that carry retrieval, with the positions that predict their answers marked
+    (``--calib-loss answers``: calibration's KL counts there only)."""
+    import torch
+
+    from ..distill.calibrate import mark_answers
+
+    rows = [r for r in sorted(mix.details) if mix.details[r].facts]
+    return mark_answers(mix.ids[torch.tensor(rows, dtype=torch.long)], [[f.answer for f in mix.details[r].facts] for r in rows])
 
 
 def rank_heads(alphas: dict, probe: dict, by: str) -> list:
@@ -338,6 +360,9 @@ def calibration_mix(ld, cfg: LinearizeConfig, n_exact):
     if n_exact and cfg.exact_heads_by == "probe" and not probe:
         raise AttnSwapError(f"--exact-heads-by probe needs retrieval rows to probe, and none fits in --seq-len "
                             f"{cfg.seq_len}; give a longer --seq-len or rank by alpha")
+    if n_exact and cfg.calib_loss == "answers" and not probe:
+        raise AttnSwapError(f"--calib-loss answers needs calibration rows carrying retrieval, and none fits in --seq-len "
+                            f"{cfg.seq_len}; give a longer --seq-len or --calib-loss all")
     return share, mix, probe
 
 

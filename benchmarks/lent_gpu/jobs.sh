@@ -219,7 +219,7 @@ thirteenth) # twelfth in one budget: the bf16 tests and the training step eager 
   ;;
 fourteenth) # for the next session: the prefill re-timed after the state changes (8b5b601, 1c57a0e), alone; the graphed
          # conversion alone on issue 17's rows of 8 x 1,024 (its 3 minutes, phases itemised); then issue 16's open
-         # rows side by side: loza at 1000 steps, lizard with 9 heads ranked by the probe
+         # rows side by side: lolcats with 9 heads calibrated on the answers, loza at 1000 steps, lizard probe-ranked
   (cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/kernels/test_hybrid_continue.py tests/test_reference_kernels.py -k "cuda or prefill_state" 2>&1 | tail -2)
   mkdir -p ~/res
   setsid nohup bash -c "$J prof14; $W prof14; $J galone8; $W galone8; $J b14b; echo done > ~/res/fourteenth.rc" > ~/res/fourteenth.log 2>&1 &
@@ -231,7 +231,8 @@ prof14)
 galone8)
   $L galone8 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-8x1k --tasks none --json ~/res/galone8.json -- --seq-len 1024 --batch-size 8 --steps 1000"
   ;;
-b14b)
+b14b)    # (3 conversions side by side: drop xliz9p if the device time is short)
+  q xlol9a linearize lolcats-x9a 8192 "--exact-heads 9 --calib-loss answers --seq-len 8192 --batch-size 1 --steps 1000"
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
   q xliz9p linearize lizard-x9p 8192 "--attention lizard --exact-heads 9 --exact-heads-by probe --seq-len 8192 --batch-size 1 --steps 1000"
   ;;
