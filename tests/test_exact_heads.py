@@ -406,14 +406,17 @@ def test_rank_heads_by_alpha_or_by_the_probe():
         rank_heads(alphas, {}, "probe")
 
 
+def _two_exact_heads(tiny_dir, tiny_text, out, *flags):
+    """A 3-step linearize with 2 exact heads on rows long enough for retrieval facts; its output and report."""
+    res = _cli("linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
+               "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", 2, *flags, "--json", out.parent / "r.json")
+    assert res.exit_code == 0, res.output
+    return res, json.loads((out.parent / "r.json").read_text())
+
+
 def test_linearize_exact_heads_by_probe_keeps_the_probes_top_heads(tiny_dir, tiny_text, tmp_path):
     out = tmp_path / "probe"
-    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
-            "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", 2, "--exact-heads-by", "probe",
-            "--json", tmp_path / "r.json"]
-    res = _cli(*args)
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "r.json").read_text())
+    _, rep = _two_exact_heads(tiny_dir, tiny_text, out, "--exact-heads-by", "probe")
     scores = {(int(layer), h): v for layer, row in rep["retrieval_probe"]["head"].items() for h, v in enumerate(row)}
     top = sorted(scores, key=lambda u: (-scores[u], u))[:2]
     chosen = sorted((int(layer), h) for layer, heads in rep["exact_heads"].items() for h in heads)
@@ -425,8 +428,12 @@ def test_linearize_exact_heads_by_probe_keeps_the_probes_top_heads(tiny_dir, tin
 @pytest.mark.parametrize("extra,needle", [(["--exact-heads-by", "probe"], "--exact-heads-by applies only with --exact-heads"),
                                           (["--exact-heads", 1, "--exact-heads-by", "random"], "--exact-heads-by is one of alpha, probe"),
                                           (["--exact-heads", 1, "--exact-heads-by", "probe", "--steps", 2],
-                                           "--exact-heads-by probe needs retrieval rows")])
-def test_exact_heads_by_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
+                                           "--exact-heads-by probe needs retrieval rows"),
+                                          (["--calib-loss", "answers"], "--calib-loss applies only with --exact-heads"),
+                                          (["--exact-heads", 1, "--calib-loss", "some"], "--calib-loss is one of all, answers"),
+                                          (["--exact-heads", 1, "--calib-loss", "answers", "--steps", 2],
+                                           "--calib-loss answers needs calibration rows carrying retrieval")])
+def test_exact_heads_by_and_calib_loss_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
     out = tmp_path / "o"
     res = _cli(*_tiny_args(tiny_dir, tiny_text, out), *extra)
     last = res.output.strip().splitlines()[-1]
@@ -464,23 +471,6 @@ def test_calibration_on_the_answers_only():
 
 def test_linearize_calibrated_on_the_answers(tiny_dir, tiny_text, tmp_path):
     out = tmp_path / "ans"
-    args = ["linearize", "--model", tiny_dir, "--data", tiny_text, "--out", out, "--seq-len", 256, "--batch-size", 1,
-            "--eval-tokens", 0, "--window", 8, "--steps", 3, "--exact-heads", 2, "--calib-loss", "answers",
-            "--json", tmp_path / "r.json"]
-    res = _cli(*args)
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "r.json").read_text())
+    res, rep = _two_exact_heads(tiny_dir, tiny_text, out, "--calib-loss", "answers")
     assert rep["calib_loss"] == "answers" and rep["exact_head_count"] == 2 and "calibrated" in res.output
     assert AutoModelForCausalLM.from_pretrained(out).config.attnswap["calibration"]["loss"] == "answers"
-
-
-@pytest.mark.parametrize("extra,needle", [(["--calib-loss", "answers"], "--calib-loss applies only with --exact-heads"),
-                                          (["--exact-heads", 1, "--calib-loss", "some"], "--calib-loss is one of all, answers"),
-                                          (["--exact-heads", 1, "--calib-loss", "answers", "--steps", 2],
-                                           "--calib-loss answers needs calibration rows carrying retrieval")])
-def test_calib_loss_refusals(tiny_dir, tiny_text, tmp_path, extra, needle):
-    out = tmp_path / "o"
-    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), *extra)
-    last = res.output.strip().splitlines()[-1]
-    assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
-    assert not out.exists()
