@@ -11,7 +11,8 @@ They live in the saved config (``config.attnswap["runtime"]``) and can be given 
 - ``compile_decode``: ``off``, ``attn`` (torch.compile of each layer's attention step), ``model``
   (of the whole one-token step; compiles once per batch size);
 - ``prefill_chunk``: tokens per piece when ``generate()`` prefills a long prompt (default 8192 on CUDA,
-  2048 elsewhere: ``classes.default_prefill_chunk``).
+  where a model recurrent in every layer takes prompts up to 32,768 tokens in one pass; 2048 elsewhere:
+  ``classes.default_prefill_chunk``).
 
 The environment variables ``ATTNSWAP_KERNELS``, ``ATTNSWAP_DECODE_GRAPH`` and
 ``ATTNSWAP_COMPILE_DECODE``, when set, override all of these (for benchmarks and debugging).
