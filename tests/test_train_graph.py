@@ -47,6 +47,32 @@ def test_graphed_steps_match_eager_cuda(monkeypatch):
         assert rel < 1e-3, (n, rel)
 
 
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_one_warning_a_stage(monkeypatch, capsys):
+    """The fallback, on any machine: a capture that raises (a host sync inside the step, say) leaves the
+    stage to the eager steps, which then train exactly as with the graph turned off."""
+    from attnswap.distill.train import StepGraph
+
+    eager, s0 = _run("cpu", False, monkeypatch)
+    tries = []
+
+    def refuse(self, ids):
+        tries.append(ids.shape)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraph, "wanted", staticmethod(lambda acc, params: True))
+    monkeypatch.setattr(StepGraph, "_capture", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+    capsys.readouterr()
+    fell_back, s1 = _run("cpu", True, monkeypatch)
+    out = capsys.readouterr()
+    assert len(tries) == 2 and s1.graph_steps == {}  # one try a stage, then eager for good
+    assert (out.out + out.err).count("could not be captured as a CUDA graph") == 2
+    assert s0.losses == s1.losses
+    for (n, a), (_, b) in zip(eager.state_dict().items(), fell_back.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 def test_the_graph_is_the_default_on_one_cuda_device_and_a_bad_value_is_refused(monkeypatch):
     from types import SimpleNamespace
 
