@@ -235,6 +235,8 @@ b14b)    # (3 conversions side by side: drop xliz9p if the device time is short)
   q xlol9a linearize lolcats-x9a 8192 "--exact-heads 9 --calib-loss answers --seq-len 8192 --batch-size 1 --steps 1000"
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
   q xliz9p linearize lizard-x9p 8192 "--attention lizard --exact-heads 9 --exact-heads-by probe --seq-len 8192 --batch-size 1 --steps 1000"
+  # generate()'s peaks with the new CUDA default (one pass up to 32k for fully recurrent models), beside them
+  $L mem14 "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --new-tokens 16 --repeats 2 --label default --json ~/res/mem14.json"
   ;;
 galone1)
   $L galone "ATTNSWAP_TRAIN_GRAPH=1 python quality.py --model $M --convert linearize --out ~/runs/lolcats-graph $EV --json ~/res/galone.json -- --steps 1000 --eval-tokens 8192"
