@@ -284,7 +284,6 @@ class StepGraph:
                 self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:200]
                 for p in self.params:
                     p.grad = None
-                self.graph = None
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()  # what the failed capture's pool held goes back to the eager steps
                 console.print(f"[yellow]warning:[/yellow] the training step could not be captured as a CUDA graph "

@@ -3,7 +3,6 @@ against the original model. The output is a stock transformers checkpoint with f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
@@ -105,15 +104,14 @@ def run(cfg: GqaConfig) -> dict | None:
         report["teacher"] = perplexity(teacher, held, label="teacher perplexity")
     if ood is not None and ld.main:
         report["out_of_domain"] = {"teacher": perplexity(teacher, ood, label="teacher perplexity (out of domain)")}
-    tm = time.perf_counter()
-    stats = None
-    if cfg.grouping == "similarity" or cfg.merge == "aligned" or value_refit:
-        pick = torch.randperm(ld.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-        pick = pick[: cfg.calib_batches * bs]
-        stats = calibrate(net, [ld.train[pick[i : i + bs]] for i in range(0, pick.numel(), bs)])
-        report["calibration_tokens"] = pick.numel() * seq_len
-    info = merge_to_gqa(net, cfg.kv_heads, grouping=cfg.grouping, merge=cfg.merge, stats=stats, refit=value_refit)
-    clock.seconds["merging"] = time.perf_counter() - tm
+    with clock.phase("merging"):
+        stats = None
+        if cfg.grouping == "similarity" or cfg.merge == "aligned" or value_refit:
+            pick = torch.randperm(ld.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+            pick = pick[: cfg.calib_batches * bs]
+            stats = calibrate(net, [ld.train[pick[i : i + bs]] for i in range(0, pick.numel(), bs)])
+            report["calibration_tokens"] = pick.numel() * seq_len
+        info = merge_to_gqa(net, cfg.kv_heads, grouping=cfg.grouping, merge=cfg.merge, stats=stats, refit=value_refit)
     report.update(value_refit=value_refit, merge_seconds=clock.seconds["merging"], groups=info["groups"],
                   expanded_to_mha=info["expanded"],
                   kv_bytes_per_token=report["kv_bytes_per_token"] | {"after": kv_bytes_per_token(net.config, dt)})

@@ -223,8 +223,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
                     "calib_loss": cfg.calib_loss} if n_exact else {}),
                 **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
-    if (n_exact == AUTO or (n_exact and (cfg.exact_heads_by == "probe" or cfg.calib_loss == "answers"))) and ld.main:
-        calibration_mix(ld, cfg, n_exact)  # refused before any evaluation or training
+    calib_rows = calibration_mix(ld, cfg, n_exact) if n_exact else None  # its refusals come before any evaluation
     report: dict = {"model": cfg.model, "attention": cfg.attention, "layers": chosen,
                     "window": swap["options"]["window"],
                     "steps": {"transfer": n_transfer, **({"calibration": n_calib} if n_exact else {}), "lora": n_lora},
@@ -244,7 +243,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
     hint = resume_command(cfg.command, "linearize")
     with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
         if n_exact:
-            net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report)
+            net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report, calib_rows)
         else:
             net, stats = distill(net, mixed, dcfg, shard=shard)
     if not ld.main and not shard:  # the other processes helped train; the main one evaluates and saves
@@ -266,7 +265,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
     return report
 
 
-def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact, n_calib: int, report: dict):
+def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact, n_calib: int, report: dict,
+                       calib_rows):
     """Attention transfer; per-KV-head calibration on retrieval-bearing text; the ``n_exact`` heads with the
     highest alpha stay exact (mixed layers), the others linear (``auto``: the fewest that meet the recall
     floor); then LoRA against the teacher's logits."""
@@ -276,7 +276,7 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     from ..distill.checkpoint import current_run
     from ..distill.train import distill
 
-    share, mix, probe = calibration_mix(ld, cfg, n_exact)
+    share, mix, probe = calib_rows  # calibration_mix
     scores = {}
     if ld.main or cfg.exact_heads_by == "probe":  # which heads retrieve, by the teacher's attention (the report,
         from ..evals.probe import retrieval_probe  # its plot; every process when it ranks the heads)

@@ -168,16 +168,12 @@ def _unpadded_constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev) -> 
     into buffers of its own). Made outside inference mode, so that a later prefill with autograd on
     may use them."""
     with torch.inference_mode(False):
-        return _constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev)
-
-
-def _constants(B, T, W, Sk, n_on, Hk, D, Dv, k_dtype, v_dtype, dev) -> dict:
-    return {"win_rank": torch.arange(T - W, T, device=dev).clamp_min(-1).expand(B, W).contiguous(),
-            "sink_on": (torch.arange(Sk, device=dev) < n_on).expand(B, Sk).contiguous(),
-            "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
-            "sink_k": torch.zeros(B, Sk, Hk, D, dtype=k_dtype, device=dev),
-            "sink_v": torch.zeros(B, Sk, Hk, Dv, dtype=v_dtype, device=dev),
-            "win_g": torch.zeros(B, W, Hk, dtype=torch.float32, device=dev)}
+        return {"win_rank": torch.arange(T - W, T, device=dev).clamp_min(-1).expand(B, W).contiguous(),
+                "sink_on": (torch.arange(Sk, device=dev) < n_on).expand(B, Sk).contiguous(),
+                "n_real": torch.full((B,), T, dtype=torch.long, device=dev),
+                "sink_k": torch.zeros(B, Sk, Hk, D, dtype=k_dtype, device=dev),
+                "sink_v": torch.zeros(B, Sk, Hk, Dv, dtype=v_dtype, device=dev),
+                "win_g": torch.zeros(B, W, Hk, dtype=torch.float32, device=dev)}
 
 
 def hybrid_step(q, k, v, fq, fk, gamma, state: dict, *, window: int, scale: float, sinks: int = 0, eps: float = 1e-6,
