@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv
 from ..linear_attn.chunk import dot_precision, p2
 from .chunk import LOG2E
 
@@ -118,7 +119,7 @@ def plan_splits(S: int, programs: int, device) -> int:
     at least ``min_blocks_per_split`` blocks. One run on CPU (the interpreter)."""
     if device.type != "cuda":
         return 1
-    want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
+    want = cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
     return max(1, min(want, S // TUNING["min_blocks_per_split"]))
 
 
@@ -148,8 +149,8 @@ def triton_block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, *, blo
     bn = bn or min(64, block)
     nsplit = nsplit or plan_splits(S, B * Hg, q.device)
     nsplit = max(1, min(nsplit, S))
-    per = triton.cdiv(S, nsplit)
-    nsplit = triton.cdiv(S, per)
+    per = cdiv(S, nsplit)
+    nsplit = cdiv(S, per)
     o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     direct = nsplit == 1
     pacc = pml = None

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv
 from ..linear_attn.chunk import p2
 
 
@@ -92,7 +93,7 @@ def hedgehog_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     x2, w, b, out, native = _prepare(x, weight, bias, out_dtype)
     (N, H, D), F = x2.shape, w.shape[-1]
     if N:
-        _hedgehog_fwd_kernel[(triton.cdiv(N, _ROWS), H)](
+        _hedgehog_fwd_kernel[(cdiv(N, _ROWS), H)](
             x2, w, b, out, N, H, x2.stride(0), x2.stride(1), D=D, F=F, BT=_ROWS, BD=p2(D), BF=p2(F), NATIVE=native,
             num_warps=4,
         )
@@ -116,7 +117,7 @@ def hedgehog_pair_forward(xa, wa, ba, da, xb, wb, bb, db):
     xb2, wb2, bb2, ob, _ = _prepare(xb, wb, bb, db)
     (N, Ha, D), Hb, F = xa2.shape, xb2.shape[1], wa2.shape[-1]
     if N:
-        _hedgehog_pair_kernel[(triton.cdiv(N, _ROWS), Ha + Hb)](
+        _hedgehog_pair_kernel[(cdiv(N, _ROWS), Ha + Hb)](
             xa2, wa2, ba2, oa, Ha, xa2.stride(0), xa2.stride(1), xb2, wb2, bb2, ob, Hb, xb2.stride(0), xb2.stride(1),
             N, D=D, F=F, BT=_ROWS, BD=p2(D), BF=p2(F), NATIVE=native, num_warps=4,
         )

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..gated_attn.torch_chunk import time_cumsum
+from ..host import cdiv, next_pow2
 from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
                                  TUNING, launch_fitting, plan_segments, segment_states)
 from .step_torch import owned
@@ -302,13 +303,13 @@ def needs_grad(*xs) -> bool:
 
 
 def _nkb(window: int, C: int) -> int:
-    return triton.cdiv(window + C - 1, C)
+    return cdiv(window + C - 1, C)
 
 
 def _sink_tile(sinks: int) -> int:
     """Size of the extra key tile that holds the sink tokens (0: none). At least 32: a 16-wide tile
     (the smallest tl.dot takes) gave illegal memory accesses with head dim 128 on the H100 (Triton 3.6)."""
-    return 0 if sinks <= 0 else max(TUNING.get("sink_tile_min", 32), triton.next_power_of_2(sinks))
+    return 0 if sinks <= 0 else max(TUNING.get("sink_tile_min", 32), next_pow2(sinks))
 
 
 def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, chunk_size=64, save=True,
@@ -333,7 +334,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     while BV > 16 and use_linear and p2(F) * BV > TUNING["state_elems"]:
         BV //= 2
     split = q.dtype != torch.float32 and (split is None or bool(split))
-    nch, nseg = plan_segments(T, C, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
+    nch, nseg = plan_segments(T, C, cdiv(Dv, BV) * B * H, segment_chunks, q.device)
     Sl = zl = None
     if initial_state is not None and (Gc is not None or not use_linear):
         raise ValueError("hy_forward: an initial state needs the ungated linear branch")
@@ -345,7 +346,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     warps = TUNING.get("hybrid_warps") or (8 if use_linear else 4)
 
     def launch(bv, stages):
-        _hy_fwd_kernel[(triton.cdiv(Dv, bv), B * H, nseg)](
+        _hy_fwd_kernel[(cdiv(Dv, bv), B * H, nseg)](
             q, k, v, fq, fk, gamma, Gc, o, den, m, arg,
             T, H, Hk, H // Hk, window, scale, eps, sinks, Sl, zl, nch,
             D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=bv, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
@@ -384,14 +385,14 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     key = (q.dtype, D, Dv, window, C, sinks > 0, dsplit)
 
     def dq_launch(stages):
-        _hy_bwd_dq_kernel[(triton.cdiv(T, C), B * H)](
+        _hy_bwd_dq_kernel[(cdiv(T, C), B * H)](
             q, k, v, do, rden, dden, gamma, m, arg, dq, dp, T, H, Hk, H // Hk, window, scale, sinks,
             D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
             num_warps=dq_warps, num_stages=stages,
         )
 
     def dkv_launch(stages):
-        _hy_bwd_dkv_kernel[(triton.cdiv(T, C), B * Hk)](
+        _hy_bwd_dkv_kernel[(cdiv(T, C), B * Hk)](
             q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
             D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
             num_warps=8, num_stages=stages,
@@ -459,9 +460,13 @@ def triton_hybrid_attn(
         fq, fk = fq.contiguous(), fk.contiguous()
     else:
         fq = fk = None
-    return _HybridAttnFn.apply(q, k, v, fq, fk, gamma.contiguous(), int(window), float(scale),
-                               bool(use_linear), float(eps), int(chunk_size), int(sinks),
-                               needs_grad(q, k, v, fq, fk, gamma), segment_chunks)
+    gamma = gamma.contiguous()
+    if not needs_grad(q, k, v, fq, fk, gamma):  # inference: what the Function's forward runs, without its dispatch
+        return hy_forward(q, k, v, fq, fk, gamma, None, window=int(window), scale=float(scale),
+                          use_linear=bool(use_linear), eps=float(eps), chunk_size=int(chunk_size), sinks=int(sinks),
+                          split=False, segment_chunks=segment_chunks, save=False)[0]
+    return _HybridAttnFn.apply(q, k, v, fq, fk, gamma, int(window), float(scale),
+                               bool(use_linear), float(eps), int(chunk_size), int(sinks), True, segment_chunks)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv
 from ..linear_attn.chunk import p2
 
 
@@ -112,7 +113,7 @@ def fused_recurrent_hybrid_step(q, k, v, fq, fk, gamma, cache: dict, *, scale: f
         cache["k"], cache["v"], cache.get("fk") if use_linear else None, cache.get("g"),
         cache["S"], cache["z"], o,
         int(cache["pos"]), Hk, H // Hk, W, float(scale), float(eps),
-        D=D, F=F, DV=Dv, BW=p2(W, 1), BD=p2(D), BF=BF, BV=BV, NVB=triton.cdiv(Dv, BV),
+        D=D, F=F, DV=Dv, BW=p2(W, 1), BD=p2(D), BF=BF, BV=BV, NVB=cdiv(Dv, BV),
         USE_LIN=use_linear, GATED=g is not None, num_warps=4,
     )
     cache["pos"] = int(cache["pos"]) + 1

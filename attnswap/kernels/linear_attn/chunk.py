@@ -24,9 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv, next_pow2
+
 
 def p2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, next_pow2(int(n)))
 
 
 def dot_precision(x: torch.Tensor) -> str:
@@ -521,15 +523,15 @@ def plan_segments(T: int, C: int, programs: int, segment_chunks: int | None, dev
     (one head and value block each) a long sequence leaves most of the GPU idle; splitting it into
     segments that start from precomputed states gives every SM several programs. ``segment_chunks``
     forces the split (tests); on CPU the default is one segment."""
-    N = triton.cdiv(T, C)
+    N = cdiv(T, C)
     if segment_chunks is None:
         if device.type != "cuda":
             return N, 1
-        want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
+        want = cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
         nseg = max(1, min(want, N // TUNING["min_segment_chunks"]))
-        segment_chunks = triton.cdiv(N, nseg)
+        segment_chunks = cdiv(N, nseg)
     nch = max(1, min(int(segment_chunks), N))
-    return nch, triton.cdiv(N, nch)
+    return nch, cdiv(N, nch)
 
 
 def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state=None, final=None, split=False):
@@ -540,7 +542,7 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
     Sl = torch.empty(B, Hk, nseg, F, Dv, device=k.device, dtype=torch.float32)
     zl = torch.empty(B, Hk, nseg, F, device=k.device, dtype=torch.float32)
     BK, BV = min(p2(F), 64), min(p2(Dv), 64)
-    nblk = triton.cdiv(F, BK) * triton.cdiv(Dv, BV)
+    nblk = cdiv(F, BK) * cdiv(Dv, BV)
     _seg_state_kernel[(nblk, nseg, B * Hk)](
         k, v, Gc, Sl, zl, T, Hk, lag, sinks, nch,
         F=F, DV=Dv, BK=BK, BV=BV, C=chunk_size, GATED=Gc is not None, PREC=dot_precision(k), SPLIT=split,
@@ -571,13 +573,13 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
         S0, z0 = (x.float().contiguous() for x in initial_state)
     BV = _fwd_blocks(B, H, F, Dv)
     BF = p2(F)
-    nch, nseg = plan_segments(T, chunk_size, triton.cdiv(Dv, BV) * B * H, segment_chunks, q.device)
+    nch, nseg = plan_segments(T, chunk_size, cdiv(Dv, BV) * B * H, segment_chunks, q.device)
     if nseg > 1:  # segment states first, then every segment runs in parallel from its own state
         S0, z0 = segment_states(k, v, Gc, lag=lag, sinks=0, chunk_size=chunk_size, nch=nch, nseg=nseg,
                                 initial_state=(S0, z0) if S0 is not None else None, final=final, split=False)
 
     def launch(bv, stages):
-        _la_fwd_kernel[(triton.cdiv(Dv, bv), B * H, nseg)](
+        _la_fwd_kernel[(cdiv(Dv, bv), B * H, nseg)](
             q, k, v, o, den, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
             T, H, Hk, H // Hk, lag, eps, nch,
             F=F, DV=Dv, BF=BF, BV=bv, C=chunk_size, NORM=normalize, GATED=Gc is not None,
@@ -613,18 +615,18 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     BF, BDV = p2(F), p2(Dv)
     BFB = min(BF, 64)
     nw = 8 if BFB * BDV >= 64 * 128 else 4
-    _la_bwd_dq_kernel[(triton.cdiv(F, BFB), B * H)](
+    _la_bwd_dq_kernel[(cdiv(F, BFB), B * H)](
         do, rden, dden, k, v, dq, Gc, S0, z0, T, H, Hk, G, lag,
         F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, HAS_INIT=S0 is not None,
         PREC=prec, num_warps=nw, num_stages=2,
     )
-    _la_bwd_dk_kernel[(triton.cdiv(F, BFB), B * Hk)](
+    _la_bwd_dk_kernel[(cdiv(F, BFB), B * Hk)](
         q, do, rden, dden, v, dk, Gc, T, H, Hk, G, lag,
         F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
         num_warps=nw, num_stages=2,
     )
     BVB = min(BDV, 32 if BF > 128 else 64)
-    _la_bwd_dv_kernel[(triton.cdiv(Dv, BVB), B * Hk)](
+    _la_bwd_dv_kernel[(cdiv(Dv, BVB), B * Hk)](
         q, k, do, rden, dv, Gc, T, H, Hk, G, lag,
         F=F, DV=Dv, BF=BF, BVB=BVB, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
         num_warps=8 if BF * BVB >= 128 * 64 else 4, num_stages=2,

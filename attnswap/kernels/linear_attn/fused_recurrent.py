@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv
 from .chunk import p2
 
 
@@ -74,7 +75,7 @@ def fused_recurrent_linear_step(
     _la_step_kernel[(B * Hk,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else None,
         S, z, o, Hk, H // Hk, eps,
-        F=F, DV=Dv, BF=BF, BV=BV, NVB=triton.cdiv(Dv, BV), NORM=normalize, GATED=g is not None,
+        F=F, DV=Dv, BF=BF, BV=BV, NVB=cdiv(Dv, BV), NORM=normalize, GATED=g is not None,
         num_warps=4,
     )
     return o, (S, z)

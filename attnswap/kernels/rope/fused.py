@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv, next_pow2
+
 
 @triton.jit
 def _rotate(x, rows, T, h, sxn, sxh, cs, sn, scb, sct, m, rd, D2: tl.constexpr, BWD: tl.constexpr):
@@ -70,9 +72,9 @@ def rope_launch(q, k, cos, sin, backward: bool = False):
     ok = torch.empty(B, T, Hk, D, device=k.device, dtype=k.dtype)
     N, BT = B * T, 32
     if N:
-        _rope_kernel[(triton.cdiv(N, BT), H + Hk)](
+        _rope_kernel[(cdiv(N, BT), H + Hk)](
             q2, k2, oq, ok, cs, sn, N, T, H, Hk, q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1),
-            cs.stride(0), cs.stride(1), D2=D // 2, BD2=max(16, triton.next_power_of_2(D // 2)), BT=BT, BWD=backward,
+            cs.stride(0), cs.stride(1), D2=D // 2, BD2=max(16, next_pow2(D // 2)), BT=BT, BWD=backward,
             num_warps=4,
         )
     return oq, ok
