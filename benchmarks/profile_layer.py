@@ -236,7 +236,14 @@ def main():
                     help="piece size of the chunked prefill (generate()'s default prefill_chunk); lengths above it are also timed that way")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sum-split-from", type=int, default=None,
+                    help="linear keys from which a prefill's state sums run in pieces (hybrid_attn/step_torch.py: "
+                         "SUM_SPLIT_FROM); a large value turns the split off, for a same-run comparison")
     a = ap.parse_args()
+    if a.sum_split_from is not None:
+        from attnswap.kernels.hybrid_attn import step_torch
+
+        step_torch.SUM_SPLIT_FROM = a.sum_split_from
     if a.stub_launches and not a.syncs:
         raise SystemExit("--stub-launches only counts (--syncs): its kernels compute nothing")
     dev = loading.pick_device(a.device)

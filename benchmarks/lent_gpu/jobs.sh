@@ -217,6 +217,23 @@ thirteenth) # twelfth in one budget: the bf16 tests and the training step eager 
     $J b12; echo done > ~/res/thirteenth.rc" > ~/res/thirteenth.log 2>&1 &
   echo "thirteenth chain launched"
   ;;
+fifteenth) # for the next session (fourteenth lost two machines): the launch cost and the prefill after the host-side
+         # launch changes (1ae634c), with the state sums' split on and off at 32k (same run), alone, in the call; then
+         # detached: the graphed conversion alone on rows of 8 x 1,024 (issue 17's 3 minutes), then lolcats with
+         # 9 heads calibrated on the answers beside loza at 1000 steps (~13 minutes with their suites)
+  mkdir -p ~/res
+  $J launch14; $W launch14; $J prof15; $W prof15
+  setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
+  : > ~/res/galone8.log; echo "fifteenth chain launched"
+  ;;
+prof15)
+  $L prof15 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof15.json && python profile_layer.py --model $M --methods lolcats,lizard --lengths 32768 --repeats 5 --chunk 65536 --sum-split-from 1000000000 --json ~/res/prof15nosplit.json"
+  ;;
+b15)
+  q xlol9a linearize lolcats-x9a 8192 "--exact-heads 9 --calib-loss answers --seq-len 8192 --batch-size 1 --steps 1000"
+  q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  $L mem14 "python generation.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --new-tokens 16 --repeats 2 --label default --json ~/res/mem14.json"
+  ;;
 fourteenth) # the launch cost and the prefill re-timed after the host-side launch changes, alone (in the call); then,
          # detached, the graphed conversion alone on issue 17's rows of 8 x 1,024 (its 3 minutes, phases itemised),
          # then issue 16's open rows side by side: lolcats with 9 heads calibrated on the answers, loza at 1000 steps
