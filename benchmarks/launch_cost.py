@@ -12,14 +12,18 @@ when calls are issued back to back on tiny inputs (so the device is never what w
   SmolLM2's head shape (9 query heads, 3 KV heads, head dim 64, window 256 + 4 sinks) with ``--tokens``
   tokens (``hybrid-seg`` one segment a 64-token chunk, so ``--tokens`` of 128 or more).
 
-CUDA only: on a CPU the Triton interpreter runs instead of a launch, which says nothing of this.
+On CUDA it times real launches. ``--stub-launches`` (no GPU needed) replaces every Triton launch with a
+no-op and runs on CPU tensors, so what is left is our wrappers' own Python (shape checks, grids, block
+sizes, allocations): the part of a launch this project's code decides.
 
-    python benchmarks/launch_cost.py --tokens 512 --calls 200 --repeats 7
+    python benchmarks/launch_cost.py --tokens 512 --calls 200 --repeats 7     # CUDA
+    python benchmarks/launch_cost.py --stub-launches --calls 500              # the wrappers alone, CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,25 +33,38 @@ import torch.nn.functional as F_
 from _common import commit
 
 
-def _host_and_device(fn, calls: int, repeats: int) -> tuple[float, float]:
-    """(host us per call, device us per call), medians over ``repeats`` loops of ``calls`` calls."""
+def _host_and_device(fn, calls: int, repeats: int, cuda: bool) -> tuple[float, float]:
+    """(host us per call, device us per call; nan without CUDA), medians over ``repeats`` loops of
+    ``calls`` calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     host, dev = [], []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync()
+            start.record()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         t1 = time.perf_counter()
-        end.record()
-        torch.cuda.synchronize()
         host.append((t1 - t0) / calls * 1e6)
-        dev.append(start.elapsed_time(end) / calls * 1e3)
-    return statistics.median(host), statistics.median(dev)
+        if cuda:
+            end.record()
+            sync()
+            dev.append(start.elapsed_time(end) / calls * 1e3)
+    return statistics.median(host), statistics.median(dev) if dev else float("nan")
+
+
+def _stub_launches() -> None:
+    """Every Triton launch does nothing from here on (the interpreter's too)."""
+    from triton.runtime import autotuner, interpreter, jit
+
+    for cls in (jit.JITFunction, autotuner.Autotuner, getattr(interpreter, "InterpretedFunction", None)):
+        if cls is not None and hasattr(cls, "run"):
+            cls.run = lambda self, *args, **kwargs: None
 
 
 def main() -> None:
@@ -55,16 +72,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--stub-launches", action="store_true", help="CPU tensors, every Triton launch a no-op")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("launch_cost.py: needs a CUDA device (on a CPU the Triton interpreter runs, not a launch)")
+    if a.stub_launches:
+        os.environ["TRITON_INTERPRET"] = "1"  # kernels defined from here on are the interpreter's, then stubbed
+        _stub_launches()
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        raise SystemExit("launch_cost.py: needs a CUDA device (on a CPU the Triton interpreter runs, not a launch); "
+                         "--stub-launches times the wrappers alone")
     from attnswap.kernels.feature_map.fused import triton_hedgehog_pair
     from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
     from attnswap.kernels.rope.fused import triton_rope
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev, dt = torch.device("cpu" if a.stub_launches else "cuda"), torch.bfloat16
     T, H, Hk, D, F = a.tokens, 9, 3, 64, 64
     g = torch.Generator(device=dev).manual_seed(0)
+    cuda = dev.type == "cuda"
 
     def rnd(*shape):
         return torch.randn(*shape, device=dev, dtype=dt, generator=g)
@@ -85,12 +109,12 @@ def main() -> None:
         "hybrid-seg": lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D ** -0.5, sinks=4,
                                                  segment_chunks=1),
     }
-    print(f"device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, commit {commit()}, "
-          f"tokens {T}, {a.calls} calls x {a.repeats}")
+    where = torch.cuda.get_device_name(dev) if cuda else "cpu, launches stubbed"
+    print(f"device {where}, torch {torch.__version__}, commit {commit()}, tokens {T}, {a.calls} calls x {a.repeats}")
     print(f"{'entry':16s} {'host us/call':>13s} {'device us/call':>15s}")
     with torch.no_grad():
         for name, fn in cases.items():
-            h, d = _host_and_device(fn, a.calls, a.repeats)
+            h, d = _host_and_device(fn, a.calls, a.repeats, cuda)
             print(f"{name:16s} {h:13.1f} {d:15.1f}", flush=True)
 
 
