@@ -222,12 +222,15 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
          # detached: the graphed conversion alone on rows of 8 x 1,024 (issue 17's 3 minutes), then lolcats with
          # 9 heads calibrated on the answers beside loza at 1000 steps (~13 minutes with their suites)
   mkdir -p ~/res
-  $J launch14; $W launch14; $J prof15; $W prof15
+  $J launch14; $W launch14; $J prof15; $W prof15; $J trace15; $W trace15
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
 prof15)
   $L prof15 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof15.json && python profile_layer.py --model $M --methods lolcats,lizard --lengths 32768 --repeats 5 --chunk 65536 --sum-split-from 1000000000 --json ~/res/prof15nosplit.json"
+  ;;
+trace15) # the prefill's and the cache-less forward's top operators at 2k (lolcats pays 26 ms more for the cache at 7f2d365)
+  $L trace15 "python profile_layer.py --model $M --methods teacher,lolcats --lengths 2048 --repeats 3 --trace --trace-dir ~/res/traces"
   ;;
 b15)
   q xlol9a linearize lolcats-x9a 8192 "--exact-heads 9 --calib-loss answers --seq-len 8192 --batch-size 1 --steps 1000"
