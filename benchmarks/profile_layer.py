@@ -21,6 +21,9 @@ with default options) and each length L:
 - ``prefill host ms``: the same prefill timed to the return of the call, before the device has
   finished (it was idle at the start): the time the host takes to issue the work; close to ``prefill
   ms`` means the host bounds the prefill;
+- a second table sets the host against the device, one attention layer and the whole model, each
+  without a cache and into a fresh one (``layer prefill``: the module's output and, for a conversion,
+  its decoding state): ``host`` is the time to the call's return with the device idle at the start;
 - with ``--pyprof``, Python's cProfile of one prefill (after the timing runs): the functions that take
   the host's time, by self time and by cumulative time (cProfile slows every Python call, so read the
   shares, not the times);
@@ -136,6 +139,10 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
         with torch.no_grad():
             attn(h, position_embeddings=pe, attention_mask=None)
 
+    def layer_prefill():  # the same module into a fresh cache: for a conversion, output and decoding state
+        with torch.no_grad():
+            attn(h, position_embeddings=pe, attention_mask=None, use_cache=True, **cache_kwargs(new_cache(model.config)))
+
     def fwd_bwd():
         out = attn(hg, position_embeddings=pe, attention_mask=None)[0]
         out.float().square().mean().backward()
@@ -173,6 +180,10 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
                "layer_fwd_bwd_ms": _timed(fwd_bwd, dev, repeats), "model_fwd_ms": _timed(whole, dev, repeats),
                "model_prefill_ms": _timed(prefill, dev, repeats)}
         row["prefill_host_ms"] = _issue_ms(prefill, dev, repeats)
+        row["model_fwd_host_ms"] = _issue_ms(whole, dev, repeats)
+        row["layer_prefill_ms"] = _timed(layer_prefill, dev, repeats)
+        row["layer_fwd_host_ms"] = _issue_ms(fwd, dev, repeats)
+        row["layer_prefill_host_ms"] = _issue_ms(layer_prefill, dev, repeats)
         if L > chunk:
             row["chunked_prefill_ms"] = _timed(chunked, dev, repeats)
             # the same last-token logits both ways (another code path computes the later pieces)
@@ -294,6 +305,7 @@ def main():
                   f"{cell('chunked_prefill') if 'chunked_prefill' in c else '-':>16s} {c['model_fwd']['aten_ops'] / nl:16.1f}")
     else:
         _timing_table(rows)
+        _host_table(rows)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
@@ -320,6 +332,19 @@ def _timing_table(rows):
               f" {r.get('prefill_host_ms', float('nan')):8.2f} {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
               + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else "")
               + (f" {_agree(r['chunked_vs_one_pass']):>19s}" if "chunked_vs_one_pass" in r else ""))
+
+
+def _host_table(rows):
+    """Host against device, with and without a cache: where a prefill's extra time comes from."""
+    rows = [r for r in rows if "layer_prefill_ms" in r]
+    if not rows:
+        return
+    print(f"\n{'method':10s} {'L':>6s} {'layer fwd ms':>13s} {'host':>7s} {'layer prefill ms':>17s} {'host':>7s}"
+          f" {'model fwd ms':>13s} {'host':>7s} {'prefill ms':>11s} {'host':>7s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['L']:6d} {r['layer_fwd_ms']:13.3f} {r['layer_fwd_host_ms']:7.3f}"
+              f" {r['layer_prefill_ms']:17.3f} {r['layer_prefill_host_ms']:7.3f} {r['model_fwd_ms']:13.2f}"
+              f" {r['model_fwd_host_ms']:7.2f} {r['model_prefill_ms']:11.2f} {r['prefill_host_ms']:7.2f}")
 
 
 def _agree(c: dict) -> str:
