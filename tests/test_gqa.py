@@ -155,6 +155,58 @@ def test_value_refit_brings_the_merge_closer(merge):
     assert errs[1] < 0.9 * errs[0], errs
 
 
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_subspace_values_keep_identical_heads_exact(kv):
+    """Heads of a group that are copies (in keys and values) merge without loss: the subspace merge
+    reproduces the logits, as pooling copies must."""
+    m = tiny_model("llama", seed=6, **MHA).double()
+    g = gqa.Geometry.of(m.config)
+    size = g.kv_heads // kv
+    for layer in m.model.layers:
+        for name in ("k_proj", "v_proj"):
+            w = getattr(layer.self_attn, name).weight.data.view(kv, size, g.head_dim, -1)
+            w[:] = w[:, :1]
+    ids = _ids(4, 64)
+    ref = m(ids).logits
+    mm = copy.deepcopy(m)
+    gqa.merge_to_gqa(mm, kv, merge="subspace", grouping="adjacent", stats=gqa.calibrate(m, [ids]))
+    torch.testing.assert_close(mm(ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def _value_output_error(model, merged, ids) -> float:
+    """sum over query heads h and tokens of |W_o,h v_a(h) - W'_o,h v'_h|^2 in the first layer, whose
+    inputs the merge does not change: the loss ``subspace_values`` minimises (for one layer)."""
+    a, b = model.model.layers[0].self_attn, merged.model.layers[0].self_attn
+    x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+    d = a.head_dim
+    h = a.q_proj.weight.shape[0] // d
+    v, vn = a.v_proj(x).unflatten(-1, (-1, d)), b.v_proj(x).unflatten(-1, (-1, d))
+    wo, wn = a.o_proj.weight.unflatten(-1, (h, d)), b.o_proj.weight.unflatten(-1, (h, d))
+    err = 0.0
+    for q in range(h):
+        y = v[:, :, q // (h // v.shape[2])] @ wo[:, q].T
+        yn = vn[:, :, q // (h // vn.shape[2])] @ wn[:, q].T
+        err += (y - yn).pow(2).sum().item()
+    return err
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_subspace_values_minimise_the_value_output_error(kv):
+    """On random tiny MHA Llamas, what the query heads write from their values (first layer, on the
+    calibration tokens) is closer to the original after the subspace merge than after the aligned
+    average with its least-squares read-out, which is one of the merges it chooses among."""
+    ids = _ids(4, 64)
+    for seed in (3, 4):
+        m = tiny_model("llama", seed=seed, **MHA).double()
+        stats = gqa.calibrate(m, [ids])
+        errs = {}
+        for merge, kw in (("subspace", {}), ("aligned", {"refit": True})):
+            mm = copy.deepcopy(m)
+            gqa.merge_to_gqa(mm, kv, merge=merge, grouping="adjacent", stats=stats, **kw)
+            errs[merge] = _value_output_error(m, mm, ids)
+        assert errs["subspace"] < errs["aligned"], (seed, errs)
+
+
 def test_qwen3_mean_only():
     from attnswap.errors import AttnSwapError
 
@@ -203,6 +255,7 @@ def _refused(res, out, needle):
     (["--kv-heads", 2, "--grouping", "random"], "unknown --grouping 'random'"),
     (["--kv-heads", 2, "--merge", "max"], "unknown --merge 'max'"),
     (["--kv-heads", 2, "--train", "everything"], "unknown --train 'everything'"),
+    (["--kv-heads", 2, "--merge", "subspace", "--value-refit"], "--value-refit does not apply to --merge subspace"),
     (["--kv-heads", 2, "--seq-len", 4096], "beyond the model's maximum of 512"),
 ])
 def test_bad_inputs(mha_dir, tiny_text, tmp_path, extra, needle):

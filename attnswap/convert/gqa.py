@@ -17,6 +17,8 @@ A layer with H query heads and K key/value heads becomes one with G < K key/valu
 5. *Pool*: the K/V projections (weights and biases) of each group are averaged. Optionally
    (``refit``, on by default with aligned merging) each head's value read-out is refitted to the
    pooled values by least squares, M_a = E[v_a vbar^T] E[vbar vbar^T]^-1, folded into o_proj.
+   ``subspace`` merging aligns and pools the keys the same way, but gives each group the D-dimensional
+   value that best preserves what its query heads write through o_proj (``subspace_values``).
 
 Steps 3 and 4 do not change the model's function (tests check the logits); step 5 is the only lossy
 one. When G does not divide K, every layer is first expanded to one KV head per query head (a copy,
@@ -34,7 +36,7 @@ from ..errors import AttnSwapError
 from .architectures import family_of
 
 GROUPINGS = ("similarity", "adjacent")
-MERGES = ("aligned", "mean")
+MERGES = ("aligned", "mean", "subspace")
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,14 @@ def check_request(config, kv_heads: int, grouping: str = "similarity", merge: st
         raise AttnSwapError(f"--kv-heads {kv_heads} must divide the number of query heads ({g.heads})")
     if kv_heads >= g.kv_heads:
         raise AttnSwapError(f"--kv-heads {kv_heads} must be smaller than the model's current {g.kv_heads} key/value heads")
-    if merge == "aligned":
+    if merge in ("aligned", "subspace"):
         if _has_qk_norm(config):
-            raise AttnSwapError("--merge aligned does not support per-head q/k norms (qwen3): their weights do not commute "
+            raise AttnSwapError(f"--merge {merge} does not support per-head q/k norms (qwen3): their weights do not commute "
                                 "with the key rotations; use --merge mean")
         rope = getattr(config, "rope_parameters", None) or {}
         partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
         if partial not in (None, 1, 1.0) or g.head_dim % 2:
-            raise AttnSwapError("--merge aligned needs RoPE over the whole (even) head dim; use --merge mean")
+            raise AttnSwapError(f"--merge {merge} needs RoPE over the whole (even) head dim; use --merge mean")
     return g
 
 
@@ -340,6 +342,59 @@ def refit_value_readout(attn, head_dim: int, cv: torch.Tensor, groups: list[list
     _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), attn.o_proj.bias)
 
 
+def subspace_values(attn, head_dim: int, cv: torch.Tensor, groups: list[list[int]]) -> None:
+    """Replace each group's values by the D-dimensional linear function of them that best preserves
+    what the group's query heads write, in place of their (aligned) average; ``pool_heads`` then
+    keeps it (every member of the group is given the same value projection).
+
+    For a group with values v_a stacked into z (m*D), a merged value v' = P^T z and per-head
+    read-outs M_a (folded into o_proj), the loss is sum_h E|W_o,h (v_a(h) - M_a(h) v')|^2 over the
+    query heads h, W_o,h head h's o_proj columns and a(h) the KV head it reads: exact for heads that
+    attend alike, and the part of the merge error the values control. With S = E[z z^T] (from the
+    calibration moments) and S_a = E[v_a z^T] the best read-out is M_a = S_a P (P^T S P)^-1, and the
+    best P spans the top D generalised eigenvectors of (B, S), B = sum_a S_a^T G_a S_a with
+    G_a = sum_{h reads a} W_o,h^T W_o,h. The aligned average is one such P, so on this loss the
+    subspace is never worse. Values only: keys pass through RoPE, and their merge stays ``aligned``."""
+    wv, bv = _heads(attn.v_proj, head_dim)
+    dt = torch.float64
+    h = attn.q_proj.weight.shape[0] // head_dim
+    u = wv.shape[0]
+    src = torch.arange(h, device=cv.device) // (h // u)  # the KV head each query head reads
+    wo = attn.o_proj.weight.detach().to(dt).reshape(attn.o_proj.weight.shape[0], h, head_dim)
+    cv = cv.to(wo.device, dt)
+    new_wv, new_bv = wv.clone(), None if bv is None else bv.clone()
+    maps = torch.zeros(h, head_dim, head_dim, dtype=dt, device=wo.device)
+    for grp in groups:
+        m = len(grp)
+        S = torch.cat([torch.cat([cv[a, b] for b in grp], 1) for a in grp], 0)  # (mD, mD)
+        S = 0.5 * (S + S.T)
+        S = S + 1e-6 * S.diagonal().mean() * torch.eye(m * head_dim, dtype=dt, device=S.device)
+        B = torch.zeros_like(S)
+        for i, a in enumerate(grp):
+            Sa = S[i * head_dim:(i + 1) * head_dim]  # E[v_a z^T] (D, mD)
+            wa = wo[:, src == a]  # (hidden, n_a, D): the o_proj columns of the heads reading a
+            Ga = torch.einsum("ond,one->de", wa, wa)
+            B = B + Sa.T @ Ga @ Sa
+        # generalised symmetric eigenproblem B p = lambda S p through S^-1/2
+        ev, U = torch.linalg.eigh(S)
+        Sih = U @ torch.diag(ev.clamp_min(ev.max() * 1e-12).rsqrt()) @ U.T
+        lam, V = torch.linalg.eigh(Sih @ B @ Sih)
+        P = Sih @ V[:, -head_dim:]  # (mD, D), the top D directions
+        PSP = P.T @ S @ P
+        wz = torch.cat([wv[a].to(dt) for a in grp], 0)  # (mD, in)
+        w_new = (P.T @ wz).to(wv.dtype)
+        b_new = None if bv is None else (P.T @ torch.cat([bv[a].to(dt) for a in grp], 0)).to(bv.dtype)
+        for i, a in enumerate(grp):
+            new_wv[a] = w_new
+            if new_bv is not None:
+                new_bv[a] = b_new
+            Ma = torch.linalg.solve(PSP, (S[i * head_dim:(i + 1) * head_dim] @ P).T).T  # S_a P (P^T S P)^-1
+            maps[src == a] = Ma
+    _set_linear(attn, "v_proj", *_flat(new_wv, new_bv))
+    wo = torch.einsum("ohi,hij->ohj", wo, maps).to(_work_dtype(attn.o_proj.weight))
+    _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), attn.o_proj.bias)
+
+
 def permute_heads(attn, head_dim: int, order: list[int]) -> None:
     """Reorder the KV heads as ``order`` and the query heads with them (same function)."""
     wk, bk = _heads(attn.k_proj, head_dim)
@@ -378,8 +433,8 @@ def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: s
     aligned. ``refit``: also fit each head's value read-out to the pooled values (least squares).
     Returns {"groups": per layer the groups of (original, or expanded) KV heads, "expanded": bool}."""
     g = check_request(model.config, kv_heads, grouping, merge)
-    if stats is None and (grouping == "similarity" or merge == "aligned" or refit):
-        raise ValueError("similarity grouping, aligned merging and refit need calibration stats")
+    if stats is None and (grouping == "similarity" or merge != "mean" or refit):
+        raise ValueError("similarity grouping, aligned and subspace merging and refit need calibration stats")
     expand = g.kv_heads % kv_heads != 0
     n_rep = g.heads // g.kv_heads
     info = {"groups": [], "expanded": expand, "within_cost": []}
@@ -394,20 +449,24 @@ def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: s
         if expand:
             expand_to_mha(attn, g)
         u = g.heads if expand else g.kv_heads
-        cost = pair_costs(st, merge == "aligned") if st is not None else None
+        cost = pair_costs(st, merge != "mean") if st is not None else None
         groups = balanced_groups(cost, kv_heads) if grouping == "similarity" else adjacent_groups(u, kv_heads)
         info["groups"].append(groups)
         if cost is not None:
             info["within_cost"].append(sum(_within(cost, grp) for grp in groups))
-        if merge == "aligned":
+        if merge in ("aligned", "subspace"):
             rk = torch.empty(u, g.head_dim, g.head_dim, dtype=torch.float64, device=st["k"].device)
-            rv = torch.empty_like(rk)
+            rv = torch.empty_like(rk) if merge == "aligned" else None
             for grp in groups:
                 for kind, out, rot in (("k", rk, "rope"), ("v", rv, "full")):
+                    if out is None:
+                        continue
                     for a, r in align_group(st[kind], grp, rot).items():
                         out[a] = r
             rotate_heads(attn, g.head_dim, rk, rv)
-        if refit and pool:
+        if merge == "subspace" and pool:
+            subspace_values(attn, g.head_dim, st["v"], groups)
+        elif refit and pool:
             refit_value_readout(attn, g.head_dim, st["v"], groups, rv if merge == "aligned" else None)
         permute_heads(attn, g.head_dim, [a for grp in groups for a in grp])
         if pool:

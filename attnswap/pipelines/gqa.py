@@ -42,6 +42,8 @@ def check(cfg: GqaConfig) -> None:
     if cfg.train not in ("lora", "none", *FULL_TRAIN):
         raise AttnSwapError(f"unknown --train {cfg.train!r}; choose from lora, kv, attn, all, none")
     check_retrieval_mix(cfg.retrieval_mix)
+    if cfg.merge == "subspace" and cfg.value_refit:
+        raise AttnSwapError("--value-refit does not apply to --merge subspace: it fits its own value read-outs")
     if cfg.train == "none":
         refuse_given(cfg, TRAINING, "--train none (nothing is trained)")
     elif cfg.train != "lora":
@@ -106,7 +108,7 @@ def run(cfg: GqaConfig) -> dict | None:
         report["out_of_domain"] = {"teacher": perplexity(teacher, ood, label="teacher perplexity (out of domain)")}
     with clock.phase("merging"):
         stats = None
-        if cfg.grouping == "similarity" or cfg.merge == "aligned" or value_refit:
+        if cfg.grouping == "similarity" or cfg.merge != "mean" or value_refit:
             pick = torch.randperm(ld.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
             pick = pick[: cfg.calib_batches * bs]
             stats = calibrate(net, [ld.train[pick[i : i + bs]] for i in range(0, pick.numel(), bs)])
