@@ -229,6 +229,10 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
 prof15)
   $L prof15 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof15.json && python profile_layer.py --model $M --methods lolcats,lizard --lengths 32768 --repeats 5 --chunk 65536 --sum-split-from 1000000000 --json ~/res/prof15nosplit.json"
   ;;
+b15gqa)  # (not in the chain: the session after, or in place of loza1k) issue 14's GQA with the value subspace, against
+         # aligned's 1.778x out of domain at 2k (2ad8b13)
+  q gqasub gqa gqa-sub 8192 "--kv-heads 1 --merge subspace --train all --steps 1000"
+  ;;
 trace15) # the prefill's and the cache-less forward's top operators at 2k (lolcats pays 26 ms more for the cache at 7f2d365)
   $L trace15 "python profile_layer.py --model $M --methods teacher,lolcats --lengths 2048 --repeats 3 --trace --trace-dir ~/res/traces"
   ;;
