@@ -173,6 +173,41 @@ def test_subspace_values_keep_identical_heads_exact(kv):
     torch.testing.assert_close(mm(ids).logits, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_principal_keys_merge_complex_multiples_exactly(model_type):
+    """Keys of a group that are complex multiples of one another in every RoPE pair (a rotation and a
+    scale per pair: what RoPE commutes with), with values that are copies, merge without loss under
+    ``subspace``; the aligned merge, which rotates but does not rescale, does not."""
+    m = tiny_model(model_type, seed=7, **MHA).double()
+    g = gqa.Geometry.of(m.config)
+    half = g.head_dim // 2
+    gen = torch.Generator().manual_seed(8)
+    for layer in m.model.layers:
+        a = layer.self_attn
+        vw = a.v_proj.weight.data.view(g.kv_heads, g.head_dim, -1)
+        vw[:] = vw[:1]
+        kw = a.k_proj.weight.data.view(g.kv_heads, g.head_dim, -1)
+        kb = None if a.k_proj.bias is None else a.k_proj.bias.data.view(g.kv_heads, g.head_dim)
+        for b_ in ([a.v_proj.bias.data.view(g.kv_heads, g.head_dim)] if a.v_proj.bias is not None else []):
+            b_[:] = b_[:1]
+        c = torch.polar(0.5 + torch.rand(g.kv_heads, half, generator=gen, dtype=torch.float64),
+                        torch.rand(g.kv_heads, half, generator=gen, dtype=torch.float64) * 2 * math.pi)
+        z = torch.complex(kw[0, :half], kw[0, half:])[None] * c[..., None]
+        kw[:] = torch.cat([z.real, z.imag], 1)
+        if kb is not None:
+            zb = torch.complex(kb[0, :half], kb[0, half:])[None] * c
+            kb[:] = torch.cat([zb.real, zb.imag], 1)
+    ids = _ids(4, 64)
+    ref = m(ids).logits
+    stats = gqa.calibrate(m, [ids])
+    errs = {}
+    for merge in ("subspace", "aligned"):
+        mm = copy.deepcopy(m)
+        gqa.merge_to_gqa(mm, 1, merge=merge, grouping="adjacent", stats=stats, refit=merge == "aligned")
+        errs[merge] = (mm(ids).logits - ref).abs().max().item()
+    assert errs["subspace"] < 1e-6 and errs["aligned"] > 1e-3, errs
+
+
 def _value_output_error(model, merged, ids) -> float:
     """sum over query heads h and tokens of |W_o,h v_a(h) - W'_o,h v'_h|^2 in the first layer, whose
     inputs the merge does not change: the loss ``subspace_values`` minimises (for one layer)."""
@@ -284,14 +319,17 @@ def test_existing_out_needs_overwrite(mha_dir, tiny_text, tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("train", ["lora", "kv", "attn", "all"])
-def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train):
+@pytest.mark.parametrize("train,merge", [("lora", "aligned"), ("kv", "aligned"), ("attn", "aligned"), ("all", "aligned"),
+                                         ("lora", "subspace")])
+def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train, merge):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "mqa"
-    res = _run(*_args(mha_dir, tiny_text, out, "--kv-heads", 2, "--steps", 3, "--train", train, "--json", tmp_path / "r.json"))
+    res = _run(*_args(mha_dir, tiny_text, out, "--kv-heads", 2, "--steps", 3, "--train", train, "--merge", merge,
+                      "--json", tmp_path / "r.json"))
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["merge"] == merge and rep["value_refit"] is (merge == "aligned")
     assert rep["kv_heads"] == {"before": 8, "after": 2}
     assert rep["kv_bytes_per_token"]["after"] * 4 == rep["kv_bytes_per_token"]["before"]
     assert rep["tokens_seen"] == 3 * 2 * 32 and rep["trained_params"] > 0

@@ -17,8 +17,9 @@ A layer with H query heads and K key/value heads becomes one with G < K key/valu
 5. *Pool*: the K/V projections (weights and biases) of each group are averaged. Optionally
    (``refit``, on by default with aligned merging) each head's value read-out is refitted to the
    pooled values by least squares, M_a = E[v_a vbar^T] E[vbar vbar^T]^-1, folded into o_proj.
-   ``subspace`` merging aligns and pools the keys the same way, but gives each group the D-dimensional
-   value that best preserves what its query heads write through o_proj (``subspace_values``).
+   ``subspace`` merging instead gives each group, per RoPE pair, the principal component of its keys
+   (``principal_keys``) and the D-dimensional value that best preserves what its query heads write
+   through o_proj (``subspace_values``).
 
 Steps 3 and 4 do not change the model's function (tests check the logits); step 5 is the only lossy
 one. When G does not divide K, every layer is first expanded to one KV head per query head (a copy,
@@ -342,6 +343,62 @@ def refit_value_readout(attn, head_dim: int, cv: torch.Tensor, groups: list[list
     _set_linear(attn, "o_proj", wo.reshape(wo.shape[0], -1), attn.o_proj.bias)
 
 
+def principal_keys(attn, head_dim: int, ck: torch.Tensor, groups: list[list[int]]) -> None:
+    """Give each group, per RoPE pair, the merged key that is the top principal component of its
+    members' keys in that pair, and give each query head the factor that maps it back to the key it
+    read; ``pool_heads`` then keeps it (every member gets the same key projection).
+
+    A RoPE pair (dims i and i + D/2) is a complex number k_i = x_i + i y_i that RoPE multiplies by a
+    unit phase, so a complex factor on it commutes with RoPE, and q.k over the pair is Re(conj(q_i) k_i).
+    For the group's pair keys z = (k_a,i)_a with C = E[z z^H] (from the key moments), the merged key is
+    k'_i = e^H z for e the top eigenvector of C, the rank-1 complex fit k_a,i ~ e_a k'_i. Each query head
+    reading a is multiplied, pair by pair, by conj(lambda_a,i) with lambda_a,i of phase e_a and of
+    modulus sqrt(E|k_a,i|^2 / E|k'_i|^2): the least-squares modulus |e_a| would shrink the logits of
+    heads the merged key represents poorly, and measured worse on SmolLM2 (docs/BENCHMARKS.md). Keys of
+    a group that are complex multiples of one another pair by pair merge exactly. Replaces the
+    alignment and averaging of the keys; biases are merged the same way."""
+    h = attn.q_proj.weight.shape[0] // head_dim
+    wk, bk = _heads(attn.k_proj, head_dim)
+    wq, bq = _heads(attn.q_proj, head_dim)
+    u, half, dt, dev = wk.shape[0], head_dim // 2, torch.float64, wk.device
+    ck = ck.to(dev, dt)
+    src = torch.arange(h, device=dev) // (h // u)  # the KV head each query head reads
+    i = torch.arange(half, device=dev)
+
+    def cplx(w, dim):  # D entries along dim -> D/2 complex pairs (i, i + D/2)
+        re, im = w.split(half, dim)
+        return torch.complex(re, im)
+
+    def real(z, dim):  # the inverse of cplx
+        return torch.cat([z.real, z.imag], dim)
+
+    new_wk = wk.to(dt).clone()
+    new_bk = None if bk is None else bk.to(dt).clone()
+    lam = torch.ones(u, half, dtype=torch.complex128, device=dev)
+    for grp in groups:
+        m = len(grp)
+        C = torch.zeros(half, m, m, dtype=torch.complex128, device=dev)  # C[i, a, b] = E[k_a,i conj(k_b,i)]
+        for x, a in enumerate(grp):
+            for y, b in enumerate(grp):
+                c = ck[a, b]
+                C[:, x, y] = torch.complex(c[i, i] + c[i + half, i + half], c[i + half, i] - c[i, i + half])
+        ev, vecs = torch.linalg.eigh(C)  # ascending, per pair
+        e, energy = vecs[:, :, -1], ev[:, -1].clamp_min(1e-30)  # (D/2, m) unit vectors; E|k'_i|^2
+        kz = torch.einsum("im,mij->ij", e.conj(), cplx(wk[grp].to(dt), 1))  # merged key rows, (D/2, in)
+        bz = None if bk is None else (e.conj().T * cplx(bk[grp].to(dt), 1)).sum(0)
+        for x, a in enumerate(grp):
+            new_wk[a] = real(kz, 0)
+            if new_bk is not None:
+                new_bk[a] = real(bz, 0)
+            phase = e[:, x] / e[:, x].abs().clamp_min(1e-30)
+            lam[a] = phase * (C[:, x, x].real / energy).sqrt()
+    f = lam[src].conj()  # (h, D/2): q' = conj(lambda) q, so that conj(q') k' = conj(q) lambda k' ~ conj(q) k_a
+    wq_new = real(cplx(wq.to(dt), 1) * f[..., None], 1)
+    bq_new = None if bq is None else real(cplx(bq.to(dt), 1) * f, 1)
+    _set_linear(attn, "k_proj", *_flat(new_wk.to(wk.dtype), None if new_bk is None else new_bk.to(bk.dtype)))
+    _set_linear(attn, "q_proj", *_flat(wq_new.to(wq.dtype), None if bq_new is None else bq_new.to(bq.dtype)))
+
+
 def subspace_values(attn, head_dim: int, cv: torch.Tensor, groups: list[list[int]]) -> None:
     """Replace each group's values by the D-dimensional linear function of them that best preserves
     what the group's query heads write, in place of their (aligned) average; ``pool_heads`` then
@@ -354,7 +411,7 @@ def subspace_values(attn, head_dim: int, cv: torch.Tensor, groups: list[list[int
     calibration moments) and S_a = E[v_a z^T] the best read-out is M_a = S_a P (P^T S P)^-1, and the
     best P spans the top D generalised eigenvectors of (B, S), B = sum_a S_a^T G_a S_a with
     G_a = sum_{h reads a} W_o,h^T W_o,h. The aligned average is one such P, so on this loss the
-    subspace is never worse. Values only: keys pass through RoPE, and their merge stays ``aligned``."""
+    subspace is never worse. Values only (the keys: ``principal_keys``)."""
     wv, bv = _heads(attn.v_proj, head_dim)
     dt = torch.float64
     h = attn.q_proj.weight.shape[0] // head_dim
@@ -454,17 +511,16 @@ def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: s
         info["groups"].append(groups)
         if cost is not None:
             info["within_cost"].append(sum(_within(cost, grp) for grp in groups))
-        if merge in ("aligned", "subspace"):
+        if merge == "aligned":
             rk = torch.empty(u, g.head_dim, g.head_dim, dtype=torch.float64, device=st["k"].device)
-            rv = torch.empty_like(rk) if merge == "aligned" else None
+            rv = torch.empty_like(rk)
             for grp in groups:
                 for kind, out, rot in (("k", rk, "rope"), ("v", rv, "full")):
-                    if out is None:
-                        continue
                     for a, r in align_group(st[kind], grp, rot).items():
                         out[a] = r
             rotate_heads(attn, g.head_dim, rk, rv)
         if merge == "subspace" and pool:
+            principal_keys(attn, g.head_dim, st["k"], groups)
             subspace_values(attn, g.head_dim, st["v"], groups)
         elif refit and pool:
             refit_value_readout(attn, g.head_dim, st["v"], groups, rv if merge == "aligned" else None)
