@@ -105,7 +105,7 @@ class _Encoder:
     def ends(self, t: int) -> bool:
         """Whether token ``t`` ends a sentence or a line (or a document)."""
         if t not in self.ends_cache:
-            s = self.tok.decode([t])
+            s = self.tok.decode([t], clean_up_tokenization_spaces=False)
             self.ends_cache[t] = s.rstrip(" ").endswith((".", "!", "?", "\n")) or t == self.tok.eos_token_id
         return self.ends_cache[t]
 

@@ -34,7 +34,7 @@ class _Boundaries:
 
     def __call__(self, t: int) -> bool:
         if t not in self.cache:
-            s = self.tok.decode([t])
+            s = self.tok.decode([t], clean_up_tokenization_spaces=False)
             self.cache[t] = s.rstrip(" ").endswith((".", "!", "?", "\n")) or t == self.tok.eos_token_id
         return self.cache[t]
 
@@ -77,7 +77,7 @@ def run(lm: LM, tokenizer, heldout: torch.Tensor, *, lengths: Sequence[int], dep
                     word, number = r.choice(WORDS), str(r.randint(1_000_000, 9_999_999))
                     ids, _ = build_prompt(tokenizer, hay, n, d, word, number, r.randrange(0, len(hay) - n + 1), ends)
                     new = lm.complete(ids, len(encode(tokenizer, " " + number)) + 3)
-                    hits.append(first_number(tokenizer.decode(new, skip_special_tokens=True)) == number)
+                    hits.append(first_number(tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)) == number)
                     bar.update(task, advance=1)
                 row[f"{d:g}"] = accuracy(hits)
                 all_hits += hits

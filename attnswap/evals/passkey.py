@@ -68,7 +68,7 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                     key = str(rng_for(seed, "passkey", n, d, s).randint(10000, 99999))
                     ids, _ = build_prompt(tokenizer, n, d, key)
                     new = lm.complete(ids, len(encode(tokenizer, " " + key)) + 3)
-                    answer = tokenizer.decode(new, skip_special_tokens=True)
+                    answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                     hits.append(first_number(answer) == key)
                     if len(examples) < 3 and s == 0:
                         examples.append({"length": n, "depth": d, "key": key, "answer": answer.strip()[:40]})
