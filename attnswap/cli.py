@@ -325,7 +325,7 @@ def gqa(
     kv_heads: Optional[int] = typer.Option(None, help="Key/value heads to keep (required): divides the query heads, fewer than now."),
     out: Optional[Path] = out_opt("<model>-gqa<kv-heads>"),
     grouping: str = typer.Option("similarity", help="similarity (group KV heads that are close on calibration data) or adjacent."),
-    merge: str = typer.Option("aligned", help="aligned (rotate heads to a common basis, then average), mean (plain average) or subspace (keys: per RoPE pair the principal component of the group's keys; values: the D-dim function of its values that best keeps what its query heads write)."),
+    merge: str = typer.Option("subspace", help="subspace (keys: per RoPE pair the principal component of the group's keys; values: the D-dim function of its values that best keeps what its query heads write), aligned (rotate heads to a common basis, then average) or mean (plain average)."),
     value_refit: Optional[bool] = typer.Option(None, "--value-refit/--no-value-refit", help="Refit each head's value read-out (o_proj) to the pooled values by least squares (default: on with --merge aligned)."),
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
     steps: int = steps_opt("Distillation steps (KL to the original model's logits)."),

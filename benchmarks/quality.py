@@ -133,18 +133,17 @@ def gqa_merges(a) -> dict:
     stats = calibrate(net, [train[pick[i : i + batch]] for i in range(0, pick.numel(), batch)])
     res = {"model": a.model, "kv_heads": a.kv_heads, "grouping": a.grouping, "dtype": str(dt),
            "teacher": perplexity(net, held, label="teacher"), "kv_bytes_per_token_before": kv_bytes_per_token(net.config, dt)}
-    for merge in ("mean", "aligned"):
-        for refit in (False, True):
-            m = copy.deepcopy(net)
-            t = time.perf_counter()
-            merge_to_gqa(m, a.kv_heads, grouping=a.grouping, merge=merge, stats=stats, refit=refit)
-            key = merge + ("+refit" if refit else "")
-            res[key] = perplexity(m, held, label=key) | {"merge_seconds": time.perf_counter() - t}
-            res["kv_bytes_per_token_after"] = kv_bytes_per_token(m.config, dt)
-            del m
+    for merge, refit in (("mean", False), ("mean", True), ("aligned", False), ("aligned", True), ("subspace", False)):
+        m = copy.deepcopy(net)
+        t = time.perf_counter()
+        merge_to_gqa(m, a.kv_heads, grouping=a.grouping, merge=merge, stats=stats, refit=refit)
+        key = merge + ("+refit" if refit else "")
+        res[key] = perplexity(m, held, label=key) | {"merge_seconds": time.perf_counter() - t}
+        res["kv_bytes_per_token_after"] = kv_bytes_per_token(m.config, dt)
+        del m
     tp = res["teacher"]["ppl"]
     print(f"teacher ppl {tp:.3f}; KV bytes/token {res['kv_bytes_per_token_before']:,} -> {res['kv_bytes_per_token_after']:,}")
-    for k in ("mean", "mean+refit", "aligned", "aligned+refit"):
+    for k in ("mean", "mean+refit", "aligned", "aligned+refit", "subspace"):
         print(f"{k:14s} ppl {res[k]['ppl']:10.3f}  ({res[k]['ppl'] / tp:.2f}x teacher)")
     return res
 

@@ -63,7 +63,7 @@ def test_fitted_alignment_and_grouping_before_pooling_are_exact(model_type, over
     ids = _ids()
     ref = m(ids).logits
     stats = gqa.calibrate(m, [ids])
-    info = gqa.merge_to_gqa(m, kv, stats=stats, pool=False)
+    info = gqa.merge_to_gqa(m, kv, merge="aligned", stats=stats, pool=False)
     torch.testing.assert_close(m(ids).logits, ref, atol=1e-9, rtol=1e-9)
     assert info["expanded"] == (over.get("num_key_value_heads", 2) % kv != 0)
 

@@ -64,7 +64,7 @@ def _has_qk_norm(config) -> bool:
     return config.model_type.removeprefix("attnswap_") == "qwen3"
 
 
-def check_request(config, kv_heads: int, grouping: str = "similarity", merge: str = "aligned") -> Geometry:
+def check_request(config, kv_heads: int, grouping: str = "similarity", merge: str = "subspace") -> Geometry:
     """Refuse (one line) what this module cannot do; return the model's attention geometry."""
     if config.model_type.startswith("attnswap_"):
         raise AttnSwapError("this is a converted attnswap model; convert gqa needs a stock transformers model")
@@ -482,7 +482,7 @@ def pool_heads(attn, head_dim: int, n_groups: int) -> None:
 
 # --- the whole recipe ------------------------------------------------------------------------------
 
-def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: str = "aligned",
+def merge_to_gqa(model, kv_heads: int, *, grouping: str = "similarity", merge: str = "subspace",
                  stats: list[dict] | None = None, pool: bool = True, refit: bool = False) -> dict:
     """Reduce every layer of ``model`` to ``kv_heads`` KV heads, in place. ``stats`` comes from
     ``calibrate`` (needed by similarity grouping, aligned merging and ``refit``). With ``pool=False``

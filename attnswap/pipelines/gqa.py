@@ -23,7 +23,7 @@ TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_ever
 class GqaConfig(RunConfig):
     kv_heads: int | None = None  # required
     grouping: str = "similarity"
-    merge: str = "aligned"
+    merge: str = "subspace"
     value_refit: bool | None = None  # default: on with merge "aligned"
     train: str = "lora"
     lr: float | None = None  # default: 1e-3 for lora, 1e-4 for the full modes
