@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F_
 
-from _common import commit
+from _common import commit, stub_triton_launches
 
 
 def _host_and_device(fn, calls: int, repeats: int, cuda: bool) -> tuple[float, float]:
@@ -58,15 +58,6 @@ def _host_and_device(fn, calls: int, repeats: int, cuda: bool) -> tuple[float, f
     return statistics.median(host), statistics.median(dev) if dev else float("nan")
 
 
-def _stub_launches() -> None:
-    """Every Triton launch does nothing from here on (the interpreter's too)."""
-    from triton.runtime import autotuner, interpreter, jit
-
-    for cls in (jit.JITFunction, autotuner.Autotuner, getattr(interpreter, "InterpretedFunction", None)):
-        if cls is not None and hasattr(cls, "run"):
-            cls.run = lambda self, *args, **kwargs: None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
@@ -76,7 +67,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.stub_launches:
         os.environ["TRITON_INTERPRET"] = "1"  # kernels defined from here on are the interpreter's, then stubbed
-        _stub_launches()
+        stub_triton_launches()
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         raise SystemExit("launch_cost.py: needs a CUDA device (on a CPU the Triton interpreter runs, not a launch); "

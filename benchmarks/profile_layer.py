@@ -63,7 +63,7 @@ from attnswap.convert.swap import make_swap
 from attnswap.hf_compat import cache_kwargs, new_cache
 from attnswap.modeling import convert_model
 from attnswap.profiling import count_host_ops
-from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
+from _common import commit as _commit, method_spec, stub_triton_launches  # noqa: E402  (benchmarks/_common.py)
 
 
 def _sync(dev):
@@ -260,7 +260,7 @@ def main():
     dev = loading.pick_device(a.device)
     dtype = loading.pick_dtype("auto", dev)
     if a.stub_launches:
-        _stub_triton_launches()
+        stub_triton_launches()
         dtype = torch.bfloat16
     teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -309,15 +309,6 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
-
-
-def _stub_triton_launches() -> None:
-    """Every Triton kernel launch (plain, autotuned, interpreted) does nothing from here on."""
-    from triton.runtime import autotuner, interpreter, jit
-
-    for cls in (jit.JITFunction, autotuner.Autotuner, getattr(interpreter, "InterpretedFunction", None)):
-        if cls is not None and hasattr(cls, "run"):
-            cls.run = lambda self, *args, **kwargs: None
 
 
 def _timing_table(rows):
