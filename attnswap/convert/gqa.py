@@ -435,7 +435,7 @@ def subspace_values(attn, head_dim: int, cv: torch.Tensor, groups: list[list[int
         # generalised symmetric eigenproblem B p = lambda S p through S^-1/2
         ev, U = torch.linalg.eigh(S)
         Sih = U @ torch.diag(ev.clamp_min(ev.max() * 1e-12).rsqrt()) @ U.T
-        lam, V = torch.linalg.eigh(Sih @ B @ Sih)
+        _, V = torch.linalg.eigh(Sih @ B @ Sih)  # ascending
         P = Sih @ V[:, -head_dim:]  # (mD, D), the top D directions
         PSP = P.T @ S @ P
         wz = torch.cat([wv[a].to(dt) for a in grp], 0)  # (mD, in)

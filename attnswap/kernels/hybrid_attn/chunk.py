@@ -416,12 +416,14 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
 
 
 class _HybridAttnFn(torch.autograd.Function):
+    """The forward that training differentiates (``triton_hybrid_attn`` runs inference without it)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size, sinks, grads, segment_chunks):
+    def forward(ctx, q, k, v, fq, fk, gamma, window, scale, use_linear, eps, chunk_size, sinks, segment_chunks):
         o, den, m, arg = hy_forward(q, k, v, fq, fk, gamma, None, window=window, scale=scale,
                                     use_linear=use_linear, eps=eps, chunk_size=chunk_size,
-                                    out_fp32=grads and q.dtype != torch.float32, sinks=sinks, split=grads,
-                                    segment_chunks=segment_chunks, save=grads)
+                                    out_fp32=q.dtype != torch.float32, sinks=sinks, split=True,
+                                    segment_chunks=segment_chunks, save=True)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
         ctx.cfg = (window, scale, use_linear, eps, chunk_size, sinks)
         return o.to(q.dtype)
@@ -433,7 +435,7 @@ class _HybridAttnFn(torch.autograd.Function):
         dq, dk, dv, dfq, dfk, dgamma = hy_backward(
             q, k, v, fq, fk, gamma, None, o, den, m, arg, do.contiguous(), window=window, scale=scale,
             use_linear=use_linear, eps=eps, chunk_size=C, sinks=sinks)
-        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None, None
 
 
 def triton_hybrid_attn(
@@ -466,7 +468,7 @@ def triton_hybrid_attn(
                           use_linear=bool(use_linear), eps=float(eps), chunk_size=int(chunk_size), sinks=int(sinks),
                           split=False, segment_chunks=segment_chunks, save=False)[0]
     return _HybridAttnFn.apply(q, k, v, fq, fk, gamma, int(window), float(scale),
-                               bool(use_linear), float(eps), int(chunk_size), int(sinks), True, segment_chunks)
+                               bool(use_linear), float(eps), int(chunk_size), int(sinks), segment_chunks)
 
 
 @torch.no_grad()
