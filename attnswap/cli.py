@@ -328,12 +328,14 @@ def gqa(
     merge: str = typer.Option("subspace", help="subspace (keys: per RoPE pair the principal component of the group's keys; values: the D-dim function of its values that best keeps what its query heads write), aligned (rotate heads to a common basis, then average) or mean (plain average)."),
     value_refit: Optional[bool] = typer.Option(None, "--value-refit/--no-value-refit", help="Refit each head's value read-out (o_proj) to the pooled values by least squares (default: on with --merge aligned)."),
     train: str = typer.Option("lora", help="lora (LoRA on q/k/v/o of every layer), kv (full k_proj/v_proj), attn (full q/k/v/o), all (every linear layer of the decoder, attention and MLP, in full) or none (merge only)."),
-    steps: int = steps_opt("Distillation steps (KL to the original model's logits)."),
+    steps: int = steps_opt("Distillation steps in all: attention-block transfer (--transfer-steps), then --train against the original model's logits (KL)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 for lora, 1e-4 for kv, attn and all)."),
     lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
     retrieval_mix: float = typer.Option(0.25, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
+    transfer_steps: int = typer.Option(0, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (0: none; docs/GQA.md has the measurements; not with FSDP)."),
+    transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,
@@ -382,6 +384,9 @@ def _gqa_summary(r: dict) -> None:
                                          f"({o['merged']['ppl']:.3f} -> {o['distilled']['ppl']:.3f})[/red]")
     kb = r["kv_bytes_per_token"]
     t.add_row("KV cache bytes / token", f"{kb['before']:,} -> {kb['after']:,} ({kb['after'] / kb['before']:.3f}x)")
+    if r.get("transfer_steps"):
+        t.add_row("steps (attention-block transfer + --train)", f"{r['transfer_steps']} + {r['train_steps']}")
+        t.add_row("params trained (attention-block transfer)", f"{r['transfer_params']:,}")
     t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")

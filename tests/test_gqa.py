@@ -253,6 +253,54 @@ def test_qwen3_mean_only():
     assert m.config.num_key_value_heads == 1 and torch.isfinite(m(ids).logits).all()
 
 
+# --- attention-block transfer (stage 1 of convert gqa) ------------------------------------------------
+
+def _block_pair(model_type="llama", kv=2, **over):
+    teacher = tiny_model(model_type, **over)
+    model = copy.deepcopy(teacher)
+    stats = gqa.calibrate(model, [_ids(2, 32, seed=s) for s in range(2)])
+    gqa.merge_to_gqa(model, kv, stats=stats)
+    return teacher, model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_block_transfer_replays_each_layer_exactly(model_type):
+    """The student's blocks run on the inputs the teacher's blocks saw, with the same keywords
+    (position embeddings, mask): an unchanged copy scores zero, one changed weight does not."""
+    from attnswap.distill.train import block_transfer_loss
+
+    teacher = tiny_model(model_type)
+    same = copy.deepcopy(teacher)
+    assert block_transfer_loss(same, teacher)(_ids()).item() < 1e-12
+    with torch.no_grad():
+        w = same.model.layers[-1].self_attn.v_proj.weight
+        w.add_(0.1 * w.std() * torch.randn_like(w))
+    assert block_transfer_loss(same, teacher)(_ids()).item() > 1e-3
+
+
+def test_block_transfer_trains_only_the_attention():
+    from accelerate import Accelerator
+    from attnswap.distill.train import Batches, DistillConfig, DistillStats, block_transfer, block_transfer_loss
+
+    teacher, model = _block_pair(**MHA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = block_transfer_loss(model, teacher)
+    held = _ids(4, 32, seed=9)
+    start = loss(held).item()
+    cfg = DistillConfig(transfer_steps=30, lora_steps=0, batch_size=4, transfer_lr=3e-3, warmup=2,
+                        transfer_blocks=("q_proj", "k_proj", "v_proj", "o_proj"))
+    acc = Accelerator(cpu=True)
+    stats = DistillStats()
+    block_transfer(model, teacher, Batches(_ids(16, 32, seed=3), 4, 0, acc), cfg, acc, stats)
+    assert loss(held).item() < 0.7 * start
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    assert stats.transfer_params == sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in [*model.modules(), *teacher.modules()])
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -292,6 +340,10 @@ def _refused(res, out, needle):
     (["--kv-heads", 2, "--train", "everything"], "unknown --train 'everything'"),
     (["--kv-heads", 2, "--merge", "subspace", "--value-refit"], "--value-refit does not apply to --merge subspace"),
     (["--kv-heads", 2, "--seq-len", 4096], "beyond the model's maximum of 512"),
+    (["--kv-heads", 2, "--steps", 4, "--transfer-steps", 5], "--transfer-steps 5 is more than --steps 4"),
+    (["--kv-heads", 2, "--transfer-steps", -1], "--transfer-steps must be at least 0"),
+    (["--kv-heads", 2, "--transfer-lr", 0], "--transfer-lr must be positive"),
+    (["--kv-heads", 2, "--train", "none", "--transfer-steps", 2], "--transfer-steps does not apply to --train none"),
 ])
 def test_bad_inputs(mha_dir, tiny_text, tmp_path, extra, needle):
     out = tmp_path / "o"
@@ -325,14 +377,17 @@ def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train, merge):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "mqa"
+    transfer = 1 if merge == "subspace" else 0  # one case runs the attention-block transfer first
     res = _run(*_args(mha_dir, tiny_text, out, "--kv-heads", 2, "--steps", 3, "--train", train, "--merge", merge,
-                      "--json", tmp_path / "r.json"))
+                      "--transfer-steps", transfer, "--json", tmp_path / "r.json"))
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["merge"] == merge and rep["value_refit"] is (merge == "aligned")
     assert rep["kv_heads"] == {"before": 8, "after": 2}
     assert rep["kv_bytes_per_token"]["after"] * 4 == rep["kv_bytes_per_token"]["before"]
     assert rep["tokens_seen"] == 3 * 2 * 32 and rep["trained_params"] > 0
+    assert (rep["transfer_steps"], rep["train_steps"]) == (transfer, 3 - transfer)
+    assert ("attention-block transfer" in res.output) is bool(transfer)
     assert all(rep[k]["ppl"] > 1 for k in ("teacher", "merged", "distilled"))
     assert len(rep["groups"]) == 3 and all(len(g) == 2 for g in rep["groups"])
     assert "merged ppl, before training" in res.output and "KV cache bytes / token" in res.output
@@ -343,6 +398,7 @@ def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train, merge):
     assert "auto_map" not in cfg and "attnswap" not in cfg and (out / "model.safetensors").is_file()
     assert not list(out.glob("*.py")) and not list(tmp_path.glob(".mqa.tmp-*"))
     m = AutoModelForCausalLM.from_pretrained(out)
+    assert rep["transfer_params"] == transfer * sum(v.numel() for k, v in m.state_dict().items() if ".self_attn." in k)
     assert not any("lora" in k for k in m.state_dict())
     assert m.model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
 

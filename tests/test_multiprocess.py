@@ -198,4 +198,7 @@ def test_gqa_full_training_is_refused_under_fsdp(tiny_dir, tiny_text, tmp_path):
     r = _run([*TWO, "-m", "attnswap.cli", *gqa], ok=False, cwd=tmp_path, extra_env=FSDP)
     assert r.returncode != 0 and "gqa --train kv does not run sharded (FSDP) yet" in r.stderr, r.stderr[-2000:]
     assert "loading " not in r.stdout + r.stderr  # refused before anything is loaded
+    gqa[gqa.index("kv")] = "lora"
+    r = _run([*TWO, "-m", "attnswap.cli", *gqa, "--transfer-steps", "2"], ok=False, cwd=tmp_path, extra_env=FSDP)
+    assert r.returncode != 0 and "gqa --train lora with --transfer-steps does not run sharded" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "m").exists()

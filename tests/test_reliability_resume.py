@@ -160,6 +160,23 @@ def test_gqa_sigterm_then_resume_is_bit_identical(gqa_reference, tiny_dir, tiny_
     assert not (tmp_path / "run.ckpt").exists()
 
 
+def test_gqa_resumed_after_the_block_transfer_keeps_its_weights(gqa_reference, tiny_dir, tiny_text, tmp_path):
+    """--transfer-steps 2 then LoRA: the transfer's weights are frozen under LoRA, yet a checkpoint
+    written during LoRA holds them (TrainingRun.carry), so the resumed run, which skips the finished
+    transfer, ends byte-identical to an uninterrupted one."""
+    ref = tmp_path / "ref"
+    assert _cli(*_gqa_args(tiny_dir, tiny_text, ref, "--transfer-steps", 2)).exit_code == 0
+    assert _weights(ref) != _weights(gqa_reference)
+    out = tmp_path / "run"
+    res = run_cli(_gqa_args(tiny_dir, tiny_text, out, "--transfer-steps", 2), cwd=tmp_path, signal_after_step=3,
+                  signum=signal.SIGTERM)
+    assert res.returncode == 143 and "during LoRA distillation at step 1/4" in res.stderr, res.stderr
+    res = _cli(*_gqa_args(tiny_dir, tiny_text, out, "--transfer-steps", 2, "--resume"))
+    assert res.exit_code == 0, res.output
+    assert "resuming LoRA distillation at step 1/4" in res.output
+    assert _weights(out) == _weights(ref)
+
+
 def test_gqa_full_training_resumes_from_ctrl_c(tmp_path):
     """gqa --train kv trains float32 copies of k_proj/v_proj (no LoRA): those are checkpointed and a
     resumed run ends byte-identical (the loop as `convert gqa` drives it, without the CLI's loading)."""

@@ -304,6 +304,14 @@ class TrainingRun:
         self.main_process = True
         self.accelerator = None  # set by the loop; several processes checkpoint through it
         self.done_stages: dict[str, dict] = {}
+        self.carried: list[torch.nn.Parameter] = []  # changed by a finished stage, frozen since: later checkpoints keep them
+
+    def carry(self, params) -> None:
+        """Parameters a stage changed and later stages no longer train (attention-block transfer's
+        weights under LoRA): every later checkpoint holds them too, so a resumed run that skips the
+        finished stage gets them back."""
+        known = {id(p) for p in self.carried}
+        self.carried += [p for p in params if id(p) not in known]
 
     @property
     def processes(self) -> int:
@@ -377,6 +385,7 @@ class StageRun:
         self.opt, self.sched = opt, sched
         trainable = {id(p) for p in params}
         kept = trainable | {id(p) for m in swapped_modules(module) for p in m.transfer_parameters()}
+        kept |= {id(p) for p in run.carried}
         self.named = [(n, p) for n, p in module.named_parameters() if id(p) in kept]
         self.trainable = [(n, p) for n, p in self.named if id(p) in trainable]
         self.guard = StepGuard(name, module, run.max_retries)

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
 from ..errors import AttnSwapError
-from ..hf_compat import unpadded_rows
+from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
 from .checkpoint import current_run
@@ -45,6 +45,7 @@ class DistillConfig:
     warmup: int = 10
     lora_trains_features: bool = True  # also train the stage-1 parameters during stage 2
     full_train: tuple[str, ...] = ()  # stage 2 trains these modules (e.g. k_proj, v_proj) in full instead of LoRA
+    transfer_blocks: tuple[str, ...] = ()  # no swapped modules: stage 1 trains these attention linears in full (block_transfer)
     step_offset: int = 0  # global steps run before stage 1 (by an earlier stage, e.g. calibration)
 
 
@@ -126,6 +127,94 @@ def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Acceler
     loss_fn = (lambda ids: _sharded_transfer_loss(model, ids)) if sharded else (lambda ids: _transfer_loss(model, body, ids))
     _loop("attention transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params, loss_fn,
           step_offset=cfg.step_offset, module=model)
+
+
+def block_transfer(model, teacher, batches: Batches, cfg: DistillConfig, acc: Accelerator, stats: DistillStats):
+    """Stage 1 for conversions that rewrite the attention weights themselves (GQA merges), which have no
+    swapped modules: every layer's attention block of ``model`` is fed the input the teacher's block of
+    the same layer sees (teacher forcing) and learns to reproduce that block's output. The loss is
+    each layer's squared error over the teacher output's mean square, averaged over layers, so that
+    every layer counts alike. Only the linear layers named in ``cfg.transfer_blocks`` train, in full
+    (float32 while training). The loss is local: no logits, and no layer learns to undo another's error."""
+    if cfg.transfer_steps <= 0:
+        return
+    if swapped_modules(model):
+        raise ValueError("block_transfer is for models without swapped modules; attention_transfer trains those")
+    if teacher is None:
+        raise ValueError("block_transfer needs a separate teacher model")
+    if any(sharding.is_sharded(p) for p in model.parameters()):
+        raise AttnSwapError("attention-block transfer is not supported when sharding")
+    _freeze_all(model)
+    params, undo = _full_train_attention(model, cfg.transfer_blocks)
+    stats.transfer_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0)
+    sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
+    loss_fn = block_transfer_loss(model, teacher)
+    try:
+        _loop("attention-block transfer", cfg.transfer_steps, batches, acc, stats, opt, sched, params, loss_fn,
+              step_offset=cfg.step_offset, module=model)
+    finally:
+        undo()
+        _freeze_all(model)
+    current_run().carry(params)  # LoRA leaves them frozen: its checkpoints must still hold them
+
+
+def block_transfer_loss(model, teacher):
+    """``loss_fn(ids)`` of ``block_transfer``: one teacher forward (decoder stack only) whose attention
+    blocks' inputs are recorded by hooks, then every attention block of ``model`` run on the recorded
+    input of its layer (the same positional arguments and keywords: position embeddings, mask)."""
+    student_blocks = [layer.self_attn for layer in _decoder_layers(model)]
+    teacher_blocks = [layer.self_attn for layer in _decoder_layers(teacher)]
+    if len(student_blocks) != len(teacher_blocks):
+        raise ValueError("the model and its teacher have different numbers of layers")
+    seen: list = [None] * len(teacher_blocks)
+
+    def capture(i):
+        def fn(_mod, args, kwargs, out):
+            kwargs = dict(kwargs)
+            if pop_cache(kwargs) is not None:
+                raise AttnSwapError("the teacher ran with a KV cache during attention-block transfer")
+            seen[i] = (args, kwargs, out[0] if isinstance(out, tuple) else out)
+        return fn
+
+    def loss_fn(ids):
+        seen[:] = [None] * len(seen)
+        hooks = [b.register_forward_hook(capture(i), with_kwargs=True) for i, b in enumerate(teacher_blocks)]
+        try:
+            with torch.no_grad():
+                getattr(teacher, "model", teacher)(input_ids=ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(x is None for x in seen):
+            raise AttnSwapError("the teacher's forward skipped an attention block: attention-block transfer needs them all")
+        total = 0.0
+        for i, block in enumerate(student_blocks):
+            args, kwargs, target = seen[i]
+            out = block(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            target = target.float()
+            total = total + (out.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+            seen[i] = None
+        return total / len(student_blocks)
+
+    return loss_fn
+
+
+def _decoder_layers(model):
+    body = getattr(model, "model", model)
+    if not hasattr(body, "layers"):
+        raise AttnSwapError(f"{type(model).__name__} has no decoder layers where attnswap looks for them (.model.layers)")
+    return body.layers
+
+
+def _full_train_attention(model, names: tuple[str, ...]):
+    """``_full_train`` of the named linear layers inside the attention blocks only."""
+    wanted = tuple(f"self_attn.{n}" for n in names)
+    mods = {n: m for n, m in model.named_modules() if n.endswith(wanted)}
+    if not mods:
+        raise AttnSwapError(f"no attention linear layers named {', '.join(names)} to train")
+    return _train_in_full(list(mods.values()), next(model.parameters()).dtype)
 
 
 def _transfer_loss(model, body, ids):
@@ -223,7 +312,10 @@ def _full_train(model, names: tuple[str, ...]):
     """Make the weights (and biases) of modules named ``names`` trainable, kept in float32 while
     training (inputs cast up, outputs cast back). Returns (params, undo)."""
     mods = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
-    dtype = next(model.parameters()).dtype
+    return _train_in_full(mods, next(model.parameters()).dtype)
+
+
+def _train_in_full(mods, dtype):
     hooks = []
     for m in mods:
         m.float()
@@ -403,7 +495,10 @@ def distill(model, train_seqs: torch.Tensor, cfg: DistillConfig, accelerator: Ac
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed, acc)
     stats = DistillStats()
     model.train()
-    attention_transfer(model, batches, cfg, acc, stats)
+    if cfg.transfer_blocks:
+        block_transfer(model, teacher, batches, cfg, acc, stats)
+    else:
+        attention_transfer(model, batches, cfg, acc, stats)
     model = lora_finetune(model, batches, cfg, acc, stats, teacher=teacher)
     model.eval()
     _freeze_all(model)

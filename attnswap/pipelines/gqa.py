@@ -16,7 +16,8 @@ FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_p
 
 # the settings only a run that trains uses
 TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints",
-            "nan_retries")
+            "nan_retries", "transfer_steps", "transfer_lr")
+
 
 
 @dataclass
@@ -31,6 +32,15 @@ class GqaConfig(RunConfig):
     ce_weight: float = 0.0
     calib_batches: int = 4
     retrieval_mix: float = 0.25  # fraction of training sequences rewritten to carry retrieval (synthetic.py)
+    transfer_steps: int = 0  # attention-block transfer, the first part of steps (0: none; docs/GQA.md says why)
+    transfer_lr: float = 3e-4
+
+
+def split_steps(steps: int, n: int) -> tuple[int, int]:
+    """(attention-block transfer steps, --train steps): --steps is the total of both."""
+    if n > steps:
+        raise AttnSwapError(f"--transfer-steps {n} is more than --steps {steps} (the total of both stages)")
+    return n, steps - n
 
 
 def check(cfg: GqaConfig) -> None:
@@ -42,6 +52,12 @@ def check(cfg: GqaConfig) -> None:
     if cfg.train not in ("lora", "none", *FULL_TRAIN):
         raise AttnSwapError(f"unknown --train {cfg.train!r}; choose from lora, kv, attn, all, none")
     check_retrieval_mix(cfg.retrieval_mix)
+    if cfg.transfer_steps < 0:
+        raise AttnSwapError("--transfer-steps must be at least 0")
+    if not cfg.transfer_lr > 0:
+        raise AttnSwapError("--transfer-lr must be positive")
+    if cfg.train != "none":
+        split_steps(cfg.steps, cfg.transfer_steps)
     if cfg.merge == "subspace" and cfg.value_refit:
         raise AttnSwapError("--value-refit does not apply to --merge subspace: it fits its own value read-outs")
     if cfg.train == "none":
@@ -71,7 +87,10 @@ def run(cfg: GqaConfig) -> dict | None:
     out = cfg.out or cfg.default_out(f"gqa{cfg.kv_heads}")
     ckpts = plan_training_outputs(cfg, out)
     # sharded: the model and its teacher copy, LoRA only (whole matrices trained in float32 are not sharded)
-    shard = sharded_launch(cfg, f"gqa --train {cfg.train}", supported=cfg.train == "lora")
+    # the transfer calls the attention blocks outside their layers' forward, where FSDP gathers their weights
+    shard = sharded_launch(cfg, f"gqa --train {cfg.train}" + (" with --transfer-steps" if cfg.transfer_steps else ""),
+                           supported=cfg.train == "lora" and not cfg.transfer_steps)
+    n_transfer, n_train = split_steps(cfg.steps, cfg.transfer_steps) if trains else (0, 0)
 
     src = loading.resolve(cfg.model)
     mcfg = loading.load_config(src)
@@ -90,7 +109,8 @@ def run(cfg: GqaConfig) -> dict | None:
                     "kv_heads": cfg.kv_heads, "grouping": cfg.grouping, "merge": cfg.merge, "value_refit": value_refit,
                     "train": cfg.train, "steps": cfg.steps, "lr": lr, "lora_rank": cfg.lora_rank,
                     "ce_weight": cfg.ce_weight, "calib_batches": cfg.calib_batches,
-                    "retrieval_mix": cfg.retrieval_mix, "seq_len": seq_len,
+                    "retrieval_mix": cfg.retrieval_mix, "seq_len": seq_len, "transfer_steps": n_transfer,
+                    "transfer_lr": cfg.transfer_lr,
                     "batch_size": bs, "seed": cfg.seed, "dtype": str(dt)}, cfg.resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
@@ -121,16 +141,19 @@ def run(cfg: GqaConfig) -> dict | None:
         report["merged"] = perplexity(net, held, label="merged perplexity")
     if ood is not None and ld.main:
         report["out_of_domain"]["merged"] = perplexity(net, ood, label="merged perplexity (out of domain)")
-    trained, tokens, train_s, losses = 0, 0, 0.0, {}
+    trained, tokens, train_s, losses, moved = 0, 0, 0.0, {}, 0
     if trains:
-        dcfg = DistillConfig(transfer_steps=0, lora_steps=cfg.steps, batch_size=bs, lr=lr, lora_rank=cfg.lora_rank,
-                             ce_weight=cfg.ce_weight, seed=cfg.seed, full_train=FULL_TRAIN.get(cfg.train, ()))
+        dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_train, batch_size=bs, lr=lr, lora_rank=cfg.lora_rank,
+                             ce_weight=cfg.ce_weight, seed=cfg.seed, full_train=FULL_TRAIN.get(cfg.train, ()),
+                             transfer_lr=cfg.transfer_lr, transfer_blocks=_ATTN)
         mixed, report["retrieval_sequences"] = retrieval_mix(ld.train, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
-        report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0])  # training only
+        report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0],  # training only
+                      transfer_steps=n_transfer, train_steps=n_train, transfer_lr=cfg.transfer_lr)
         hint = resume_command(cfg.command, "gqa")
         with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
             net, dstats = distill(net, mixed, dcfg, teacher=teacher, shard=shard)
         trained, tokens, train_s, losses = dstats.lora_params, dstats.tokens, dstats.seconds, dstats.losses
+        moved = dstats.transfer_params
         # sharded, every process takes part in the evaluation's forward passes (the main one reports)
         if (ld.main or shard) and held is not None:
             report["distilled"] = perplexity(net, held, label="distilled perplexity")
@@ -143,7 +166,7 @@ def run(cfg: GqaConfig) -> dict | None:
         saved = save_run(cfg, ld, net, out, ckpts, shard)
     if not saved:
         return None
-    report.update(out=str(out), trained_params=trained, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
+    report.update(out=str(out), trained_params=trained, transfer_params=moved, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
                   lr=lr if trains else None, wall_seconds=clock.wall(), seconds=clock.report(), device=str(ld.device),
                   dtype=str(dt).removeprefix("torch."))
     return report
