@@ -232,6 +232,8 @@ prof15)
 b15gqa)  # (not in the chain: the session after, or in place of loza1k) issue 14's GQA with the value subspace, against
          # aligned's 1.778x out of domain at 2k (2ad8b13)
   q gqasub gqa gqa-sub 8192 "--kv-heads 1 --merge subspace --train all --steps 1000"
+  # the same 1000 steps with the first 200 on attention-block transfer (lost step for step at 60 CPU steps: 7432b0c)
+  q gqasubt gqa gqa-sub-t200 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --transfer-steps 200"
   ;;
 trace15) # the prefill's and the cache-less forward's top operators at 2k (lolcats pays 26 ms more for the cache at 7f2d365)
   $L trace15 "python profile_layer.py --model $M --methods teacher,lolcats --lengths 2048 --repeats 3 --trace --trace-dir ~/res/traces"
