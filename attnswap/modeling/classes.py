@@ -25,6 +25,7 @@ from ..convert.spec import validate_attnswap_config
 from ..convert.swap import apply_swaps
 from ..hf_compat import cache_kwargs, pop_cache
 from .decode import try_decode_step
+from .prefill import try_prefill
 from .runtime import RuntimeOptions
 
 PREFILL_CHUNK = 2048  # generate() feeds a converted model long prompts this many tokens at a time...
@@ -86,6 +87,10 @@ class ConvertedModelMixin:
         with self.attnswap_runtime.active():
             fast = try_decode_step(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
             if fast is not None:  # a one-token decoding step, replayed as a CUDA graph (decode.py)
+                return fast
+            fast = try_prefill(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
+                               logits_to_keep, kwargs)
+            if fast is not None:  # a long prompt in fixed-size pieces, each replayed as a CUDA graph (prefill.py)
                 return fast
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,

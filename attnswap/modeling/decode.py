@@ -192,5 +192,7 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
 
 
 def reset_decode_graphs(model) -> None:
-    """Drop the captured steps (after replacing weights or moving the model)."""
+    """Drop the captured steps, and the captured prefill pieces (prefill.py), after replacing weights
+    or moving the model."""
     model.__dict__.pop("_attnswap_decode_graphs", None)
+    model.__dict__.pop("_attnswap_prefill_plans", None)

@@ -10,11 +10,14 @@ They live in the saved config (``config.attnswap["runtime"]``) and can be given 
   ``static`` (the same step without capture, any device), ``cuda``;
 - ``compile_decode``: ``off``, ``attn`` (torch.compile of each layer's attention step), ``model``
   (of the whole one-token step; compiles once per batch size);
+- ``prefill_graph``: ``off`` (default), ``static`` (any device) or ``cuda``: a prompt of at least
+  ``prefill_piece`` tokens (default 2048) on a model recurrent in every layer is prefilled in pieces of
+  fixed sizes, each replayed as a CUDA graph (``prefill.py``; ``static``: the same pieces without capture);
 - ``prefill_chunk``: tokens per piece when ``generate()`` prefills a long prompt (default 8192 on CUDA,
   where a model recurrent in every layer takes prompts up to 32,768 tokens in one pass; 2048 elsewhere:
   ``classes.default_prefill_chunk``).
 
-The environment variables ``ATTNSWAP_KERNELS``, ``ATTNSWAP_DECODE_GRAPH`` and
+The environment variables ``ATTNSWAP_KERNELS``, ``ATTNSWAP_DECODE_GRAPH``, ``ATTNSWAP_PREFILL_GRAPH`` and
 ``ATTNSWAP_COMPILE_DECODE``, when set, override all of these (for benchmarks and debugging).
 """
 
@@ -28,7 +31,9 @@ from ..errors import AttnSwapError
 from ..kernels.dispatch import BACKENDS, COMPILE_SETTINGS, force_backend, force_compile
 
 GRAPH_MODES = ("auto", "off", "static", "cuda")
-CHOICES = {"kernels": BACKENDS, "decode_graph": GRAPH_MODES, "compile_decode": COMPILE_SETTINGS}
+PREFILL_GRAPH_MODES = ("off", "static", "cuda")
+CHOICES = {"kernels": BACKENDS, "decode_graph": GRAPH_MODES, "compile_decode": COMPILE_SETTINGS,
+           "prefill_graph": PREFILL_GRAPH_MODES}
 _current: contextvars.ContextVar["RuntimeOptions | None"] = contextvars.ContextVar("attnswap_runtime", default=None)
 
 
@@ -38,15 +43,18 @@ class RuntimeOptions:
     decode_graph: str = "auto"
     compile_decode: str = "off"
     prefill_chunk: int | None = None
+    prefill_graph: str = "off"
+    prefill_piece: int = 2048
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise AttnSwapError(f"runtime option {name}={value!r}: choose from {', '.join(allowed)}")
-        chunk = self.prefill_chunk
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-            raise AttnSwapError(f"runtime option prefill_chunk={chunk!r}: give a positive integer")
+        for name in ("prefill_chunk", "prefill_piece"):
+            n = getattr(self, name)
+            if (n is not None or name == "prefill_piece") and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise AttnSwapError(f"runtime option {name}={n!r}: give a positive integer")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -226,6 +226,20 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
+sixteenth) # prefill in fixed pieces replayed as CUDA graphs (modeling/prefill.py, off by default until this runs): the
+         # CUDA tests first, then the prefill without and with the graphs (pieces of 2,048 and 8,192), alone, in the
+         # call; then detached the fifteenth's chain (galone8, b15) and the GQA row
+  mkdir -p ~/res
+  $J tests16; $W tests16; $J prof16; $W prof16
+  setsid nohup bash -c "$J galone8; $W galone8; $J b15; $J b15gqa; echo done > ~/res/sixteenth.rc" > ~/res/sixteenth.log 2>&1 &
+  : > ~/res/galone8.log; echo "sixteenth chain launched"
+  ;;
+tests16)
+  $L tests16 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_prefill_graph.py tests/test_decode_graph.py tests/test_train_graph.py tests/kernels/test_hybrid_continue.py -k 'cuda or pieces' -rs"
+  ;;
+prof16)
+  $L prof16 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --json ~/res/prof16off.json && ATTNSWAP_PREFILL_GRAPH=cuda python profile_layer.py --model $M --methods lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --json ~/res/prof16g2k.json && ATTNSWAP_PREFILL_GRAPH=cuda ATTNSWAP_PREFILL_PIECE=8192 python profile_layer.py --model $M --methods lolcats,lizard --lengths 8192,32768 --repeats 5 --json ~/res/prof16g8k.json"
+  ;;
 prof15)
   $L prof15 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof15.json && python profile_layer.py --model $M --methods lolcats,lizard --lengths 32768 --repeats 5 --chunk 65536 --sum-split-from 1000000000 --json ~/res/prof15nosplit.json"
   ;;

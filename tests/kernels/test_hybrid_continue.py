@@ -159,3 +159,32 @@ def test_converted_model_prefills_in_pieces_through_the_kernel(monkeypatch, meth
     assert {ex for _, ran, ex in calls if ran} == {False, True}  # plain and mixed layers both took it
     torch.testing.assert_close(got, stepped, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_pieces_of_fixed_size_take_the_kernel_and_prefill_what_one_pass_does(monkeypatch, method):
+    """modeling/prefill.py in its ``static`` form (CUDA graphs without capture) with the Triton
+    continuation: every later piece takes the kernel, and the logits and state equal one pass."""
+    skip_triton_on("cpu")
+    from attnswap.convert.base import SwappedAttention
+    from tests.test_prefill_graph import PIECE, _ids, _model, _plans, _prefill, _same_cache
+
+    m = _model(method)
+    cls = type(next(mod for mod in m.modules() if isinstance(mod, SwappedAttention)))
+    fast, ran = cls.continue_fast, []
+
+    def spy(self, x, state, seen, mask):
+        r = fast(self, x, state, seen, mask)
+        ran.append(r is not None)
+        return r
+
+    ids = _ids(2 * PIECE + 3)
+    monkeypatch.setenv("ATTNSWAP_KERNELS", "triton")
+    monkeypatch.setenv("ATTNSWAP_PREFILL_GRAPH", "off")
+    ref, ref_cache = _prefill(m, ids)
+    monkeypatch.setenv("ATTNSWAP_PREFILL_GRAPH", "static")
+    monkeypatch.setattr(cls, "continue_fast", spy)
+    got, cache = _prefill(m, ids)
+    assert _plans(m) and ran == [True] * 2 * 3  # pieces of 16 and 2, three layers each (1 token is a decode step)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    _same_cache(ref_cache, cache, 1e-4)
