@@ -199,3 +199,22 @@ def test_cuda_graph_pieces_prefill_what_one_pass_prefills(monkeypatch, method, d
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
     _same_cache(ref_cache, cache, tol)
+
+
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_a_piece_never_waits_for_the_device(monkeypatch, method):
+    """A CUDA graph capture forbids host synchronisations: every piece's forward (the transformers mask
+    code included) must make none. Counted on CPU as ATen calls (attnswap.profiling)."""
+    from attnswap.profiling import count_host_ops
+
+    monkeypatch.setenv("ATTNSWAP_PREFILL_GRAPH", "static")
+    m = _model(method)
+    ids = _ids(2 * PIECE + 3)
+    _prefill(m, ids)
+    (plan,) = _plans(m).values()
+    at = {("first", PIECE): 0, ("next", PIECE): PIECE, ("next", 2): 2 * PIECE, ("next", 1): 2 * PIECE + 2}
+    with torch.no_grad():
+        for (kind, size, keep), piece in plan.pieces.items():
+            start = at[kind, size]
+            _, ops = count_host_ops(piece.run, ids[:, start : start + size], start, stacks=True)
+            assert ops.syncs == 0, (kind, size, ops.where)
