@@ -246,6 +246,9 @@ prof15)
 b15gqa)  # (not in the chain: the session after, or in place of loza1k) issue 14's GQA with the value subspace, against
          # aligned's 1.778x out of domain at 2k (2ad8b13)
   q gqasub gqa gqa-sub 8192 "--kv-heads 1 --merge subspace --train all --steps 1000"
+  # on rows of 4,096 x 2 (lolcats' default): retrieval is trained at 4x the distance (no merge keeps any: 0% passkey
+  # and MQAR before training on the CPU, for aligned and subspace alike)
+  q gqasub4k gqa gqa-sub-4k 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --seq-len 4096 --batch-size 2"
   # the same 1000 steps with the first 200 on attention-block transfer (lost step for step at 60 CPU steps: 7432b0c)
   q gqasubt gqa gqa-sub-t200 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --transfer-steps 200"
   ;;
