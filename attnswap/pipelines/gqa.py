@@ -19,7 +19,6 @@ TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_ever
             "nan_retries", "transfer_steps", "transfer_lr")
 
 
-
 @dataclass
 class GqaConfig(RunConfig):
     kv_heads: int | None = None  # required
