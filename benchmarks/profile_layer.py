@@ -24,6 +24,9 @@ with default options) and each length L:
 - a second table sets the host against the device, one attention layer and the whole model, each
   without a cache and into a fresh one (``layer prefill``: the module's output and, for a conversion,
   its decoding state): ``host`` is the time to the call's return with the device idle at the start;
+- with ``--prefill-graph cuda``, a third table: each conversion's prefill again in fixed ``--piece``-token
+  pieces replayed as CUDA graphs (``modeling/prefill.py``, the runtime option ``prefill_graph``), in the
+  same run, with its host time and its agreement with one pass (``static``: the same pieces uncaptured);
 - with ``--pyprof``, Python's cProfile of one prefill (after the timing runs): the functions that take
   the host's time, by self time and by cumulative time (cProfile slows every Python call, so read the
   shares, not the times);
@@ -41,6 +44,7 @@ with default options) and each length L:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -129,8 +133,24 @@ def _pyprof(fn, what: str, rows: int = 25):
         print(f"\n--- {what}, cProfile by {key}\n{body[body.find('   ncalls'):]}", flush=True)
 
 
+@contextlib.contextmanager
+def _env(**values):
+    """Environment variables set inside the block (the runtime's overrides: ATTNSWAP_PREFILL_GRAPH...)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False,
-            trace_dir: str | None = None, chunk: int = 2048, pyprof: bool = False) -> dict:
+            trace_dir: str | None = None, chunk: int = 2048, pyprof: bool = False, graph: str | None = None,
+            piece: int = 2048) -> dict:
     attn = model.model.layers[0].self_attn
     h, pe = layer_inputs(model, L, dev, dtype)
     hg = h.clone().requires_grad_(True)
@@ -191,6 +211,19 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
             row["chunked_vs_one_pass"] = {"max_abs": (one - pieces).abs().max().item(),
                                           "rel": ((one - pieces).norm() / one.norm()).item(),
                                           "same_argmax": bool(torch.equal(one.argmax(-1), pieces.argmax(-1)))}
+        if graph and name != "teacher":  # the same prefill in fixed pieces replayed as graphs (modeling/prefill.py)
+            with _env(ATTNSWAP_PREFILL_GRAPH=graph, ATTNSWAP_PREFILL_PIECE=piece):
+                if L >= piece:
+                    row["graph_prefill_ms"] = _timed(prefill, dev, repeats)
+                    row["graph_prefill_host_ms"] = _issue_ms(prefill, dev, repeats)
+                    plans = [p for p in model.__dict__.get("_attnswap_prefill_plans", {}).values() if p]
+                    row["graph_pieces"] = sorted({f"{k}:{n}" for p in plans for k, n, _ in p.pieces})
+                    graphed = prefill().float()
+            if L >= piece:
+                one = prefill().float()
+                row["graph_vs_one_pass"] = {"max_abs": (one - graphed).abs().max().item(),
+                                            "rel": ((one - graphed).norm() / one.norm()).item(),
+                                            "same_argmax": bool(torch.equal(one.argmax(-1), graphed.argmax(-1)))}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
         if pyprof:
             _pyprof(prefill, f"{name}, L={L}: whole-model prefill into a cache")
@@ -245,6 +278,10 @@ def main():
                     help="with --syncs: the Triton path in bf16 with every kernel launch a no-op (counts on a CPU)")
     ap.add_argument("--chunk", type=int, default=2048,
                     help="piece size of the chunked prefill (generate()'s default prefill_chunk); lengths above it are also timed that way")
+    ap.add_argument("--prefill-graph", default=None, choices=("cuda", "static"),
+                    help="also time each conversion's prefill in fixed pieces replayed as CUDA graphs (cuda) or run "
+                         "on their static buffers (static, any device), in the same run (modeling/prefill.py)")
+    ap.add_argument("--piece", type=int, default=2048, help="with --prefill-graph: the piece (prefill_piece)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sum-split-from", type=int, default=None,
@@ -280,7 +317,8 @@ def main():
             model.to(dev, dtype)
         for L in lengths:
             try:
-                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir, a.chunk, a.pyprof)
+                row = profile(model, method, L, dev, dtype, a.repeats, a.trace, a.syncs, a.trace_dir, a.chunk, a.pyprof,
+                              a.prefill_graph, a.piece)
             except torch.OutOfMemoryError:
                 row = {"method": method, "L": L, "error": "out of memory"}
             rows.append(row)
@@ -306,6 +344,7 @@ def main():
     else:
         _timing_table(rows)
         _host_table(rows)
+        _graph_table(rows)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
@@ -323,6 +362,20 @@ def _timing_table(rows):
               f" {r.get('prefill_host_ms', float('nan')):8.2f} {1e3 * r['L'] / r['model_prefill_ms']:14,.0f}"
               + (f" {r['chunked_prefill_ms']:11.2f} {1e3 * r['L'] / r['chunked_prefill_ms']:14,.0f}" if "chunked_prefill_ms" in r else "")
               + (f" {_agree(r['chunked_vs_one_pass']):>19s}" if "chunked_vs_one_pass" in r else ""))
+
+
+def _graph_table(rows):
+    """The prefill one pass against fixed pieces replayed as graphs, same run."""
+    rows = [r for r in rows if "graph_prefill_ms" in r]
+    if not rows:
+        return
+    print(f"\n{'method':10s} {'L':>6s} {'prefill ms':>11s} {'host':>7s} {'graphed ms':>11s} {'host':>7s} {'speed-up':>9s}"
+          f" {'graphed tok/s':>14s} {'graphed vs one pass':>20s}  pieces")
+    for r in rows:
+        print(f"{r['method']:10s} {r['L']:6d} {r['model_prefill_ms']:11.2f} {r['prefill_host_ms']:7.2f}"
+              f" {r['graph_prefill_ms']:11.2f} {r['graph_prefill_host_ms']:7.2f}"
+              f" {r['model_prefill_ms'] / r['graph_prefill_ms']:8.2f}x {1e3 * r['L'] / r['graph_prefill_ms']:14,.0f}"
+              f" {_agree(r['graph_vs_one_pass']):>20s}  {' '.join(r['graph_pieces'])}")
 
 
 def _host_table(rows):

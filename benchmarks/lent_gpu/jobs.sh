@@ -237,8 +237,8 @@ sixteenth) # prefill in fixed pieces replayed as CUDA graphs (modeling/prefill.p
 tests16)
   $L tests16 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_prefill_graph.py tests/test_decode_graph.py tests/test_train_graph.py tests/kernels/test_hybrid_continue.py -k 'cuda or pieces' -rs"
   ;;
-prof16)
-  $L prof16 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --json ~/res/prof16off.json && ATTNSWAP_PREFILL_GRAPH=cuda python profile_layer.py --model $M --methods lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --json ~/res/prof16g2k.json && ATTNSWAP_PREFILL_GRAPH=cuda ATTNSWAP_PREFILL_PIECE=8192 python profile_layer.py --model $M --methods lolcats,lizard --lengths 8192,32768 --repeats 5 --json ~/res/prof16g8k.json"
+prof16)   # one pass against graphed pieces in the same run (a third table), pieces of 2,048 then of 8,192
+  $L prof16 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --prefill-graph cuda --piece 2048 --json ~/res/prof16.json && python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --prefill-graph cuda --piece 8192 --json ~/res/prof16p8k.json"
   ;;
 prof15)
   $L prof15 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --chunk 8192 --json ~/res/prof15.json && python profile_layer.py --model $M --methods lolcats,lizard --lengths 32768 --repeats 5 --chunk 65536 --sum-split-from 1000000000 --json ~/res/prof15nosplit.json"
