@@ -251,6 +251,9 @@ def try_prefill(model, input_ids, attention_mask, position_ids, cache, inputs_em
     try:
         logits = plan.run(cache, input_ids, logits_to_keep)
     except Exception as err:  # the cache is written only after the last piece: the usual path can still run
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize(input_ids.device)
+            torch.cuda.empty_cache()  # what a failed capture's pool held goes back to the usual path
         logger.warning("attnswap: prefill without graphed pieces for batch size %d (%s: %s); set "
                        "ATTNSWAP_PREFILL_GRAPH=off to skip this attempt", input_ids.shape[0], type(err).__name__, err)
         plans[key] = False
