@@ -333,7 +333,7 @@ def gqa(
     lora_rank: int = typer.Option(8, help="LoRA rank (--train lora only)."),
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
-    retrieval_mix: float = typer.Option(0.25, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables)."),
+    retrieval_mix: float = typer.Option(0.5, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables; docs/GQA.md has the measurements)."),
     transfer_steps: int = typer.Option(0, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (0: none; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
     seq_len: int = SEQ_LEN_OPT,

@@ -30,7 +30,7 @@ class GqaConfig(RunConfig):
     lora_rank: int = 8
     ce_weight: float = 0.0
     calib_batches: int = 4
-    retrieval_mix: float = 0.25  # fraction of training sequences rewritten to carry retrieval (synthetic.py)
+    retrieval_mix: float = 0.5  # fraction of training sequences rewritten to carry retrieval (synthetic.py; docs/GQA.md)
     transfer_steps: int = 0  # attention-block transfer, the first part of steps (0: none; docs/GQA.md says why)
     transfer_lr: float = 3e-4
 

@@ -245,6 +245,7 @@ prof15)
   ;;
 b15gqa)  # (not in the chain: the session after, or in place of loza1k) issue 14's GQA with the value subspace, against
          # aligned's 1.778x out of domain at 2k (2ad8b13)
+  # (the retrieval mix is gqa's new default, 0.5: the aligned run at 2ad8b13 had 0.25)
   q gqasub gqa gqa-sub 8192 "--kv-heads 1 --merge subspace --train all --steps 1000"
   # on rows of 4,096 x 2 (lolcats' default): retrieval is trained at 4x the distance (no merge keeps any: 0% passkey
   # and MQAR before training on the CPU, for aligned and subspace alike)
