@@ -44,8 +44,8 @@ with default options) and each length L:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -133,21 +133,6 @@ def _pyprof(fn, what: str, rows: int = 25):
         print(f"\n--- {what}, cProfile by {key}\n{body[body.find('   ncalls'):]}", flush=True)
 
 
-@contextlib.contextmanager
-def _env(**values):
-    """Environment variables set inside the block (the runtime's overrides: ATTNSWAP_PREFILL_GRAPH...)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syncs: bool = False,
             trace_dir: str | None = None, chunk: int = 2048, pyprof: bool = False, graph: str | None = None,
             piece: int = 2048) -> dict:
@@ -211,19 +196,21 @@ def profile(model, name: str, L: int, dev, dtype, repeats: int, trace: bool, syn
             row["chunked_vs_one_pass"] = {"max_abs": (one - pieces).abs().max().item(),
                                           "rel": ((one - pieces).norm() / one.norm()).item(),
                                           "same_argmax": bool(torch.equal(one.argmax(-1), pieces.argmax(-1)))}
-        if graph and name != "teacher":  # the same prefill in fixed pieces replayed as graphs (modeling/prefill.py)
-            with _env(ATTNSWAP_PREFILL_GRAPH=graph, ATTNSWAP_PREFILL_PIECE=piece):
-                if L >= piece:
-                    row["graph_prefill_ms"] = _timed(prefill, dev, repeats)
-                    row["graph_prefill_host_ms"] = _issue_ms(prefill, dev, repeats)
-                    plans = [p for p in model.__dict__.get("_attnswap_prefill_plans", {}).values() if p]
-                    row["graph_pieces"] = sorted({f"{k}:{n}" for p in plans for k, n, _ in p.pieces})
-                    graphed = prefill().float()
-            if L >= piece:
-                one = prefill().float()
-                row["graph_vs_one_pass"] = {"max_abs": (one - graphed).abs().max().item(),
-                                            "rel": ((one - graphed).norm() / one.norm()).item(),
-                                            "same_argmax": bool(torch.equal(one.argmax(-1), graphed.argmax(-1)))}
+        if graph and name != "teacher" and L >= piece:  # the prefill in fixed pieces replayed as graphs (prefill.py)
+            usual = model.attnswap_runtime
+            model.attnswap_runtime = dataclasses.replace(usual, prefill_graph=graph, prefill_piece=piece)
+            try:
+                row["graph_prefill_ms"] = _timed(prefill, dev, repeats)
+                row["graph_prefill_host_ms"] = _issue_ms(prefill, dev, repeats)
+                plans = [p for p in model.__dict__.get("_attnswap_prefill_plans", {}).values() if p]
+                row["graph_pieces"] = sorted({f"{k}:{n}" for p in plans for k, n, _ in p.pieces})
+                graphed = prefill().float()
+            finally:
+                model.attnswap_runtime = usual
+            one = prefill().float()
+            row["graph_vs_one_pass"] = {"max_abs": (one - graphed).abs().max().item(),
+                                        "rel": ((one - graphed).norm() / one.norm()).item(),
+                                        "same_argmax": bool(torch.equal(one.argmax(-1), graphed.argmax(-1)))}
         row["model_fwd_per_layer_ms"] = row["model_fwd_ms"] / model.config.num_hidden_layers
         if pyprof:
             _pyprof(prefill, f"{name}, L={L}: whole-model prefill into a cache")

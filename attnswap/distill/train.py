@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
+from ..convert.swap import decoder_layers
 from ..errors import AttnSwapError
 from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
@@ -134,8 +135,9 @@ def block_transfer(model, teacher, batches: Batches, cfg: DistillConfig, acc: Ac
     swapped modules: every layer's attention block of ``model`` is fed the input the teacher's block of
     the same layer sees (teacher forcing) and learns to reproduce that block's output. The loss is
     each layer's squared error over the teacher output's mean square, averaged over layers, so that
-    every layer counts alike. Only the linear layers named in ``cfg.transfer_blocks`` train, in full
-    (float32 while training). The loss is local: no logits, and no layer learns to undo another's error."""
+    every layer counts alike. Only the linear layers named in ``cfg.transfer_blocks`` (attention
+    projections) train, in full (float32 while training: ``_full_train``). The loss is local: no
+    logits, and no layer learns to undo another's error."""
     if cfg.transfer_steps <= 0:
         return
     if swapped_modules(model):
@@ -145,7 +147,7 @@ def block_transfer(model, teacher, batches: Batches, cfg: DistillConfig, acc: Ac
     if any(sharding.is_sharded(p) for p in model.parameters()):
         raise AttnSwapError("attention-block transfer is not supported when sharding")
     _freeze_all(model)
-    params, undo = _full_train_attention(model, cfg.transfer_blocks)
+    params, undo = _full_train(model, cfg.transfer_blocks)
     stats.transfer_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
@@ -163,8 +165,8 @@ def block_transfer_loss(model, teacher):
     """``loss_fn(ids)`` of ``block_transfer``: one teacher forward (decoder stack only) whose attention
     blocks' inputs are recorded by hooks, then every attention block of ``model`` run on the recorded
     input of its layer (the same positional arguments and keywords: position embeddings, mask)."""
-    student_blocks = [layer.self_attn for layer in _decoder_layers(model)]
-    teacher_blocks = [layer.self_attn for layer in _decoder_layers(teacher)]
+    student_blocks = [layer.self_attn for layer in decoder_layers(model)]
+    teacher_blocks = [layer.self_attn for layer in decoder_layers(teacher)]
     if len(student_blocks) != len(teacher_blocks):
         raise ValueError("the model and its teacher have different numbers of layers")
     seen: list = [None] * len(teacher_blocks)
@@ -199,22 +201,6 @@ def block_transfer_loss(model, teacher):
         return total / len(student_blocks)
 
     return loss_fn
-
-
-def _decoder_layers(model):
-    body = getattr(model, "model", model)
-    if not hasattr(body, "layers"):
-        raise AttnSwapError(f"{type(model).__name__} has no decoder layers where attnswap looks for them (.model.layers)")
-    return body.layers
-
-
-def _full_train_attention(model, names: tuple[str, ...]):
-    """``_full_train`` of the named linear layers inside the attention blocks only."""
-    wanted = tuple(f"self_attn.{n}" for n in names)
-    mods = {n: m for n, m in model.named_modules() if n.endswith(wanted)}
-    if not mods:
-        raise AttnSwapError(f"no attention linear layers named {', '.join(names)} to train")
-    return _train_in_full(list(mods.values()), next(model.parameters()).dtype)
 
 
 def _transfer_loss(model, body, ids):
@@ -312,10 +298,7 @@ def _full_train(model, names: tuple[str, ...]):
     """Make the weights (and biases) of modules named ``names`` trainable, kept in float32 while
     training (inputs cast up, outputs cast back). Returns (params, undo)."""
     mods = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
-    return _train_in_full(mods, next(model.parameters()).dtype)
-
-
-def _train_in_full(mods, dtype):
+    dtype = next(model.parameters()).dtype
     hooks = []
     for m in mods:
         m.float()

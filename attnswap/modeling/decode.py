@@ -68,9 +68,7 @@ class DecodeGraph:
     def _body(self):
         """One step on the static buffers: the new state is written into them in place."""
         logits, new = self._step_fn()(self.model, self.ids, self.pos, self.state)
-        for static, fresh in zip(self.state, new):
-            for k, t in static.items():
-                t.copy_(fresh[k])
+        copy_states(self.state, new)
         return logits
 
     def _step_fn(self):
@@ -82,22 +80,7 @@ class DecodeGraph:
         return _COMPILED_STEP
 
     def _capture(self):
-        saved = [{k: t.clone() for k, t in s.items()} for s in self.state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocator, cuBLAS handles and any compilation, outside the graph
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._body()
-        self._load(saved)  # the warm-up and capture advanced the state: put it back
-
-    def _load(self, states):
-        for dst, src in zip(self.state, states):
-            for k, t in dst.items():
-                t.copy_(src[k])
+        self.graph, self.logits = capture_graph(self._body, self.state)
 
     def step(self, cache, ids, pos) -> torch.Tensor:
         owner = self.owner() if self.owner is not None else None
@@ -126,6 +109,32 @@ class DecodeGraph:
 
 
 _COMPILED_STEP = None
+
+
+def copy_states(static: list[dict], fresh: list[dict]) -> None:
+    """Write each layer's new state into its static buffers, in place (a tensor already there is kept)."""
+    for dst, src in zip(static, fresh):
+        for k, t in dst.items():
+            if t is not src[k]:
+                t.copy_(src[k])
+
+
+def capture_graph(body, state: list[dict]):
+    """``body()`` (which advances the static ``state`` in place) captured as a CUDA graph, after two
+    warm-up runs on a side stream (allocator, cuBLAS handles, autotuning and any compilation stay out
+    of the graph). The state is put back as it was before. Returns (graph, body's output in the graph)."""
+    saved = [{k: t.clone() for k, t in s.items()} for s in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    copy_states(state, saved)  # the warm-up and capture advanced the state: put it back
+    return graph, out
 
 
 def _pure_step(model, ids, pos, states):

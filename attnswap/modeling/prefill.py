@@ -31,8 +31,9 @@ import torch
 
 from ..convert.base import SwappedAttention
 from ..convert.swap import decoder_layers
-from ..hf_compat import StateLayer, cache_kwargs, causal_lm_output, step_cache, unpadded_rows
+from ..hf_compat import StateLayer, cache_kwargs, causal_lm_output, layer_slot, step_cache, unpadded_rows
 from ..kernels.dispatch import compile_setting
+from .decode import capture_graph, copy_states
 from .runtime import PREFILL_GRAPH_MODES, current
 
 logger = logging.getLogger(__name__)
@@ -99,27 +100,14 @@ class _Piece:
         new = [layer.state for layer in cache.layers]
         if self.plan.state is None:  # the first piece ever run makes the static buffers
             self.plan.state = [{k: t.clone() for k, t in s.items()} for s in new]
+        elif any(static.keys() != fresh.keys() for static, fresh in zip(self.plan.state, new)):
+            raise RuntimeError("a prefill piece changed the layout of the state")
         else:
-            for static, fresh in zip(self.plan.state, new):
-                if static.keys() != fresh.keys():
-                    raise RuntimeError("a prefill piece changed the layout of the state")
-                for k, t in static.items():
-                    if t is not fresh[k]:
-                        t.copy_(fresh[k])
+            copy_states(self.plan.state, new)
         return out.logits
 
     def capture(self):
-        saved = [{k: t.clone() for k, t in s.items()} for s in self.plan.state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph: autotuning, allocator, lazy initialisation
-                self.body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.body()
-        self.plan.load(saved)  # warm-up and capture advanced the state: put it back
+        self.graph, self.logits = capture_graph(self.body, self.plan.state)
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -139,11 +127,6 @@ class PrefillPlan:
         self.state: list[dict] | None = None
         self.pieces: dict[tuple[str, int, int], _Piece] = {}
 
-    def load(self, states) -> None:
-        for dst, src in zip(self.state, states):
-            for k, t in dst.items():
-                t.copy_(src[k])
-
     def _piece(self, kind: str, size: int, keep: int) -> _Piece:
         key = (kind, size, keep)
         p = self.pieces.get(key)
@@ -161,9 +144,7 @@ class PrefillPlan:
         logits (of every position when ``keep`` is 0, else of the last)."""
         fresh = cache.get_seq_length() == 0
         if not fresh:
-            for layer, static in zip(cache.layers, self.state):
-                for k, t in static.items():
-                    t.copy_(layer.state[k])
+            copy_states(self.state, [layer.state for layer in cache.layers])
         start, outs = cache.get_seq_length(), []
         plan = piece_sizes(ids.shape[1], self.piece, fresh)
         at = 0
@@ -173,20 +154,11 @@ class PrefillPlan:
             if keep == 0 or last:
                 outs.append(logits.clone())
             at += size
-        for layer, static in zip(_state_layers(cache, self.layers), self.state):
+        for i, static in enumerate(self.state):
+            layer = layer_slot(cache, i)
             layer.state = {k: t.clone() for k, t in static.items()}
             layer.seen += ids.shape[1]
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-
-
-def _state_layers(cache, n: int) -> list[StateLayer]:
-    layers = cache.layers
-    while len(layers) < n:
-        layers.append(StateLayer())
-    for i in range(n):
-        if not isinstance(layers[i], StateLayer):
-            layers[i] = StateLayer()
-    return layers[:n]
 
 
 def _plain_prefill(model, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
@@ -201,6 +173,8 @@ def _plain_prefill(model, input_ids, attention_mask, position_ids, cache, inputs
     if len(mods) != model.config.num_hidden_layers or not all(
             isinstance(m, SwappedAttention) and m.can_decode and not m.exact_heads and m.mode == "student" for m in mods):
         return False
+    if piece < max(getattr(m, "window", 0) + getattr(m, "sinks", 0) for m in mods):
+        return False  # a first piece shorter than a window would leave a state of another layout
     layers = list(getattr(cache, "layers", None) or [])
     if cache.get_seq_length() == 0:
         if any(isinstance(layer, StateLayer) and layer.state is not None for layer in layers):
@@ -228,9 +202,6 @@ def try_prefill(model, input_ids, attention_mask, position_ids, cache, inputs_em
     piece = prefill_piece()
     if not _plain_prefill(model, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
                           logits_to_keep, kwargs, piece):
-        return None
-    need = max(getattr(m, "window", 0) + getattr(m, "sinks", 0) for m in (d.self_attn for d in decoder_layers(model)))
-    if piece < need:  # a first piece shorter than a window would leave a state of another layout
         return None
     plans = model.__dict__.setdefault("_attnswap_prefill_plans", {})
     # a graph reads the weights at fixed addresses: replacing a tensor (not updating it) needs a new plan

@@ -51,9 +51,11 @@ class RuntimeOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise AttnSwapError(f"runtime option {name}={value!r}: choose from {', '.join(allowed)}")
-        for name in ("prefill_chunk", "prefill_piece"):
-            n = getattr(self, name)
-            if (n is not None or name == "prefill_piece") and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        sizes = {"prefill_piece": self.prefill_piece}
+        if self.prefill_chunk is not None:  # None: the device's default
+            sizes["prefill_chunk"] = self.prefill_chunk
+        for name, n in sizes.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise AttnSwapError(f"runtime option {name}={n!r}: give a positive integer")
 
     @classmethod
