@@ -226,6 +226,21 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
+seventeenth) # the sixteenth cut to one session's 30 minutes: the CUDA tests and the graphed prefill (pieces of 2,048)
+         # alone in the call; then, detached and side by side, issue 14's GQA rows (b15gqa) and issue 16's two open
+         # rows (xlol9a, loza1k). galone8 and mem14 are left out (nothing they time changed since the fourteenth)
+  mkdir -p ~/res
+  $J tests16; $W tests16; $J prof17; $W prof17
+  setsid nohup bash -c "$J b15gqa; $J b17; echo done > ~/res/seventeenth.rc" > ~/res/seventeenth.log 2>&1 &
+  echo "seventeenth chain launched"
+  ;;
+prof17)
+  $L prof17 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 2048,8192,32768 --repeats 5 --prefill-graph cuda --piece 2048 --json ~/res/prof17.json"
+  ;;
+b17)
+  q xlol9a linearize lolcats-x9a 8192 "--exact-heads 9 --calib-loss answers --seq-len 8192 --batch-size 1 --steps 1000"
+  q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  ;;
 sixteenth) # prefill in fixed pieces replayed as CUDA graphs (modeling/prefill.py, off by default until this runs): the
          # CUDA tests first, then the prefill without and with the graphs (pieces of 2,048 and 8,192), alone, in the
          # call; then detached the fifteenth's chain (galone8, b15) and the GQA row
