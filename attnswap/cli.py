@@ -69,6 +69,7 @@ def steps_opt(help: str):
 
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, never 1 (which `convert eval` reserves for "a check failed")
+OUT_OF_MEMORY = 71  # EX_OSERR: the device ran out of memory (a smaller --batch-size / --seq-len may fit)
 
 
 @contextlib.contextmanager
@@ -86,6 +87,23 @@ def _sigterm_unwinds():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for torch's out-of-memory error (not a bug: the device is too small or shared), else None."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is None or not isinstance(e, oom):
+        return None
+    where = ""
+    if torch.cuda.is_available():
+        try:
+            free, total = torch.cuda.mem_get_info()
+            where = f" ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now, other processes included)"
+        except RuntimeError:
+            pass
+    return (f"out of device memory{where}: lower --batch-size or --seq-len, or run with the device to itself; "
+            "no output was written")
 
 
 def _user_errors(fn):
@@ -109,6 +127,9 @@ def _user_errors(fn):
         except Exception as e:  # noqa: BLE001 - a bug: show it, but never exit 1
             if isinstance(e, (typer.Exit, typer.Abort)) or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # the command line's own exits and usage errors
+            if _out_of_memory(e):
+                console.print(f"[red]error:[/red] {escape(_out_of_memory(e))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(OUT_OF_MEMORY) from None
             traceback.print_exc()
             console.print(f"[red]error:[/red] internal error ({type(e).__name__}); this is a bug in attnswap, please "
                           "report it with the traceback above", highlight=False, soft_wrap=True)
@@ -334,7 +355,7 @@ def gqa(
     ce_weight: float = typer.Option(0.0, help="Weight of next-token cross-entropy added to the KL loss."),
     calib_batches: int = typer.Option(4, help="Training batches used to measure head similarity and alignment."),
     retrieval_mix: float = typer.Option(0.5, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables; docs/GQA.md has the measurements)."),
-    transfer_steps: int = typer.Option(0, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (0: none; docs/GQA.md has the measurements; not with FSDP)."),
+    transfer_steps: Optional[int] = typer.Option(None, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (default: 20% of --steps with --train all, 0 otherwise; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,

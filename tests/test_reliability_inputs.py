@@ -340,6 +340,25 @@ def test_an_unexpected_error_never_exits_1(tiny_dir, tiny_text, tmp_path, monkey
     assert not (tmp_path / "r").exists()
 
 
+def test_out_of_memory_is_one_line_and_not_called_a_bug(tiny_dir, tiny_text, tmp_path, monkeypatch):
+    """torch's OutOfMemoryError (a device too small or shared) is no bug: one line with what to lower,
+    exit 71, no traceback, nothing written."""
+    import torch
+
+    from attnswap.evals import runner as eval_runner
+
+    def full(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.")
+
+    monkeypatch.setattr(eval_runner, "heldout_ids", full)
+    res = runner.invoke(app, ["eval", str(tiny_dir), "--data", str(tiny_text), "--seq-len", "32", "--eval-tokens", "64",
+                              "--report-dir", str(tmp_path / "r")])
+    assert res.exit_code == 71, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory") and "--batch-size or --seq-len" in last
+    assert "Traceback" not in res.output and not (tmp_path / "r").exists()
+
+
 # --- what is saved is read back by the code that loads it ---------------------------------------------
 
 def test_a_config_that_would_not_load_is_never_renamed_into_place(tmp_path):
