@@ -362,6 +362,16 @@ def test_bad_models(tmp_path, tiny_text):
     _refused(_run(*_args(q3, tiny_text, out, "--kv-heads", 1)), out, "use --merge mean")
 
 
+def test_transfer_steps_default_to_a_fifth_of_steps_with_train_all_only():
+    from attnswap.pipelines.gqa import GqaConfig, transfer_default
+
+    assert transfer_default(GqaConfig(model="m", kv_heads=1, train="all", steps=1000)) == 200
+    assert transfer_default(GqaConfig(model="m", kv_heads=1, train="all", steps=4)) == 0
+    assert transfer_default(GqaConfig(model="m", kv_heads=1, train="all", steps=1000, transfer_steps=0)) == 0
+    assert transfer_default(GqaConfig(model="m", kv_heads=1, train="lora", steps=1000)) == 0
+    assert transfer_default(GqaConfig(model="m", kv_heads=1, train="lora", steps=10, transfer_steps=3)) == 3
+
+
 def test_existing_out_needs_overwrite(mha_dir, tiny_text, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
