@@ -226,6 +226,23 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
+eighteenth) # where lolcats' 8k prefill spends its device time (the graphed prefill left it device-bound at cf9a050:
+         # 26 ms against the teacher's 20.5), alone in the call; then, detached and three at a time (five sharing ran
+         # loza out of memory): loza at 1000 steps, and GQA's transfer share and retrieval mix at 1000 steps
+  mkdir -p ~/res
+  $J trace18; $W trace18
+  setsid nohup bash -c "$J b18; echo done > ~/res/eighteenth.rc" > ~/res/eighteenth.log 2>&1 &
+  echo "eighteenth chain launched"
+  ;;
+trace18)  # device time by operator (self_cuda_time_total) of the whole-model prefill at 8k, teacher and lolcats
+  $L trace18 "python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192 --repeats 3 --trace --trace-dir ~/res/traces"
+  ;;
+b18)
+  q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  # --train all's default split is 200 + 800 (3bd7584): 400 + 600, and 200 + 800 with the former retrieval mix
+  q gqat400 gqa gqa-sub-t400 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --transfer-steps 400"
+  q gqam25 gqa gqa-sub-m25 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --retrieval-mix 0.25"
+  ;;
 seventeenth) # the sixteenth cut to one session's 30 minutes: the CUDA tests and the graphed prefill (pieces of 2,048)
          # alone in the call; then, detached and side by side, issue 14's GQA rows (b15gqa) and issue 16's two open
          # rows (xlol9a, loza1k). galone8 and mem14 are left out (nothing they time changed since the fourteenth)
