@@ -6,6 +6,7 @@ outside (no test hooks in the package): a real SIGKILL right after the checkpoin
 written, or a real SIGINT/SIGTERM sent to the process right after global step N.
 """
 
+import json
 import signal
 
 import pytest
@@ -202,7 +203,7 @@ def test_gqa_full_training_resumes_from_ctrl_c(tmp_path):
         return net.state_dict()
 
     ref = run(tmp_path / "ref")
-    with pytest.raises(Interrupted, match="interrupted during LoRA distillation at step 4/6"):
+    with pytest.raises(Interrupted, match="interrupted during full-weight distillation at step 4/6"):
         run(tmp_path / "ck", stop_after=4)
     saved = load_file(tmp_path / "ck" / "step-00000004" / "params.safetensors")
     assert saved and all("k_proj" in k or "v_proj" in k for k in saved) and all(v.dtype == torch.float32 for v in saved.values())
@@ -238,3 +239,18 @@ def test_sigterm_while_saving_leaves_nothing_half_written(tiny_dir, tiny_text, t
         f"checkpointed in {out}.ckpt: rerun with --resume")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
 
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_not_misread(tmp_path):
+    """Format 2 renamed stage 2 of full training; a format-1 checkpoint's stage would not match it and the
+    stage would be taken for finished, so --resume refuses it in one line instead."""
+    from attnswap.distill.checkpoint import FORMAT, Checkpointer
+    from attnswap.errors import AttnSwapError
+
+    step = tmp_path / "ck" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"format": 1, "stage": "LoRA distillation", "global_step": 4}))
+    ck = Checkpointer(tmp_path / "ck")
+    ck.check_start(True)
+    with pytest.raises(AttnSwapError, match=f"has format 1, this attnswap reads {FORMAT}; delete .* to start over"):
+        ck.bind({"any": 1}, True)

@@ -137,7 +137,7 @@ def _gqa_run(device: str, graph: bool, monkeypatch):
 def test_graphed_gqa_steps_match_eager_cuda(monkeypatch):
     eager, s0 = _gqa_run("cuda", False, monkeypatch)
     graphed, s1 = _gqa_run("cuda", True, monkeypatch)
-    assert s1.graph_steps == {"attention-block transfer": 5, "LoRA distillation": 5}, s1.graph_steps
+    assert s1.graph_steps == {"attention-block transfer": 5, "full-weight distillation": 5}, s1.graph_steps
     _same_training(eager, s0, graphed, s1)
 
 
@@ -146,5 +146,5 @@ def test_gqa_stages_run_on_cpu(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU path")
     m, stats = _gqa_run("cpu", True, monkeypatch)
-    assert stats.graph_steps == {} and set(stats.losses) == {"attention-block transfer", "LoRA distillation"}
+    assert stats.graph_steps == {} and set(stats.losses) == {"attention-block transfer", "full-weight distillation"}
     assert stats.transfer_params > 0 and stats.lora_params > stats.transfer_params

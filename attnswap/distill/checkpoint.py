@@ -45,7 +45,7 @@ from ..progress import console
 from . import sharding
 from .faults import InterruptFlag, Interrupted, StepGuard
 
-FORMAT = 1
+FORMAT = 2  # 2: stage 2 of full training is named "full-weight distillation" (was "LoRA distillation")
 
 
 def settings_hash(settings: dict) -> str:
@@ -128,7 +128,8 @@ class Checkpointer:
         if last is None:
             raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
         if last.meta.get("format") != FORMAT:
-            raise AttnSwapError(f"checkpoint {last.path} has an unknown format; delete {self.root} to start over")
+            raise AttnSwapError(f"checkpoint {last.path} has format {last.meta.get('format')!r}, this attnswap reads "
+                                f"{FORMAT}; delete {self.root} to start over")
         if last.meta.get("config_hash") != self.hash:
             old = last.meta.get("settings") if isinstance(last.meta.get("settings"), dict) else {}
             diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))

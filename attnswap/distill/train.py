@@ -284,7 +284,7 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
             loss = loss + cfg.ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         return loss
 
-    _loop("LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
+    _loop(FULL_STAGE if cfg.full_train else "LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
           step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)
     if cfg.full_train:
         undo()
@@ -292,6 +292,9 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     if sharded:  # merging would add whole LoRA products to weight shards; sharding.merged_state_dict does it
         return peft_model
     return peft_model.merge_and_unload()
+
+
+FULL_STAGE = "full-weight distillation"  # stage 2 with cfg.full_train (gqa --train kv / attn / all): no LoRA in it
 
 
 def _full_train(model, names: tuple[str, ...]):
