@@ -178,9 +178,11 @@ def test_gqa_resumed_after_the_block_transfer_keeps_its_weights(gqa_reference, t
     assert _weights(out) == _weights(ref)
 
 
-def test_gqa_full_training_resumes_from_ctrl_c(tmp_path):
+@pytest.mark.parametrize("format1", [False, True])
+def test_gqa_full_training_resumes_from_ctrl_c(tmp_path, format1):
     """gqa --train kv trains float32 copies of k_proj/v_proj (no LoRA): those are checkpointed and a
-    resumed run ends byte-identical (the loop as `convert gqa` drives it, without the CLI's loading)."""
+    resumed run ends byte-identical (the loop as `convert gqa` drives it, without the CLI's loading).
+    ``format1``: the checkpoint as format 1 wrote it, when the stage was still called "LoRA distillation"."""
     import contextlib
 
     from attnswap.convert.gqa import merge_to_gqa
@@ -206,6 +208,11 @@ def test_gqa_full_training_resumes_from_ctrl_c(tmp_path):
     with pytest.raises(Interrupted, match="interrupted during full-weight distillation at step 4/6"):
         run(tmp_path / "ck", stop_after=4)
     saved = load_file(tmp_path / "ck" / "step-00000004" / "params.safetensors")
+    if format1:
+        meta_path = tmp_path / "ck" / "step-00000004" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        assert meta["stage"] == "full-weight distillation"
+        meta_path.write_text(json.dumps({**meta, "format": 1, "stage": "LoRA distillation"}))
     assert saved and all("k_proj" in k or "v_proj" in k for k in saved) and all(v.dtype == torch.float32 for v in saved.values())
     resumed = run(tmp_path / "ck", resume=True)
     assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
@@ -241,16 +248,14 @@ def test_sigterm_while_saving_leaves_nothing_half_written(tiny_dir, tiny_text, t
 
 
 
-def test_a_checkpoint_of_an_older_format_is_refused_not_misread(tmp_path):
-    """Format 2 renamed stage 2 of full training; a format-1 checkpoint's stage would not match it and the
-    stage would be taken for finished, so --resume refuses it in one line instead."""
+def test_a_checkpoint_of_an_unknown_format_is_refused(tmp_path):
     from attnswap.distill.checkpoint import FORMAT, Checkpointer
     from attnswap.errors import AttnSwapError
 
     step = tmp_path / "ck" / "step-00000004"
     step.mkdir(parents=True)
-    (step / "meta.json").write_text(json.dumps({"format": 1, "stage": "LoRA distillation", "global_step": 4}))
+    (step / "meta.json").write_text(json.dumps({"format": FORMAT + 1, "stage": "LoRA distillation", "global_step": 4}))
     ck = Checkpointer(tmp_path / "ck")
     ck.check_start(True)
-    with pytest.raises(AttnSwapError, match=f"has format 1, this attnswap reads {FORMAT}; delete .* to start over"):
+    with pytest.raises(AttnSwapError, match=f"has format {FORMAT + 1}, this attnswap reads 1 and {FORMAT}; delete .* to start over"):
         ck.bind({"any": 1}, True)

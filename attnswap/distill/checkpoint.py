@@ -45,7 +45,9 @@ from ..progress import console
 from . import sharding
 from .faults import InterruptFlag, Interrupted, StepGuard
 
-FORMAT = 2  # 2: stage 2 of full training is named "full-weight distillation" (was "LoRA distillation")
+FORMAT = 2  # 2: stage 2 of full training is named FULL_STAGE; format 1 called it "LoRA distillation"
+READS = (1, FORMAT)
+FULL_STAGE = "full-weight distillation"  # stage 2 with DistillConfig.full_train (gqa --train kv / attn / all)
 
 
 def settings_hash(settings: dict) -> str:
@@ -127,9 +129,9 @@ class Checkpointer:
         last = self.latest()
         if last is None:
             raise AttnSwapError(f"--resume: there is no checkpoint in {self.root} to resume from")
-        if last.meta.get("format") != FORMAT:
+        if last.meta.get("format") not in READS:
             raise AttnSwapError(f"checkpoint {last.path} has format {last.meta.get('format')!r}, this attnswap reads "
-                                f"{FORMAT}; delete {self.root} to start over")
+                                f"{' and '.join(map(str, READS))}; delete {self.root} to start over")
         if last.meta.get("config_hash") != self.hash:
             old = last.meta.get("settings") if isinstance(last.meta.get("settings"), dict) else {}
             diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
@@ -406,7 +408,10 @@ class StageRun:
         if meta.get("processes", 1) != self.run.processes:
             raise AttnSwapError(f"the checkpoint in {ck.root} was written by {meta.get('processes', 1)} process(es); "
                                 f"resume it with the same number (this run has {self.run.processes})")
-        if meta.get("stage") != self.name:
+        stage = meta.get("stage")
+        if meta.get("format") == 1 and stage == "LoRA distillation" and self.name == FULL_STAGE:
+            stage = self.name  # format 1 gave full training's stage 2 the LoRA stage's name
+        if stage != self.name:
             if meta.get("global_step", 0) > self.offset:  # a later stage's checkpoint: this one is done
                 done = meta.get("done_stages", {}).get(self.name, {})
                 self.start, self.tokens, self.ema = self.steps, done.get("tokens", 0), done.get("ema")

@@ -27,7 +27,7 @@ from ..errors import AttnSwapError
 from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
-from .checkpoint import current_run
+from .checkpoint import FULL_STAGE, current_run
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -292,9 +292,6 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     if sharded:  # merging would add whole LoRA products to weight shards; sharding.merged_state_dict does it
         return peft_model
     return peft_model.merge_and_unload()
-
-
-FULL_STAGE = "full-weight distillation"  # stage 2 with cfg.full_train (gqa --train kv / attn / all): no LoRA in it
 
 
 def _full_train(model, names: tuple[str, ...]):
