@@ -57,6 +57,34 @@ def test_pieces_cover_the_prompt_with_few_sizes(total, fresh):
     assert tail == sorted(tail, reverse=True) and len(set(tail)) == len(tail)  # the binary expansion, once each
 
 
+@pytest.mark.parametrize("method", ["lolcats", "lizard"])
+def test_pieces_split_the_state_sums_from_fewer_keys(monkeypatch, method):
+    """Inside a piece the first state's linear sums split from SUM_SPLIT_FROM_GRAPHED keys on (the
+    device time is what a graph leaves); a one-pass prefill keeps SUM_SPLIT_FROM. Both build the state
+    one pass builds."""
+    from attnswap.kernels.hybrid_attn import step_torch
+    from attnswap.modeling import prefill
+
+    m = _model(method, 2)
+    ids = _ids(PIECE + 3)
+    monkeypatch.setattr(prefill, "SUM_SPLIT_FROM_GRAPHED", 4)
+    monkeypatch.setattr(step_torch, "SUM_PIECE", 3)
+    widths = []
+    sums = step_torch._linear_sums
+    monkeypatch.setattr(step_torch, "_linear_sums", lambda fk, v, *a: widths.append(
+        (fk.shape[1], step_torch._split_from)) or sums(fk, v, *a))
+    monkeypatch.setenv("ATTNSWAP_PREFILL_GRAPH", "off")
+    ref, ref_cache = _prefill(m, ids)
+    assert widths and all(at is None for _, at in widths)
+    widths.clear()
+    monkeypatch.setenv("ATTNSWAP_PREFILL_GRAPH", "static")
+    got, cache = _prefill(m, ids)
+    assert widths and all(n >= 4 and at == 4 for n, at in widths)  # every layer's first piece: split
+    assert step_torch._split_from is None
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
+    _same_cache(ref_cache, cache)
+
+
 @pytest.mark.parametrize("method,sinks", [("lolcats", 0), ("lolcats", 2), ("lizard", 0)])
 def test_static_pieces_prefill_what_one_pass_prefills(monkeypatch, method, sinks):
     """PyTorch kernels (the CPU default): later pieces step through ``decode``. The Triton continuation

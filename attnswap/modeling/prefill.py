@@ -34,6 +34,7 @@ from ..convert.base import SwappedAttention
 from ..convert.swap import decoder_layers
 from ..hf_compat import StateLayer, cache_kwargs, causal_lm_output, layer_slot, step_cache, unpadded_rows
 from ..kernels.dispatch import compile_setting
+from ..kernels.hybrid_attn.step_torch import SUM_SPLIT_FROM_GRAPHED, split_sums_from
 from .decode import capture_graph, copy_states
 from .runtime import PREFILL_GRAPH_MODES, current
 
@@ -95,7 +96,7 @@ class _Piece:
         if self.kind == "next":
             for layer in cache.layers:  # continuing: the state holds whole windows (the kernels' fast path checks
                 layer.seen = self.plan.piece  # this count, and try_prefill checked that the piece covers a window)
-        with unpadded_rows():
+        with unpadded_rows(), split_sums_from(SUM_SPLIT_FROM_GRAPHED):  # device time is what a graph leaves
             out = self.plan.model.stock_forward(input_ids=self.ids, position_ids=self.pos, use_cache=True,
                                                 logits_to_keep=self.keep, **cache_kwargs(cache))
         new = [layer.state for layer in cache.layers]

@@ -230,12 +230,15 @@ eighteenth) # where lolcats' 8k prefill spends its device time (the graphed pref
          # 26 ms against the teacher's 20.5), alone in the call; then, detached and three at a time (five sharing ran
          # loza out of memory): loza at 1000 steps, and GQA's transfer share and retrieval mix at 1000 steps
   mkdir -p ~/res
-  $J trace18; $W trace18
+  $J trace18; $W trace18; $J prof18; $W prof18
   setsid nohup bash -c "$J b18; echo done > ~/res/eighteenth.rc" > ~/res/eighteenth.log 2>&1 &
   echo "eighteenth chain launched"
   ;;
 trace18)  # device time by operator (self_cuda_time_total) of the whole-model prefill at 8k, teacher and lolcats
   $L trace18 "python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192 --repeats 3 --trace --trace-dir ~/res/traces"
+  ;;
+prof18)   # the graphed 8k prefill after its state sums split from 2,048 keys (was 16,384; cf9a050: lolcats 26.1 ms)
+  $L prof18 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192 --repeats 5 --chunk 8192 --prefill-graph cuda --piece 8192 --json ~/res/prof18.json"
   ;;
 b18)
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"

@@ -17,6 +17,7 @@ updated state; it matches ``naive_hybrid_attn`` on the full sequence (tests/test
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -133,6 +134,21 @@ def _prefill_state_unpadded(k, v, fk, *, window: int, sinks: int = 0, g=None) ->
 # launch more (two with padding). Below it a prefill is bound by the host, where launches cost more.
 SUM_SPLIT_FROM = 16384
 SUM_PIECE = 512
+# Replayed as a CUDA graph (modeling/prefill.py), a launch costs the host nothing and the device time is
+# what is left (lolcats' 8k prefill: 26 ms graphed, 3.3 of it host, cf9a050), so the split starts lower.
+SUM_SPLIT_FROM_GRAPHED = 2048
+_split_from: int | None = None  # split_sums_from's setting while it is active
+
+
+@contextlib.contextmanager
+def split_sums_from(n: int):
+    """Within the block, prefill states split their linear sums from ``n`` keys on (not SUM_SPLIT_FROM)."""
+    global _split_from
+    old, _split_from = _split_from, n
+    try:
+        yield
+    finally:
+        _split_from = old
 
 
 def _linear_sums(fk, v, decay=None):
@@ -141,7 +157,7 @@ def _linear_sums(fk, v, decay=None):
     and laid out for a batched product in one copy each."""
     B, t, Hk, Fd = fk.shape
     Dv = v.shape[-1]
-    if t < SUM_SPLIT_FROM:
+    if t < (SUM_SPLIT_FROM if _split_from is None else _split_from):
         ft = fk.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)  # (B, Hk, F, t)
         vt = v.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (B, Hk, t, Dv)
         if decay is not None:
