@@ -357,6 +357,7 @@ def gqa(
     retrieval_mix: float = typer.Option(0.5, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables; docs/GQA.md has the measurements)."),
     transfer_steps: Optional[int] = typer.Option(None, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (default: 20% of --steps with --train all, 0 otherwise; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
+    teacher_text: float = typer.Option(0.0, help="Fraction of the training rows read that are replaced by text the original model samples itself (from BOS, temperature 1; cached in $ATTNSWAP_CACHE/teacher-text; 0 disables; docs/GQA.md has the measurements)."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,
@@ -382,6 +383,9 @@ def _retrieval_row(t, r: dict) -> None:
     if r.get("retrieval_mix"):
         t.add_row("retrieval sequences (--retrieval-mix)", f"{r['retrieval_sequences']:,} of {r['training_sequences']:,} "
                   f"({r['retrieval_mix']:g} asked)")
+    if r.get("teacher_text"):
+        t.add_row("teacher-written sequences (--teacher-text)", f"{r['teacher_sequences']:,} "
+                  f"({r['teacher_text']:g} of the rows read; {r['teacher_text_seconds']:.0f} s)")
 
 
 def _gqa_summary(r: dict) -> None:

@@ -172,6 +172,20 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource(spec, spec, kind="hub")
 
 
+def source_stamp(source: ModelSource) -> str:
+    """Names a model's weights for caches of what it computes (teacher_text.py): the real paths, sizes
+    and modification times of a local model's files; a hub id as given (with its revision, if any)."""
+    if source.kind == "hub":
+        return hashlib.sha256(f"hub:{source.path}".encode()).hexdigest()[:16]
+    root = Path(source.path)
+    parts = []
+    for f in sorted(root.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".gguf", ".bin"):
+            st = f.stat()
+            parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 

@@ -80,15 +80,19 @@ class Batches:
     def __init__(self, seqs: torch.Tensor, batch_size: int, seed: int, accelerator: Accelerator):
         self.seqs, self.bs, self.seed, self.acc = seqs, batch_size, seed, accelerator
 
-    def __call__(self, step: int) -> torch.Tensor:
-        n = self.seqs.shape[0]
-        world = self.acc.num_processes
-        global_bs = self.bs * world
+    @staticmethod
+    def indices(n: int, batch_size: int, seed: int, world: int, step: int) -> torch.Tensor:
+        """The rows of the global batch ``step`` (all processes'), out of ``n``."""
+        global_bs = batch_size * world
         per_epoch = max(1, n // global_bs)
         epoch, k = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g)
-        idx = perm[(torch.arange(global_bs) + k * global_bs) % n]
+        return perm[(torch.arange(global_bs) + k * global_bs) % n]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        world = self.acc.num_processes
+        idx = self.indices(self.seqs.shape[0], self.bs, self.seed, world, step)
         return self.seqs[idx[self.acc.process_index :: world]].to(self.acc.device)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
+from ..teacher_text import check_fraction
 from .common import (Clock, RunConfig, check_positive, check_retrieval_mix, check_seq_len,
                      load_for_training, plan_training_outputs, refuse_given, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
@@ -16,7 +17,7 @@ FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_p
 
 # the settings only a run that trains uses
 TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints",
-            "nan_retries", "transfer_steps", "transfer_lr")
+            "nan_retries", "transfer_steps", "transfer_lr", "teacher_text")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class GqaConfig(RunConfig):
     retrieval_mix: float = 0.5  # fraction of training sequences rewritten to carry retrieval (synthetic.py; docs/GQA.md)
     transfer_steps: int | None = None  # attention-block transfer, the first part of steps (None: transfer_default)
     transfer_lr: float = 3e-4
+    teacher_text: float = 0.0  # share of the rows read that the teacher writes itself (teacher_text.py)
 
 
 TRANSFER_SHARE_ALL = 0.2  # of --steps, with --train all (docs/GQA.md: 1000 steps on the H200)
@@ -63,6 +65,7 @@ def check(cfg: GqaConfig) -> None:
     if cfg.train not in ("lora", "none", *FULL_TRAIN):
         raise AttnSwapError(f"unknown --train {cfg.train!r}; choose from lora, kv, attn, all, none")
     check_retrieval_mix(cfg.retrieval_mix)
+    check_fraction(cfg.teacher_text)
     if cfg.transfer_steps is not None and cfg.transfer_steps < 0:
         raise AttnSwapError("--transfer-steps must be at least 0")
     if not cfg.transfer_lr > 0:
@@ -115,6 +118,14 @@ def run(cfg: GqaConfig) -> dict | None:
                                tokens_needed=max(cfg.steps if trains else 0, cfg.calib_batches) * bs * seq_len)
     net, dt, held, ood = ld.model, ld.dtype, ld.heldout, ld.ood
     value_refit = cfg.merge == "aligned" if cfg.value_refit is None else cfg.value_refit
+    train_rows, written = ld.train, None
+    if trains and cfg.teacher_text:
+        from ..teacher_text import mix_teacher_text
+
+        with clock.phase("teacher text"):  # sampled from the model before it is merged: the teacher
+            train_rows, written = mix_teacher_text(ld.train, net, ld.tokenizer, cfg.teacher_text, batch_size=bs,
+                                                   steps=cfg.steps, seed=cfg.seed, stamp=loading.source_stamp(src),
+                                                   world=ld.processes)
     if trains:
         ckpts.bind({"model": cfg.model, "data": cfg.data, "train_tokens": tokens_hash(ld.train),
                     "kv_heads": cfg.kv_heads, "grouping": cfg.grouping, "merge": cfg.merge, "value_refit": value_refit,
@@ -122,7 +133,9 @@ def run(cfg: GqaConfig) -> dict | None:
                     "ce_weight": cfg.ce_weight, "calib_batches": cfg.calib_batches,
                     "retrieval_mix": cfg.retrieval_mix, "seq_len": seq_len, "transfer_steps": n_transfer,
                     "transfer_lr": cfg.transfer_lr,
-                    "batch_size": bs, "seed": cfg.seed, "dtype": str(dt)}, cfg.resume)
+                    "batch_size": bs, "seed": cfg.seed, "dtype": str(dt)}
+                   | ({} if written is None else {"teacher_text": cfg.teacher_text,  # absent: older checkpoints resume
+                                                  "teacher_rows": tokens_hash(train_rows[written])}), cfg.resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -157,7 +170,10 @@ def run(cfg: GqaConfig) -> dict | None:
         dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_train, batch_size=bs, lr=lr, lora_rank=cfg.lora_rank,
                              ce_weight=cfg.ce_weight, seed=cfg.seed, full_train=FULL_TRAIN.get(cfg.train, ()),
                              transfer_lr=cfg.transfer_lr, transfer_blocks=_ATTN)
-        mixed, report["retrieval_sequences"] = retrieval_mix(ld.train, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
+        mixed, report["retrieval_sequences"] = retrieval_mix(train_rows, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
+        if written is not None:
+            report.update(teacher_text=cfg.teacher_text, teacher_sequences=written.numel(),
+                          teacher_text_seconds=clock.seconds["teacher text"])
         report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0],  # training only
                       transfer_steps=n_transfer, train_steps=n_train, transfer_lr=cfg.transfer_lr)
         hint = resume_command(cfg.command, "gqa")
