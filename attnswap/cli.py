@@ -357,7 +357,7 @@ def gqa(
     retrieval_mix: float = typer.Option(0.5, help="Fraction of training sequences rewritten to carry passkeys and key -> value pairs asked for later (attnswap/synthetic.py; 0 disables; docs/GQA.md has the measurements)."),
     transfer_steps: Optional[int] = typer.Option(None, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (default: 20% of --steps with --train all, 0 otherwise; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
-    teacher_text: float = typer.Option(0.0, help="Fraction of the training rows read that are replaced by text the original model samples itself (from BOS, temperature 1; cached in $ATTNSWAP_CACHE/teacher-text; 0 disables; docs/GQA.md has the measurements)."),
+    teacher_text: float = typer.Option(0.0, help="Fraction of the training rows read that are replaced by text the original model samples itself (from BOS, top-p 0.9; cached in $ATTNSWAP_CACHE/teacher-text; 0 disables; docs/GQA.md has the measurements)."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,

@@ -243,7 +243,7 @@ prof18)   # the graphed 8k prefill after its state sums split from 2,048 keys (w
 b18)
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
   # --train all's default split is 200 + 800 (3bd7584): 400 + 600, and 200 + 800 with half the rows read written by
-  # the teacher (--teacher-text 0.5: CPU, 60 steps, 2.36x against 2.41x out of domain, 1.84x against 1.74x in domain)
+  # the teacher (--teacher-text 0.5, top-p 0.9: CPU, 60 steps, 2.27x against 2.41x out of domain, 1.85x against 1.74x in domain)
   q gqat400 gqa gqa-sub-t400 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --transfer-steps 400"
   q gqatt50 gqa gqa-sub-tt50 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --teacher-text 0.5"
   ;;
