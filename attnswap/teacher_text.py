@@ -31,11 +31,6 @@ from .errors import AttnSwapError
 SAMPLING = {"temperature": 1.0, "top_p": 0.9}  # nucleus: beat plain sampling out of domain (docs/GQA.md)
 
 
-def check_fraction(fraction: float) -> None:
-    if not 0 <= fraction < 1:  # also refuses NaN
-        raise AttnSwapError(f"--teacher-text must be at least 0 and below 1 (got {fraction:g})")
-
-
 def rows_read(n: int, batch_size: int, seed: int, steps: int, world: int = 1) -> torch.Tensor:
     """The distinct row indices (sorted) that ``steps`` of ``Batches(n rows, batch_size, seed)`` draw,
     over all ``world`` processes."""
@@ -147,12 +142,13 @@ def teacher_rows(model, tokenizer, n_rows: int, seq_len: int, seed: int, stamp: 
         batch_size = default_batch(model, doc_len)
     docs = sample_documents(model, tokenizer, n_rows * seq_len, doc_len, seed, batch_size)
     rows = pack(docs, tokenizer.eos_token_id, n_rows, seq_len)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"rows": rows.to(torch.int32).contiguous()}, str(tmp))
         os.replace(tmp, path)
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays in the cache
         raise AttnSwapError(f"could not cache the teacher's text in {path.parent} ({e.strerror or e}); set ATTNSWAP_CACHE") from None
     return rows
 

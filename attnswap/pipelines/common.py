@@ -268,9 +268,10 @@ def write_json(path: Optional[Path], text: str, done: str) -> None:
         raise AttnSwapError(f"{e} ({done})") from None
 
 
-def check_retrieval_mix(fraction: float) -> None:
+def check_share(flag: str, fraction: float) -> None:
+    """A share of the training rows (--retrieval-mix, --teacher-text): in [0, 1)."""
     if not 0 <= fraction < 1:  # also refuses NaN
-        raise AttnSwapError(f"--retrieval-mix must be at least 0 and below 1 (got {fraction:g})")
+        raise AttnSwapError(f"{flag} must be at least 0 and below 1 (got {fraction:g})")
 
 
 def retrieval_mix(seqs, tokenizer, fraction: float, seed: int):

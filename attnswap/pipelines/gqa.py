@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from ..teacher_text import check_fraction
-from .common import (Clock, RunConfig, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_positive, check_share, check_seq_len,
                      load_for_training, plan_training_outputs, refuse_given, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
 
@@ -64,8 +63,8 @@ def check(cfg: GqaConfig) -> None:
                    calib_batches=cfg.calib_batches)
     if cfg.train not in ("lora", "none", *FULL_TRAIN):
         raise AttnSwapError(f"unknown --train {cfg.train!r}; choose from lora, kv, attn, all, none")
-    check_retrieval_mix(cfg.retrieval_mix)
-    check_fraction(cfg.teacher_text)
+    check_share("--retrieval-mix", cfg.retrieval_mix)
+    check_share("--teacher-text", cfg.teacher_text)
     if cfg.transfer_steps is not None and cfg.transfer_steps < 0:
         raise AttnSwapError("--transfer-steps must be at least 0")
     if not cfg.transfer_lr > 0:

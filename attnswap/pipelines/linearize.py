@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import AttnSwapError
 from ..progress import console
-from .common import (Clock, RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_convertible, check_positive, check_share, check_seq_len,
                      load_for_training, plan_training_outputs, require_text, resume_command,
                      retrieval_mix, save_run, sharded_launch, tokens_hash)
 
@@ -177,7 +177,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
         raise AttnSwapError(f"--calib-loss is one of {', '.join(CALIB_LOSS)} (got {cfg.calib_loss!r})")
     if not n_exact and "calib_loss" in cfg.given:
         raise AttnSwapError("--calib-loss applies only with --exact-heads")
-    check_retrieval_mix(cfg.retrieval_mix)
+    check_share("--retrieval-mix", cfg.retrieval_mix)
     for flag, v in (("--sinks", cfg.sinks), ("--meta-tokens", cfg.meta_tokens)):
         if v is not None and v < 0:
             raise AttnSwapError(f"{flag} must not be negative (got {v})")

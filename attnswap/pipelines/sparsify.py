@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import AttnSwapError
-from .common import (Clock, RunConfig, check_convertible, check_positive, check_retrieval_mix, check_seq_len,
+from .common import (Clock, RunConfig, check_convertible, check_positive, check_share, check_seq_len,
                      load_for_training, plan_training_outputs, require_text, resume_command,
                      save_run, sharded_launch, tokens_hash)
 
@@ -70,7 +70,7 @@ def check(cfg: SparsifyConfig) -> None:
                    local_blocks=cfg.local_blocks, calib_steps=cfg.calib_steps, lora_rank=cfg.lora_rank)
     if not 0.0 <= cfg.fraction <= 1.0:
         raise AttnSwapError(f"--fraction must be in [0, 1] (got {cfg.fraction})")
-    check_retrieval_mix(cfg.retrieval_mix)
+    check_share("--retrieval-mix", cfg.retrieval_mix)
     if cfg.sink_blocks < 0 or (cfg.lora_steps is not None and cfg.lora_steps < 0) or cfg.penalty < 0:
         raise AttnSwapError("--sink-blocks, --lora-steps and --penalty must not be negative")
     if not (cfg.lr > 0 and cfg.calib_lr > 0):
