@@ -226,6 +226,24 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
+nineteenth) # eighteenth, with issue 17's 3 minutes in between: the 8k prefill trace and the graphed 8k prefill in the
+         # call; then detached, each alone: a training step at lolcats' default rows (eager trace by operator, then
+         # graphed timing), the whole default command (galone19; the GGUF is already de-quantised into the cache by
+         # then, and its JSON splits the wall time by phase), the same on issue 17's rows of 8 x 1,024 (galone8);
+         # then b18 three at a time
+  mkdir -p ~/res
+  $J trace18; $W trace18; $J prof18; $W prof18
+  setsid nohup bash -c "$J proftrain19; $W proftrain19; $J galone19; $W galone19; $J galone8; $W galone8; $J b18
+    echo done > ~/res/nineteenth.rc" > ~/res/nineteenth.log 2>&1 &
+  : > ~/res/proftrain19.log; echo "nineteenth chain launched"
+  ;;
+proftrain19) # where a training step's device time goes at lolcats' default rows (4,096 x 2): eager steps traced by
+         # operator, then the graphed step timed
+  $L proftrain19 "ATTNSWAP_TRAIN_GRAPH=0 python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --warmup 2 --steps 5 --trace --trace-steps 2 --json ~/res/proftrain19e.json && python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20 --json ~/res/proftrain19g.json"
+  ;;
+galone19)  # issue 17's 3 minutes: the default command alone (rows of 4,096 x 2), no quality suite
+  $L galone19 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone19.json -- --steps 1000"
+  ;;
 eighteenth) # where lolcats' 8k prefill spends its device time (the graphed prefill left it device-bound at cf9a050:
          # 26 ms against the teacher's 20.5), alone in the call; then, detached and three at a time (five sharing ran
          # loza out of memory): loza at 1000 steps, and GQA's transfer share and --teacher-text at 1000 steps
