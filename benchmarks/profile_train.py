@@ -14,7 +14,9 @@ For each method (a conversion made untrained from the teacher, default options u
   time and by self host time;
 - on CUDA each stage's step is replayed as a CUDA graph (``distill.train.StepGraph``, the default);
   ``graph steps`` says how many steps of each stage were; ``ATTNSWAP_TRAIN_GRAPH=0`` in the
-  environment times the eager steps.
+  environment times the eager steps;
+- on CUDA, ``peak_gib``: the device memory each stage peaked at; the LoRA stage's loss runs a block of
+  rows at a time (``distill/logit_loss.py``) unless ``ATTNSWAP_CHUNKED_LOSS=0`` (whole logits).
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -32,6 +34,7 @@ import torch
 import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
+from attnswap.distill import logit_loss
 from attnswap.distill.train import DistillConfig, distill, split_steps
 from attnswap.modeling import convert_model
 from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
@@ -46,12 +49,17 @@ def _stage_cfg(stage: str, steps: int, batch_size: int) -> DistillConfig:
 
 def time_stages(model, seqs, batch_size: int, warmup: int, steps: int) -> dict:
     """Median step time (s) of each stage, after ``warmup`` steps of it (their times are dropped)."""
-    out = {"graph_steps": {}}
+    out = {"graph_steps": {}, "peak_gib": {}}
+    cuda = next(model.parameters()).device.type == "cuda"
     for stage in ("transfer", "lora"):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         _, stats = distill(model, seqs, _stage_cfg(stage, warmup + steps, batch_size))
         times = next(t for name, t in stats.step_seconds.items() if STAGES[name] == stage)
         out[stage] = statistics.median(times[warmup:])
         out["graph_steps"].update(stats.graph_steps)
+        if cuda:
+            out["peak_gib"][stage] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
@@ -104,7 +112,8 @@ def main():
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
                "transfer_ms": 1e3 * t["transfer"], "lora_ms": 1e3 * t["lora"],
                "transfer_tok_s": tokens / t["transfer"], "lora_tok_s": tokens / t["lora"],
-               "steps_1000_s": t_share * t["transfer"] + l_share * t["lora"], "graph_steps": t["graph_steps"]}
+               "steps_1000_s": t_share * t["transfer"] + l_share * t["lora"], "graph_steps": t["graph_steps"],
+               "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted()}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.trace:

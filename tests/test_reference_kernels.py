@@ -178,3 +178,44 @@ def test_prefill_states_share_their_shape_only_parts_and_own_the_rest():
         assert a[name].data_ptr() != b[name].data_ptr(), name
         assert a[name].untyped_storage().nbytes() == a[name].numel() * a[name].element_size(), name
     assert a["win_fk"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_pytorch_path_recomputes_in_training_with_the_same_gradients(gated):
+    """dispatch runs the chunked PyTorch paths under torch.utils.checkpoint when differentiated (their
+    scores are not kept for the backward): the same outputs and gradients as calling them directly,
+    meta tokens included; the forward keeps fewer tensors for the backward."""
+    from attnswap.kernels import dispatch
+    from attnswap.kernels.gated_attn.torch_chunk import chunk_gated_hybrid_attn
+
+    x = _inputs(2, 70, 6, 2, 8, 10, seed=11 + gated)
+    g = torch.Generator().manual_seed(4)
+    gamma = torch.rand(6, generator=g).requires_grad_(True)
+    if gated:
+        gate = (-0.2 * torch.rand(2, 70, 2, generator=g)).requires_grad_(True)
+        mk = torch.randn(3, 2, 8, generator=g).requires_grad_(True)
+        mv = torch.randn(3, 2, 8, generator=g).requires_grad_(True)
+        args = (x["q"], x["k"], x["v"], x["fq"], x["fk"], gate, gamma)
+        kw = dict(window=9, scale=0.35, chunk_size=16, meta_k=mk, meta_v=mv)
+        direct, via, wrt = chunk_gated_hybrid_attn, dispatch.gated_hybrid_attn, args + (mk, mv)
+    else:
+        args = (x["q"], x["k"], x["v"], x["fq"], x["fk"], gamma)
+        kw = dict(window=9, scale=0.35, chunk_size=16, sinks=2)
+        direct, via, wrt = chunk_hybrid_attn, dispatch.hybrid_attn, args
+
+    def saved(fn):
+        n = [0]
+
+        def pack(t):
+            n[0] += t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*args, **kw)
+        return out, n[0]
+
+    ref, kept_ref = saved(direct)
+    out, kept = saved(via)
+    assert torch.equal(out, ref)
+    assert kept < kept_ref / 2
+    for ga, gb in zip(_grads(out, wrt), _grads(ref, wrt)):
+        assert rel_err(ga, gb) < 1e-6

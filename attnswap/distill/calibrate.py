@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 from ..convert.base import attention_mode, swapped_modules
 from .train import Batches, DistillStats, _freeze_all, _loop
+from .logit_loss import Logits, chunked_logit_loss, logit_loss
 
 STAGE = "calibration"
 
@@ -110,18 +110,25 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     stats = DistillStats()
 
+    logits = Logits(model)  # a block of rows at a time where the split holds (logit_loss.py)
+
+    def outputs(ids):
+        return logits.hidden(ids) if logits.chunked else logits.full(ids).flatten(0, 1)
+
     def loss_fn(ids):
-        if cfg.answers_only:
-            ids, weight = split_marked(ids)
-        with torch.no_grad(), attention_mode(model, "teacher"):
-            t_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-        with attention_mode(model, "calibrate"):
-            s_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        weight = norm = None
         if cfg.answers_only:  # the mean KL over the marked positions (a batch without any: zero)
-            per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
-            kl = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+            ids, weight = split_marked(ids)
+            weight = weight.reshape(-1)
+            norm = weight.sum().clamp_min(1.0)
+        with torch.no_grad(), attention_mode(model, "teacher"):
+            t_out = outputs(ids)
+        with attention_mode(model, "calibrate"):
+            s_out = outputs(ids)
+        if logits.chunked:
+            kl = chunked_logit_loss(s_out, logits.weight, t_out, logits.weight, weight=weight, norm=norm)
         else:
-            kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+            kl = logit_loss(s_out, t_out, weight=weight, norm=norm)
         return kl + cfg.penalty * torch.sigmoid(torch.cat(params)).mean()
 
     was_training = model.training

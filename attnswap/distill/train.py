@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
@@ -28,6 +27,7 @@ from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
 from .checkpoint import FULL_STAGE, current_run
+from .logit_loss import Logits, chunked_logit_loss, logit_loss, next_token_targets
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -273,20 +273,26 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=False if sharded else None)
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
+    student = Logits(peft_model)  # the loss a block of rows at a time where the split holds (logit_loss.py)
+    teacher_src = Logits(teacher) if teacher is not None else student
+    chunked = student.chunked and teacher_src.chunked
+
+    def outputs(src, ids):
+        return src.hidden(ids) if chunked else src.full(ids).flatten(0, 1)
+
     def loss_fn(ids):
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+                t_out = outputs(teacher_src, ids)
         else:
             with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
-                t_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
-        s_logits = peft_model(input_ids=ids, use_cache=False).logits.float()
-        t_logp = F.log_softmax(t_logits, -1)
-        s_logp = F.log_softmax(s_logits, -1)
-        loss = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-        if cfg.ce_weight:
-            loss = loss + cfg.ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        return loss
+                t_out = outputs(student, ids)
+        s_out = outputs(student, ids)
+        targets = next_token_targets(ids) if cfg.ce_weight else None
+        if chunked:
+            return chunked_logit_loss(s_out, student.weight, t_out, teacher_src.weight, targets=targets,
+                                      ce_weight=cfg.ce_weight)
+        return logit_loss(s_out, t_out, targets=targets, ce_weight=cfg.ce_weight)
 
     _loop(FULL_STAGE if cfg.full_train else "LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
           step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)

@@ -159,12 +159,23 @@ def linear_attn(q, k, v, **kw):
     return chunk_linear_attn(q, k, v, **kw)
 
 
+def _recomputed(fn, *args, **kw):
+    """``fn(*args, **kw)``; when it is differentiated, its intermediates are not kept but recomputed in
+    the backward (torch.utils.checkpoint). The PyTorch paths keep a chunk's (C x 2C) scores several
+    times over per layer: in training on the CPU that, not the weights, is what fills the memory."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(functools.partial(fn, **kw), *args, use_reentrant=False)
+    return fn(*args, **kw)
+
+
 def hybrid_attn(q, k, v, fq, fk, gamma, *, sinks: int = 0, **kw):
     """Sliding-window softmax + linear attention, with ``sinks`` first tokens always exact; see
     ``hybrid_attn/naive.py`` for the contract."""
     if backend_for(q) == "triton":
         return _triton_ops()["hybrid"](q, k, v, fq, fk, gamma, sinks=sinks, **kw)
-    return chunk_hybrid_attn(q, k, v, fq, fk, gamma, sinks=sinks, **kw)
+    return _recomputed(chunk_hybrid_attn, q, k, v, fq, fk, gamma, sinks=sinks, **kw)
 
 
 def gated_linear_attn(q, k, v, g, **kw):
@@ -179,7 +190,7 @@ def gated_hybrid_attn(q, k, v, fq, fk, g, gamma, *, meta_k=None, meta_v=None, **
     (``meta_k``/``meta_v``, Lizard's meta-memory); see ``gated_attn/naive.py``."""
     if backend_for(q) == "triton":
         return _triton_ops()["gated_hybrid"](q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
-    return chunk_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
+    return _recomputed(chunk_gated_hybrid_attn, q, k, v, fq, fk, g, gamma, meta_k=meta_k, meta_v=meta_v, **kw)
 
 
 def hybrid_continue(q, k, v, fq, fk, gamma, state, **kw):

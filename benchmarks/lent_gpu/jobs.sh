@@ -226,20 +226,28 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
-nineteenth) # eighteenth, with issue 17's 3 minutes in between: the 8k prefill trace and the graphed 8k prefill in the
-         # call; then detached, each alone: a training step at lolcats' default rows (eager trace by operator, then
-         # graphed timing), the whole default command (galone19; the GGUF is already de-quantised into the cache by
-         # then, and its JSON splits the wall time by phase), the same on issue 17's rows of 8 x 1,024 (galone8);
-         # then b18 three at a time
+nineteenth) # cut to ~1,100 s of device time (three failed starts spent 400 s): the CUDA tests of the blocked loss in
+         # the call; then detached, each alone: a training step at lolcats' default rows (eager trace by operator,
+         # then graphed with the blocked loss and with whole logits), the whole default command (issue 17's 3
+         # minutes; the GGUF already de-quantised into the cache by then, and its JSON splits the wall time by
+         # phase); then loza at 1000 steps beside GQA with --teacher-text 0.5 (b19). trace18 and prof18 wait
   mkdir -p ~/res
-  $J trace18; $W trace18; $J prof18; $W prof18
-  setsid nohup bash -c "$J proftrain19; $W proftrain19; $J galone19; $W galone19; $J galone8; $W galone8; $J b18
+  $J tests19; $W tests19
+  setsid nohup bash -c "$J proftrain19; $W proftrain19; $J galone19; $W galone19; $J b19
     echo done > ~/res/nineteenth.rc" > ~/res/nineteenth.log 2>&1 &
   : > ~/res/proftrain19.log; echo "nineteenth chain launched"
   ;;
+b19)
+  q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  q gqatt50 gqa gqa-sub-tt50 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --teacher-text 0.5"
+  ;;
+tests19)  # CUDA: the loss a block of rows at a time against whole logits (bf16; the graphed LoRA step)
+  $L tests19 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_logit_loss.py tests/test_train_graph.py -k 'cuda' -rs"
+  ;;
 proftrain19) # where a training step's device time goes at lolcats' default rows (4,096 x 2): eager steps traced by
-         # operator, then the graphed step timed
-  $L proftrain19 "ATTNSWAP_TRAIN_GRAPH=0 python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --warmup 2 --steps 5 --trace --trace-steps 2 --json ~/res/proftrain19e.json && python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20 --json ~/res/proftrain19g.json"
+         # operator, then the graphed step timed with the loss a block of rows at a time (the default) and whole
+  P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2"
+  $L proftrain19 "ATTNSWAP_TRAIN_GRAPH=0 $P --warmup 2 --steps 5 --trace --trace-steps 2 --json ~/res/proftrain19e.json && $P --steps 20 --json ~/res/proftrain19g.json && ATTNSWAP_CHUNKED_LOSS=0 $P --steps 20 --json ~/res/proftrain19w.json"
   ;;
 galone19)  # issue 17's 3 minutes: the default command alone (rows of 4,096 x 2), no quality suite
   $L galone19 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone19.json -- --steps 1000"
