@@ -15,8 +15,10 @@ For each method (a conversion made untrained from the teacher, default options u
 - on CUDA each stage's step is replayed as a CUDA graph (``distill.train.StepGraph``, the default);
   ``graph steps`` says how many steps of each stage were; ``ATTNSWAP_TRAIN_GRAPH=0`` in the
   environment times the eager steps;
-- on CUDA, ``peak_gib``: the device memory each stage peaked at; the LoRA stage's loss runs a block of
-  rows at a time (``distill/logit_loss.py``) unless ``ATTNSWAP_CHUNKED_LOSS=0`` (whole logits).
+- ``peak_gib``: on CUDA the device memory each stage peaked at, on the CPU the process's resident
+  high-water mark after it (it includes the teacher's weights, and never goes down); the LoRA stage's
+  loss runs a block of rows at a time (``distill/logit_loss.py``) unless ``ATTNSWAP_CHUNKED_LOSS=0``
+  (whole logits); ``--stages lora --warmup 0 --steps 1`` measures one LoRA step alone.
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -47,11 +49,11 @@ def _stage_cfg(stage: str, steps: int, batch_size: int) -> DistillConfig:
                          lora_steps=steps if stage == "lora" else 0, batch_size=batch_size, warmup=1)
 
 
-def time_stages(model, seqs, batch_size: int, warmup: int, steps: int) -> dict:
+def time_stages(model, seqs, batch_size: int, warmup: int, steps: int, stages=("transfer", "lora")) -> dict:
     """Median step time (s) of each stage, after ``warmup`` steps of it (their times are dropped)."""
     out = {"graph_steps": {}, "peak_gib": {}}
     cuda = next(model.parameters()).device.type == "cuda"
-    for stage in ("transfer", "lora"):
+    for stage in stages:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         _, stats = distill(model, seqs, _stage_cfg(stage, warmup + steps, batch_size))
@@ -60,6 +62,10 @@ def time_stages(model, seqs, batch_size: int, warmup: int, steps: int) -> dict:
         out["graph_steps"].update(stats.graph_steps)
         if cuda:
             out["peak_gib"][stage] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:  # the process's resident high-water mark so far (Linux reports KiB): it never goes down
+            import resource
+
+            out["peak_gib"][stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return out
 
 
@@ -86,9 +92,13 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps of each stage")
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators of each stage")
     ap.add_argument("--trace-steps", type=int, default=3)
+    ap.add_argument("--stages", default="transfer,lora", help="which stages to time (transfer, lora)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    stages = tuple(x.strip() for x in a.stages.split(",") if x.strip())
+    if not stages or any(x not in ("transfer", "lora") for x in stages):
+        raise SystemExit("--stages takes transfer, lora or both")
     for flag in ("seq_len", "batch_size", "steps", "trace_steps"):
         if getattr(a, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
@@ -108,11 +118,12 @@ def main():
         name, opts = method_spec(method)
         convert_model(model, [make_swap(name, list(range(cfg.num_hidden_layers)), opts, cfg)], source=a.model)
         model.to(dev, dtype)
-        t = time_stages(model, seqs, a.batch_size, a.warmup, a.steps)
+        t = time_stages(model, seqs, a.batch_size, a.warmup, a.steps, stages)
+        nan = float("nan")
+        tt, tl = t.get("transfer", nan), t.get("lora", nan)
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
-               "transfer_ms": 1e3 * t["transfer"], "lora_ms": 1e3 * t["lora"],
-               "transfer_tok_s": tokens / t["transfer"], "lora_tok_s": tokens / t["lora"],
-               "steps_1000_s": t_share * t["transfer"] + l_share * t["lora"], "graph_steps": t["graph_steps"],
+               "transfer_ms": 1e3 * tt, "lora_ms": 1e3 * tl, "transfer_tok_s": tokens / tt, "lora_tok_s": tokens / tl,
+               "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"],
                "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted()}
         rows.append(row)
         print(json.dumps(row), flush=True)

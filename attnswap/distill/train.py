@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -262,7 +263,9 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
         which = "|".join(map(str, converted)) if converted else r"\d+"
         pattern = rf".*layers\.({which})\.self_attn\.({'|'.join(LORA_TARGETS)})"
         lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
-        peft_model = get_peft_model(model, lcfg)
+        with warnings.catch_warnings():  # peft asks transformers >= 5.25 a deprecated property; no checkpointing here
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, lcfg)
         if cfg.lora_trains_features:
             for m in swapped_modules(model):
                 for p in m.transfer_parameters():

@@ -226,14 +226,14 @@ fifteenth) # for the next session (fourteenth lost two machines): the launch cos
   setsid nohup bash -c "$J galone8; $W galone8; $J b15; echo done > ~/res/fifteenth.rc" > ~/res/fifteenth.log 2>&1 &
   : > ~/res/galone8.log; echo "fifteenth chain launched"
   ;;
-nineteenth) # cut to ~1,100 s of device time (three failed starts spent 400 s): the CUDA tests of the blocked loss in
-         # the call; then detached, each alone: a training step at lolcats' default rows (eager trace by operator,
-         # then graphed with the blocked loss and with whole logits), the whole default command (issue 17's 3
-         # minutes; the GGUF already de-quantised into the cache by then, and its JSON splits the wall time by
-         # phase); then loza at 1000 steps beside GQA with --teacher-text 0.5 (b19). trace18 and prof18 wait
+nineteenth) # cut to ~700 s of device time (failed starts spent 800 s): the CUDA tests of the blocked loss in the
+         # call; then detached, each alone: a training step at lolcats' default rows (eager trace by operator, then
+         # graphed with the blocked loss and with whole logits), the whole default command (issue 17's 3 minutes;
+         # the GGUF already de-quantised into the cache by then, and its JSON splits the wall time by phase).
+         # b19 (loza at 1000 steps beside GQA with --teacher-text 0.5), trace18 and prof18 wait for a budget
   mkdir -p ~/res
   $J tests19; $W tests19
-  setsid nohup bash -c "$J proftrain19; $W proftrain19; $J galone19; $W galone19; $J b19
+  setsid nohup bash -c "$J proftrain19; $W proftrain19; $J galone19; $W galone19
     echo done > ~/res/nineteenth.rc" > ~/res/nineteenth.log 2>&1 &
   : > ~/res/proftrain19.log; echo "nineteenth chain launched"
   ;;
