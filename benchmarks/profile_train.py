@@ -17,9 +17,8 @@ For each method (a conversion made untrained from the teacher, default options u
   environment times the eager steps;
 - ``peak_gib``: on CUDA the device memory each stage peaked at, on the CPU the process's resident
   high-water mark after it (it includes the teacher's weights, and never goes down); the LoRA stage's
-  loss runs a block of rows at a time (``distill/logit_loss.py``; on CUDA only with
-  ``ATTNSWAP_CHUNKED_LOSS=1`` until it is timed there); ``--stages lora --warmup 0 --steps 1`` measures
-  one LoRA step alone.
+  loss runs a block of rows at a time (``distill/logit_loss.py``) unless ``ATTNSWAP_CHUNKED_LOSS=0``
+  (whole logits); ``--stages lora --warmup 0 --steps 1`` measures one LoRA step alone.
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -125,7 +124,7 @@ def main():
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
                "transfer_ms": 1e3 * tt, "lora_ms": 1e3 * tl, "transfer_tok_s": tokens / tt, "lora_tok_s": tokens / tl,
                "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"],
-               "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted(dev)}
+               "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted()}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.trace:
