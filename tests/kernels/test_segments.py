@@ -115,3 +115,33 @@ def test_gated_hybrid_meta_tokens_match_naive(device, dtype, shape_i, use_linear
     names = ["q", "k", "v", "meta_k", "meta_v"] + (["fq", "fk", "g", "gamma"] if use_linear else [])
     _check_hybrid(f"segments/gated-hybrid-meta/T{T}W{W}s{seg}{'' if use_linear else '-nolin'}", triton_gated_hybrid_attn,
                   naive_gated_hybrid_attn, args, kw, x, names, dtype, C, seg)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("lag", [0, 5, 20])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("init", [False, True])
+def test_linear_backward_segments_match_one_walk(device, dtype, lag, norm, init):
+    """``la_backward`` with its rows cut into segments (the later queries' sums and the earlier keys'
+    state precomputed: reverse_segment_states, segment_states) gives the gradients of one walk over
+    every chunk, with a partial last chunk and segment, query-head groups, a lag and an initial state."""
+    skip_triton_on(device)
+    from attnswap.kernels.linear_attn.chunk import la_backward
+
+    for i, (B, T, H, Hk, _, F, Dv, _, C, seg) in enumerate(CPU if device == "cpu" else GPU):
+        g = torch.Generator().manual_seed(10 * i + lag)
+        q = torch.rand(B, T, H, F, generator=g).to(device, dtype)
+        k = torch.rand(B, T, Hk, F, generator=g).to(device, dtype)
+        v = torch.randn(B, T, Hk, Dv, generator=g).to(device, dtype)
+        do = torch.randn(B, T, H, Dv, generator=g).to(device, dtype)
+        rden = dden = None
+        if norm:
+            rden = (1.0 / (1.0 + torch.rand(B, T, H, generator=g))).to(device)
+            dden = torch.randn(B, T, H, generator=g).to(device)
+        s0 = None
+        if init:
+            s0 = (torch.randn(B, Hk, F, Dv, generator=g).to(device), torch.rand(B, Hk, F, generator=g).to(device))
+        want = la_backward(q, k, v, do, rden, dden, lag=lag, initial_state=s0, chunk_size=C)
+        got = la_backward(q, k, v, do, rden, dden, lag=lag, initial_state=s0, chunk_size=C, segment_chunks=seg)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            check(f"seg{i}/lag{lag}/{name}", a, b, dtype, grad=True)

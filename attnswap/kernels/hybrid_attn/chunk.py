@@ -366,7 +366,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
 
 
 def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale, use_linear, eps, chunk_size=64,
-                qk_grad_dtype=None, sinks=0):
+                qk_grad_dtype=None, sinks=0, segment_chunks=None):
     """Returns dq, dk, dv, dfq, dfk, dgamma (dfq/dfk None without the linear branch)."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
@@ -408,7 +408,7 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
             fk_lin = fk.clone()
             fk_lin[:, :sinks] = 0
         dfq, dfk, dv_lin = la_backward(fq, fk_lin, v, do, rden, dden, lag=window, Gc=Gc, chunk_size=C,
-                                       qk_grad_dtype=qk_grad_dtype)
+                                       qk_grad_dtype=qk_grad_dtype, segment_chunks=segment_chunks)
         if sinks:
             dfk[:, :sinks] = 0
         dv = (dv + dv_lin.float()).to(v.dtype)
@@ -425,16 +425,16 @@ class _HybridAttnFn(torch.autograd.Function):
                                     out_fp32=q.dtype != torch.float32, sinks=sinks, split=True,
                                     segment_chunks=segment_chunks, save=True)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, m, arg)
-        ctx.cfg = (window, scale, use_linear, eps, chunk_size, sinks)
+        ctx.cfg = (window, scale, use_linear, eps, chunk_size, sinks, segment_chunks)
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, fq, fk, gamma, o, den, m, arg = ctx.saved_tensors
-        window, scale, use_linear, eps, C, sinks = ctx.cfg
+        window, scale, use_linear, eps, C, sinks, seg = ctx.cfg
         dq, dk, dv, dfq, dfk, dgamma = hy_backward(
             q, k, v, fq, fk, gamma, None, o, den, m, arg, do.contiguous(), window=window, scale=scale,
-            use_linear=use_linear, eps=eps, chunk_size=C, sinks=sinks)
+            use_linear=use_linear, eps=eps, chunk_size=C, sinks=sinks, segment_chunks=seg)
         return dq, dk, dv, dfq, dfk, dgamma, None, None, None, None, None, None, None
 
 

@@ -264,13 +264,14 @@ def _la_fwd_kernel(
 
 @triton.jit
 def _la_bwd_dq_kernel(
-    do, rden, dden, k, v, dq, Gc, S0, z0,
-    T, H, Hk, GROUP, LAG,
+    do, rden, dden, k, v, dq, Gc, S0, z0, Sg, zg,
+    T, H, Hk, GROUP, LAG, NCH,
     F: tl.constexpr, DV: tl.constexpr, BFB: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NORM: tl.constexpr, GATED: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -290,11 +291,15 @@ def _la_bwd_dq_kernel(
         Gb = Gc
     S = tl.zeros([BFB, BDV], dtype=tl.float32)
     z = tl.zeros([BFB], dtype=tl.float32)
-    if HAS_INIT:
+    if SEG:  # the keys' state before this segment (segment_states; the initial state included)
+        so = (b * Hk + hk) * tl.num_programs(2) + seg
+        S = tl.load(Sg + so * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        z = tl.load(zg + so * F + rf, mask=mf, other=0.0)
+    elif HAS_INIT:
         S = tl.load(S0 + (b * Hk + hk) * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
         z = tl.load(z0 + (b * Hk + hk) * F + rf, mask=mf, other=0.0)
     N = tl.cdiv(T, C)
-    for c in range(0, N):
+    for c in range(seg * NCH, tl.minimum(seg * NCH + NCH, N)):
         tq = c * C + rc
         tk = tq - LAG
         mq = tq < T
@@ -338,13 +343,14 @@ def _la_bwd_dq_kernel(
 
 @triton.jit
 def _la_bwd_dk_kernel(
-    q, do, rden, dden, v, dk, Gc,
-    T, H, Hk, GROUP, LAG,
+    q, do, rden, dden, v, dk, Gc, dSg, dzg,
+    T, H, Hk, GROUP, LAG, NCH,
     F: tl.constexpr, DV: tl.constexpr, BFB: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
     b = bhk // Hk
     hk = bhk % Hk
     rf = pid_f * BFB + tl.arange(0, BFB)
@@ -361,9 +367,15 @@ def _la_bwd_dk_kernel(
         Gb = Gc
     dS = tl.zeros([BFB, BDV], dtype=tl.float32)
     dz = tl.zeros([BFB], dtype=tl.float32)
+    if SEG:  # the later queries' sums (reverse_segment_states)
+        so = (b * Hk + hk) * tl.num_programs(2) + seg
+        dS = tl.load(dSg + so * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        if NORM:
+            dz = tl.load(dzg + so * F + rf, mask=mf, other=0.0)
     N = tl.cdiv(T, C)
-    for i in range(0, N):
-        c = N - 1 - i
+    c_hi = tl.minimum(seg * NCH + NCH, N)
+    for i in range(0, c_hi - seg * NCH):
+        c = c_hi - 1 - i
         tq = c * C + rc
         tk = tq - LAG
         mq = tq < T
@@ -409,13 +421,14 @@ def _la_bwd_dk_kernel(
 
 @triton.jit
 def _la_bwd_dv_kernel(
-    q, k, do, rden, dv, Gc,
-    T, H, Hk, GROUP, LAG,
+    q, k, do, rden, dv, Gc, dSg,
+    T, H, Hk, GROUP, LAG, NCH,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BVB: tl.constexpr, C: tl.constexpr,
-    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
     b = bhk // Hk
     hk = bhk % Hk
     rf = tl.arange(0, BF)
@@ -431,9 +444,13 @@ def _la_bwd_dv_kernel(
     else:
         Gb = Gc
     dS = tl.zeros([BF, BVB], dtype=tl.float32)
+    if SEG:  # the later queries' sums (reverse_segment_states)
+        so = (b * Hk + hk) * tl.num_programs(2) + seg
+        dS = tl.load(dSg + so * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
     N = tl.cdiv(T, C)
-    for i in range(0, N):
-        c = N - 1 - i
+    c_hi = tl.minimum(seg * NCH + NCH, N)
+    for i in range(0, c_hi - seg * NCH):
+        c = c_hi - 1 - i
         tq = c * C + rc
         tk = tq - LAG
         mq = tq < T
@@ -510,7 +527,8 @@ def launch_fitting(key, configs, launch):
 # (and the most F x BV state elements one program keeps in registers: linear forward, hybrid forward;
 # at 32 heads x 128 on the H100 the linear forward took 0.66 ms at 16k with 128 x 128 against 0.81 ms
 # with 128 x 64)
-TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 128 * 128, "state_elems": 128 * 64}
+TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 128 * 128, "state_elems": 128 * 64,
+          "bwd_segments": False}  # la_backward's segments: off until a GPU times them
 
 
 @functools.lru_cache(maxsize=None)
@@ -594,11 +612,45 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
     return o, den, final
 
 
+def reverse_segment_states(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: int):
+    """For each segment of ``nch`` chunks, what the dk/dv kernels' reverse walk has summed when it
+    reaches the segment's last chunk: dS = sum_i q_i^T dnum_i and dz = sum_i q_i dden_i over the queries
+    of every later segment (all query heads of a KV head), as (B, Hk, nseg, F, Dv) and (B, Hk, nseg, F)
+    fp32. dnum_i = do_i * rden_i, rounded to the inputs' dtype as the kernels round it. Ungated only."""
+    B, T, H, F = q.shape
+    Dv = do.shape[-1]
+    G = H // Hk
+    L = nch * C
+    pad = nseg * L - T
+    dn = do.float() * rden[..., None] if rden is not None else do.float()
+    dn = dn.to(do.dtype).float()
+    qf = q.float()
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, 0, 0, pad))
+        dn = torch.nn.functional.pad(dn, (0, 0, 0, 0, 0, pad))
+    qs = qf.view(B, nseg, L, Hk, G, F)
+    per = torch.einsum("bslxgf,bslxgd->bxsfd", qs, dn.view(B, nseg, L, Hk, G, Dv))
+    dS = per.flip(2).cumsum(2).flip(2) - per  # exclusive: the segments after each one
+    if dden is None:
+        return dS.contiguous(), None
+    dd = dden.float()
+    if pad:
+        dd = torch.nn.functional.pad(dd, (0, 0, 0, pad))
+    perz = torch.einsum("bslxgf,bslxg->bxsf", qs, dd.view(B, nseg, L, Hk, G))
+    return dS.contiguous(), (perz.flip(2).cumsum(2).flip(2) - perz).contiguous()
+
+
 def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, chunk_size=64,
-                qk_grad_dtype=None):
+                qk_grad_dtype=None, segment_chunks=None):
     """Gradients of sum_{j<=i-lag} a_ij v_j with a_ij = q_i.k_j (times the gate decay).
     With ``rden``/``dden`` given (normalised forms): dnum_i = do_i * rden_i and every score also gets
-    ``dden_i``. Returns dq, dk, dv (fp32 accumulation, stored in the input dtype)."""
+    ``dden_i``. Returns dq, dk, dv (fp32 accumulation, stored in the input dtype).
+    Each kernel walks a row's chunks in order, one program per feature or value block and head; with
+    few rows that leaves most of the GPU idle (BENCHMARKS: at 2 x 4,096 the dk and dv kernels ran 12
+    and 6 programs and took 3.8x as long as at 8 x 1,024). Ungated, the rows can be cut into segments
+    that start from precomputed states (``segment_states`` forwards, ``reverse_segment_states``
+    backwards): ``segment_chunks`` forces it (tests), ``TUNING["bwd_segments"]`` turns on the automatic
+    plan (off until timed on a GPU)."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     G = H // Hk
@@ -615,20 +667,30 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     BF, BDV = p2(F), p2(Dv)
     BFB = min(BF, 64)
     nw = 8 if BFB * BDV >= 64 * 128 else 4
-    _la_bwd_dq_kernel[(cdiv(F, BFB), B * H)](
-        do, rden, dden, k, v, dq, Gc, S0, z0, T, H, Hk, G, lag,
+    N = cdiv(T, C)
+    nch, nseg = N, 1
+    if Gc is None and (segment_chunks is not None or TUNING["bwd_segments"]):
+        nch, nseg = plan_segments(T, C, cdiv(F, BFB) * B * Hk, segment_chunks, q.device)
+    Sg = zg = dSg = dzg = None
+    if nseg > 1:
+        Sg, zg = segment_states(k, v, None, lag=lag, sinks=0, chunk_size=C, nch=nch, nseg=nseg,
+                                initial_state=(S0, z0) if S0 is not None else None)
+        dSg, dzg = reverse_segment_states(q, do, rden if norm else None, dden if norm else None, Hk, C, nch, nseg)
+    seg = nseg > 1
+    _la_bwd_dq_kernel[(cdiv(F, BFB), B * H, nseg)](
+        do, rden, dden, k, v, dq, Gc, S0, z0, Sg, zg, T, H, Hk, G, lag, nch,
         F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, HAS_INIT=S0 is not None,
-        PREC=prec, num_warps=nw, num_stages=2,
+        PREC=prec, SEG=seg, num_warps=nw, num_stages=2,
     )
-    _la_bwd_dk_kernel[(cdiv(F, BFB), B * Hk)](
-        q, do, rden, dden, v, dk, Gc, T, H, Hk, G, lag,
-        F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
+    _la_bwd_dk_kernel[(cdiv(F, BFB), B * Hk, nseg)](
+        q, do, rden, dden, v, dk, Gc, dSg, dzg, T, H, Hk, G, lag, nch,
+        F=F, DV=Dv, BFB=BFB, BDV=BDV, C=C, NORM=norm, GATED=Gc is not None, PREC=prec, SEG=seg,
         num_warps=nw, num_stages=2,
     )
     BVB = min(BDV, 32 if BF > 128 else 64)
-    _la_bwd_dv_kernel[(cdiv(Dv, BVB), B * Hk)](
-        q, k, do, rden, dv, Gc, T, H, Hk, G, lag,
-        F=F, DV=Dv, BF=BF, BVB=BVB, C=C, NORM=norm, GATED=Gc is not None, PREC=prec,
+    _la_bwd_dv_kernel[(cdiv(Dv, BVB), B * Hk, nseg)](
+        q, k, do, rden, dv, Gc, dSg, T, H, Hk, G, lag, nch,
+        F=F, DV=Dv, BF=BF, BVB=BVB, C=C, NORM=norm, GATED=Gc is not None, PREC=prec, SEG=seg,
         num_warps=8 if BF * BVB >= 128 * 64 else 4, num_stages=2,
     )
     return dq, dk, dv
@@ -649,7 +711,7 @@ class _LinearAttnFn(torch.autograd.Function):
                                    output_final_state=output_final_state, chunk_size=chunk_size,
                                    want_den=True, segment_chunks=segment_chunks)
         ctx.save_for_backward(q, k, v, o, den, S0, z0)
-        ctx.cfg = (normalize, eps, chunk_size)
+        ctx.cfg = (normalize, eps, chunk_size, segment_chunks)
         if final is None:
             return o
         ctx.mark_non_differentiable(*final)
@@ -658,13 +720,13 @@ class _LinearAttnFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, *_):
         q, k, v, o, den, S0, z0 = ctx.saved_tensors
-        normalize, eps, C = ctx.cfg
+        normalize, eps, C, seg = ctx.cfg
         do = do.contiguous()
         rden = dden = None
         if normalize:
             rden, dden = norm_grads(o, do, den, eps)
         init = (S0, z0) if S0 is not None else None
-        dq, dk, dv = la_backward(q, k, v, do, rden, dden, initial_state=init, chunk_size=C)
+        dq, dk, dv = la_backward(q, k, v, do, rden, dden, initial_state=init, chunk_size=C, segment_chunks=seg)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
