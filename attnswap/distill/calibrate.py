@@ -29,7 +29,7 @@ from torch import nn
 
 from ..convert.base import attention_mode, swapped_modules
 from .train import Batches, DistillStats, _freeze_all, _loop
-from .logit_loss import Logits, chunked_logit_loss, logit_loss
+from .logit_loss import LogitLoss
 
 STAGE = "calibration"
 
@@ -110,10 +110,7 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     stats = DistillStats()
 
-    logits = Logits(model)  # a block of rows at a time where the split holds (logit_loss.py)
-
-    def outputs(ids):
-        return logits.hidden(ids) if logits.chunked else logits.full(ids).flatten(0, 1)
+    kl_loss = LogitLoss(model)  # a block of rows at a time where the split holds (logit_loss.py)
 
     def loss_fn(ids):
         weight = norm = None
@@ -122,13 +119,10 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
             weight = weight.reshape(-1)
             norm = weight.sum().clamp_min(1.0)
         with torch.no_grad(), attention_mode(model, "teacher"):
-            t_out = outputs(ids)
+            t_out = kl_loss.teacher(ids)
         with attention_mode(model, "calibrate"):
-            s_out = outputs(ids)
-        if logits.chunked:
-            kl = chunked_logit_loss(s_out, logits.weight, t_out, logits.weight, weight=weight, norm=norm)
-        else:
-            kl = logit_loss(s_out, t_out, weight=weight, norm=norm)
+            s_out = kl_loss.student(ids)
+        kl = kl_loss(s_out, t_out, weight=weight, norm=norm)
         return kl + cfg.penalty * torch.sigmoid(torch.cat(params)).mean()
 
     was_training = model.training

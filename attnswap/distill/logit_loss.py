@@ -15,8 +15,9 @@ block's logits exist at any time; the backward multiplies the stored gradients b
 ``logit_loss`` is the simple reference: the models' logits, ``log_softmax`` and ``F.kl_div``, as the
 distillation has always computed it. ``tests/test_logit_loss.py`` compares the two.
 
-Where the trunk-and-head split would not reproduce the model's logits (a soft cap, a logit scale, a
-bias, a sharded head), ``Logits.chunked`` is False and the callers use the reference.
+``LogitLoss`` is what the distillation and the calibration call: it picks one of the two for a student
+and its teacher. Where the trunk-and-head split would not reproduce a model's logits (a soft cap, a
+logit scale, a bias, a sharded head), ``Logits.chunked`` is False and it uses the reference.
 """
 
 from __future__ import annotations
@@ -63,27 +64,25 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
             del s, t
             pt = lt.exp()
-            kl = (pt * (lt - ls)).sum(-1)  # (rows,)
-            scale = inv if weight is None else weight[a:b] * inv  # the rows' weights in the loss
-            if weight is None:
-                total = total + kl.sum() * scale
-            else:
-                total = total + (kl * scale).sum()
-            del lt, kl
-            g = ls.exp()  # q_student
-            g -= pt
-            del pt
-            g *= scale if weight is None else scale[:, None]
+            w = inv if weight is None else (weight[a:b] * inv)[:, None]  # the rows' weights in the loss
+            total = total + ((pt * (lt - ls)).sum(-1, keepdim=True) * w).sum()
+            del lt
+            pt *= w
+            coef = w  # d KL / d logits = w (q - p_teacher); the cross-entropy adds c (q - onehot)
             if ce_weight:
                 y = targets[a:b]
                 live = y != -100
                 yi = torch.where(live, y, 0)
-                picked = ls.gather(1, yi[:, None])[:, 0]
-                total = total - ce_weight * (picked * live).sum() / ce_rows
-                c = (ce_weight / ce_rows) * live.float()  # d CE / d logits = (q - onehot) / m on the live rows
-                g += (ls.exp() * c[:, None])
-                g.scatter_add_(1, yi[:, None], -c[:, None])
+                total = total - ce_weight * (ls.gather(1, yi[:, None])[:, 0] * live).sum() / ce_rows
+                c = ((ce_weight / ce_rows) * live.float())[:, None]
+                coef = coef + c
+            g = ls.exp()  # q_student
             del ls
+            g *= coef
+            g -= pt
+            del pt
+            if ce_weight:
+                g.scatter_add_(1, yi[:, None], -c)
             g = g.to(ws.dtype)
             grad_h[a:b] = torch.matmul(g, ws)
             if grad_w is not None:
@@ -167,6 +166,32 @@ class Logits:
 
     def full(self, ids) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits
+
+
+class LogitLoss:
+    """The distillation loss between ``student`` and ``teacher`` (None: the student's own model, run by the
+    caller in teacher mode): ``student(ids)`` and ``teacher(ids)`` give what the loss takes, the final
+    hidden states where both models' splits hold (``chunked``) or else their flattened logits, and
+    calling it gives ``chunked_logit_loss`` or the reference ``logit_loss`` of the two."""
+
+    def __init__(self, student, teacher=None):
+        self.s = Logits(student)
+        self.t = Logits(teacher) if teacher is not None else self.s
+        self.chunked = self.s.chunked and self.t.chunked
+
+    def _out(self, src: Logits, ids) -> torch.Tensor:
+        return src.hidden(ids) if self.chunked else src.full(ids).flatten(0, 1)
+
+    def student(self, ids) -> torch.Tensor:
+        return self._out(self.s, ids)
+
+    def teacher(self, ids) -> torch.Tensor:
+        return self._out(self.t, ids)
+
+    def __call__(self, s_out, t_out, **kw):
+        if self.chunked:
+            return chunked_logit_loss(s_out, self.s.weight, t_out, self.t.weight, **kw)
+        return logit_loss(s_out, t_out, **kw)
 
 
 def next_token_targets(ids: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
 from .checkpoint import FULL_STAGE, current_run
-from .logit_loss import Logits, chunked_logit_loss, logit_loss, next_token_targets
+from .logit_loss import LogitLoss, next_token_targets
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -276,26 +276,17 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=False if sharded else None)
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
-    student = Logits(peft_model)  # the loss a block of rows at a time where the split holds (logit_loss.py)
-    teacher_src = Logits(teacher) if teacher is not None else student
-    chunked = student.chunked and teacher_src.chunked
-
-    def outputs(src, ids):
-        return src.hidden(ids) if chunked else src.full(ids).flatten(0, 1)
+    kl = LogitLoss(peft_model, teacher)  # a block of rows at a time where the split holds (logit_loss.py)
 
     def loss_fn(ids):
         if teacher is not None:
             with torch.no_grad():
-                t_out = outputs(teacher_src, ids)
+                t_out = kl.teacher(ids)
         else:
             with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
-                t_out = outputs(student, ids)
-        s_out = outputs(student, ids)
+                t_out = kl.teacher(ids)
         targets = next_token_targets(ids) if cfg.ce_weight else None
-        if chunked:
-            return chunked_logit_loss(s_out, student.weight, t_out, teacher_src.weight, targets=targets,
-                                      ce_weight=cfg.ce_weight)
-        return logit_loss(s_out, t_out, targets=targets, ce_weight=cfg.ce_weight)
+        return kl(kl.student(ids), t_out, targets=targets, ce_weight=cfg.ce_weight)
 
     _loop(FULL_STAGE if cfg.full_train else "LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
           step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)
