@@ -93,8 +93,9 @@ def main():
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators of each stage")
     ap.add_argument("--trace-steps", type=int, default=3)
     ap.add_argument("--stages", default="transfer,lora", help="which stages to time (transfer, lora)")
-    ap.add_argument("--bwd-segments", action="store_true",
-                    help="cut the linear backward's rows into segments (linear_attn.chunk.TUNING['bwd_segments'], off by default)")
+    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a kernel knob (linear_attn.chunk.TUNING) for this run, e.g. bwd_segments=0 or "
+                         "bwd_sink_split=0 (integers; repeatable)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -104,10 +105,13 @@ def main():
     for flag in ("seq_len", "batch_size", "steps", "trace_steps"):
         if getattr(a, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
-    if a.bwd_segments:
-        from attnswap.kernels.linear_attn import chunk as linear_chunk
+    from attnswap.kernels.linear_attn import chunk as linear_chunk
 
-        linear_chunk.TUNING["bwd_segments"] = True
+    for item in a.tuning:
+        key, eq, value = item.partition("=")
+        if not eq or key not in linear_chunk.TUNING or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--tuning {item}: expected KEY=INTEGER with KEY one of {', '.join(sorted(linear_chunk.TUNING))}")
+        linear_chunk.TUNING[key] = type(linear_chunk.TUNING[key])(int(value))
     dev = loading.pick_device(a.device)
     dtype = loading.pick_dtype("auto", dev)
     teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
@@ -131,7 +135,7 @@ def main():
                "transfer_ms": 1e3 * tt, "lora_ms": 1e3 * tl, "transfer_tok_s": tokens / tt, "lora_tok_s": tokens / tl,
                "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"],
                "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted(),
-               "bwd_segments": a.bwd_segments}
+               "tuning": {k: linear_chunk.TUNING[k] for k in ("bwd_segments", "bwd_sink_split")}}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.trace:

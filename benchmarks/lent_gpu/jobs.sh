@@ -243,15 +243,25 @@ b19)
   ;;
 twentieth) # the linear backward cut into segments (built after nineteenth's trace showed its dk / dv kernels 3.8x slower
          # on rows of 2 x 4,096 than on 8 x 1,024, with 12 / 6 programs), in the call: its bf16 tests, then a graphed
-         # training step at the default rows without and with --bwd-segments, and the eager trace with them; then
+         # training step at the default rows without and with the segments (--tuning bwd_segments=0 / 1; run as --bwd-segments), and the eager trace with them; then
          # nineteenth's galone19 detached (issue 17's 3 minutes), then b19 (two conversions side by side)
   $L tests20 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_segments.py tests/kernels/test_linear_attn.py tests/kernels/test_hybrid_attn.py -k 'cuda' -rs"
   $W tests20; tail -3 ~/res/tests20.log
   P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2"
-  $L proftrain20 "$P --steps 20 --json ~/res/proftrain20a.json && $P --steps 20 --bwd-segments --json ~/res/proftrain20s.json && ATTNSWAP_TRAIN_GRAPH=0 $P --warmup 2 --steps 3 --trace --trace-steps 2 --bwd-segments"
+  $L proftrain20 "$P --steps 20 --tuning bwd_segments=0 --json ~/res/proftrain20a.json && $P --steps 20 --tuning bwd_segments=1 --json ~/res/proftrain20s.json && ATTNSWAP_TRAIN_GRAPH=0 $P --warmup 2 --steps 3 --trace --trace-steps 2 --tuning bwd_segments=1"
   $W proftrain20
   setsid nohup bash -c "$J galone19; $W galone19; $J b19; $W loza1k gqatt50; echo done > ~/res/twentieth.rc" > ~/res/twentieth.log 2>&1 &
   : > ~/res/galone19.log; echo "twentieth chain launched"
+  ;;
+twentyfirst) # the sink keys' far queries in a kernel of their own (twentieth's trace: the window dk / dv kernel 1.13 ms a
+         # call at 2 x 4,096, its sink tile's program walking every query) and the dk / dv kernel's half key tile
+         # (head dim 128, window 128: twentieth's 4 failures), in the call: their bf16 tests, then a graphed step at
+         # the default rows with the split and without it (--tuning bwd_sink_split=0), alone
+  mkdir -p ~/res
+  $L tests21 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hybrid_attn.py -k 'cuda and (far_queries or half_key or with_sinks)' -rs && python3 -m pytest -q -p no:cacheprovider 'tests/kernels/test_hybrid_attn.py::test_hybrid_attn_matches_naive[1-True-triton-cuda-bf16]' 'tests/kernels/test_hybrid_attn.py::test_hybrid_attn_matches_naive[1-False-triton-cuda-bf16]' -rs"
+  $W tests21; tail -4 ~/res/tests21.log
+  P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20"
+  $L proftrain21 "$P --json ~/res/proftrain21s.json && $P --tuning bwd_sink_split=0 --json ~/res/proftrain21w.json"
   ;;
 tests19)  # CUDA: the loss a block of rows at a time against whole logits (bf16; the graphed LoRA step)
   $L tests19 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_logit_loss.py tests/test_train_graph.py -k 'cuda' -rs"

@@ -126,3 +126,64 @@ def test_triton_hybrid_with_sinks_matches_naive(device, dtype, use_linear, shape
     check(tag + "/out", out, ref, dtype)
     for n, a, b in zip(names, torch.autograd.grad(out, ins, do), torch.autograd.grad(ref, ins, do)):
         check(f"{tag}/d{n}", a, b, dtype, grad=True)
+
+
+def _hybrid_grads_against_naive(tag, shape, device, dtype, use_linear, sinks, seed=7):
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
+
+    B, T, H, Hk, D, F, Dv, W, C = shape
+    q, k, v, fq, fk, gamma = _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=seed)
+    kw = dict(window=W, scale=D**-0.5, use_linear=use_linear, sinks=sinks)
+    out = triton_hybrid_attn(q, k, v, fq, fk, gamma, chunk_size=C, **kw)
+    ref = naive_hybrid_attn(q, k, v, fq, fk, gamma, **kw)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    names = ["q", "k", "v"] + (["fq", "fk", "gamma"] if use_linear else [])
+    ins = [dict(q=q, k=k, v=v, fq=fq, fk=fk, gamma=gamma)[n] for n in names]
+    check(tag + "/out", out, ref, dtype)
+    got = torch.autograd.grad(out, ins, do)
+    for n, a, b in zip(names, got, torch.autograd.grad(ref, ins, do)):
+        check(f"{tag}/d{n}", a, b, dtype, grad=True)
+    return got
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("use_linear", [True, False])
+@pytest.mark.parametrize("sinks", [4, 20])
+def test_hybrid_sink_keys_far_queries_split(device, dtype, use_linear, sinks):
+    """The sink keys' gradient from queries past their tile's window walk comes from a kernel of its own,
+    several programs over the rows (_hy_bwd_dsink_kernel), added to what the key tiles wrote: against
+    the naive spec, and equal to the one-program walk it replaces (TUNING['bwd_sink_split'] off)."""
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import _sink_far
+    from attnswap.kernels.linear_attn.chunk import TUNING
+
+    shape = (1, 180, 2, 1, 16, 16, 16, 16, 16) if device == "cpu" else (2, 2048, 9, 3, 64, 128, 64, 256, 64)
+    T, W, C = shape[1], shape[7], shape[8]
+    q0, per = _sink_far(T, W, C, sinks)
+    assert q0 < T and (T - q0) > per * C, "the split must run several programs here"
+    tag = f"hybrid-sink-split{sinks}/{'lin' if use_linear else 'nolin'}"
+    split = _hybrid_grads_against_naive(tag, shape, device, dtype, use_linear, sinks)
+    old = TUNING["bwd_sink_split"]
+    TUNING["bwd_sink_split"] = False
+    try:
+        assert _sink_far(T, W, C, sinks)[0] == T
+        walk = _hybrid_grads_against_naive(tag + "/one-walk", shape, device, dtype, use_linear, sinks)
+    finally:
+        TUNING["bwd_sink_split"] = old
+    for a, b in zip(split, walk):
+        check(tag + "/split-vs-walk", a, b, dtype, grad=True, bound=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_hybrid_dkv_half_key_tile(device, dtype, sinks, monkeypatch):
+    """Where the dk / dv kernel does not fit shared memory at the chunk's key tile (head dim 128 with a
+    window of 128 on the H100 / H200), it takes tiles of C / 2 while dq keeps C: forced here."""
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn import chunk
+    from attnswap.kernels.linear_attn import chunk as lin
+
+    monkeypatch.setattr(chunk, "_dkv_configs", lambda C: [(1, C // 2)])
+    monkeypatch.setattr(lin, "_FITS", {})
+    shape = (1, 100, 2, 1, 16, 16, 16, 24, 32) if device == "cpu" else (1, 700, 8, 2, 128, 128, 128, 128, 64)
+    _hybrid_grads_against_naive(f"hybrid-dkv-half/s{sinks}", shape, device, dtype, True, sinks)

@@ -259,7 +259,7 @@ def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd,
 @triton.jit
 def _hy_bwd_dkv_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, dk, dv,
-    T, H, Hk, GROUP, W, scale, SINKS,
+    T, H, Hk, GROUP, W, scale, SINKS, FAR_END,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
     NKB: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, DSPLIT: tl.constexpr,
 ):
@@ -288,8 +288,8 @@ def _hy_bwd_dkv_kernel(
             acc_k += a_k
             acc_v += a_v
         if BS > 0:
-            if j0 < SINKS:  # sink keys: every later query scores them exactly
-                for t0 in range(j0 + NKB * C, T, C):
+            if j0 < SINKS:  # sink keys: every later query scores them exactly (those from FAR_END on: _hy_bwd_dsink_kernel)
+                for t0 in range(j0 + NKB * C, FAR_END, C):
                     a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, t0 + rc,
                                          rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC, DSPLIT)
                     acc_k += a_k
@@ -302,8 +302,67 @@ def needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
+@triton.jit
+def _hy_bwd_dsink_kernel(
+    q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, pdk, pdv,
+    T, H, Hk, GROUP, W, scale, SINKS, Q0, PER,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr, DSPLIT: tl.constexpr,
+):
+    """The sink keys' dk, dv from the queries at Q0 and later, PER tiles of C queries a program; partial
+    sums (fp32, scaled) per program in pdk / pdv (part, B, Hk, BS, D). Left to the sink tile's own
+    program in _hy_bwd_dkv_kernel, this walk over every query made that one program the kernel's tail:
+    on rows of 4,096 it took 2.2x the time of rows of 1,024 for as many tokens."""
+    part = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rd = tl.arange(0, BD)
+    rv = tl.arange(0, BDV)
+    rc = tl.arange(0, C)
+    md = rd < D
+    mv = rv < DV
+    tk = tl.arange(0, BS)
+    mk = (tk < SINKS) & (tk < T)
+    bk = tl.load(k + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+    bv = tl.load(v + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    acc_k = tl.zeros([BS, BD], dtype=tl.float32)
+    acc_v = tl.zeros([BS, BDV], dtype=tl.float32)
+    t_lo = Q0 + part * PER * C
+    t_hi = tl.minimum(t_lo + PER * C, T)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        gam = tl.load(gamma + h).to(tl.float32)
+        for t0 in range(t_lo, t_hi, C):
+            a_k, a_v = _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, t0 + rc,
+                                 rd, rv, md, mv, bk, bv, tk, mk, gam, W, SINKS, scale, PREC, DSPLIT)
+            acc_k += a_k
+            acc_v += a_v
+    po = (part * tl.num_programs(1) + bhk) * BS
+    tl.store(pdk + (po + tk[:, None]) * BD + rd[None, :], acc_k * scale)
+    tl.store(pdv + (po + tk[:, None]) * BDV + rv[None, :], acc_v)
+
+
 def _nkb(window: int, C: int) -> int:
     return cdiv(window + C - 1, C)
+
+
+def _dkv_configs(C: int) -> list[tuple[int, int]]:
+    """(stages, key tile) for the dk / dv kernel, widest first: head dim 128 with a window of 128 needs
+    233 KB of shared memory at C = 64 in one stage, over the H100's and H200's 227 KB."""
+    return [(2, C), (1, C)] + ([(2, C // 2), (1, C // 2)] if C >= 32 else [])
+
+
+def _sink_far(T: int, window: int, C: int, sinks: int) -> tuple[int, int]:
+    """(q0, per): the sink keys' queries from q0 on go to _hy_bwd_dsink_kernel, ``per`` query tiles of C
+    a program; q0 = T keeps them all in the dk / dv kernel (no sinks, or TUNING['bwd_sink_split'] off).
+    A key tile at j0 walks the queries [j0, j0 + NKB c) and, holding sinks, on to q0; so q0 is at least
+    where the last tile holding sinks ends that walk, for each key tile c the kernel may take, and a
+    multiple of C (no query tile crosses it)."""
+    if sinks <= 0 or not TUNING.get("bwd_sink_split", True):
+        return T, 1
+    q0 = max(cdiv(sinks, c) * c + (_nkb(window, c) - 1) * c for _, c in _dkv_configs(C))
+    return min(cdiv(q0, C) * C, T), _nkb(window, C)
 
 
 def _sink_tile(sinks: int) -> int:
@@ -391,15 +450,36 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
             num_warps=dq_warps, num_stages=stages,
         )
 
-    def dkv_launch(stages):
-        _hy_bwd_dkv_kernel[(cdiv(T, C), B * Hk)](
+    # the sink keys' far queries (from q0 on), cut into parts of about a key tile's work
+    q0, per = _sink_far(T, window, C, sinks)
+    parts = cdiv(T - q0, per * C) if q0 < T else 0
+
+    def dkv_launch(stages, c):  # c: the key tile (C, or C / 2 where C does not fit; dq's tiles stay C)
+        _hy_bwd_dkv_kernel[(cdiv(T, c), B * Hk)](
             q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
-            D=D, DV=Dv, BD=BD, BDV=BDV, C=C, NKB=nkb, BS=_sink_tile(sinks), PREC=prec, DSPLIT=dsplit,
-            num_warps=8, num_stages=stages,
+            q0 if parts else T,
+            D=D, DV=Dv, BD=BD, BDV=BDV, C=c, NKB=_nkb(window, c), BS=_sink_tile(sinks), PREC=prec,
+            DSPLIT=dsplit, num_warps=8, num_stages=stages,
         )
 
     launch_fitting(("hy_bwd_dq", dq_warps) + key, [(2,), (1,)], dq_launch)
-    launch_fitting(("hy_bwd_dkv",) + key, [(2,), (1,)], dkv_launch)
+    launch_fitting(("hy_bwd_dkv",) + key, _dkv_configs(C), dkv_launch)
+    if parts:
+        BS = _sink_tile(sinks)
+        pdk = torch.empty(parts, B, Hk, BS, BD, device=q.device, dtype=torch.float32)
+        pdv = torch.empty(parts, B, Hk, BS, BDV, device=q.device, dtype=torch.float32)
+
+        def sink_launch(stages):
+            _hy_bwd_dsink_kernel[(parts, B * Hk)](
+                q, k, v, do, rden, dden, gamma, m, arg, dp, pdk, pdv, T, H, Hk, H // Hk, window, scale, sinks,
+                q0, per, D=D, DV=Dv, BD=BD, BDV=BDV, C=C, BS=BS, PREC=prec, DSPLIT=dsplit,
+                num_warps=4, num_stages=stages,
+            )
+
+        launch_fitting(("hy_bwd_dsink",) + key, [(2,), (1,)], sink_launch)
+        # (B, Hk, sinks, D) -> (B, sinks, Hk, D), added to what the key tiles wrote
+        dk[:, :sinks] = (dk[:, :sinks].float() + pdk.sum(0)[:, :, :sinks, :D].transpose(1, 2)).to(dk.dtype)
+        dv[:, :sinks] = (dv[:, :sinks].float() + pdv.sum(0)[:, :, :sinks, :Dv].transpose(1, 2)).to(dv.dtype)
     dgamma = dp.sum((0, 2)).to(gamma.dtype)
     dfq = dfk = None
     if use_linear:

@@ -528,7 +528,11 @@ def launch_fitting(key, configs, launch):
 # at 32 heads x 128 on the H100 the linear forward took 0.66 ms at 16k with 128 x 128 against 0.81 ms
 # with 128 x 64)
 TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 128 * 128, "state_elems": 128 * 64,
-          "bwd_segments": False}  # la_backward's segments: off until a GPU times them
+          # la_backward's segments: on the H200 (be04255) the graphed lolcats LoRA step on rows of 2 x 4,096 went
+          # from 195.8 to 184.9 ms, the transfer step from 139.0 to 122.9 ms (dk / dv kernels 464 -> 64 us a call)
+          "bwd_segments": True,
+          # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
+          "bwd_sink_split": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -649,8 +653,8 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     few rows that leaves most of the GPU idle (BENCHMARKS: at 2 x 4,096 the dk and dv kernels ran 12
     and 6 programs and took 3.8x as long as at 8 x 1,024). Ungated, the rows can be cut into segments
     that start from precomputed states (``segment_states`` forwards, ``reverse_segment_states``
-    backwards): ``segment_chunks`` forces it (tests), ``TUNING["bwd_segments"]`` turns on the automatic
-    plan (off until timed on a GPU)."""
+    backwards): ``segment_chunks`` forces it (tests), ``TUNING["bwd_segments"]`` turns the automatic
+    plan on or off (on: it cut those kernels 7x on the H200)."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     G = H // Hk
