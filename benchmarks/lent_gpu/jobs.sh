@@ -263,6 +263,16 @@ twentyfirst) # the sink keys' far queries in a kernel of their own (twentieth's 
   P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20"
   $L proftrain21 "$P --json ~/res/proftrain21s.json && $P --tuning bwd_sink_split=0 --json ~/res/proftrain21w.json"
   ;;
+twentysecond) # for the next session, detached, each alone: the default command after 1c56a28's faster backward
+         # (issue 17's 3 minutes; at be04255 202 s, training 180 s), then the 8k prefill traced and graphed
+  mkdir -p ~/res
+  setsid nohup bash -c "$J galone22; $W galone22; $J trace18; $W trace18; $J prof18; $W prof18
+    echo done > ~/res/twentysecond.rc" > ~/res/twentysecond.log 2>&1 &
+  : > ~/res/galone22.log; echo "twentysecond chain launched"
+  ;;
+galone22)
+  $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
+  ;;
 tests19)  # CUDA: the loss a block of rows at a time against whole logits (bf16; the graphed LoRA step)
   $L tests19 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_logit_loss.py tests/test_train_graph.py -k 'cuda' -rs"
   ;;
