@@ -9,7 +9,8 @@ of keys j <= i - window. That first tile is also the one added to the state afte
 only as C x C register tiles. Saved for backward: total denominator, m_i and the arg-max key index.
 
 Backward: window part in two kernels (query-centric for dq and the row sums D_i, key-centric for
-dk, dv); the gradient of m_i flows to the arg-max key, as in the spec (amax). The linear branch is
+dk, dv), and a third for the sink keys' share from queries past their tile's window walk (spread over
+programs, so that the sink tile's program does not walk the whole row); the gradient of m_i flows to the arg-max key, as in the spec (amax). The linear branch is
 linear attention with lag = window and the hybrid's shared normaliser, so it reuses the
 ``linear_attn.chunk`` backward kernels. d gamma_h = sum_i sum_{j in window} e_ij da_ij.
 The same kernels serve the gated hybrid (``GATED``: linear scores times exp(G_i - G_j)).
@@ -310,7 +311,7 @@ def _hy_bwd_dsink_kernel(
     BS: tl.constexpr, PREC: tl.constexpr, DSPLIT: tl.constexpr,
 ):
     """The sink keys' dk, dv from the queries at Q0 and later, PER tiles of C queries a program; partial
-    sums (fp32, scaled) per program in pdk / pdv (part, B, Hk, BS, D). Left to the sink tile's own
+    sums (fp32, scaled) per program in pdk / pdv (part, B, Hk, BS, BD / BDV). Left to the sink tile's own
     program in _hy_bwd_dkv_kernel, this walk over every query made that one program the kernel's tail:
     on rows of 4,096 it took 2.2x the time of rows of 1,024 for as many tokens."""
     part = tl.program_id(0)
