@@ -247,7 +247,10 @@ def _summary(r: dict) -> None:
 def _phases_row(t, r: dict) -> None:
     """Where the wall time went (pipelines/common.py: Clock); the training phase includes its set-up."""
     if r.get("seconds"):
-        t.add_row("time by phase", ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items()))
+        row = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
+        if r.get("startup_seconds") is not None:
+            row += f"; before them, start-up {r['startup_seconds']:.1f} s"
+        t.add_row("time by phase", row)
 
 
 def _data_row(t, r: dict) -> None:

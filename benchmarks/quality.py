@@ -75,8 +75,12 @@ def print_conversion(r: dict) -> None:
         if key in r and t:
             print(f"{key} ppl (held-out, {r[key]['tokens']:,} tokens, {r['seq_len']}-token windows): {r[key]['ppl']:.3f} "
                   f"= {r[key]['ppl'] / t:.3f}x the teacher's {t:.3f}")
+    parts = ""
+    if r.get("startup_seconds") is not None and r.get("wall_seconds") is not None:
+        rest = r["command_wall_seconds"] - r["startup_seconds"] - r["wall_seconds"]
+        parts = f" (start-up {r['startup_seconds']:.1f} s, run {r['wall_seconds']:.1f} s, after it {rest:.1f} s)"
     print(f"conversion: {r.get('tokens_seen', 0):,} tokens seen, training {r.get('train_seconds', 0):.0f} s, "
-          f"whole command {r['command_wall_seconds']:.0f} s")
+          f"whole command {r['command_wall_seconds']:.0f} s{parts}")
 
 
 def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = None):

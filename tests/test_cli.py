@@ -90,6 +90,8 @@ def test_linearize_then_eval_tiny(tiny_dir, tiny_text, tmp_path):
     assert ph["training"] >= rep["train_seconds"] * 0.99 and ph["evaluation"] > 0 and ph["saving"] > 0
     assert sum(ph.values()) == pytest.approx(rep["wall_seconds"], abs=0.05)
     assert "time by phase" in res.output
+    # start-up: this process's age when the clock started (pytest's, here), shown beside the phases
+    assert rep["startup_seconds"] > 0 and "start-up" in res.output
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.attnswap["swaps"][0]["options"]["window"] == 8
     assert not any("lora" in k for k in m.state_dict())  # LoRA merged before saving
@@ -158,3 +160,14 @@ def test_unknown_attention_method(tiny_dir, tiny_text, tmp_path):
     out = tmp_path / "o"
     _assert_refused(_run(*_tiny_args(tiny_dir, tiny_text, out), "--attention", "mamba"), out,
                     "unknown attention method 'mamba'; available: lizard, lolcats")
+
+
+def test_process_age_counts_from_the_process_start():
+    """The start-up time a summary reports (pipelines/common.process_age) is the process's age: a child
+    that sleeps 1.5 s before asking reads at least that, and not minutes."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(1.5); from attnswap.pipelines.common import process_age; print(process_age())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.5 <= age < 30

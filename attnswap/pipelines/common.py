@@ -46,6 +46,18 @@ class RunConfig:
         return Path(f"{stem(self.model)}-{suffix}")
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 class Clock:
     """A conversion's wall time by phase (loading, evaluation, training, saving), for the summary: where
     a run's minutes go besides its training steps. Every phase ends by reading a value on the host
@@ -54,6 +66,8 @@ class Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        # before the clock: the interpreter, the imports, the command line (None where unknown)
+        self.startup = process_age()
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -193,6 +193,7 @@ def run(cfg: GqaConfig) -> dict | None:
     if not saved:
         return None
     report.update(out=str(out), trained_params=trained, transfer_params=moved, tokens_seen=tokens, train_seconds=train_s, final_losses=losses,
-                  lr=lr if trains else None, wall_seconds=clock.wall(), seconds=clock.report(), device=str(ld.device),
+                  lr=lr if trains else None, wall_seconds=clock.wall(), seconds=clock.report(),
+                  startup_seconds=clock.startup, device=str(ld.device),
                   dtype=str(dt).removeprefix("torch."))
     return report

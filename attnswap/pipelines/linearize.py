@@ -261,6 +261,7 @@ def run(cfg: LinearizeConfig) -> dict | None:
         return None
     report.update(out=str(out), trained_params={"transfer": stats.transfer_params, "lora": stats.lora_params},
                   tokens_seen=stats.tokens, train_seconds=stats.seconds, wall_seconds=clock.wall(), seconds=clock.report(),
+                  startup_seconds=clock.startup,
                   final_losses=stats.losses, device=str(ld.device))
     return report
 

@@ -162,7 +162,8 @@ def run(cfg: SparsifyConfig) -> dict | None:
     if not saved:
         return None
     report.update(out=str(out), trained_params=stats.transfer_params + stats.lora_params, tokens_seen=stats.tokens,
-                  train_seconds=stats.seconds, wall_seconds=clock.wall(), seconds=clock.report(), final_losses=stats.losses,
+                  train_seconds=stats.seconds, wall_seconds=clock.wall(), seconds=clock.report(),
+                  startup_seconds=clock.startup, final_losses=stats.losses,
                   device=str(ld.device))
     return report
 
