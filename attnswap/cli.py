@@ -134,8 +134,23 @@ def _user_errors(fn):
             console.print(f"[red]error:[/red] internal error ({type(e).__name__}); this is a bug in attnswap, please "
                           "report it with the traceback above", highlight=False, soft_wrap=True)
             raise typer.Exit(INTERNAL_ERROR) from None
+        finally:
+            _close_process_group()
 
     return wrapper
+
+
+def _close_process_group() -> None:
+    """A multi-process run's process group, closed before the interpreter exits: left to the exit, gloo's
+    threads were torn down under a live group and one process aborted ("terminate called without an
+    active exception", exit -6) after a run had finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group already broken by a failed peer: the exit follows anyway
+            pass
 
 
 def _config(ctx: typer.Context, cls, params: dict):

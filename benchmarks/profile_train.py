@@ -18,7 +18,10 @@ For each method (a conversion made untrained from the teacher, default options u
 - ``peak_gib``: on CUDA the device memory each stage peaked at, on the CPU the process's resident
   high-water mark after it (it includes the teacher's weights, and never goes down); the LoRA stage's
   loss runs a block of rows at a time (``distill/logit_loss.py``) unless ``ATTNSWAP_CHUNKED_LOSS=0``
-  (whole logits); ``--stages lora --warmup 0 --steps 1`` measures one LoRA step alone.
+  (whole logits); ``--stages lora --warmup 0 --steps 1`` measures one LoRA step alone;
+- ``update_ms``: each stage's median host time from the NaN guard's check (a sync) to the end of the
+  optimiser's step and schedule: work the device waits for after a graph's replay;
+  ``ATTNSWAP_FUSED_ADAMW=1`` times torch's fused AdamW instead (``distill.train.adamw``).
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -29,6 +32,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 
 import torch
@@ -37,7 +41,7 @@ import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
 from attnswap.distill import logit_loss
-from attnswap.distill.train import DistillConfig, distill, split_steps
+from attnswap.distill.train import FUSED_ENV, DistillConfig, distill, split_steps
 from attnswap.modeling import convert_model
 from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
 
@@ -51,7 +55,7 @@ def _stage_cfg(stage: str, steps: int, batch_size: int) -> DistillConfig:
 
 def time_stages(model, seqs, batch_size: int, warmup: int, steps: int, stages=("transfer", "lora")) -> dict:
     """Median step time (s) of each stage, after ``warmup`` steps of it (their times are dropped)."""
-    out = {"graph_steps": {}, "peak_gib": {}}
+    out = {"graph_steps": {}, "peak_gib": {}, "update_ms": {}}
     cuda = next(model.parameters()).device.type == "cuda"
     for stage in stages:
         if cuda:
@@ -59,6 +63,8 @@ def time_stages(model, seqs, batch_size: int, warmup: int, steps: int, stages=("
         _, stats = distill(model, seqs, _stage_cfg(stage, warmup + steps, batch_size))
         times = next(t for name, t in stats.step_seconds.items() if STAGES[name] == stage)
         out[stage] = statistics.median(times[warmup:])
+        updates = next(t for name, t in stats.update_seconds.items() if STAGES[name] == stage)
+        out["update_ms"][stage] = round(1e3 * statistics.median(updates[warmup:]), 3)  # clipping + optimizer + schedule
         out["graph_steps"].update(stats.graph_steps)
         if cuda:
             out["peak_gib"][stage] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -133,7 +139,8 @@ def main():
         tt, tl = t.get("transfer", nan), t.get("lora", nan)
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
                "transfer_ms": 1e3 * tt, "lora_ms": 1e3 * tl, "transfer_tok_s": tokens / tt, "lora_tok_s": tokens / tl,
-               "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"],
+               "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"], "update_ms": t["update_ms"],
+               "fused_adamw": os.environ.get(FUSED_ENV, "0") == "1",
                "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted(),
                "tuning": {k: linear_chunk.TUNING[k] for k in ("bwd_segments", "bwd_sink_split")}}
         rows.append(row)
@@ -144,10 +151,12 @@ def main():
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'method':12s} {'transfer ms/step':>17s} {'tok/s':>9s} {'lora ms/step':>13s} {'tok/s':>9s} {'1000 steps s':>13s}")
+    print(f"\n{'method':12s} {'transfer ms/step':>17s} {'tok/s':>9s} {'lora ms/step':>13s} {'tok/s':>9s} {'1000 steps s':>13s}"
+          f" {'update ms t/l':>14s}")
     for r in rows:
+        u = r["update_ms"]
         print(f"{r['method']:12s} {r['transfer_ms']:17.1f} {r['transfer_tok_s']:9,.0f} {r['lora_ms']:13.1f} "
-              f"{r['lora_tok_s']:9,.0f} {r['steps_1000_s']:13.1f}")
+              f"{r['lora_tok_s']:9,.0f} {r['steps_1000_s']:13.1f} {u.get('transfer', float('nan')):6.2f} / {u.get('lora', float('nan')):.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..convert.base import attention_mode, swapped_modules
-from .train import Batches, DistillStats, _freeze_all, _loop
+from .train import Batches, DistillStats, _freeze_all, _loop, adamw
 from .logit_loss import LogitLoss
 
 STAGE = "calibration"
@@ -106,7 +106,7 @@ def calibrate(model, seqs: torch.Tensor, cfg: CalibrationConfig, accelerator: Ac
     for m in mods:
         m.calib_logit = nn.Parameter(torch.full((m.calibration_units(cfg.per_head),), logit0, device=dev))
     params = [m.calib_logit for m in mods]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(params, cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     stats = DistillStats()
 

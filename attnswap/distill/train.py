@@ -60,6 +60,9 @@ class DistillStats:
     losses: dict = field(default_factory=dict)
     step_seconds: dict = field(default_factory=dict)  # stage name -> each step's wall time (each ends in a sync)
     graph_steps: dict = field(default_factory=dict)  # stage name -> steps replayed as a CUDA graph (StepGraph)
+    # stage name -> each step's host time from the NaN guard's answer (a sync) to the loss read: gradient
+    # clipping, the optimizer, the schedule. On CUDA the device waits for these launches (profile_train.py)
+    update_seconds: dict = field(default_factory=dict)
 
 
 def split_steps(steps: int, transfer_steps: int | None, lora_steps: int | None) -> tuple[int, int]:
@@ -125,7 +128,7 @@ def attention_transfer(model, batches: Batches, cfg: DistillConfig, acc: Acceler
             p.data = p.data.float()
         p.requires_grad_(True)
     stats.transfer_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0, foreach=False if sharded else None)
+    opt = adamw(params, cfg.transfer_lr, sharded)
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
     # the decoder stack: stage 1 needs no logits; sharded, the whole model runs (FSDP's root unit holds
     # the embeddings, tied or not, and is gathered by the model's own forward)
@@ -154,7 +157,7 @@ def block_transfer(model, teacher, batches: Batches, cfg: DistillConfig, acc: Ac
     _freeze_all(model)
     params, undo = _full_train(model, cfg.transfer_blocks)
     stats.transfer_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.transfer_lr, weight_decay=0.0)
+    opt = adamw(params, cfg.transfer_lr)
     sched = _schedule(opt, cfg.warmup, cfg.transfer_steps)
     loss_fn = block_transfer_loss(model, teacher)
     try:
@@ -273,7 +276,7 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
         params = [p for p in peft_model.parameters() if p.requires_grad]
     stats.lora_params = sum(p.numel() for p in params)
     sharded = any(sharding.is_sharded(p) for p in model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=False if sharded else None)
+    opt = adamw(params, cfg.lr, sharded)
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
     kl = LogitLoss(peft_model, teacher)  # a block of rows at a time where the split holds (logit_loss.py)
@@ -319,6 +322,27 @@ def _full_train(model, names: tuple[str, ...]):
             m.to(dtype)
 
     return params, undo
+
+
+FUSED_ENV = "ATTNSWAP_FUSED_ADAMW"  # "1": AdamW as one fused kernel on CUDA (unsharded); unset / "0": torch's default
+
+
+def adamw(params, lr: float, sharded: bool = False) -> torch.optim.AdamW:
+    """The stages' optimiser. Opt-in (``ATTNSWAP_FUSED_ADAMW=1``) on one CUDA device, unsharded: torch's fused
+    AdamW, a launch or two a step instead of several per tensor group, for the host time that the step spends
+    after the graph's replay (``DistillStats.update_seconds``); off until a GPU times it. Sharded parameters
+    take the per-tensor form (FSDP's DTensors)."""
+    import os
+
+    value = os.environ.get(FUSED_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise AttnSwapError(f"{FUSED_ENV} must be 0 or 1, not {value!r}")
+    params = list(params)
+    fused = (value == "1" and not sharded and bool(params)
+             and all(p.device.type == "cuda" and p.is_floating_point() for p in params))
+    if fused:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False if sharded else None)
 
 
 GRAPH_ENV = "ATTNSWAP_TRAIN_GRAPH"  # "0": every training step eager; unset or "1": one CUDA graph a stage where possible
@@ -409,6 +433,7 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
     sharded = any(sharding.is_sharded(p) for p in params)
     t0, seen = time.perf_counter(), 0
     times = stats.step_seconds.setdefault(name, [])
+    updates = stats.update_seconds.setdefault(name, [])
     graph = StepGraph(loss_fn, params) if StepGraph.wanted(acc, params) else None
     st = run.stage(name, step_offset, steps, module or torch.nn.ParameterList(params), opt, sched, params)
     with st, progress_bar("loss", "tok/s") as bar:
@@ -425,13 +450,17 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
             if acc.num_processes > 1:  # every process takes its slice of the global batch: average
                 loss = _all_reduce_grads(acc, params, loss)
             if st.finite(step, loss, lambda: loss_fn(ids)):
+                t_update = time.perf_counter()
                 if sharded:
                     sharding.clip_grad_norm_(params, 1.0, acc)
                 else:
                     acc.clip_grad_norm_(params, 1.0)
                 opt.step()
+            else:
+                t_update = time.perf_counter()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            updates.append(time.perf_counter() - t_update)
             seen += ids.numel() * acc.num_processes
             st.tokens += ids.numel() * acc.num_processes
             st.add_loss(loss.item())  # waits for the step's work: the step times below are device-inclusive

@@ -263,9 +263,17 @@ twentyfirst) # the sink keys' far queries in a kernel of their own (twentieth's 
   P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20"
   $L proftrain21 "$P --json ~/res/proftrain21s.json && $P --tuning bwd_sink_split=0 --json ~/res/proftrain21w.json"
   ;;
-twentysecond) # for the next session, detached, each alone: the default command after 1c56a28's faster backward
-         # (issue 17's 3 minutes; at be04255 202 s, training 180 s), then the 8k prefill traced and graphed
+twentysecond) # for the next session: in the call, the CUDA test of the fused AdamW (opt-in) and a graphed step at
+         # the default rows with torch's default AdamW and with the fused one (update_ms: the host time after the
+         # replay); then detached, each alone: the default command after 1c56a28's faster backward (issue 17's 3
+         # minutes; at be04255 202 s, training 180 s; its summary now splits off the start-up), then the 8k
+         # prefill traced and graphed
   mkdir -p ~/res
+  $L tests22 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py -rs"
+  $W tests22; tail -3 ~/res/tests22.log
+  P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20"
+  $L proftrain22 "$P --json ~/res/proftrain22d.json && ATTNSWAP_FUSED_ADAMW=1 $P --json ~/res/proftrain22f.json"
+  $W proftrain22; grep -a -A2 "^method" ~/res/proftrain22.log
   setsid nohup bash -c "$J galone22; $W galone22; $J trace18; $W trace18; $J prof18; $W prof18
     echo done > ~/res/twentysecond.rc" > ~/res/twentysecond.log 2>&1 &
   : > ~/res/galone22.log; echo "twentysecond chain launched"
