@@ -258,6 +258,18 @@ def _dkv_tile(q, do, rden, dden, m_in, arg_in, dp_in, b, h, T, H, D, DV, tq, rd,
 
 
 @triton.jit
+def _key_rows(k, v, b, hk, T, Hk, tk, mk, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """The key and value rows ``tk`` (where ``mk``) of KV head ``hk``, with the column ranges and masks."""
+    rd = tl.arange(0, BD)
+    rv = tl.arange(0, BDV)
+    md = rd < D
+    mv = rv < DV
+    bk = tl.load(k + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+    bv = tl.load(v + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    return rd, rv, md, mv, bk, bv
+
+
+@triton.jit
 def _hy_bwd_dkv_kernel(
     q, k, v, do, rden, dden, gamma, m_in, arg_in, dp_in, dk, dv,
     T, H, Hk, GROUP, W, scale, SINKS, FAR_END,
@@ -268,16 +280,11 @@ def _hy_bwd_dkv_kernel(
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hk
     hk = bhk % Hk
-    rd = tl.arange(0, BD)
-    rv = tl.arange(0, BDV)
     rc = tl.arange(0, C)
-    md = rd < D
-    mv = rv < DV
     j0 = pid_t * C
     tk = j0 + rc
     mk = tk < T
-    bk = tl.load(k + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-    bv = tl.load(v + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    rd, rv, md, mv, bk, bv = _key_rows(k, v, b, hk, T, Hk, tk, mk, D, DV, BD, BDV)
     acc_k = tl.zeros([C, BD], dtype=tl.float32)
     acc_v = tl.zeros([C, BDV], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -318,15 +325,10 @@ def _hy_bwd_dsink_kernel(
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hk
     hk = bhk % Hk
-    rd = tl.arange(0, BD)
-    rv = tl.arange(0, BDV)
     rc = tl.arange(0, C)
-    md = rd < D
-    mv = rv < DV
     tk = tl.arange(0, BS)
     mk = (tk < SINKS) & (tk < T)
-    bk = tl.load(k + b * T * Hk * D + hk * D + tk[:, None] * (Hk * D) + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-    bv = tl.load(v + b * T * Hk * DV + hk * DV + tk[:, None] * (Hk * DV) + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    rd, rv, md, mv, bk, bv = _key_rows(k, v, b, hk, T, Hk, tk, mk, D, DV, BD, BDV)
     acc_k = tl.zeros([BS, BD], dtype=tl.float32)
     acc_v = tl.zeros([BS, BDV], dtype=tl.float32)
     t_lo = Q0 + part * PER * C
