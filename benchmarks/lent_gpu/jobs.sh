@@ -49,6 +49,10 @@ nineteenth) # cut to ~700 s of device time (failed starts spent 800 s): the CUDA
   ;;
 b19)
   q loza1k sparsify loza 16384 "--method loza --fraction 0.5 --steps 1000"
+  $J gqatt50
+  ;;
+gqatt50)  # issue 14: GQA 3 -> 1 with half the rows read written by the teacher (--teacher-text 0.5); beside loza1k its
+          # sampling reached 3.46 M of 4.1 M tokens in 7.6 minutes (be04255), so alone it goes after the short jobs
   q gqatt50 gqa gqa-sub-tt50 8192 "--kv-heads 1 --merge subspace --train all --steps 1000 --teacher-text 0.5"
   ;;
 twentieth) # the linear backward cut into segments (built after nineteenth's trace showed its dk / dv kernels 3.8x slower
@@ -76,15 +80,15 @@ twentyfirst) # the sink keys' far queries in a kernel of their own (twentieth's 
 twentysecond) # for the next session: in the call, the CUDA test of the fused AdamW (opt-in) and a graphed step at
          # the default rows with torch's default AdamW and with the fused one (update_ms: the host time after the
          # replay); then detached, each alone: the default command after 1c56a28's faster backward (issue 17's 3
-         # minutes; at be04255 202 s, training 180 s; its summary now splits off the start-up), then the 8k
-         # prefill traced and graphed
+         # minutes; at be04255 202 s, training 180 s; its summary now splits off the start-up), GQA with
+         # --teacher-text 0.5 (issue 14), then the 8k prefill traced and graphed
   mkdir -p ~/res
   $L tests22 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py -rs"
   $W tests22; tail -3 ~/res/tests22.log
   P="python profile_train.py --model $M --methods lolcats --seq-len 4096 --batch-size 2 --steps 20"
   $L proftrain22 "$P --json ~/res/proftrain22d.json && ATTNSWAP_FUSED_ADAMW=1 $P --json ~/res/proftrain22f.json"
   $W proftrain22; grep -a -A2 "^method" ~/res/proftrain22.log
-  setsid nohup bash -c "$J galone22; $W galone22; $J trace18; $W trace18; $J prof18; $W prof18
+  setsid nohup bash -c "$J galone22; $W galone22; $J gqatt50; $W gqatt50; $J trace18; $W trace18; $J prof18; $W prof18
     echo done > ~/res/twentysecond.rc" > ~/res/twentysecond.log 2>&1 &
   : > ~/res/galone22.log; echo "twentysecond chain launched"
   ;;
