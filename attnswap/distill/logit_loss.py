@@ -22,8 +22,6 @@ logit scale, a bias, a sharded head), ``Logits.chunked`` is False and it uses th
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -204,9 +202,6 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
 def wanted() -> bool:
     """``ATTNSWAP_CHUNKED_LOSS``: unset or 1, blocks of rows; 0, the whole logits. On the H100 the graphed
     LoRA step took the same time either way and peaked 7.7 GiB lower in blocks (docs/BENCHMARKS.md)."""
-    value = os.environ.get(ENV, "1").strip()
-    if value not in ("0", "1", ""):
-        from ..errors import AttnSwapError
+    from ..errors import env_switch
 
-        raise AttnSwapError(f"{ENV} must be 0 (whole logits) or 1 (a block of rows at a time), not {value!r}")
-    return value != "0"
+    return env_switch(ENV, True, "whole logits", "a block of rows at a time")

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from ..convert.base import attention_mode, swapped_modules
 from ..convert.swap import decoder_layers
-from ..errors import AttnSwapError
+from ..errors import AttnSwapError, env_switch
 from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
@@ -332,13 +332,8 @@ def adamw(params, lr: float, sharded: bool = False) -> torch.optim.AdamW:
     AdamW, a launch or two a step instead of several per tensor group, for the host time that the step spends
     after the graph's replay (``DistillStats.update_seconds``); off until a GPU times it. Sharded parameters
     take the per-tensor form (FSDP's DTensors)."""
-    import os
-
-    value = os.environ.get(FUSED_ENV, "0").strip()
-    if value not in ("0", "1", ""):
-        raise AttnSwapError(f"{FUSED_ENV} must be 0 or 1, not {value!r}")
     params = list(params)
-    fused = (value == "1" and not sharded and bool(params)
+    fused = (env_switch(FUSED_ENV, False, "torch's default AdamW", "fused AdamW") and not sharded and bool(params)
              and all(p.device.type == "cuda" and p.is_floating_point() for p in params))
     if fused:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
@@ -367,12 +362,8 @@ class StepGraph:
         """Not turned off (``ATTNSWAP_TRAIN_GRAPH=0``) and possible: CUDA, one process, unsharded, no loss
         scaler. On by default since the H200 measurement (docs/BENCHMARKS.md): the same losses and the
         same converted model as the eager steps, in half the time of a LoRA step."""
-        import os
-
-        value = os.environ.get(GRAPH_ENV, "1").strip()
-        if value not in ("0", "1", ""):
-            raise AttnSwapError(f"{GRAPH_ENV} must be 0 (eager training steps) or 1 (CUDA graphs), not {value!r}")
-        return (value != "0" and acc.device.type == "cuda" and acc.num_processes == 1
+        return (env_switch(GRAPH_ENV, True, "eager training steps", "CUDA graphs") and acc.device.type == "cuda"
+                and acc.num_processes == 1
                 and getattr(acc, "scaler", None) is None and not any(sharding.is_sharded(p) for p in params))
 
     def run(self, ids: torch.Tensor):
@@ -449,15 +440,14 @@ def _loop(name, steps, batches, acc, stats, opt, sched, params, loss_fn, step_of
                 stats.graph_steps[name] = stats.graph_steps.get(name, 0) + 1
             if acc.num_processes > 1:  # every process takes its slice of the global batch: average
                 loss = _all_reduce_grads(acc, params, loss)
-            if st.finite(step, loss, lambda: loss_fn(ids)):
-                t_update = time.perf_counter()
+            finite = st.finite(step, loss, lambda: loss_fn(ids))
+            t_update = time.perf_counter()
+            if finite:
                 if sharded:
                     sharding.clip_grad_norm_(params, 1.0, acc)
                 else:
                     acc.clip_grad_norm_(params, 1.0)
                 opt.step()
-            else:
-                t_update = time.perf_counter()
             sched.step()
             opt.zero_grad(set_to_none=True)
             updates.append(time.perf_counter() - t_update)

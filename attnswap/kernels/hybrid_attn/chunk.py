@@ -319,8 +319,8 @@ def _hy_bwd_dsink_kernel(
 ):
     """The sink keys' dk, dv from the queries at Q0 and later, PER tiles of C queries a program; partial
     sums (fp32, scaled) per program in pdk / pdv (part, B, Hk, BS, BD / BDV). Left to the sink tile's own
-    program in _hy_bwd_dkv_kernel, this walk over every query made that one program the kernel's tail:
-    on rows of 4,096 it took 2.2x the time of rows of 1,024 for as many tokens."""
+    program in _hy_bwd_dkv_kernel, this walk over every query most likely made that one program the
+    kernel's tail (on rows of 4,096 it took 2.2x the time of rows of 1,024 for as many tokens)."""
     part = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hk
@@ -459,8 +459,7 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
 
     def dkv_launch(stages, c):  # c: the key tile (C, or C / 2 where C does not fit; dq's tiles stay C)
         _hy_bwd_dkv_kernel[(cdiv(T, c), B * Hk)](
-            q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks,
-            q0 if parts else T,
+            q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks, q0,
             D=D, DV=Dv, BD=BD, BDV=BDV, C=c, NKB=_nkb(window, c), BS=_sink_tile(sinks), PREC=prec,
             DSPLIT=dsplit, num_warps=8, num_stages=stages,
         )
