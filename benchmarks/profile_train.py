@@ -21,7 +21,8 @@ For each method (a conversion made untrained from the teacher, default options u
   (whole logits); ``--stages lora --warmup 0 --steps 1`` measures one LoRA step alone;
 - ``update_ms``: each stage's median host time from the NaN guard's check (a sync) to the end of the
   optimiser's step and schedule: work the device waits for after a graph's replay;
-  ``ATTNSWAP_FUSED_ADAMW=1`` times torch's fused AdamW instead (``distill.train.adamw``).
+  on CUDA the optimiser is torch's fused AdamW, ``ATTNSWAP_FUSED_ADAMW=0`` times torch's default instead
+  (``distill.train.adamw``).
 
     python benchmarks/profile_train.py --model llama --methods lolcats,lizard --steps 20 --trace
 """
@@ -32,7 +33,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import statistics
 
 import torch
@@ -41,7 +41,7 @@ import attnswap  # noqa: F401  (registers converted models)
 from attnswap import loading
 from attnswap.convert.swap import make_swap
 from attnswap.distill import logit_loss
-from attnswap.distill.train import FUSED_ENV, DistillConfig, distill, split_steps
+from attnswap.distill.train import DistillConfig, adamw, distill, split_steps
 from attnswap.modeling import convert_model
 from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
 
@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--stages", default="transfer,lora", help="which stages to time (transfer, lora)")
     ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
                     help="set a kernel knob (linear_attn.chunk.TUNING) for this run, e.g. bwd_segments=0 or "
-                         "bwd_sink_split=0 (integers; repeatable)")
+                         "bwd_sink_split=0 or bwd_segments_max_per_sm=1 (numbers; repeatable)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -115,9 +115,13 @@ def main():
 
     for item in a.tuning:
         key, eq, value = item.partition("=")
-        if not eq or key not in linear_chunk.TUNING or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--tuning {item}: expected KEY=INTEGER with KEY one of {', '.join(sorted(linear_chunk.TUNING))}")
-        linear_chunk.TUNING[key] = type(linear_chunk.TUNING[key])(int(value))
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not eq or key not in linear_chunk.TUNING or number is None:
+            raise SystemExit(f"--tuning {item}: expected KEY=NUMBER with KEY one of {', '.join(sorted(linear_chunk.TUNING))}")
+        linear_chunk.TUNING[key] = type(linear_chunk.TUNING[key])(number)
     dev = loading.pick_device(a.device)
     dtype = loading.pick_dtype("auto", dev)
     teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
@@ -140,9 +144,9 @@ def main():
         row = {"method": method, "seq_len": a.seq_len, "batch_size": a.batch_size, "steps": a.steps,
                "transfer_ms": 1e3 * tt, "lora_ms": 1e3 * tl, "transfer_tok_s": tokens / tt, "lora_tok_s": tokens / tl,
                "steps_1000_s": t_share * tt + l_share * tl, "graph_steps": t["graph_steps"], "update_ms": t["update_ms"],
-               "fused_adamw": os.environ.get(FUSED_ENV, "0") == "1",
+               "fused_adamw": bool(adamw([torch.nn.Parameter(torch.zeros(1, device=dev))], 1e-3).defaults["fused"]),
                "peak_gib": t["peak_gib"], "chunked_loss": logit_loss.wanted(),
-               "tuning": {k: linear_chunk.TUNING[k] for k in ("bwd_segments", "bwd_sink_split")}}
+               "tuning": {k: linear_chunk.TUNING[k] for k in ("bwd_segments", "bwd_segments_max_per_sm", "bwd_sink_split")}}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.trace:

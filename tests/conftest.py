@@ -16,6 +16,18 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
             num_hidden_layers=3, max_position_embeddings=512, vocab_size=300)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """On a CUDA machine a test that trains on the CPU after one that trained on the GPU would meet accelerate's
+    process-wide state made for the GPU (``Accelerator(cpu=True)`` then refuses); each test starts from none."""
+    yield
+    if torch.cuda.is_available():
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def tiny_config(model_type: str = "llama", **over):
     from transformers import AutoConfig
 

@@ -152,7 +152,8 @@ def test_gqa_stages_run_on_cpu(monkeypatch):
 
 def test_update_time_recorded_per_step_and_fused_adamw_only_on_cuda(monkeypatch):
     """``DistillStats.update_seconds`` holds one host time a step of each stage (profile_train.py reads it);
-    ``ATTNSWAP_FUSED_ADAMW=1`` leaves CPU parameters to torch's default optimiser, and a bad value is refused."""
+    the fused AdamW (the CUDA default, ``ATTNSWAP_FUSED_ADAMW=1``) leaves CPU parameters to torch's default
+    optimiser, and a bad value is refused."""
     from attnswap.distill.train import FUSED_ENV, adamw
     from attnswap.errors import AttnSwapError
 
@@ -160,6 +161,8 @@ def test_update_time_recorded_per_step_and_fused_adamw_only_on_cuda(monkeypatch)
     assert {k: len(v) for k, v in stats.update_seconds.items()} == {"attention transfer": 5, "LoRA distillation": 5}
     assert all(t >= 0 for v in stats.update_seconds.values() for t in v)
     p = [torch.nn.Parameter(torch.ones(3))]
+    monkeypatch.delenv(FUSED_ENV, raising=False)
+    assert not adamw(p, 1e-3).defaults["fused"]
     monkeypatch.setenv(FUSED_ENV, "1")
     assert not adamw(p, 1e-3).defaults["fused"]
     monkeypatch.setenv(FUSED_ENV, "yes")
@@ -169,12 +172,15 @@ def test_update_time_recorded_per_step_and_fused_adamw_only_on_cuda(monkeypatch)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_adamw_trains_as_the_default_cuda(monkeypatch):
-    """The fused optimiser (opt-in) against torch's default on the same graphed steps: the same losses and
-    weights to 1e-3."""
+    """The fused optimiser (the CUDA default) against torch's default (``ATTNSWAP_FUSED_ADAMW=0``) on the same
+    graphed steps: the same losses and weights to 1e-3."""
     from attnswap.distill.train import FUSED_ENV, adamw
 
-    monkeypatch.setenv(FUSED_ENV, "1")
+    monkeypatch.delenv(FUSED_ENV, raising=False)
     assert adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))], 1e-3).defaults["fused"]
+    monkeypatch.setenv(FUSED_ENV, "0")
+    assert not adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))], 1e-3).defaults["fused"]
+    monkeypatch.setenv(FUSED_ENV, "1")
     fused, s1 = _run("cuda", True, monkeypatch)
     monkeypatch.setenv(FUSED_ENV, "0")
     default, s0 = _run("cuda", True, monkeypatch)

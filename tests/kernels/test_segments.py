@@ -145,3 +145,15 @@ def test_linear_backward_segments_match_one_walk(device, dtype, lag, norm, init)
         got = la_backward(q, k, v, do, rden, dden, lag=lag, initial_state=s0, chunk_size=C, segment_chunks=seg)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             check(f"seg{i}/lag{lag}/{name}", a, b, dtype, grad=True)
+
+
+def test_backward_segments_only_with_few_programs_for_the_sms(monkeypatch):
+    """The automatic plan of la_backward cuts rows into segments for the training step's few programs
+    (2 rows x 3 KV heads x 2 feature blocks = 12 on 132 SMs), not for 32 heads' 64 (slower there), and
+    never with the knob off."""
+    from attnswap.kernels.linear_attn import chunk
+
+    assert chunk.bwd_segments_wanted(12, 132)
+    assert not chunk.bwd_segments_wanted(64, 132)
+    monkeypatch.setitem(chunk.TUNING, "bwd_segments", False)
+    assert not chunk.bwd_segments_wanted(12, 132)

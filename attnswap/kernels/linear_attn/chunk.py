@@ -531,6 +531,10 @@ TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 1
           # la_backward's segments: on the H200 (be04255) the graphed lolcats LoRA step on rows of 2 x 4,096 went
           # from 195.8 to 184.9 ms, the transfer step from 139.0 to 122.9 ms (dk / dv kernels 464 -> 64 us a call)
           "bwd_segments": True,
+          # ... but only while its programs are at most this many per SM: with 32 heads at 16k (64 programs)
+          # the H200 (9dd94e2) took 6.38 ms for a linear forward+backward with segments, 4.38 ms without; the
+          # 12 programs of the step above gained from them; where between the two the line lies is not measured
+          "bwd_segments_max_per_sm": 0.25,
           # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
           "bwd_sink_split": True}
 
@@ -538,6 +542,12 @@ TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 1
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def bwd_segments_wanted(programs: int, sms: int) -> bool:
+    """Whether la_backward's automatic plan cuts rows into segments: only with few programs for the SMs,
+    since the segments' states cost two passes of their own (``TUNING``'s figures)."""
+    return TUNING["bwd_segments"] and programs <= TUNING["bwd_segments_max_per_sm"] * sms
 
 
 def plan_segments(T: int, C: int, programs: int, segment_chunks: int | None, device) -> tuple[int, int]:
@@ -654,7 +664,8 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     and 6 programs and took 3.8x as long as at 8 x 1,024). Ungated, the rows can be cut into segments
     that start from precomputed states (``segment_states`` forwards, ``reverse_segment_states``
     backwards): ``segment_chunks`` forces it (tests), ``TUNING["bwd_segments"]`` turns the automatic
-    plan on or off (on: it cut those kernels 7x on the H200)."""
+    plan on or off (on: it cut those kernels 7x on the H200), and ``bwd_segments_wanted`` keeps it to
+    few programs."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     G = H // Hk
@@ -673,8 +684,10 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     nw = 8 if BFB * BDV >= 64 * 128 else 4
     N = cdiv(T, C)
     nch, nseg = N, 1
-    if Gc is None and (segment_chunks is not None or TUNING["bwd_segments"]):
-        nch, nseg = plan_segments(T, C, cdiv(F, BFB) * B * Hk, segment_chunks, q.device)
+    programs = cdiv(F, BFB) * B * Hk
+    if Gc is None and (segment_chunks is not None or (
+            q.device.type == "cuda" and bwd_segments_wanted(programs, _sm_count(q.device.index or 0)))):
+        nch, nseg = plan_segments(T, C, programs, segment_chunks, q.device)
     Sg = zg = dSg = dzg = None
     if nseg > 1:
         Sg, zg = segment_states(k, v, None, lag=lag, sinks=0, chunk_size=C, nch=nch, nseg=nseg,
