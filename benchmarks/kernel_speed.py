@@ -214,6 +214,33 @@ def sweep(Ls):
     lc.TUNING.update(base)
 
 
+def prefill_sweep(Ls):
+    """The hybrid forward as lolcats' prefill runs it on SmolLM2 (9 heads, 3 KV heads, head dim 64, 128
+    features, window 256, 4 sinks, no gradients) under segment plans: median ms and the plan's segments."""
+    from attnswap.kernels.linear_attn import chunk as lc
+
+    base = dict(lc.TUNING)
+    variants = [{}, {"whole_waves": True}, {"programs_per_sm": 1}, {"programs_per_sm": 1, "whole_waves": True},
+                {"programs_per_sm": 2, "whole_waves": True}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
+                {"min_segment_chunks": 4, "programs_per_sm": 2, "whole_waves": True}, {"hybrid_warps": 4},
+                {"hybrid_stages": (1,)}]
+    print("| L | knobs | segments x chunks | programs | hybrid w256 + 4 sinks inf f ms |")
+    print("|---|---|---|---|---|")
+    for L in Ls:
+        x = inputs("smollm2", L)
+        fq, fk, v, q, k, gamma = (x[n].detach() for n in ("fq", "fk", "v", "q", "k", "gamma"))
+        D = x["D"]
+        for var in variants:
+            lc.TUNING.clear()
+            lc.TUNING.update(base, **var)
+            nch, nseg = lc.plan_segments(L, 64, x["H"], None, q.device)
+            t = inference(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D**-0.5, sinks=4))[0]
+            print(f"| {L // 1024}k | {var or 'default'} | {nseg} x {nch} | {nseg * x['H']} | {fmt(t)} |", flush=True)
+        torch.cuda.empty_cache()
+    lc.TUNING.clear()
+    lc.TUNING.update(base)
+
+
 # --- execution paths of a converted model (were benchmarks/gpu_paths.py and decode_paths.py) ---------
 def _converted_models(spec: str, methods: str, dtype):
     """(name, model) pairs on CUDA: the model itself when ``spec`` is already converted, else one fresh,
@@ -434,6 +461,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true", help="sparse suite: skip FlexAttention")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
+    mode.add_argument("--prefill-sweep", action="store_true",
+                      help="segment plans of lolcats' prefill kernel at SmolLM2's shape (--lengths, default 8k,32k)")
     mode.add_argument("--paths", metavar="MODEL", help="Triton vs PyTorch logits (and time) of a converted MODEL")
     mode.add_argument("--decode-paths", metavar="MODEL", help="CUDA-graph / compiled vs eager decode logits of MODEL")
     mode.add_argument("--sanitize", metavar="T,BV,WHICH[,SINK_TILE[,STAGES]]", help="one hybrid forward for compute-sanitizer")
@@ -458,6 +487,9 @@ def main():
           "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
     if a.sweep:
         sweep([16384, 65536])
+        return
+    if a.prefill_sweep:
+        prefill_sweep([int(x) for x in a.lengths.split(",")] if a.lengths else [8192, 32768])
         return
     nums = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     if a.paths:

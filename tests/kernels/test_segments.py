@@ -157,3 +157,25 @@ def test_backward_segments_only_with_few_programs_for_the_sms(monkeypatch):
     assert not chunk.bwd_segments_wanted(64, 132)
     monkeypatch.setitem(chunk.TUNING, "bwd_segments", False)
     assert not chunk.bwd_segments_wanted(12, 132)
+
+
+def test_whole_waves_keep_the_segment_programs_within_one_wave(monkeypatch):
+    """plan_segments on a CUDA device of 132 SMs, SmolLM2's 9 prefill programs at 8k (128 chunks): the
+    default rounds the wanted segments up (16 x 9 = 144 programs, one wave and 12 more at one a SM);
+    ``whole_waves`` rounds down, so the programs fit the slots; every plan covers every chunk."""
+    from attnswap.kernels.linear_attn import chunk
+
+    monkeypatch.setattr(chunk, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda")
+    for pps in (1, 2, 4):
+        monkeypatch.setitem(chunk.TUNING, "programs_per_sm", pps)
+        for whole in (False, True):
+            monkeypatch.setitem(chunk.TUNING, "whole_waves", whole)
+            nch, nseg = chunk.plan_segments(8192, 64, 9, None, cuda)
+            assert nch * nseg >= 128 and nch * (nseg - 1) < 128
+            if whole:
+                assert nseg * 9 <= pps * 132
+    monkeypatch.setitem(chunk.TUNING, "programs_per_sm", 1)
+    monkeypatch.setitem(chunk.TUNING, "whole_waves", False)
+    assert chunk.plan_segments(8192, 64, 9, None, cuda)[1] * 9 > 132
+    assert chunk.plan_segments(8192, 64, 9, None, torch.device("cpu")) == (128, 1)
