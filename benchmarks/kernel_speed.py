@@ -220,9 +220,12 @@ def prefill_sweep(Ls):
     from attnswap.kernels.linear_attn import chunk as lc
 
     base = dict(lc.TUNING)
+    # down to one chunk a segment: every chunk's state precomputed, every (chunk, head) a program of its own
     variants = [{}, {"whole_waves": True}, {"programs_per_sm": 1}, {"programs_per_sm": 1, "whole_waves": True},
                 {"programs_per_sm": 2, "whole_waves": True}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
-                {"min_segment_chunks": 4, "programs_per_sm": 2, "whole_waves": True}, {"hybrid_warps": 4},
+                {"min_segment_chunks": 4, "programs_per_sm": 8}, {"min_segment_chunks": 2, "programs_per_sm": 8},
+                {"min_segment_chunks": 1, "programs_per_sm": 16}, {"min_segment_chunks": 1, "programs_per_sm": 64},
+                {"hybrid_warps": 4}, {"hybrid_warps": 4, "min_segment_chunks": 1, "programs_per_sm": 16},
                 {"hybrid_stages": (1,)}]
     print("| L | knobs | segments x chunks | programs | hybrid w256 + 4 sinks inf f ms |")
     print("|---|---|---|---|---|")
