@@ -179,3 +179,19 @@ def test_whole_waves_keep_the_segment_programs_within_one_wave(monkeypatch):
     monkeypatch.setitem(chunk.TUNING, "whole_waves", False)
     assert chunk.plan_segments(8192, 64, 9, None, cuda)[1] * 9 > 132
     assert chunk.plan_segments(8192, 64, 9, None, torch.device("cpu")) == (128, 1)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_hybrid_one_chunk_segments_match_naive(device, dtype, sinks):
+    """The finest plan (``kernel_speed.py --prefill-sweep`` times it): a segment per chunk, so every chunk
+    starts from a precomputed state, with a window wider than a chunk (the lag crosses chunks)."""
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
+
+    B, T, H, Hk, D, F, Dv, W, C, _ = _shape(device, 0)
+    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=5)
+    args = [x[n] for n in ("q", "k", "v", "fq", "fk", "gamma")]
+    kw = dict(window=W, scale=D**-0.5, sinks=sinks)
+    _check_hybrid(f"segments/hybrid/T{T}W{W}s1sinks{sinks}", triton_hybrid_attn, naive_hybrid_attn, args, kw, x,
+                  ["q", "k", "v", "fq", "fk", "gamma"], dtype, C, 1)
