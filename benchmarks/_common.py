@@ -34,6 +34,32 @@ def method_spec(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def add_tuning_option(ap) -> None:
+    """``--tuning KEY=VALUE`` (repeatable): a kernel knob of ``linear_attn.chunk.TUNING`` for this run."""
+    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a kernel knob (linear_attn.chunk.TUNING) for this run, e.g. bwd_segments=0, "
+                         "bwd_segments_max_per_sm=1 or min_segment_chunks=1 (numbers; repeatable)")
+
+
+def apply_tuning(items) -> dict:
+    """Set each ``KEY=NUMBER`` of ``--tuning`` in ``linear_attn.chunk.TUNING`` (the knob keeps its type:
+    0 / 1 for the on-off ones); returns the knobs set. A bad item exits with one line."""
+    from attnswap.kernels.linear_attn import chunk
+
+    done = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not eq or key not in chunk.TUNING or number is None or isinstance(chunk.TUNING[key], tuple):
+            knobs = ", ".join(sorted(k for k, v in chunk.TUNING.items() if not isinstance(v, tuple)))
+            raise SystemExit(f"--tuning {item}: expected KEY=NUMBER with KEY one of {knobs}")
+        chunk.TUNING[key] = done[key] = type(chunk.TUNING[key])(number)
+    return done
+
+
 def stub_triton_launches() -> None:
     """Every Triton kernel launch (plain, autotuned, interpreted) does nothing from here on: what the
     host issues on a GPU can then be counted or timed on a CPU (the outputs are garbage)."""

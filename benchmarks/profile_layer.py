@@ -67,7 +67,7 @@ from attnswap.convert.swap import make_swap
 from attnswap.hf_compat import cache_kwargs, new_cache
 from attnswap.modeling import convert_model
 from attnswap.profiling import count_host_ops
-from _common import commit as _commit, method_spec, stub_triton_launches  # noqa: E402  (benchmarks/_common.py)
+from _common import add_tuning_option, apply_tuning, commit as _commit, method_spec, stub_triton_launches  # noqa: E402  (benchmarks/_common.py)
 
 
 def _sync(dev):
@@ -274,7 +274,9 @@ def main():
     ap.add_argument("--sum-split-from", type=int, default=None,
                     help="linear keys from which a prefill's state sums run in pieces (hybrid_attn/step_torch.py: "
                          "SUM_SPLIT_FROM); a large value turns the split off, for a same-run comparison")
+    add_tuning_option(ap)
     a = ap.parse_args()
+    tuning = apply_tuning(a.tuning)
     if a.sum_split_from is not None:
         from attnswap.kernels.hybrid_attn import step_torch
 
@@ -334,7 +336,8 @@ def main():
         _graph_table(rows)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "rows": rows}, f, indent=2)
+            json.dump({"commit": _commit(), "device": str(dev), "dtype": str(dtype), "tuning": tuning, "rows": rows}, f,
+                      indent=2)
 
 
 def _timing_table(rows):

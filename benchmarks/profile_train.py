@@ -43,7 +43,7 @@ from attnswap.convert.swap import make_swap
 from attnswap.distill import logit_loss
 from attnswap.distill.train import DistillConfig, adamw, distill, split_steps
 from attnswap.modeling import convert_model
-from _common import commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
+from _common import add_tuning_option, apply_tuning, commit as _commit, method_spec  # noqa: E402  (benchmarks/_common.py)
 
 STAGES = {"attention transfer": "transfer", "LoRA distillation": "lora"}
 
@@ -99,9 +99,7 @@ def main():
     ap.add_argument("--trace", action="store_true", help="print torch.profiler's top operators of each stage")
     ap.add_argument("--trace-steps", type=int, default=3)
     ap.add_argument("--stages", default="transfer,lora", help="which stages to time (transfer, lora)")
-    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a kernel knob (linear_attn.chunk.TUNING) for this run, e.g. bwd_segments=0 or "
-                         "bwd_sink_split=0 or bwd_segments_max_per_sm=1 (numbers; repeatable)")
+    add_tuning_option(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -113,15 +111,7 @@ def main():
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     from attnswap.kernels.linear_attn import chunk as linear_chunk
 
-    for item in a.tuning:
-        key, eq, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if not eq or key not in linear_chunk.TUNING or number is None:
-            raise SystemExit(f"--tuning {item}: expected KEY=NUMBER with KEY one of {', '.join(sorted(linear_chunk.TUNING))}")
-        linear_chunk.TUNING[key] = type(linear_chunk.TUNING[key])(number)
+    apply_tuning(a.tuning)
     dev = loading.pick_device(a.device)
     dtype = loading.pick_dtype("auto", dev)
     teacher, _ = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)

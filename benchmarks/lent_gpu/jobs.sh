@@ -92,7 +92,7 @@ twentysecond) # for the next session: in the call, the CUDA test of the fused Ad
     echo done > ~/res/twentysecond.rc" > ~/res/twentysecond.log 2>&1 &
   : > ~/res/galone22.log; echo "twentysecond chain launched"
   ;;
-twentythird) # for the next session, in the call (~12 minutes): the train-graph tests in one process (the
+twentythird) # for the next session, in the call (~15 minutes): the train-graph tests in one process (the
          # accelerate state reset between tests: twentysecond's 2 CPU-after-CUDA failures) and the segment tests;
          # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with
          # them at 32 heads x 16k, 4.38 without) and lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's
@@ -106,6 +106,10 @@ twentythird) # for the next session, in the call (~12 minutes): the train-graph 
   P="python profile_train.py --model $M --methods lolcats --steps 20"
   $L proftrain23 "$P --seq-len 4096 --batch-size 2 --json ~/res/proftrain23d.json && $P --json ~/res/proftrain23a.json && $P --tuning bwd_segments_max_per_sm=1 --json ~/res/proftrain23b.json"
   $W proftrain23; grep -a -A2 "^method" ~/res/proftrain23.log
+  # the graphed 8k / 32k prefill (prof18's command) with the default plan and a segment per chunk
+  G="python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192"
+  $L prof23 "$G --json ~/res/prof23d.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/prof23s.json"
+  $W prof23; grep -a -A3 "graphed ms" ~/res/prof23.log
   ;;
 galone22)
   $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
