@@ -104,7 +104,7 @@ twentythird) # for the next session, in the call (~15 minutes): the train-graph 
   $L kernels23 "python kernel_speed.py --shapes 32h --lengths 16384,65536 && python kernel_speed.py --prefill-sweep --lengths 8192,32768"
   $W kernels23; grep -a -E "^\| (32h|[0-9]+k) " ~/res/kernels23.log
   P="python profile_train.py --model $M --methods lolcats --steps 20"
-  $L proftrain23 "$P --seq-len 4096 --batch-size 2 --json ~/res/proftrain23d.json && $P --json ~/res/proftrain23a.json && $P --tuning bwd_segments_max_per_sm=1 --json ~/res/proftrain23b.json"
+  $L proftrain23 "$P --seq-len 4096 --batch-size 2 --json ~/res/proftrain23d.json && $P --json ~/res/proftrain23a.json && $P --tuning bwd_segments_max_per_sm=1 --json ~/res/proftrain23b.json && $P --seq-len 4096 --batch-size 2 --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/proftrain23s.json"
   $W proftrain23; grep -a -A2 "^method" ~/res/proftrain23.log
   # the graphed 8k / 32k prefill (prof18's command) with the default plan and a segment per chunk
   G="python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192"
