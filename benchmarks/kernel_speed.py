@@ -55,7 +55,7 @@ from attnswap.kernels.hybrid_attn.fused_recurrent import fused_recurrent_hybrid_
 from attnswap.kernels.hybrid_attn.naive import hybrid_cache_from_prefill
 from attnswap.kernels.linear_attn.chunk import triton_linear_attn
 from attnswap.kernels.linear_attn.fused_recurrent import fused_recurrent_linear_step
-from _common import commit as _commit  # noqa: E402  (benchmarks/_common.py)
+from _common import add_tuning_option, apply_tuning, commit as _commit  # noqa: E402  (benchmarks/_common.py)
 
 try:
     # load fla.ops without running fla/__init__ (it pulls in fla.layers -> transformers, a circular
@@ -479,7 +479,9 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="skip fla's columns (its autotuning compiles for minutes)")
     ap.add_argument("--lengths", default="", help="comma-separated L (default 4k,16k,64k)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
+    add_tuning_option(ap)
     a = ap.parse_args()
+    tuning = apply_tuning(a.tuning)
     if a.suite == "sparse":
         print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  bf16  B=1  "
               "32 heads  head dim 128  median ms (forward, no grad)")
@@ -487,7 +489,8 @@ def main():
         sparse_suite(Ls, flex=not a.no_flex, with_decode=not a.no_decode)
         return
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  attnswap commit {_commit()}  bf16  B=1  median ms "
-          "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)")
+          "(f = forward with gradients enabled, inf = forward under no_grad, fb = forward+backward)"
+          + (f"  tuning {tuning}" if tuning else ""))
     if a.sweep:
         sweep([16384, 65536])
         return

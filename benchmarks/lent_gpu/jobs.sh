@@ -95,13 +95,14 @@ twentysecond) # for the next session: in the call, the CUDA test of the fused Ad
 twentythird) # for the next session, in the call (~15 minutes): the train-graph tests in one process (the
          # accelerate state reset between tests: twentysecond's 2 CPU-after-CUDA failures) and the segment tests;
          # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with
-         # them at 32 heads x 16k, 4.38 without) and lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's
+         # them at 32 heads x 16k, 4.38 without; then with segments again, their reverse sums now a Triton kernel) and lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's
          # trace: 364 us a layer at 8k, 16 segments x 9 heads = 144 programs on 132 SMs); the default step (fused AdamW now the default) at 2 x 4,096 and
          # at 8 x 1,024 (48 programs) with and without segments, to place the line
   mkdir -p ~/res
   $L tests23 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/kernels/test_segments.py -k 'cuda or graph or update or backward_segments' -rs"
   $W tests23; tail -3 ~/res/tests23.log
-  $L kernels23 "python kernel_speed.py --shapes 32h --lengths 16384,65536 && python kernel_speed.py --prefill-sweep --lengths 8192,32768"
+  K="python kernel_speed.py --shapes 32h --lengths 16384,65536"
+  $L kernels23 "$K && $K --no-fla --no-decode --tuning bwd_segments_max_per_sm=8 && python kernel_speed.py --prefill-sweep --lengths 8192,32768"
   $W kernels23; grep -a -E "^\| (32h|[0-9]+k) " ~/res/kernels23.log
   P="python profile_train.py --model $M --methods lolcats --steps 20"
   $L proftrain23 "$P --seq-len 4096 --batch-size 2 --json ~/res/proftrain23d.json && $P --json ~/res/proftrain23a.json && $P --tuning bwd_segments_max_per_sm=1 --json ~/res/proftrain23b.json && $P --seq-len 4096 --batch-size 2 --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/proftrain23s.json"

@@ -131,6 +131,53 @@ def _seg_state_kernel(
 
 
 @triton.jit
+def _rev_seg_kernel(
+    q, do, rden, dden, per, perz,
+    T, H, Hk, G, NCH,
+    F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    NORM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One segment's (NCH chunks) share of the backward's reverse sums, over the G query heads of KV head
+    hk: per = sum_i q_i^T dnum_i, perz = sum_i q_i dden_i, with dnum_i = do_i * rden_i rounded to do's
+    dtype as the dk / dv kernels round it (``reverse_segment_states`` is the PyTorch reference)."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    bhk = tl.program_id(2).to(tl.int64)
+    nvb = tl.cdiv(DV, BV)
+    b = bhk // Hk
+    hk = bhk % Hk
+    rf = (pid // nvb) * BK + tl.arange(0, BK)
+    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    mf = rf < F
+    mv = rv < DV
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    accz = tl.zeros([BK], dtype=tl.float32)
+    c0 = seg * NCH
+    c1 = tl.minimum(c0 + NCH, tl.cdiv(T, C))
+    for c in range(c0, c1):
+        t = c * C + rc
+        mt = t < T
+        for g in range(G):
+            h = hk * G + g
+            bq = tl.load(q + b * T * H * F + t[:, None] * (H * F) + h * F + rf[None, :],
+                         mask=mt[:, None] & mf[None, :], other=0.0)
+            bdo = tl.load(do + b * T * H * DV + t[:, None] * (H * DV) + h * DV + rv[None, :],
+                          mask=mt[:, None] & mv[None, :], other=0.0)
+            if NORM:
+                r = tl.load(rden + b * T * H + t * H + h, mask=mt, other=0.0)
+                bdo = (bdo.to(tl.float32) * r[:, None]).to(do.dtype.element_ty)
+                dd = tl.load(dden + b * T * H + t * H + h, mask=mt, other=0.0)
+                accz += tl.sum(bq.to(tl.float32) * dd[:, None], 0)
+            acc += tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+    so = (b * Hk + hk) * tl.num_programs(1) + seg
+    tl.store(per + so * F * DV + rf[:, None] * DV + rv[None, :], acc, mask=mf[:, None] & mv[None, :])
+    if NORM:
+        if pid % nvb == 0:
+            tl.store(perz + so * F + rf, accz, mask=mf)
+
+
+@triton.jit
 def _seg_scan_kernel(
     Sl, zl, Gc, S0, z0, ST, zT,
     T, Hk, LAG, NSEG, NCH,
@@ -533,7 +580,8 @@ TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "
           "bwd_segments": True,
           # ... but only while its programs are at most this many per SM: with 32 heads at 16k (64 programs)
           # the H200 (9dd94e2) took 6.38 ms for a linear forward+backward with segments, 4.38 ms without; the
-          # 12 programs of the step above gained from them; where between the two the line lies is not measured
+          # 12 programs of the step above gained from them; where between the two the line lies is not measured.
+          # Both figures predate reverse_segment_states_triton (the reverse sums were fp32 PyTorch copies)
           "bwd_segments_max_per_sm": 0.25,
           # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
           "bwd_sink_split": True}
@@ -629,11 +677,34 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
     return o, den, final
 
 
+def reverse_segment_states_triton(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: int):
+    """``reverse_segment_states`` with each segment's sums from one Triton kernel (``_rev_seg_kernel``)
+    reading q and do in their own dtype, where the reference makes fp32 copies of both (B, T, H, .)
+    tensors first; the exclusive sums over later segments are one small PyTorch scan."""
+    B, T, H, F = q.shape
+    Dv = do.shape[-1]
+    q, do = q.contiguous(), do.contiguous()
+    norm = rden is not None
+    per = torch.empty(B, Hk, nseg, F, Dv, device=q.device, dtype=torch.float32)
+    perz = torch.empty(B, Hk, nseg, F, device=q.device, dtype=torch.float32) if norm else None
+    BK, BV = min(p2(F), 64), min(p2(Dv), 64)
+    _rev_seg_kernel[(cdiv(F, BK) * cdiv(Dv, BV), nseg, B * Hk)](
+        q, do, rden.contiguous() if norm else None, dden.contiguous() if norm else None, per, perz,
+        T, H, Hk, H // Hk, nch,
+        F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=4, num_stages=2,
+    )
+    dS = per.flip(2).cumsum(2).flip(2) - per  # exclusive: the segments after each one
+    if not norm:
+        return dS.contiguous(), None
+    return dS.contiguous(), (perz.flip(2).cumsum(2).flip(2) - perz).contiguous()
+
+
 def reverse_segment_states(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: int):
     """For each segment of ``nch`` chunks, what the dk/dv kernels' reverse walk has summed when it
     reaches the segment's last chunk: dS = sum_i q_i^T dnum_i and dz = sum_i q_i dden_i over the queries
     of every later segment (all query heads of a KV head), as (B, Hk, nseg, F, Dv) and (B, Hk, nseg, F)
-    fp32. dnum_i = do_i * rden_i, rounded to the inputs' dtype as the kernels round it. Ungated only."""
+    fp32. dnum_i = do_i * rden_i, rounded to the inputs' dtype as the kernels round it. Ungated only.
+    The PyTorch reference of ``reverse_segment_states_triton``."""
     B, T, H, F = q.shape
     Dv = do.shape[-1]
     G = H // Hk
@@ -695,7 +766,8 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     if nseg > 1:
         Sg, zg = segment_states(k, v, None, lag=lag, sinks=0, chunk_size=C, nch=nch, nseg=nseg,
                                 initial_state=(S0, z0) if S0 is not None else None)
-        dSg, dzg = reverse_segment_states(q, do, rden if norm else None, dden if norm else None, Hk, C, nch, nseg)
+        dSg, dzg = reverse_segment_states_triton(q, do, rden if norm else None, dden if norm else None, Hk, C, nch,
+                                                 nseg)
     seg = nseg > 1
     _la_bwd_dq_kernel[(cdiv(F, BFB), B * H, nseg)](
         do, rden, dden, k, v, dq, Gc, S0, z0, Sg, zg, T, H, Hk, G, lag, nch,
