@@ -112,6 +112,12 @@ twentythird) # for the next session, in the call (~15 minutes): the train-graph 
   $L prof23 "$G --json ~/res/prof23d.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/prof23s.json"
   $W prof23; grep -a -A3 "graphed ms" ~/res/prof23.log
   ;;
+b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate of --train all (1e-4 by default) at
+          # 3e-5 and 3e-4, and a quarter of the rows carrying retrieval (0.5 by default: CPU-chosen, no GPU comparison)
+  q gqalr3e5 gqa gqa-lr3e5 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-5"
+  q gqalr3e4 gqa gqa-lr3e4 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-4"
+  q gqarm25 gqa gqa-rm25 8192 "--kv-heads 1 --train all --steps 1000 --retrieval-mix 0.25"
+  ;;
 galone22)
   $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
   ;;
