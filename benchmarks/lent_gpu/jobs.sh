@@ -92,25 +92,31 @@ twentysecond) # for the next session: in the call, the CUDA test of the fused Ad
     echo done > ~/res/twentysecond.rc" > ~/res/twentysecond.log 2>&1 &
   : > ~/res/galone22.log; echo "twentysecond chain launched"
   ;;
-twentythird) # for the next session, in the call (~15 minutes): the train-graph tests in one process (the
-         # accelerate state reset between tests: twentysecond's 2 CPU-after-CUDA failures) and the segment tests;
-         # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with
-         # them at 32 heads x 16k, 4.38 without; then with segments again, their reverse sums now a Triton kernel) and lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's
-         # trace: 364 us a layer at 8k, 16 segments x 9 heads = 144 programs on 132 SMs); the default step (fused AdamW now the default) at 2 x 4,096 and
-         # at 8 x 1,024 (48 programs) with and without segments, to place the line
+twentythird) # for the next session: in the call (~1 minute) the train-graph tests in one process (the accelerate state
+         # reset between tests: twentysecond's 2 CPU-after-CUDA failures) and the segment tests in bf16 (the reverse
+         # sums' Triton kernel, one-chunk segments); then detached, each alone, ~13 minutes: k23, pt23, p23, then b23
   mkdir -p ~/res
   $L tests23 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/kernels/test_segments.py -k 'cuda or graph or update or backward_segments' -rs"
   $W tests23; tail -3 ~/res/tests23.log
+  setsid nohup bash -c "$J k23; $W kernels23; $J pt23; $W proftrain23; $J p23; $W prof23; $J b23; $W gqalr3e5 gqalr3e4 gqarm25
+    echo done > ~/res/twentythird.rc" > ~/res/twentythird.log 2>&1 &
+  : > ~/res/kernels23.log; echo "twentythird chain launched"
+  ;;
+k23)      # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with them at
+          # 32 heads x 16k, 4.38 without), then with segments again (their reverse sums now a Triton kernel), then
+          # lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's trace: 364 us a layer at 8k, 16
+          # segments x 9 heads = 144 programs on 132 SMs); fla's gated forward is timed alone now
   K="python kernel_speed.py --shapes 32h --lengths 16384,65536"
   $L kernels23 "$K && $K --no-fla --no-decode --tuning bwd_segments_max_per_sm=8 && python kernel_speed.py --prefill-sweep --lengths 8192,32768"
-  $W kernels23; grep -a -E "^\| (32h|[0-9]+k) " ~/res/kernels23.log
+  ;;
+pt23)     # the default step (fused AdamW now the default) at 2 x 4,096; at 8 x 1,024 (48 programs) without and with the
+          # backward's segments, to place the line; at 2 x 4,096 with a segment per chunk
   P="python profile_train.py --model $M --methods lolcats --steps 20"
   $L proftrain23 "$P --seq-len 4096 --batch-size 2 --json ~/res/proftrain23d.json && $P --json ~/res/proftrain23a.json && $P --tuning bwd_segments_max_per_sm=1 --json ~/res/proftrain23b.json && $P --seq-len 4096 --batch-size 2 --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/proftrain23s.json"
-  $W proftrain23; grep -a -A2 "^method" ~/res/proftrain23.log
-  # the graphed 8k / 32k prefill (prof18's command) with the default plan and a segment per chunk
+  ;;
+p23)      # the graphed 8k / 32k prefill (prof18's command) with the default plan and with a segment per chunk
   G="python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192"
   $L prof23 "$G --json ~/res/prof23d.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/prof23s.json"
-  $W prof23; grep -a -A3 "graphed ms" ~/res/prof23.log
   ;;
 b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate of --train all (1e-4 by default) at
           # 3e-5 and 3e-4, and a quarter of the rows carrying retrieval (0.5 by default: CPU-chosen, no GPU comparison)
