@@ -232,6 +232,8 @@ def prefill_sweep(Ls):
                 {"programs_per_sm": 2, "whole_waves": True}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
                 {"min_segment_chunks": 4, "programs_per_sm": 8}, {"min_segment_chunks": 2, "programs_per_sm": 8},
                 {"min_segment_chunks": 1, "programs_per_sm": 16}, {"min_segment_chunks": 1, "programs_per_sm": 64},
+                {"min_segment_chunks": 1, "programs_per_sm": 16, "scan_cumsum_from": 2},
+                {"min_segment_chunks": 2, "programs_per_sm": 8, "scan_cumsum_from": 2},
                 {"hybrid_warps": 4}, {"hybrid_warps": 4, "min_segment_chunks": 1, "programs_per_sm": 16},
                 {"hybrid_stages": (1,)}]
     print("| L | knobs | segments x chunks | programs | hybrid w256 + 4 sinks inf f ms |")

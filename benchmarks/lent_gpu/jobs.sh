@@ -116,7 +116,7 @@ pt23)     # the default step (fused AdamW now the default) at 2 x 4,096; at 8 x 
   ;;
 p23)      # the graphed 8k / 32k prefill (prof18's command) with the default plan and with a segment per chunk
   G="python profile_layer.py --model $M --methods teacher,lolcats --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192"
-  $L prof23 "$G --json ~/res/prof23d.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/prof23s.json"
+  $L prof23 "$G --json ~/res/prof23d.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --json ~/res/prof23s.json && $G --tuning min_segment_chunks=1 --tuning programs_per_sm=16 --tuning scan_cumsum_from=2 --json ~/res/prof23c.json"
   ;;
 b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate of --train all (1e-4 by default) at
           # 3e-5 and 3e-4, and a quarter of the rows carrying retrieval (0.5 by default: CPU-chosen, no GPU comparison)

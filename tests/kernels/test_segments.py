@@ -224,3 +224,44 @@ def test_reverse_segment_states_kernel_matches_reference(device, dtype, norm, G,
         check(f"reverse/dz/G{G}n{nch}", got[1], want[1], torch.float32)
     else:
         assert got[1] is None and want[1] is None
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("nch", [1, 2])
+def test_cumsum_scan_matches_the_scan_kernel(monkeypatch, device, dtype, init, nch):
+    """segment_states' prefix over segments as torch.cumsum (``TUNING["scan_cumsum_from"]``) against the
+    scan kernel: the states before each segment and the final state, from zero or an initial state."""
+    skip_triton_on(device)
+    from attnswap.kernels.linear_attn import chunk
+
+    B, T, Hk, F, Dv, C, lag = 2, 90, 2, 24, 20, 16, 5
+    g = torch.Generator().manual_seed(21 + nch)
+    k = torch.rand(B, T, Hk, F, generator=g).to(device, dtype)
+    v = torch.randn(B, T, Hk, Dv, generator=g).to(device, dtype)
+    S0 = (torch.randn(B, Hk, F, Dv, generator=g).to(device), torch.rand(B, Hk, F, generator=g).to(device)) if init else None
+    nseg = -(-(-(-T // C)) // nch)  # ceil(ceil(T / C) / nch)
+    outs = []
+    for start in (1 << 30, 1):
+        monkeypatch.setitem(chunk.TUNING, "scan_cumsum_from", start)
+        final = (torch.zeros(B, Hk, F, Dv, device=device), torch.zeros(B, Hk, F, device=device))
+        Sl, zl = chunk.segment_states(k, v, None, lag=lag, sinks=2, chunk_size=C, nch=nch, nseg=nseg,
+                                      initial_state=S0, final=final)
+        outs.append((Sl, zl) + final)
+    for name, a, b in zip(("S", "z", "S_final", "z_final"), outs[1], outs[0]):
+        check(f"cumsum-scan/{name}/n{nch}", a, b, torch.float32)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_hybrid_one_chunk_segments_with_the_cumsum_scan_match_naive(monkeypatch, device, dtype):
+    skip_triton_on(device)
+    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
+    from attnswap.kernels.linear_attn import chunk
+
+    monkeypatch.setitem(chunk.TUNING, "scan_cumsum_from", 1)
+    B, T, H, Hk, D, F, Dv, W, C, _ = _shape(device, 1)
+    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=6)
+    args = [x[n] for n in ("q", "k", "v", "fq", "fk", "gamma")]
+    kw = dict(window=W, scale=D**-0.5, sinks=4)
+    _check_hybrid(f"segments/hybrid/T{T}W{W}s1-cumsum", triton_hybrid_attn, naive_hybrid_attn, args, kw, x,
+                  ["q", "k", "v", "fq", "fk", "gamma"], dtype, C, 1)

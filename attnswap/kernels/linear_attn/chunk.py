@@ -584,7 +584,11 @@ TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "
           # Both figures predate reverse_segment_states_triton (the reverse sums were fp32 PyTorch copies)
           "bwd_segments_max_per_sm": 0.25,
           # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
-          "bwd_sink_split": True}
+          "bwd_sink_split": True,
+          # segment_states' scan over segments (ungated) as torch.cumsum from this many segments on, where the
+          # scan kernel walks the segments one after another in a few programs; off (not yet timed: kernel_speed.py
+          # --prefill-sweep times it with a segment per chunk)
+          "scan_cumsum_from": 1 << 30}
 
 
 @functools.lru_cache(maxsize=None)
@@ -632,6 +636,8 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
         num_warps=4, num_stages=2,
     )
     S0, z0 = initial_state if initial_state is not None else (None, None)
+    if Gc is None and nseg >= TUNING["scan_cumsum_from"]:
+        return _cumsum_scan(Sl, zl, S0, z0, final)
     _seg_scan_kernel[(nblk, B * Hk)](
         Sl, zl, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
         T, Hk, lag, nseg, nch,
@@ -639,6 +645,21 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
         STORE_FINAL=final is not None, num_warps=4,
     )
     return Sl, zl
+
+
+def _cumsum_scan(Sl, zl, S0, z0, final):
+    """``_seg_scan_kernel``'s result for ungated segments from one parallel prefix sum: each segment's
+    contribution (B, Hk, nseg, ...) -> the state before it (from S0, z0 when given); fills ``final``."""
+    incl, zincl = Sl.cumsum(2), zl.cumsum(2)
+    if S0 is not None:
+        incl += S0.float()[:, :, None]
+        zincl += z0.float()[:, :, None]
+    if final is not None:
+        final[0].copy_(incl[:, :, -1])
+        final[1].copy_(zincl[:, :, -1])
+    first = S0.float()[:, :, None] if S0 is not None else torch.zeros_like(incl[:, :, :1])
+    zfirst = z0.float()[:, :, None] if z0 is not None else torch.zeros_like(zincl[:, :, :1])
+    return torch.cat([first, incl[:, :, :-1]], 2), torch.cat([zfirst, zincl[:, :, :-1]], 2)
 
 
 def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, output_final_state=False,
