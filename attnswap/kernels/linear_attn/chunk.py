@@ -85,6 +85,19 @@ def gload(Gb, pos, T, sg):
 
 
 @triton.jit
+def _seg_program(Hk, F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Where a program of a (F x DV block, segment, batch row x KV head) grid works: its segment, batch
+    row and KV head, feature rows and value columns with their masks, and whether its value block is the
+    first (the one that also writes the F-vector sums)."""
+    pid = tl.program_id(0)
+    bhk = tl.program_id(2).to(tl.int64)
+    nvb = tl.cdiv(DV, BV)
+    rf = (pid // nvb) * BK + tl.arange(0, BK)
+    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    return tl.program_id(1), bhk // Hk, bhk % Hk, rf, rv, rf < F, rv < DV, pid % nvb == 0
+
+
+@triton.jit
 def _seg_state_kernel(
     k, v, Gc, Sl, zl,
     T, Hk, LAG, SINKS, NCH,
@@ -93,17 +106,8 @@ def _seg_state_kernel(
 ):
     """State contribution of one segment (NCH chunks) of keys, read at ``chunk position - LAG`` as in
     the forward kernels and skipping the first SINKS keys; gated: decayed to the segment's end."""
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
-    bhk = tl.program_id(2).to(tl.int64)
-    nvb = tl.cdiv(DV, BV)
-    b = bhk // Hk
-    hk = bhk % Hk
-    rf = (pid // nvb) * BK + tl.arange(0, BK)
-    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    seg, b, hk, rf, rv, mf, mv, first_v = _seg_program(Hk, F, DV, BK, BV)
     rc = tl.arange(0, C)
-    mf = rf < F
-    mv = rv < DV
     kb = k + b * T * Hk * F + hk * F
     vb = v + b * T * Hk * DV + hk * DV
     if GATED:
@@ -126,7 +130,7 @@ def _seg_state_kernel(
             S, z = add_keys(S, z, bk, bv, 1.0, 1.0, GATED, PREC, SPLIT)
     so = ((b * Hk + hk) * tl.num_programs(1) + seg) * F * DV
     tl.store(Sl + so + rf[:, None] * DV + rv[None, :], S, mask=mf[:, None] & mv[None, :])
-    if pid % nvb == 0:
+    if first_v:
         tl.store(zl + ((b * Hk + hk) * tl.num_programs(1) + seg) * F + rf, z, mask=mf)
 
 
@@ -140,17 +144,8 @@ def _rev_seg_kernel(
     """One segment's (NCH chunks) share of the backward's reverse sums, over the G query heads of KV head
     hk: per = sum_i q_i^T dnum_i, perz = sum_i q_i dden_i, with dnum_i = do_i * rden_i rounded to do's
     dtype as the dk / dv kernels round it (``reverse_segment_states`` is the PyTorch reference)."""
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
-    bhk = tl.program_id(2).to(tl.int64)
-    nvb = tl.cdiv(DV, BV)
-    b = bhk // Hk
-    hk = bhk % Hk
-    rf = (pid // nvb) * BK + tl.arange(0, BK)
-    rv = (pid % nvb) * BV + tl.arange(0, BV)
+    seg, b, hk, rf, rv, mf, mv, first_v = _seg_program(Hk, F, DV, BK, BV)
     rc = tl.arange(0, C)
-    mf = rf < F
-    mv = rv < DV
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     accz = tl.zeros([BK], dtype=tl.float32)
     c0 = seg * NCH
@@ -173,7 +168,7 @@ def _rev_seg_kernel(
     so = (b * Hk + hk) * tl.num_programs(1) + seg
     tl.store(per + so * F * DV + rf[:, None] * DV + rv[None, :], acc, mask=mf[:, None] & mv[None, :])
     if NORM:
-        if pid % nvb == 0:
+        if first_v:
             tl.store(perz + so * F + rf, accz, mask=mf)
 
 
