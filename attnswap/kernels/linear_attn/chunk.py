@@ -569,7 +569,8 @@ def launch_fitting(key, configs, launch):
 # (and the most F x BV state elements one program keeps in registers: linear forward, hybrid forward;
 # at 32 heads x 128 on the H100 the linear forward took 0.66 ms at 16k with 128 x 128 against 0.81 ms
 # with 128 x 64)
-TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "linear_state_elems": 128 * 128, "state_elems": 128 * 64,
+TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "linear_state_elems": 128 * 128,
+          "state_elems": 128 * 64,
           # la_backward's segments: on the H200 (be04255) the graphed lolcats LoRA step on rows of 2 x 4,096 went
           # from 195.8 to 184.9 ms, the transfer step from 139.0 to 122.9 ms (dk / dv kernels 464 -> 64 us a call)
           "bwd_segments": True,
