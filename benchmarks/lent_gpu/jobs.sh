@@ -98,6 +98,10 @@ twentythird) # for the next session: in the call (~1 minute) the train-graph tes
   mkdir -p ~/res
   $L tests23 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/kernels/test_segments.py -k 'cuda or graph or update or backward_segments' -rs"
   $W tests23; tail -3 ~/res/tests23.log
+  # where galone22's 12.3 s of start-up go (the CPU's convert reaches its clock after 3.0 s): imports, then CUDA
+  python3 -X importtime -c "import attnswap.cli" 2> ~/res/importtime.log
+  python3 -c "from attnswap.pipelines.common import process_age as a; import attnswap.cli; t = a(); import torch; torch.zeros(1, device='cuda'); print(f'imports {t:.2f} s, with CUDA {a():.2f} s')"
+  sort -t'|' -k2 -n -r ~/res/importtime.log | head -8
   setsid nohup bash -c "$J k23; $W kernels23; $J pt23; $W proftrain23; $J p23; $W prof23; $J b23; $W gqalr3e5 gqalr3e4 gqarm25
     echo done > ~/res/twentythird.rc" > ~/res/twentythird.log 2>&1 &
   : > ~/res/kernels23.log; echo "twentythird chain launched"
