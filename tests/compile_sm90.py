@@ -1,7 +1,8 @@
 """Compile the segment kernels and the hybrid forward for a Hopper GPU (sm_90) without one; run as a
 script by tests/test_compile_sm90.py, in a process of its own without TRITON_INTERPRET (under it every
 kernel is an interpreted function, which cannot be compiled). Prints one line per kernel compiled:
-``NAME CASE shared=BYTES``; any failure raises."""
+``NAME CASE shared=BYTES regs=N stack=BYTES`` (the stack holds spilled registers); any failure raises.
+Run it on the GPU image too (``python tests/compile_sm90.py``) to see its own Triton's figures."""
 
 from __future__ import annotations
 
@@ -30,7 +31,28 @@ def compile_sm90(fn, case: str, args: dict, consts: dict, **options) -> None:
     assert "cubin" in kernel.asm, fn.fn.__name__
     shared = kernel.metadata.shared
     assert shared <= HOPPER_SMEM, f"{fn.fn.__name__} {case}: {shared} bytes of shared memory"
-    print(f"{fn.fn.__name__} {case} shared={shared}", flush=True)
+    print(f"{fn.fn.__name__} {case} shared={shared} {_registers(kernel.asm['cubin'])}", flush=True)
+
+
+def _registers(cubin: bytes) -> str:
+    """``regs=N stack=BYTES`` from cuobjdump (beside ptxas in Triton's wheel): registers a thread and the
+    per-thread stack, where spilled registers go; '' when cuobjdump is missing or says something else."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs={m.group(1)} stack={m.group(2)}" if m else ""
 
 
 def main() -> None:
@@ -40,7 +62,7 @@ def main() -> None:
     ptrs = {n: "*bf16" for n in ("q", "do")} | {n: "*fp32" for n in ("rden", "dden", "per", "perz")}
     for norm in (True, False):
         compile_sm90(linear._rev_seg_kernel, f"norm={norm}", ptrs | {n: "i32" for n in ("T", "H", "Hk", "G", "NCH")},
-                     dict(F=128, DV=64, BK=64, BV=64, C=64, NORM=norm, PREC="tf32"), num_warps=4, num_stages=2)
+                     dict(F=128, DV=64, BK=64, BV=64, C=64, NORM=norm, PREC="tf32"), num_warps=8, num_stages=2)
 
     ints = {n: "i32" for n in ("T", "Hk", "LAG", "SINKS", "NCH", "NSEG")}
     for gated in (False, True):

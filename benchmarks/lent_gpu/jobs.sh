@@ -98,6 +98,9 @@ twentythird) # for the next session: in the call (~1 minute) the train-graph tes
   mkdir -p ~/res
   $L tests23 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/kernels/test_segments.py -k 'cuda or graph or update or backward_segments' -rs"
   $W tests23; tail -3 ~/res/tests23.log
+  # the kernels' registers and spills as the image's Triton 3.6 builds them (the CPU's Triton 3.9: the hybrid forward
+  # at SmolLM2's prefill settings 255 registers and 776 bytes of spills a thread)
+  (cd $REPO && env -u TRITON_INTERPRET python3 tests/compile_sm90.py 2>&1 | grep shared=)
   # where galone22's 12.3 s of start-up go (the CPU's convert reaches its clock after 3.0 s): imports, then CUDA
   python3 -X importtime -c "import attnswap.cli" 2> ~/res/importtime.log
   python3 -c "from attnswap.pipelines.common import process_age as a; import attnswap.cli; t = a(); import torch; torch.zeros(1, device='cuda'); print(f'imports {t:.2f} s, with CUDA {a():.2f} s')"

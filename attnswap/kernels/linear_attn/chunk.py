@@ -708,7 +708,8 @@ def reverse_segment_states_triton(q, do, rden, dden, Hk: int, C: int, nch: int, 
     _rev_seg_kernel[(cdiv(F, BK) * cdiv(Dv, BV), nseg, B * Hk)](
         q, do, rden.contiguous() if norm else None, dden.contiguous() if norm else None, per, perz,
         T, H, Hk, H // Hk, nch,
-        F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=4, num_stages=2,
+        # 8 warps: with 4 the sm_90 build spills 680 bytes a thread, with 8 none (tests/compile_sm90.py, Triton 3.9)
+        F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=8, num_stages=2,
     )
     dS = per.flip(2).cumsum(2).flip(2) - per  # exclusive: the segments after each one
     if not norm:
