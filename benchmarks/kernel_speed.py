@@ -235,7 +235,11 @@ def prefill_sweep(Ls):
                 {"min_segment_chunks": 1, "programs_per_sm": 16, "scan_cumsum_from": 2},
                 {"min_segment_chunks": 2, "programs_per_sm": 8, "scan_cumsum_from": 2},
                 {"hybrid_warps": 4}, {"hybrid_warps": 4, "min_segment_chunks": 1, "programs_per_sm": 16},
-                {"hybrid_stages": (1,)}]
+                {"hybrid_stages": (1,)},
+                # smaller chunks spill less in the sm_90 build (tests/compile_sm90.py, Triton 3.9: 776 bytes a
+                # thread at 64, 280 at 32, 48 at 16) but walk more, smaller tiles; chunk_size is the call's own
+                {"chunk_size": 32}, {"chunk_size": 32, "min_segment_chunks": 2, "programs_per_sm": 8},
+                {"chunk_size": 16, "min_segment_chunks": 4, "programs_per_sm": 8}]
     print("| L | knobs | segments x chunks | programs | hybrid w256 + 4 sinks inf f ms |")
     print("|---|---|---|---|---|")
     for L in Ls:
@@ -243,10 +247,13 @@ def prefill_sweep(Ls):
         fq, fk, v, q, k, gamma = (x[n].detach() for n in ("fq", "fk", "v", "q", "k", "gamma"))
         D = x["D"]
         for var in variants:
+            knobs = {key: val for key, val in var.items() if key != "chunk_size"}
+            C = var.get("chunk_size", 64)
             lc.TUNING.clear()
-            lc.TUNING.update(base, **var)
-            nch, nseg = lc.plan_segments(L, 64, x["H"], None, q.device)
-            t = inference(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D**-0.5, sinks=4))[0]
+            lc.TUNING.update(base, **knobs)
+            nch, nseg = lc.plan_segments(L, C, x["H"], None, q.device)
+            t = inference(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D**-0.5, sinks=4,
+                                                     chunk_size=C))[0]
             print(f"| {L // 1024}k | {var or 'default'} | {nseg} x {nch} | {nseg * x['H']} | {fmt(t)} |", flush=True)
         torch.cuda.empty_cache()
     lc.TUNING.clear()
