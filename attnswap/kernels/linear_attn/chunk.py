@@ -646,16 +646,14 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
 def _cumsum_scan(Sl, zl, S0, z0, final):
     """``_seg_scan_kernel``'s result for ungated segments from one parallel prefix sum: each segment's
     contribution (B, Hk, nseg, ...) -> the state before it (from S0, z0 when given); fills ``final``."""
-    incl, zincl = Sl.cumsum(2), zl.cumsum(2)
-    if S0 is not None:
-        incl += S0.float()[:, :, None]
-        zincl += z0.float()[:, :, None]
-    if final is not None:
-        final[0].copy_(incl[:, :, -1])
-        final[1].copy_(zincl[:, :, -1])
-    first = S0.float()[:, :, None] if S0 is not None else torch.zeros_like(incl[:, :, :1])
-    zfirst = z0.float()[:, :, None] if z0 is not None else torch.zeros_like(zincl[:, :, :1])
-    return torch.cat([first, incl[:, :, :-1]], 2), torch.cat([zfirst, zincl[:, :, :-1]], 2)
+    out = []
+    for i, (x, x0) in enumerate(((Sl, S0), (zl, z0))):
+        start = x0.float()[:, :, None] if x0 is not None else torch.zeros_like(x[:, :, :1])
+        states = torch.cat([start, x], 2).cumsum(2)  # before each segment, then after the last
+        if final is not None:
+            final[i].copy_(states[:, :, -1])
+        out.append(states[:, :, :-1].contiguous())
+    return tuple(out)
 
 
 def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, output_final_state=False,
@@ -711,10 +709,12 @@ def reverse_segment_states_triton(q, do, rden, dden, Hk: int, C: int, nch: int, 
         # 8 warps: with 4 the sm_90 build spills 680 bytes a thread, with 8 none (tests/compile_sm90.py, Triton 3.9)
         F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=8, num_stages=2,
     )
-    dS = per.flip(2).cumsum(2).flip(2) - per  # exclusive: the segments after each one
-    if not norm:
-        return dS.contiguous(), None
-    return dS.contiguous(), (perz.flip(2).cumsum(2).flip(2) - perz).contiguous()
+    return _after_each(per), _after_each(perz) if norm else None
+
+
+def _after_each(per):
+    """Per-segment sums (B, Hk, nseg, ...) -> for each segment the sum over the segments after it."""
+    return (per.flip(2).cumsum(2).flip(2) - per).contiguous()
 
 
 def reverse_segment_states(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: int):
@@ -736,14 +736,13 @@ def reverse_segment_states(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: i
         dn = torch.nn.functional.pad(dn, (0, 0, 0, 0, 0, pad))
     qs = qf.view(B, nseg, L, Hk, G, F)
     per = torch.einsum("bslxgf,bslxgd->bxsfd", qs, dn.view(B, nseg, L, Hk, G, Dv))
-    dS = per.flip(2).cumsum(2).flip(2) - per  # exclusive: the segments after each one
     if dden is None:
-        return dS.contiguous(), None
+        return _after_each(per), None
     dd = dden.float()
     if pad:
         dd = torch.nn.functional.pad(dd, (0, 0, 0, pad))
     perz = torch.einsum("bslxgf,bslxg->bxsf", qs, dd.view(B, nseg, L, Hk, G))
-    return dS.contiguous(), (perz.flip(2).cumsum(2).flip(2) - perz).contiguous()
+    return _after_each(per), _after_each(perz)
 
 
 def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, chunk_size=64,
