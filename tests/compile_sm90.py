@@ -82,7 +82,8 @@ def main() -> None:
     for case, save, split in (("prefill", False, False), ("training", True, True)):
         compile_sm90(hybrid._hy_fwd_kernel, case, ptrs | ints,
                      dict(D=64, F=128, DV=64, BD=64, BF=128, BV=64, C=64, NKB=5, BS=32, USE_LIN=True, GATED=False,
-                          SAVE=save, PREC="tf32", SPLIT=split, SEGINIT=True), num_warps=8, num_stages=2)
+                          SAVE=save, PREC="tf32", SPLIT=split, SEGINIT=True),
+                     num_warps=hybrid.hybrid_forward_warps(True, False, save), num_stages=2)
 
 
 if __name__ == "__main__":

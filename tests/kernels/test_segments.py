@@ -148,13 +148,14 @@ def test_linear_backward_segments_match_one_walk(device, dtype, lag, norm, init)
 
 
 def test_backward_segments_only_with_few_programs_for_the_sms(monkeypatch):
-    """The automatic plan of la_backward cuts rows into segments for the training step's few programs
-    (2 rows x 3 KV heads x 2 feature blocks = 12 on 132 SMs), not for 32 heads' 64 (slower there), and
-    never with the knob off."""
+    """The automatic plan of la_backward cuts rows into segments up to one program per SM: the training
+    step's 12 (2 rows x 3 KV heads x 2 feature blocks) and 32 heads' 64 at 16k (both measured faster on
+    the H100), not beyond (not measured), and never with the knob off."""
     from attnswap.kernels.linear_attn import chunk
 
     assert chunk.bwd_segments_wanted(12, 132)
-    assert not chunk.bwd_segments_wanted(64, 132)
+    assert chunk.bwd_segments_wanted(64, 132)
+    assert not chunk.bwd_segments_wanted(133, 132)
     monkeypatch.setitem(chunk.TUNING, "bwd_segments", False)
     assert not chunk.bwd_segments_wanted(12, 132)
 
@@ -265,3 +266,15 @@ def test_hybrid_one_chunk_segments_with_the_cumsum_scan_match_naive(monkeypatch,
     kw = dict(window=W, scale=D**-0.5, sinks=4)
     _check_hybrid(f"segments/hybrid/T{T}W{W}s1-cumsum", triton_hybrid_attn, naive_hybrid_attn, args, kw, x,
                   ["q", "k", "v", "fq", "fk", "gamma"], dtype, C, 1)
+
+
+def test_hybrid_forward_warps_follow_the_timed_rule(monkeypatch):
+    """8 warps only for the gated training forward (4 was slower there on the H100); 4 for every
+    inference forward and the ungated training forward."""
+    from attnswap.kernels.hybrid_attn.chunk import hybrid_forward_warps
+
+    assert hybrid_forward_warps(use_linear=True, gated=True, save=True) == 8
+    for gated in (False, True):
+        assert hybrid_forward_warps(use_linear=True, gated=gated, save=False) == 4
+    assert hybrid_forward_warps(use_linear=True, gated=False, save=True) == 4
+    assert hybrid_forward_warps(use_linear=False, gated=False, save=True) == 4

@@ -571,14 +571,17 @@ def launch_fitting(key, configs, launch):
 # with 128 x 64)
 TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "linear_state_elems": 128 * 128,
           "state_elems": 128 * 64,
+          # the hybrid forward's warps; 0: hybrid_forward_warps' rule (8 only for the gated training forward)
+          "hybrid_warps": 0,
           # la_backward's segments: on the H200 (be04255) the graphed lolcats LoRA step on rows of 2 x 4,096 went
           # from 195.8 to 184.9 ms, the transfer step from 139.0 to 122.9 ms (dk / dv kernels 464 -> 64 us a call)
           "bwd_segments": True,
-          # ... but only while its programs are at most this many per SM: with 32 heads at 16k (64 programs)
-          # the H200 (9dd94e2) took 6.38 ms for a linear forward+backward with segments, 4.38 ms without; the
-          # 12 programs of the step above gained from them; where between the two the line lies is not measured.
-          # Both figures predate reverse_segment_states_triton (the reverse sums were fp32 PyTorch copies)
-          "bwd_segments_max_per_sm": 0.25,
+          # ... but only while its programs are at most this many per SM. With the reverse sums in PyTorch (fp32
+          # copies) 32 heads at 16k (64 programs) lost: 6.38 ms against 4.38 without (H200, 9dd94e2). With
+          # reverse_segment_states_triton they gain on the H100 (492c17e): 3.96 against 4.51 ms at 16k, 14.9
+          # against 17.4 at 64k; 48 programs (rows of 8 x 1,024) break even (LoRA step 158.4 against 157.2 ms).
+          # Above one program per SM it is not measured
+          "bwd_segments_max_per_sm": 1.0,
           # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
           "bwd_sink_split": True,
           # segment_states' scan over segments (ungated) as torch.cumsum from this many segments on, where the
