@@ -4,6 +4,8 @@ numerics of the execution paths a converted model can take. Needs a CUDA GPU.
     python benchmarks/kernel_speed.py            # full table (H100: a few minutes)
     python benchmarks/kernel_speed.py --quick    # 4k only
     python benchmarks/kernel_speed.py --sweep    # forward under each tuning knob (linear_attn.chunk.TUNING)
+    python benchmarks/kernel_speed.py --warps-sweep --shapes 32h,smollm2 --lengths 16384
+        # our operators with each kernel launch's warps changed in turn (TUNING's *_warps knobs)
     python benchmarks/kernel_speed.py --paths llama --path-lengths 1024 --path-speed 4096,16384
         # a converted model's logits through Triton vs PyTorch, in fp32 and bf16, each against fp32
         # PyTorch; with --path-speed also whole-model forward and forward+backward time on both paths
@@ -122,11 +124,10 @@ def inputs(name, L):
     )
 
 
-def row(name, L):
-    x = inputs(name, L)
-    fq, fk, v, q, k, g, gamma, H, Hk, D, F = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "gamma", "H", "Hk", "D", "F"))
+def ours(x):
+    """Our operators' columns of a row: {column: (forward ms, forward+backward ms or None)}."""
+    fq, fk, v, q, k, g, gamma, D = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "gamma", "D"))
     res = {}
-    print(f"# row {name} L={L}", file=sys.stderr, flush=True)
     res["lin"] = bench(lambda: triton_linear_attn(fq, fk, v)[0], [fq, fk, v])
     res["gated"] = bench(lambda: triton_gated_linear_attn(fq, fk, v, g)[0], [fq, fk, v, g])
     hyb = lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5)  # noqa: E731
@@ -136,6 +137,14 @@ def row(name, L):
                                            meta_k=x["meta_k"], meta_v=x["meta_v"])
     res["lizard"] = bench(liz, [q, k, v, fq, fk, g, gamma, x["meta_k"], x["meta_v"]])
     res["lizard inf"] = inference(liz)
+    return res
+
+
+def row(name, L):
+    x = inputs(name, L)
+    fq, fk, v, q, k, g, H, Hk, D, F = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "H", "Hk", "D", "F"))
+    print(f"# row {name} L={L}", file=sys.stderr, flush=True)
+    res = ours(x)
     G = H // Hk
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     res["sdpa"] = bench(lambda: F_.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=G > 1), [qt, kt, vt])
@@ -217,6 +226,44 @@ def sweep(Ls):
                                                                     meta_k=x["meta_k"], meta_v=x["meta_v"]))[0])
             print(f"| {L // 1024}k | {var or 'default'} | " + " | ".join(fmt(c) for c in cells) + " |", flush=True)
         torch.cuda.empty_cache()
+    lc.TUNING.clear()
+    lc.TUNING.update(base)
+
+
+# each launch's warps knob (linear_attn.chunk.TUNING; 0 keeps the launch's rule) and the values tried
+WARPS_KNOBS = {"la_fwd_warps": (2, 4, 8, 16), "hybrid_warps": (2, 4, 8, 16), "seg_state_warps": (4, 8),
+               "la_bwd_warps": (4, 8), "la_bwd_dv_warps": (4, 8), "rev_seg_warps": (4, 8), "bwd_dq_warps": (4, 8),
+               "hybrid_bwd_dkv_warps": (4, 8)}
+WARPS_COLUMNS = ("lin", "gated", "hyb64", "hyb64 inf", "lizard", "lizard inf")
+
+
+def warps_sweep(shapes, Ls):
+    """Our operators' columns with one launch's warps changed at a time (every other knob at its
+    default), each row against the defaults' row just before it; a setting that does not compile or
+    fit prints ``err``."""
+    from attnswap.kernels.linear_attn import chunk as lc
+
+    base = dict(lc.TUNING)
+    heads = [h for c in WARPS_COLUMNS for h in ((f"{c} f",) if c.endswith("inf") else (f"{c} f", f"{c} fb"))]
+    print("| shape | L | knob | " + " | ".join(heads) + " |")
+    print("|" + "---|" * (3 + len(heads)))
+    variants = [{}] + [{knob: w} for knob, values in WARPS_KNOBS.items() for w in values]
+    for name in shapes:
+        for L in Ls:
+            x = inputs(name, L)
+            for var in variants:
+                lc.TUNING.clear()
+                lc.TUNING.update(base, **var)
+                try:
+                    res = ours(x)
+                    cells = [fmt(v_) for c in WARPS_COLUMNS for v_ in (res[c][:1] if c.endswith("inf") else res[c])]
+                except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
+                    print(f"# {var}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+                    cells = ["err"] * len(heads)
+                knob = ", ".join(f"{k_}={v_}" for k_, v_ in var.items()) or "defaults"
+                print(f"| {name} | {L // 1024}k | {knob} | " + " | ".join(cells) + " |", flush=True)
+            del x
+            torch.cuda.empty_cache()
     lc.TUNING.clear()
     lc.TUNING.update(base)
 
@@ -480,6 +527,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true", help="sparse suite: skip FlexAttention")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
+    mode.add_argument("--warps-sweep", action="store_true",
+                      help="our operators with each launch's warps changed in turn (--shapes, --lengths, default 16k)")
     mode.add_argument("--prefill-sweep", action="store_true",
                       help="segment plans of lolcats' prefill kernel at SmolLM2's shape (--lengths, default 8k,32k)")
     mode.add_argument("--paths", metavar="MODEL", help="Triton vs PyTorch logits (and time) of a converted MODEL")
@@ -509,6 +558,9 @@ def main():
           + (f"  tuning {tuning}" if tuning else ""))
     if a.sweep:
         sweep([16384, 65536])
+        return
+    if a.warps_sweep:
+        warps_sweep(a.shapes.split(","), [int(x) for x in a.lengths.split(",")] if a.lengths else [16384])
         return
     if a.prefill_sweep:
         prefill_sweep([int(x) for x in a.lengths.split(",")] if a.lengths else [8192, 32768])

@@ -109,6 +109,29 @@ twentythird) # for the next session: in the call (~1 minute) the train-graph tes
     echo done > ~/res/twentythird.rc" > ~/res/twentythird.log 2>&1 &
   : > ~/res/kernels23.log; echo "twentythird chain launched"
   ;;
+twentyfourth) # for the next session. Everything detached, each job alone, in this order (~22 minutes): the warps knobs'
+         # bf16 tests (~1 minute; twentythird's tests in the call took 255 s of a 600 s call); every launch's warps in
+         # turn (twentythird: 4 warps halved the hybrid forward, whose 8 nobody had timed); the default command alone
+         # at the new defaults (4 warps in the lolcats step; 158.6 s on the H200 at 9dd94e2); the prefill at the new
+         # defaults with lizard's step (gated: keeps 8 warps); last, GQA's three learning-rate settings side by side
+         # (b23's were stopped at step ~727 of 800 to free the GPU)
+  mkdir -p ~/res
+  setsid nohup bash -c "$J tests24; $W tests24; $J k24; $W kernels24; $J galone24; $W galone24; $J p24; $W prof24
+    $J b23; $W gqalr3e5 gqalr3e4 gqarm25; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
+  : > ~/res/tests24.log; echo "twentyfourth chain launched"
+  ;;
+tests24)
+  $L tests24 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_warps.py -rs"
+  ;;
+k24)      # each launch's warps in turn at 32 heads x 16k and SmolLM2's shape at 8k (rows against the defaults' row)
+  $L kernels24 "python kernel_speed.py --warps-sweep --shapes 32h,smollm2 --lengths 16384 && python kernel_speed.py --warps-sweep --shapes smollm2 --lengths 8192"
+  ;;
+galone24)
+  $L galone24 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone24.json -- --steps 1000"
+  ;;
+p24)      # twentythird's prefill at the committed defaults, then lizard's training step (gated forward on 8 warps)
+  $L prof24 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192 --json ~/res/prof24.json && python profile_train.py --model $M --methods lolcats,lizard --seq-len 4096 --batch-size 2 --steps 20 --json ~/res/proftrain24.json"
+  ;;
 k23)      # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with them at
           # 32 heads x 16k, 4.38 without), then with segments again (their reverse sums now a Triton kernel), then
           # lolcats' 8k / 32k prefill kernel under segment plans (twentysecond's trace: 364 us a layer at 8k, 16

@@ -25,7 +25,7 @@ import triton.language as tl
 from ..gated_attn.torch_chunk import time_cumsum
 from ..host import cdiv, next_pow2
 from ..linear_attn.chunk import (add_keys, dot_l, dot_precision, dot_r, gload, la_backward, norm_grads, p2,
-                                 TUNING, launch_fitting, plan_segments, segment_states)
+                                 TUNING, launch_fitting, plan_segments, segment_states, warps)
 from .step_torch import owned
 
 
@@ -413,7 +413,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
                                 split=split, initial_state=initial_state)
     elif initial_state is not None:  # one segment, starting from the given sums
         Sl, zl = (t.float().unsqueeze(2).contiguous() for t in initial_state)
-    warps = TUNING.get("hybrid_warps") or hybrid_forward_warps(use_linear, Gc is not None, save)
+    nw = warps("hybrid_warps", hybrid_forward_warps(use_linear, Gc is not None, save))
 
     def launch(bv, stages):
         _hy_fwd_kernel[(cdiv(Dv, bv), B * H, nseg)](
@@ -421,7 +421,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
             T, H, Hk, H // Hk, window, scale, eps, sinks, Sl, zl, nch,
             D=D, F=F, DV=Dv, BD=p2(D), BF=p2(F), BV=bv, C=C, NKB=_nkb(window, C), BS=_sink_tile(sinks),
             USE_LIN=use_linear, GATED=Gc is not None, SAVE=save, PREC=dot_precision(q), SPLIT=split,
-            SEGINIT=Sl is not None, num_warps=warps, num_stages=stages,
+            SEGINIT=Sl is not None, num_warps=nw, num_stages=stages,
         )
 
     stages = TUNING.get("hybrid_stages") or (2, 1)
@@ -430,7 +430,7 @@ def hy_forward(q, k, v, fq, fk, gamma, Gc, *, window, scale, use_linear, eps, ch
     widths = [bv for bv in (BV, BV // 2, BV // 4) if bv >= 16 and not (sinks and bv == 32)] or [16]
     configs = [(bv, st) for bv in widths for st in stages]
     key = ("hy_fwd", q.dtype, D, F, Dv, window, C, _sink_tile(sinks), use_linear, Gc is not None, save, split,
-           Sl is not None, BV, warps, stages)
+           Sl is not None, BV, nw, stages)
     launch_fitting(key, configs, launch)
     return o, den, m, arg
 
@@ -451,7 +451,8 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
     BD, BDV = p2(D), p2(Dv)
     nkb = _nkb(window, C)
     dsplit = q.dtype != torch.float32 and TUNING.get("bwd_split", True)
-    dq_warps = TUNING.get("bwd_dq_warps") or (8 if BD * BDV >= 128 * 128 else 4)
+    dq_warps = warps("bwd_dq_warps", 8 if BD * BDV >= 128 * 128 else 4)
+    dkv_warps = warps("hybrid_bwd_dkv_warps", 8)
     key = (q.dtype, D, Dv, window, C, sinks > 0, dsplit)
 
     def dq_launch(stages):
@@ -469,11 +470,11 @@ def hy_backward(q, k, v, fq, fk, gamma, Gc, o, den, m, arg, do, *, window, scale
         _hy_bwd_dkv_kernel[(cdiv(T, c), B * Hk)](
             q, k, v, do, rden, dden, gamma, m, arg, dp, dk, dv, T, H, Hk, H // Hk, window, scale, sinks, q0,
             D=D, DV=Dv, BD=BD, BDV=BDV, C=c, NKB=_nkb(window, c), BS=_sink_tile(sinks), PREC=prec,
-            DSPLIT=dsplit, num_warps=8, num_stages=stages,
+            DSPLIT=dsplit, num_warps=dkv_warps, num_stages=stages,
         )
 
     launch_fitting(("hy_bwd_dq", dq_warps) + key, [(2,), (1,)], dq_launch)
-    launch_fitting(("hy_bwd_dkv",) + key, _dkv_configs(C), dkv_launch)
+    launch_fitting(("hy_bwd_dkv", dkv_warps) + key, _dkv_configs(C), dkv_launch)
     if parts:
         BS = _sink_tile(sinks)
         pdk = torch.empty(parts, B, Hk, BS, BD, device=q.device, dtype=torch.float32)

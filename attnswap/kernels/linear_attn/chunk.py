@@ -546,6 +546,11 @@ def _fwd_blocks(B: int, H: int, F: int, Dv: int) -> int:
 _FITS: dict = {}
 
 
+def warps(knob: str, rule: int) -> int:
+    """A launch's warps: ``TUNING[knob]`` where set (non-zero), else the launch's own ``rule``."""
+    return int(TUNING.get(knob) or rule)
+
+
 def launch_fitting(key, configs, launch):
     """Call ``launch(*config)`` with the first config (largest blocks first) whose kernel fits the
     GPU's shared memory; the choice is remembered per ``key``. Large head dims with a long window
@@ -571,8 +576,10 @@ def launch_fitting(key, configs, launch):
 # with 128 x 64)
 TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "linear_state_elems": 128 * 128,
           "state_elems": 128 * 64,
-          # the hybrid forward's warps; 0: hybrid_forward_warps' rule (8 only for the gated training forward)
-          "hybrid_warps": 0,
+          # warps of each kernel launch; 0 keeps the rule at its launch (kernel_speed.py --warps-sweep times
+          # them). The hybrid forward's rule is hybrid_forward_warps: 8 only for the gated training forward
+          "hybrid_warps": 0, "bwd_dq_warps": 0, "hybrid_bwd_dkv_warps": 0, "la_fwd_warps": 0, "la_bwd_warps": 0,
+          "la_bwd_dv_warps": 0, "seg_state_warps": 0, "rev_seg_warps": 0,
           # la_backward's segments: on the H200 (be04255) the graphed lolcats LoRA step on rows of 2 x 4,096 went
           # from 195.8 to 184.9 ms, the transfer step from 139.0 to 122.9 ms (dk / dv kernels 464 -> 64 us a call)
           "bwd_segments": True,
@@ -632,7 +639,7 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
     _seg_state_kernel[(nblk, nseg, B * Hk)](
         k, v, Gc, Sl, zl, T, Hk, lag, sinks, nch,
         F=F, DV=Dv, BK=BK, BV=BV, C=chunk_size, GATED=Gc is not None, PREC=dot_precision(k), SPLIT=split,
-        num_warps=4, num_stages=2,
+        num_warps=warps("seg_state_warps", 4), num_stages=2,
     )
     S0, z0 = initial_state if initial_state is not None else (None, None)
     if Gc is None and nseg >= TUNING["scan_cumsum_from"]:
@@ -685,13 +692,13 @@ def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, o
             T, H, Hk, H // Hk, lag, eps, nch,
             F=F, DV=Dv, BF=BF, BV=bv, C=chunk_size, NORM=normalize, GATED=Gc is not None,
             HAS_INIT=S0 is not None, STORE_FINAL=final is not None and nseg == 1, PREC=dot_precision(q),
-            SEGINIT=nseg > 1, num_warps=4 if BF * bv <= 64 * 64 else 8, num_stages=stages,
+            SEGINIT=nseg > 1, num_warps=warps("la_fwd_warps", 4 if BF * bv <= 64 * 64 else 8), num_stages=stages,
         )
 
     # smaller GPUs than the H100 may not fit the widest value block
     configs = [(bv, st) for bv in (BV, BV // 2, BV // 4) if bv >= 16 for st in (2, 1)]
     launch_fitting(("la_fwd", q.dtype, F, Dv, chunk_size, normalize, Gc is not None, S0 is not None,
-                    final is not None and nseg == 1, nseg > 1, BV), configs, launch)
+                    final is not None and nseg == 1, nseg > 1, BV, TUNING["la_fwd_warps"]), configs, launch)
     return o, den, final
 
 
@@ -710,7 +717,8 @@ def reverse_segment_states_triton(q, do, rden, dden, Hk: int, C: int, nch: int, 
         q, do, rden.contiguous() if norm else None, dden.contiguous() if norm else None, per, perz,
         T, H, Hk, H // Hk, nch,
         # 8 warps: with 4 the sm_90 build spills 680 bytes a thread, with 8 none (tests/compile_sm90.py, Triton 3.9)
-        F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=8, num_stages=2,
+        F=F, DV=Dv, BK=BK, BV=BV, C=C, NORM=norm, PREC=dot_precision(q), num_warps=warps("rev_seg_warps", 8),
+        num_stages=2,
     )
     return _after_each(per), _after_each(perz) if norm else None
 
@@ -775,7 +783,7 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
         S0, z0 = (x.float().contiguous() for x in initial_state)
     BF, BDV = p2(F), p2(Dv)
     BFB = min(BF, 64)
-    nw = 8 if BFB * BDV >= 64 * 128 else 4
+    nw = warps("la_bwd_warps", 8 if BFB * BDV >= 64 * 128 else 4)
     N = cdiv(T, C)
     nch, nseg = N, 1
     programs = cdiv(F, BFB) * B * Hk
@@ -803,7 +811,7 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
     _la_bwd_dv_kernel[(cdiv(Dv, BVB), B * Hk, nseg)](
         q, k, do, rden, dv, Gc, dSg, T, H, Hk, G, lag, nch,
         F=F, DV=Dv, BF=BF, BVB=BVB, C=C, NORM=norm, GATED=Gc is not None, PREC=prec, SEG=seg,
-        num_warps=8 if BF * BVB >= 128 * 64 else 4, num_stages=2,
+        num_warps=warps("la_bwd_dv_warps", 8 if BF * BVB >= 128 * 64 else 4), num_stages=2,
     )
     return dq, dk, dv
 
