@@ -129,8 +129,9 @@ k24)      # each launch's warps in turn at 32 heads x 16k and SmolLM2's shape at
 galone24)
   $L galone24 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone24.json -- --steps 1000"
   ;;
-p24)      # twentythird's prefill at the committed defaults, then lizard's training step (gated forward on 8 warps)
-  $L prof24 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192 --json ~/res/prof24.json && python profile_train.py --model $M --methods lolcats,lizard --seq-len 4096 --batch-size 2 --steps 20 --json ~/res/proftrain24.json"
+p24)      # twentythird's prefill at the committed defaults; the 32k prompt graphed as one piece (in 8k pieces it took 87 ms,
+          # one pass 69 ms, the teacher 133 ms: issue 17 asks 3x); then lizard's training step (gated forward on 8 warps)
+  $L prof24 "python profile_layer.py --model $M --methods teacher,lolcats,lizard --lengths 8192,32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 8192 --json ~/res/prof24.json && python profile_layer.py --model $M --methods lolcats --lengths 32768 --repeats 5 --chunk 32768 --prefill-graph cuda --piece 32768 --json ~/res/prof24p.json && python profile_train.py --model $M --methods lolcats,lizard --seq-len 4096 --batch-size 2 --steps 20 --json ~/res/proftrain24.json"
   ;;
 k23)      # the kernels after the backward's segments were kept to few programs (twentysecond: lin fb 6.38 ms with them at
           # 32 heads x 16k, 4.38 without), then with segments again (their reverse sums now a Triton kernel), then
