@@ -114,3 +114,23 @@ def test_the_warps_sweep_prints_a_row_a_setting(monkeypatch, capsys):
     assert all(r.count("1.000") == 10 and "err" not in r for r in rows)
     assert lc.TUNING == before
     sys.modules.pop("kernel_speed", None)
+
+
+def test_the_hybrid_forward_asks_the_rule_for_its_warps(monkeypatch):
+    """The launch takes its warps from ``hybrid_forward_warps`` with what it runs: the linear branch, the
+    gate, and whether it saves for a backward (no_grad: nothing saved)."""
+    skip_triton_on("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU check of the launch's wiring")
+    from attnswap.kernels.hybrid_attn import chunk as hc
+
+    asked = []
+    rule = hc.hybrid_forward_warps
+    monkeypatch.setattr(hc, "hybrid_forward_warps", lambda *a: asked.append(a) or rule(*a))
+    x = _inputs("cpu", torch.float32)
+    q, k, v, fq, fk, g, gamma = (x[n] for n in ("q", "k", "v", "fq", "fk", "g", "gamma"))
+    with torch.no_grad():
+        triton_hybrid_attn(q, k, v, fq, fk, gamma, window=20, scale=0.25, chunk_size=16)
+        triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=20, scale=0.25, chunk_size=16)
+    triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=20, scale=0.25, chunk_size=16)
+    assert asked == [(True, False, False), (True, True, False), (True, True, True)]
