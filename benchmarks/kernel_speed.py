@@ -208,7 +208,7 @@ def sweep(Ls):
 
     base = dict(lc.TUNING)
     variants = [{}, {"programs_per_sm": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 16},
-                {"min_segment_chunks": 4}, {"hybrid_bv": 32}, {"hybrid_warps": 4},
+                {"min_segment_chunks": 4}, {"hybrid_bv": 32}, {"hybrid_warps": 8},
                 {"state_elems": 128 * 128}, {"bwd_split": False}, {"bwd_dq_warps": 4}]
     print("| L | knobs | lin f | lin C=128 f | hyb64 train f | hyb64 inf f | hyb64 fb | lizard inf f |")
     print("|---|---|---|---|---|---|---|---|")
@@ -275,13 +275,10 @@ def prefill_sweep(Ls):
 
     base = dict(lc.TUNING)
     # down to one chunk a segment: every chunk's state precomputed, every (chunk, head) a program of its own
-    variants = [{}, {"whole_waves": True}, {"programs_per_sm": 1}, {"programs_per_sm": 1, "whole_waves": True},
-                {"programs_per_sm": 2, "whole_waves": True}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
+    variants = [{}, {"programs_per_sm": 1}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
                 {"min_segment_chunks": 4, "programs_per_sm": 8}, {"min_segment_chunks": 2, "programs_per_sm": 8},
                 {"min_segment_chunks": 1, "programs_per_sm": 16}, {"min_segment_chunks": 1, "programs_per_sm": 64},
-                {"min_segment_chunks": 1, "programs_per_sm": 16, "scan_cumsum_from": 2},
-                {"min_segment_chunks": 2, "programs_per_sm": 8, "scan_cumsum_from": 2},
-                {"hybrid_warps": 4}, {"hybrid_warps": 4, "min_segment_chunks": 1, "programs_per_sm": 16},
+                {"hybrid_warps": 8}, {"min_segment_chunks": 1, "programs_per_sm": 16, "hybrid_warps": 8},
                 {"hybrid_stages": (1,)},
                 # smaller chunks spill less in the sm_90 build (tests/compile_sm90.py, Triton 3.9: 776 bytes a
                 # thread at 64, 280 at 32, 48 at 16) but walk more, smaller tiles; chunk_size is the call's own

@@ -160,24 +160,19 @@ def test_backward_segments_only_with_few_programs_for_the_sms(monkeypatch):
     assert not chunk.bwd_segments_wanted(12, 132)
 
 
-def test_whole_waves_keep_the_segment_programs_within_one_wave(monkeypatch):
-    """plan_segments on a CUDA device of 132 SMs, SmolLM2's 9 prefill programs at 8k (128 chunks): the
-    default rounds the wanted segments up (16 x 9 = 144 programs, one wave and 12 more at one a SM);
-    ``whole_waves`` rounds down, so the programs fit the slots; every plan covers every chunk."""
+def test_the_segment_plan_covers_every_chunk_and_rounds_up(monkeypatch):
+    """plan_segments on a CUDA device of 132 SMs, SmolLM2's 9 prefill programs at 8k (128 chunks): every
+    plan covers every chunk, and the wanted segments are rounded up (16 x 9 = 144 programs at one a SM,
+    one wave and 12 more); a CPU device gets one segment."""
     from attnswap.kernels.linear_attn import chunk
 
     monkeypatch.setattr(chunk, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda")
     for pps in (1, 2, 4):
         monkeypatch.setitem(chunk.TUNING, "programs_per_sm", pps)
-        for whole in (False, True):
-            monkeypatch.setitem(chunk.TUNING, "whole_waves", whole)
-            nch, nseg = chunk.plan_segments(8192, 64, 9, None, cuda)
-            assert nch * nseg >= 128 and nch * (nseg - 1) < 128
-            if whole:
-                assert nseg * 9 <= pps * 132
+        nch, nseg = chunk.plan_segments(8192, 64, 9, None, cuda)
+        assert nch * nseg >= 128 and nch * (nseg - 1) < 128
     monkeypatch.setitem(chunk.TUNING, "programs_per_sm", 1)
-    monkeypatch.setitem(chunk.TUNING, "whole_waves", False)
     assert chunk.plan_segments(8192, 64, 9, None, cuda)[1] * 9 > 132
     assert chunk.plan_segments(8192, 64, 9, None, torch.device("cpu")) == (128, 1)
 
@@ -225,47 +220,6 @@ def test_reverse_segment_states_kernel_matches_reference(device, dtype, norm, G,
         check(f"reverse/dz/G{G}n{nch}", got[1], want[1], torch.float32)
     else:
         assert got[1] is None and want[1] is None
-
-
-@pytest.mark.parametrize("device,dtype", CASES)
-@pytest.mark.parametrize("init", [False, True])
-@pytest.mark.parametrize("nch", [1, 2])
-def test_cumsum_scan_matches_the_scan_kernel(monkeypatch, device, dtype, init, nch):
-    """segment_states' prefix over segments as torch.cumsum (``TUNING["scan_cumsum_from"]``) against the
-    scan kernel: the states before each segment and the final state, from zero or an initial state."""
-    skip_triton_on(device)
-    from attnswap.kernels.linear_attn import chunk
-
-    B, T, Hk, F, Dv, C, lag = 2, 90, 2, 24, 20, 16, 5
-    g = torch.Generator().manual_seed(21 + nch)
-    k = torch.rand(B, T, Hk, F, generator=g).to(device, dtype)
-    v = torch.randn(B, T, Hk, Dv, generator=g).to(device, dtype)
-    S0 = (torch.randn(B, Hk, F, Dv, generator=g).to(device), torch.rand(B, Hk, F, generator=g).to(device)) if init else None
-    nseg = -(-(-(-T // C)) // nch)  # ceil(ceil(T / C) / nch)
-    outs = []
-    for start in (1 << 30, 1):
-        monkeypatch.setitem(chunk.TUNING, "scan_cumsum_from", start)
-        final = (torch.zeros(B, Hk, F, Dv, device=device), torch.zeros(B, Hk, F, device=device))
-        Sl, zl = chunk.segment_states(k, v, None, lag=lag, sinks=2, chunk_size=C, nch=nch, nseg=nseg,
-                                      initial_state=S0, final=final)
-        outs.append((Sl, zl) + final)
-    for name, a, b in zip(("S", "z", "S_final", "z_final"), outs[1], outs[0]):
-        check(f"cumsum-scan/{name}/n{nch}", a, b, torch.float32)
-
-
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_hybrid_one_chunk_segments_with_the_cumsum_scan_match_naive(monkeypatch, device, dtype):
-    skip_triton_on(device)
-    from attnswap.kernels.hybrid_attn.chunk import triton_hybrid_attn
-    from attnswap.kernels.linear_attn import chunk
-
-    monkeypatch.setitem(chunk.TUNING, "scan_cumsum_from", 1)
-    B, T, H, Hk, D, F, Dv, W, C, _ = _shape(device, 1)
-    x = _inputs(B, T, H, Hk, D, F, Dv, device, dtype, seed=6)
-    args = [x[n] for n in ("q", "k", "v", "fq", "fk", "gamma")]
-    kw = dict(window=W, scale=D**-0.5, sinks=4)
-    _check_hybrid(f"segments/hybrid/T{T}W{W}s1-cumsum", triton_hybrid_attn, naive_hybrid_attn, args, kw, x,
-                  ["q", "k", "v", "fq", "fk", "gamma"], dtype, C, 1)
 
 
 def test_hybrid_forward_warps_follow_the_timed_rule(monkeypatch):

@@ -574,8 +574,7 @@ def launch_fitting(key, configs, launch):
 # (and the most F x BV state elements one program keeps in registers: linear forward, hybrid forward;
 # at 32 heads x 128 on the H100 the linear forward took 0.66 ms at 16k with 128 x 128 against 0.81 ms
 # with 128 x 64)
-TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "linear_state_elems": 128 * 128,
-          "state_elems": 128 * 64,
+TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "linear_state_elems": 128 * 128, "state_elems": 128 * 64,
           # warps of each kernel launch; 0 keeps the rule at its launch (kernel_speed.py --warps-sweep times
           # them). The hybrid forward's rule is hybrid_forward_warps: 8 only for the gated training forward
           "hybrid_warps": 0, "bwd_dq_warps": 0, "hybrid_bwd_dkv_warps": 0, "la_fwd_warps": 0, "la_bwd_warps": 0,
@@ -590,11 +589,7 @@ TUNING = {"programs_per_sm": 4, "min_segment_chunks": 8, "whole_waves": False, "
           # Above one program per SM it is not measured
           "bwd_segments_max_per_sm": 1.0,
           # the hybrid backward's sink keys: their far queries in _hy_bwd_dsink_kernel, not in one tail program
-          "bwd_sink_split": True,
-          # segment_states' scan over segments (ungated) as torch.cumsum from this many segments on, where the
-          # scan kernel walks the segments one after another in a few programs; off (not yet timed: kernel_speed.py
-          # --prefill-sweep times it with a segment per chunk)
-          "scan_cumsum_from": 1 << 30}
+          "bwd_sink_split": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -617,10 +612,7 @@ def plan_segments(T: int, C: int, programs: int, segment_chunks: int | None, dev
     if segment_chunks is None:
         if device.type != "cuda":
             return N, 1
-        slots = TUNING["programs_per_sm"] * _sm_count(device.index or 0)
-        # whole_waves (off; kernel_speed.py --prefill-sweep times it): round down, so the programs fill
-        # whole waves of ``programs_per_sm`` a SM instead of spilling a few into one more
-        want = slots // programs if TUNING["whole_waves"] else cdiv(slots, programs)
+        want = cdiv(TUNING["programs_per_sm"] * _sm_count(device.index or 0), programs)
         nseg = max(1, min(want, N // TUNING["min_segment_chunks"]))
         segment_chunks = cdiv(N, nseg)
     nch = max(1, min(int(segment_chunks), N))
@@ -642,8 +634,6 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
         num_warps=warps("seg_state_warps", 4), num_stages=2,
     )
     S0, z0 = initial_state if initial_state is not None else (None, None)
-    if Gc is None and nseg >= TUNING["scan_cumsum_from"]:
-        return _cumsum_scan(Sl, zl, S0, z0, final)
     _seg_scan_kernel[(nblk, B * Hk)](
         Sl, zl, Gc, S0, z0, final[0] if final else None, final[1] if final else None,
         T, Hk, lag, nseg, nch,
@@ -651,19 +641,6 @@ def segment_states(k, v, Gc, *, lag, sinks, chunk_size, nch, nseg, initial_state
         STORE_FINAL=final is not None, num_warps=4,
     )
     return Sl, zl
-
-
-def _cumsum_scan(Sl, zl, S0, z0, final):
-    """``_seg_scan_kernel``'s result for ungated segments from one parallel prefix sum: each segment's
-    contribution (B, Hk, nseg, ...) -> the state before it (from S0, z0 when given); fills ``final``."""
-    out = []
-    for i, (x, x0) in enumerate(((Sl, S0), (zl, z0))):
-        start = x0.float()[:, :, None] if x0 is not None else torch.zeros_like(x[:, :, :1])
-        states = torch.cat([start, x], 2).cumsum(2)  # before each segment, then after the last
-        if final is not None:
-            final[i].copy_(states[:, :, -1])
-        out.append(states[:, :, :-1].contiguous())
-    return tuple(out)
 
 
 def la_forward(q, k, v, *, normalize, eps, lag=0, Gc=None, initial_state=None, output_final_state=False,
