@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import shlex
 import signal
 import sys
@@ -114,9 +115,12 @@ def _user_errors(fn):
     def wrapper(*a, **kw):
         from .distill.faults import Terminated
 
+        done = False
         try:
             with _sigterm_unwinds():
-                return fn(*a, **kw)
+                out = fn(*a, **kw)
+            done = True
+            return out
         except AttnSwapError as e:
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
@@ -135,22 +139,45 @@ def _user_errors(fn):
                           "report it with the traceback above", highlight=False, soft_wrap=True)
             raise typer.Exit(INTERNAL_ERROR) from None
         finally:
-            _close_process_group()
+            _close_process_group(done)
 
     return wrapper
 
 
-def _close_process_group() -> None:
-    """A multi-process run's process group, closed before the interpreter exits: left to the exit, gloo's
+_GROUP_CLOSED = False  # this process ran in a process group and closed it: ``main`` ends it with os._exit
+
+
+def _close_process_group(done: bool = False) -> None:
+    """A multi-process run's process group, closed before the interpreter exits. Left to the exit, gloo's
     threads were torn down under a live group and one process aborted ("terminate called without an
-    active exception", exit -6) after a run had finished and saved."""
+    active exception", exit -6) after a run had finished and saved. Closing it in each process as soon
+    as that process was done made it rarer, not gone (CI, December 2026: the process that does not save
+    aborted as the main one finished saving). So a run that ``done`` waits at a barrier until every
+    process is done before any closes its connections, and ``main`` then leaves without the
+    interpreter's teardown."""
+    global _GROUP_CLOSED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        _GROUP_CLOSED = True
         try:
+            # gloo only: an NCCL barrier would time out (and its watchdog end the process) if the main process
+            # saves a large model for longer than the group's timeout
+            if done and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a group already broken by a failed peer: the exit follows anyway
             pass
+
+
+def _exit_code(code) -> int:
+    """``SystemExit.code`` as the process's exit status, as the interpreter maps it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def _config(ctx: typer.Context, cls, params: dict):
@@ -531,7 +558,22 @@ def _alpha_plot(report: dict | None) -> None:
 
 
 def main():  # console-script entry point
-    app()
+    try:
+        app()
+        code = None
+    except SystemExit as e:
+        if not _GROUP_CLOSED:
+            raise
+        code = e.code
+    if _GROUP_CLOSED:
+        # a process of a multi-process run, its group closed (_close_process_group): what it wrote is
+        # flushed and closed, and the interpreter's teardown, where gloo's threads could still abort the
+        # process after a finished run, is skipped
+        code = _exit_code(code)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
