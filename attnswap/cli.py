@@ -403,6 +403,7 @@ def gqa(
     transfer_steps: Optional[int] = typer.Option(None, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (default: 20% of --steps with --train all, 0 otherwise; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
     teacher_text: float = typer.Option(0.0, help="Fraction of the training rows read that are replaced by text the original model samples itself (from BOS, top-p 0.9; cached in $ATTNSWAP_CACHE/teacher-text; 0 disables; docs/GQA.md has the measurements)."),
+    hidden_weight: float = typer.Option(0.0, help="Weight of layer matching beside the KL in the --train stage: every decoder layer's output is pulled towards the original model's on the same rows (mean relative squared error per token; 0 disables; docs/GQA.md has the measurements)."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,
