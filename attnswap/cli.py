@@ -459,6 +459,8 @@ def _gqa_summary(r: dict) -> None:
         t.add_row("steps (attention-block transfer + --train)", f"{r['transfer_steps']} + {r['train_steps']}")
         t.add_row("params trained (attention-block transfer)", f"{r['transfer_params']:,}")
     t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
+    if r.get("hidden_weight"):
+        t.add_row("layer matching (--hidden-weight)", f"{r['hidden_weight']:g} x the layers' relative output error")
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")

@@ -426,6 +426,7 @@ def test_hidden_weight_adds_layer_matching_to_the_training(mha_dir, tiny_text, t
         res = _run(*_args(mha_dir, tiny_text, out, "--kv-heads", 2, "--steps", 3, "--train", "all",
                           "--transfer-steps", 0, "--hidden-weight", w, "--json", tmp_path / f"w{w}.json"))
         assert res.exit_code == 0, res.output
+        assert ("layer matching (--hidden-weight)" in res.output) is bool(w)
         reps.append(json.loads((tmp_path / f"w{w}.json").read_text()))
         weights.append(load_file(out / "model.safetensors"))
     assert [r["hidden_weight"] for r in reps] == [0, 2]

@@ -117,7 +117,7 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
          # (b23's were stopped at step ~727 of 800 to free the GPU)
   mkdir -p ~/res
   setsid nohup bash -c "$J tests24; $W tests24; $J k24; $W kernels24; $J galone24; $W galone24; $J p24; $W prof24
-    $J b23; $W gqalr3e5 gqalr3e4 gqarm25; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
+    $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
 tests24)
@@ -154,6 +154,11 @@ b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate 
   q gqalr3e5 gqa gqa-lr3e5 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-5"
   q gqalr3e4 gqa gqa-lr3e4 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-4"
   q gqarm25 gqa gqa-rm25 8192 "--kv-heads 1 --train all --steps 1000 --retrieval-mix 0.25"
+  ;;
+b24)      # b23's three, and layer matching beside the KL (--hidden-weight, off by default: at weight 1 it lost at 60 CPU
+          # steps, as the attention-block transfer did before it won at 1000 GPU steps); four side by side (~14 GB each)
+  $J b23
+  q gqahw gqa gqa-hw 8192 "--kv-heads 1 --train all --steps 1000 --hidden-weight HW_PENDING"
   ;;
 galone22)
   $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
