@@ -113,8 +113,8 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
          # bf16 tests (~1 minute; twentythird's tests in the call took 255 s of a 600 s call); every launch's warps in
          # turn (twentythird: 4 warps halved the hybrid forward, whose 8 nobody had timed); the default command alone
          # at the new defaults (4 warps in the lolcats step; 158.6 s on the H200 at 9dd94e2); the prefill at the new
-         # defaults with lizard's step (gated: keeps 8 warps); last, GQA's three learning-rate settings side by side
-         # (b23's were stopped at step ~727 of 800 to free the GPU)
+         # defaults with lizard's step (gated: keeps 8 warps); last, GQA's four runs side by side (b24: b23's learning
+         # rates and retrieval share, stopped at step ~727 of 800 last time to free the GPU, and --hidden-weight 1)
   mkdir -p ~/res
   setsid nohup bash -c "$J tests24; $W tests24; $J k24; $W kernels24; $J galone24; $W galone24; $J p24; $W prof24
     $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
@@ -155,10 +155,10 @@ b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate 
   q gqalr3e4 gqa gqa-lr3e4 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-4"
   q gqarm25 gqa gqa-rm25 8192 "--kv-heads 1 --train all --steps 1000 --retrieval-mix 0.25"
   ;;
-b24)      # b23's three, and layer matching beside the KL (--hidden-weight, off by default: at weight 1 it lost at 60 CPU
-          # steps, as the attention-block transfer did before it won at 1000 GPU steps); four side by side (~14 GB each)
+b24)      # b23's three, and layer matching beside the KL (--hidden-weight, off by default: at weights 0.1 and 1 it lost
+          # at 60 CPU steps, as the attention-block transfer did before it won at 1000 GPU steps); four side by side (~14 GB each)
   $J b23
-  q gqahw gqa gqa-hw 8192 "--kv-heads 1 --train all --steps 1000 --hidden-weight HW_PENDING"
+  q gqahw gqa gqa-hw 8192 "--kv-heads 1 --train all --steps 1000 --hidden-weight 1"
   ;;
 galone22)
   $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
