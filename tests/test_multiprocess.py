@@ -26,10 +26,12 @@ def _run(cmd, ok=True, extra_env=None, **kw):
     import subprocess
 
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(extra_env or {})}
+    # PYTHONFAULTHANDLER: a process that aborts (a C++ terminate, exit -6) prints every thread's Python stack
+    # first, so a failure here says where it was (CI once saw one abort with no trace of its own)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1", **(extra_env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
     if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-10000:]
     return r
 
 
