@@ -121,7 +121,7 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
 tests24)
-  $L tests24 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_warps.py -rs"
+  $L tests24 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_warps.py tests/kernels/test_mixed_layers.py -rs"
   ;;
 k24)      # each launch's warps in turn at 32 heads x 16k and SmolLM2's shape at 8k (rows against the defaults' row)
   $L kernels24 "python kernel_speed.py --warps-sweep --shapes 32h,smollm2 --lengths 16384 && python kernel_speed.py --warps-sweep --shapes smollm2 --lengths 8192"
