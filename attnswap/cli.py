@@ -569,14 +569,18 @@ def main():  # console-script entry point
             raise
         code = e.code
     if _GROUP_CLOSED:
-        # a process of a multi-process run, its group closed (_close_process_group): what it wrote is
-        # flushed and closed, and the interpreter's teardown, where gloo's threads could still abort the
-        # process after a finished run, is skipped
-        code = _exit_code(code)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        leave(code)
+
+
+def leave(code) -> None:
+    """How a process of a multi-process run ends once its group is closed (_close_process_group): its
+    output flushed, then ``os._exit`` with ``code`` (``SystemExit.code``), skipping the interpreter's
+    teardown, where gloo's threads could still abort the process after a finished run."""
+    code = _exit_code(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

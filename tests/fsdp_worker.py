@@ -4,7 +4,6 @@ linearized Llama with or without FSDP2 sharding and write the trained, merged we
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUT.safetensors [--shard]
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -45,8 +44,7 @@ def main(out: str, shard: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], "--shard" in sys.argv[2:])
-    from attnswap.cli import _close_process_group
+    from attnswap.cli import _close_process_group, leave
 
     _close_process_group(done=True)  # the way the command line ends a multi-process run (cli.main)
-    sys.stdout.flush()
-    os._exit(0)
+    leave(0)
