@@ -43,6 +43,7 @@ SPARSE_DECODE_CTX overrides the 32k context).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -202,11 +203,22 @@ def decode(name):
     return [(ctx, med(a_), med(b_)) for ctx, (a_, b_) in rounds.items()]
 
 
-def sweep(Ls):
-    """Forward ms of our kernels under the tuning knobs in linear_attn.chunk.TUNING (32h shape)."""
+@contextlib.contextmanager
+def tuned(**knobs):
+    """``linear_attn.chunk.TUNING`` with ``knobs`` set inside the block, as it was after it."""
     from attnswap.kernels.linear_attn import chunk as lc
 
     base = dict(lc.TUNING)
+    lc.TUNING.update(knobs)
+    try:
+        yield
+    finally:
+        lc.TUNING.clear()
+        lc.TUNING.update(base)
+
+
+def sweep(Ls):
+    """Forward ms of our kernels under the tuning knobs in linear_attn.chunk.TUNING (32h shape)."""
     variants = [{}, {"programs_per_sm": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 16},
                 {"min_segment_chunks": 4}, {"hybrid_bv": 32}, {"hybrid_warps": 8},
                 {"state_elems": 128 * 128}, {"bwd_split": False}, {"bwd_dq_warps": 4}]
@@ -217,17 +229,15 @@ def sweep(Ls):
         fq, fk, v, q, k, g, gamma, D = (x[n] for n in ("fq", "fk", "v", "q", "k", "g", "gamma", "D"))
         hyb = lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=64, scale=D**-0.5)  # noqa: E731
         for var in variants:
-            lc.TUNING.clear()
-            lc.TUNING.update(base, **var)
-            cells = [ms(lambda: triton_linear_attn(fq, fk, v)[0]),
-                     ms(lambda: triton_linear_attn(fq, fk, v, chunk_size=128)[0]), ms(hyb), inference(hyb)[0]]
-            cells.append(bench(hyb, [q, k, v, fq, fk, gamma])[1] if ("bwd" in str(var) or not var) else None)
-            cells.append(inference(lambda: triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128, scale=D**-0.5,
-                                                                    meta_k=x["meta_k"], meta_v=x["meta_v"]))[0])
+            with tuned(**var):
+                cells = [ms(lambda: triton_linear_attn(fq, fk, v)[0]),
+                         ms(lambda: triton_linear_attn(fq, fk, v, chunk_size=128)[0]), ms(hyb), inference(hyb)[0]]
+                cells.append(bench(hyb, [q, k, v, fq, fk, gamma])[1] if ("bwd" in str(var) or not var) else None)
+                cells.append(inference(lambda: triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=128,
+                                                                        scale=D**-0.5, meta_k=x["meta_k"],
+                                                                        meta_v=x["meta_v"]))[0])
             print(f"| {L // 1024}k | {var or 'default'} | " + " | ".join(fmt(c) for c in cells) + " |", flush=True)
         torch.cuda.empty_cache()
-    lc.TUNING.clear()
-    lc.TUNING.update(base)
 
 
 # each launch's warps knob (linear_attn.chunk.TUNING; 0 keeps the launch's rule) and the values tried
@@ -241,9 +251,6 @@ def warps_sweep(shapes, Ls):
     """Our operators' columns with one launch's warps changed at a time (every other knob at its
     default), each row against the defaults' row just before it; a setting that does not compile or
     fit prints ``err``."""
-    from attnswap.kernels.linear_attn import chunk as lc
-
-    base = dict(lc.TUNING)
     heads = [h for c in WARPS_COLUMNS for h in ((f"{c} f",) if c.endswith("inf") else (f"{c} f", f"{c} fb"))]
     print("| shape | L | knob | " + " | ".join(heads) + " |")
     print("|" + "---|" * (3 + len(heads)))
@@ -252,10 +259,9 @@ def warps_sweep(shapes, Ls):
         for L in Ls:
             x = inputs(name, L)
             for var in variants:
-                lc.TUNING.clear()
-                lc.TUNING.update(base, **var)
                 try:
-                    res = ours(x)
+                    with tuned(**var):
+                        res = ours(x)
                     cells = [fmt(v_) for c in WARPS_COLUMNS for v_ in (res[c][:1] if c.endswith("inf") else res[c])]
                 except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
                     print(f"# {var}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
@@ -264,8 +270,6 @@ def warps_sweep(shapes, Ls):
                 print(f"| {name} | {L // 1024}k | {knob} | " + " | ".join(cells) + " |", flush=True)
             del x
             torch.cuda.empty_cache()
-    lc.TUNING.clear()
-    lc.TUNING.update(base)
 
 
 def prefill_sweep(Ls):
@@ -273,7 +277,6 @@ def prefill_sweep(Ls):
     features, window 256, 4 sinks, no gradients) under segment plans: median ms and the plan's segments."""
     from attnswap.kernels.linear_attn import chunk as lc
 
-    base = dict(lc.TUNING)
     # down to one chunk a segment: every chunk's state precomputed, every (chunk, head) a program of its own
     variants = [{}, {"programs_per_sm": 1}, {"min_segment_chunks": 4}, {"min_segment_chunks": 2},
                 {"min_segment_chunks": 4, "programs_per_sm": 8}, {"min_segment_chunks": 2, "programs_per_sm": 8},
@@ -293,15 +296,12 @@ def prefill_sweep(Ls):
         for var in variants:
             knobs = {key: val for key, val in var.items() if key != "chunk_size"}
             C = var.get("chunk_size", 64)
-            lc.TUNING.clear()
-            lc.TUNING.update(base, **knobs)
-            nch, nseg = lc.plan_segments(L, C, x["H"], None, q.device)
-            t = inference(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D**-0.5, sinks=4,
-                                                     chunk_size=C))[0]
+            with tuned(**knobs):
+                nch, nseg = lc.plan_segments(L, C, x["H"], None, q.device)
+                t = inference(lambda: triton_hybrid_attn(q, k, v, fq, fk, gamma, window=256, scale=D**-0.5, sinks=4,
+                                                         chunk_size=C))[0]
             print(f"| {L // 1024}k | {var or 'default'} | {nseg} x {nch} | {nseg * x['H']} | {fmt(t)} |", flush=True)
         torch.cuda.empty_cache()
-    lc.TUNING.clear()
-    lc.TUNING.update(base)
 
 
 # --- execution paths of a converted model (were benchmarks/gpu_paths.py and decode_paths.py) ---------
