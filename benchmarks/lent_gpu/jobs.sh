@@ -120,6 +120,18 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
     $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
+twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts, GQA's b24 (~14 minutes) left out: in
+         # parallel (neither times anything) the warps / mixed-layer CUDA tests and the real model's long-prompt
+         # parity (issue 16: is lizard's passkey cliff at 4k the fast path?); then alone, in turn: the warps
+         # sweeps, the prefill at the committed defaults, and the default command at the new defaults
+  mkdir -p ~/res
+  setsid nohup bash -c "$J tests24; $J parity25; $W tests24 parity25; $J k24; $W kernels24; $J p24; $W prof24
+    $J galone24; $W galone24; echo done > ~/res/twentyfifth.rc" > ~/res/twentyfifth.log 2>&1 &
+  : > ~/res/tests24.log; : > ~/res/parity25.log; echo "twentyfifth chain launched"
+  ;;
+parity25) # generate() on the real model at 2k / 4k / 8k prompts against one fp32 forward, 9 exact heads, then none
+  $L parity25 "python long_prompt_parity.py --model $M --lengths 2048,4133,8300 && python long_prompt_parity.py --model $M --lengths 4133,8300 --no-exact"
+  ;;
 tests24)
   $L tests24 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_warps.py tests/kernels/test_mixed_layers.py -rs"
   ;;
