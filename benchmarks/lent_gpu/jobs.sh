@@ -129,8 +129,9 @@ twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts,
     $J galone24; $W galone24; echo done > ~/res/twentyfifth.rc" > ~/res/twentyfifth.log 2>&1 &
   : > ~/res/tests24.log; : > ~/res/parity25.log; echo "twentyfifth chain launched"
   ;;
-parity25) # generate() on the real model at 2k / 4k / 8k prompts against one fp32 forward, 9 exact heads, then none
-  $L parity25 "python long_prompt_parity.py --model $M --lengths 2048,4133,8300 && python long_prompt_parity.py --model $M --lengths 4133,8300 --no-exact"
+parity25) # generate() and the passkey loop on the real model from 2k / 4k / 8k prompts against one fp32 forward, 9 exact
+          # heads; then lizard with strong decays (gate bias 2: 0.88 a token), as trained gates may have
+  $L parity25 "python long_prompt_parity.py --model $M --lengths 2048,4133,8300 && python long_prompt_parity.py --model $M --methods lizard --lengths 2048,4133,8300 --gate-bias 2"
   ;;
 tests24)
   $L tests24 "cd $REPO && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_warps.py tests/kernels/test_mixed_layers.py -rs"
