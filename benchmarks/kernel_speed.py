@@ -240,21 +240,26 @@ def sweep(Ls):
         torch.cuda.empty_cache()
 
 
-# each launch's warps knob (linear_attn.chunk.TUNING; 0 keeps the launch's rule) and the values tried
-WARPS_KNOBS = {"la_fwd_warps": (2, 4, 8, 16), "hybrid_warps": (2, 4, 8, 16), "seg_state_warps": (4, 8),
+# each launch's warps knob (linear_attn.chunk.TUNING; 0 keeps the launch's rule) and the values tried. The hybrid
+# forward on 16 warps made an illegal memory access on the H100 (Triton 3.6, 32 heads x 16k), which leaves the
+# process's CUDA context unusable, so it is not tried
+WARPS_KNOBS = {"la_fwd_warps": (2, 4, 8, 16), "hybrid_warps": (2, 4, 8), "seg_state_warps": (4, 8),
                "la_bwd_warps": (4, 8), "la_bwd_dv_warps": (4, 8), "rev_seg_warps": (4, 8), "bwd_dq_warps": (4, 8),
                "hybrid_bwd_dkv_warps": (4, 8)}
 WARPS_COLUMNS = ("lin", "gated", "hyb64", "hyb64 inf", "lizard", "lizard inf")
 
 
-def warps_sweep(shapes, Ls):
+def warps_sweep(shapes, Ls, knobs=None):
     """Our operators' columns with one launch's warps changed at a time (every other knob at its
     default), each row against the defaults' row just before it; a setting that does not compile or
     fit prints ``err``."""
     heads = [h for c in WARPS_COLUMNS for h in ((f"{c} f",) if c.endswith("inf") else (f"{c} f", f"{c} fb"))]
     print("| shape | L | knob | " + " | ".join(heads) + " |")
     print("|" + "---|" * (3 + len(heads)))
-    variants = [{}] + [{knob: w} for knob, values in WARPS_KNOBS.items() for w in values]
+    unknown = set(knobs or ()) - set(WARPS_KNOBS)
+    if unknown:
+        raise SystemExit(f"--warps-knobs: unknown {', '.join(sorted(unknown))}; known: {', '.join(WARPS_KNOBS)}")
+    variants = [{}] + [{knob: w} for knob, values in WARPS_KNOBS.items() if not knobs or knob in knobs for w in values]
     for name in shapes:
         for L in Ls:
             x = inputs(name, L)
@@ -526,6 +531,7 @@ def main():
     mode.add_argument("--sweep", action="store_true", help="tuning knobs at 16k/64k instead of the table")
     mode.add_argument("--warps-sweep", action="store_true",
                       help="our operators with each launch's warps changed in turn (--shapes, --lengths, default 16k)")
+    ap.add_argument("--warps-knobs", default="", help="with --warps-sweep: only these knobs (comma-separated)")
     mode.add_argument("--prefill-sweep", action="store_true",
                       help="segment plans of lolcats' prefill kernel at SmolLM2's shape (--lengths, default 8k,32k)")
     mode.add_argument("--paths", metavar="MODEL", help="Triton vs PyTorch logits (and time) of a converted MODEL")
@@ -557,7 +563,8 @@ def main():
         sweep([16384, 65536])
         return
     if a.warps_sweep:
-        warps_sweep(a.shapes.split(","), [int(x) for x in a.lengths.split(",")] if a.lengths else [16384])
+        warps_sweep(a.shapes.split(","), [int(x) for x in a.lengths.split(",")] if a.lengths else [16384],
+                    a.warps_knobs.split(",") if a.warps_knobs else None)
         return
     if a.prefill_sweep:
         prefill_sweep([int(x) for x in a.lengths.split(",")] if a.lengths else [8192, 32768])

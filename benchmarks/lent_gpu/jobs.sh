@@ -129,6 +129,11 @@ twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts,
     $J galone24; $W galone24; echo done > ~/res/twentyfifth.rc" > ~/res/twentyfifth.log 2>&1 &
   : > ~/res/tests24.log; : > ~/res/parity25.log; echo "twentyfifth chain launched"
   ;;
+k25)      # kernels24 broke at hybrid_warps=16 (illegal memory access, the process's CUDA context lost with it): the
+          # knobs it did not reach at 32 heads x 16k, then every knob at SmolLM2's shape at 8k
+  K="python kernel_speed.py --warps-sweep"
+  $L kernels25 "$K --shapes 32h --lengths 16384 --warps-knobs seg_state_warps,la_bwd_warps,la_bwd_dv_warps,rev_seg_warps,bwd_dq_warps,hybrid_bwd_dkv_warps && $K --shapes smollm2 --lengths 8192"
+  ;;
 parity25) # generate() and the passkey loop on the real model from 2k / 4k / 8k prompts against one fp32 forward, 9 exact
           # heads; then lizard with strong decays (gate bias 2: 0.88 a token), as trained gates may have
   $L parity25 "python long_prompt_parity.py --model $M --lengths 2048,4133,8300 && python long_prompt_parity.py --model $M --methods lizard --lengths 2048,4133,8300 --gate-bias 2"
