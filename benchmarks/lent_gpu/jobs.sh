@@ -129,6 +129,12 @@ twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts,
     $J galone24; $W galone24; echo done > ~/res/twentyfifth.rc" > ~/res/twentyfifth.log 2>&1 &
   : > ~/res/tests24.log; : > ~/res/parity25.log; echo "twentyfifth chain launched"
   ;;
+twentyfifth2) # the same session's second machine (the first was released while idle, galone24 lost with it): k25, then
+          # galone24, each alone
+  mkdir -p ~/res
+  setsid nohup bash -c "$J k25; $W kernels25; $J galone24; $W galone24; echo done > ~/res/twentyfifth2.rc" > ~/res/twentyfifth2.log 2>&1 &
+  : > ~/res/kernels25.log; echo "twentyfifth2 chain launched"
+  ;;
 k25)      # kernels24 broke at hybrid_warps=16 (illegal memory access, the process's CUDA context lost with it): the
           # knobs it did not reach at 32 heads x 16k, then every knob at SmolLM2's shape at 8k
   K="python kernel_speed.py --warps-sweep"
