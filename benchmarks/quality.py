@@ -106,6 +106,9 @@ def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = Non
             depths = ", ".join(f"{d}: {v:.0%}" for d, v in pk["by_depth"].items())
             print(f"passkey by length, {side['name']}: {lengths}")
             print(f"passkey by depth, {side['name']}: {depths}")
+            if "forced_by_length" in pk:
+                forced = ", ".join(f"{n}: {v:.0%}" for n, v in pk["forced_by_length"].items())
+                print(f"passkey by teacher forcing, by length, {side['name']}: {forced}")
     if "mqar" in c:
         for side in (report.baseline, report.candidate):
             pairs = ", ".join(f"{p}: {v:.0%}" for p, v in side["results"]["mqar"].get("by_pairs", {}).items())

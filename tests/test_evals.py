@@ -34,6 +34,10 @@ class Oracle:
         out = []
         for s, e in spans:
             before = self.tok.decode(ids[:s])
+            if passkey.QUESTION in before:  # passkey's key under teacher forcing
+                m = re.search(r"pass key is (\d+)", before)
+                out.append(m is not None and m.group(1) == self.tok.decode(ids[s:e]).strip())
+                continue
             listed, _, asked = before.partition(mqar.MIDDLE)
             pairs = re.findall(r"^(\w+): (\d+)$", listed, re.M)
             if self.window is not None:
@@ -75,6 +79,8 @@ def test_passkey_oracle_passes_guesser_fails(tok):
     bad = passkey.run(Guesser(tok), tok, **kw)
     assert good["accuracy"] == 1.0 and good["samples"] == 12
     assert bad["accuracy"] == 0.0
+    assert good["forced_accuracy"] == 1.0 and good["forced_by_length"] == {"300": 1.0, "400": 1.0}
+    assert bad["forced_accuracy"] == 0.0
     assert set(good["grid"]) == {"300", "400"} and set(good["grid"]["300"]) == {"0", "0.5", "1"}
     assert passkey.run(Oracle(tok), tok, **kw) == good  # seeded: the same prompts again
 
@@ -205,3 +211,34 @@ def test_compare_in_memory_models(tok):
     assert rep.passed and rep.verdict().startswith("PASS: all 2 checks passed")
     assert set(rep.candidate["results"]) == {"ppl", "mqar"}
     assert math.isfinite(rep.candidate["results"]["ppl"]["by_length"]["64"]["ppl"])
+
+
+class Decodes:
+    """Holds the key (teacher forcing finds it) but decodes filler: the case the forced score separates."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def complete(self, ids, n):
+        return encode(self.tok, " the sun.")[:n]
+
+    def predicts(self, ids, spans):
+        return Oracle(self.tok).predicts(ids, spans)
+
+
+def test_passkey_forced_score_separates_holding_the_key_from_decoding_it(tok):
+    r = passkey.run(Decodes(tok), tok, lengths=[300], depths=[0, 1], samples=2, seed=1)
+    assert r["accuracy"] == 0.0 and r["forced_accuracy"] == 1.0
+
+
+def test_passkey_forced_score_on_a_real_model_scores_the_keys_tokens(tok):
+    """HFModel.predicts on the prompt plus the key reads the logits one position before each key token
+    (an off-by-one here would score the question's last word or the key's second token instead)."""
+    m = tiny_model()
+    ids, _ = passkey.build_prompt(tok, 300, 0.5, "48213")
+    key_ids = encode(tok, " 48213")
+    lm = HFModel(m)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + key_ids])).logits[0]
+    want = all(int(logits[len(ids) - 1 + i].argmax()) == t for i, t in enumerate(key_ids))
+    assert lm.predicts(ids + key_ids, [(len(ids), len(ids) + len(key_ids))]) == [want]

@@ -5,7 +5,10 @@ at depth 1 invites copying those words instead of the number.)
 A prompt of (about) ``length`` tokens is: an instruction, filler sentences, and, at ``depth``
 (0 = right after the instruction, 1 = right before the question) a needle sentence naming the key;
 then the question "What is the pass key? The pass key is". The model decodes a few tokens greedily;
-the sample counts as correct when the first number in them is the key. Prompts are built from token
+the sample counts as correct when the first number in them is the key. Beside it, ``forced``: the
+same prompt followed by the key, scored by teacher forcing (correct when the model's top token at every
+position of the key is the key's): whether the model holds the key at all, apart from what greedy
+decoding makes of it. Prompts are built from token
 pieces (no re-tokenisation at the seams), so lengths are exact to within one filler sentence.
 """
 
@@ -53,9 +56,11 @@ def first_number(text: str) -> str | None:
 
 def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int = 0,
         label: str = "passkey") -> dict:
-    """Accuracy per (length, depth) cell, per length, per depth and overall (fractions in [0, 1])."""
+    """Accuracy per (length, depth) cell, per length, per depth and overall (fractions in [0, 1]);
+    ``forced_accuracy`` / ``forced_by_length``: the key scored by teacher forcing."""
     grid: dict[str, dict[str, float]] = {}
     all_hits: list[bool] = []
+    forced: dict[str, list[bool]] = {str(n): [] for n in lengths}
     by_depth: dict[str, list[bool]] = {f"{d:g}": [] for d in depths}
     examples = []
     with progress_bar() as bar:
@@ -67,7 +72,9 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                 for s in range(samples):
                     key = str(rng_for(seed, "passkey", n, d, s).randint(10000, 99999))
                     ids, _ = build_prompt(tokenizer, n, d, key)
-                    new = lm.complete(ids, len(encode(tokenizer, " " + key)) + 3)
+                    key_ids = encode(tokenizer, " " + key)
+                    new = lm.complete(ids, len(key_ids) + 3)
+                    forced[str(n)] += lm.predicts(ids + key_ids, [(len(ids), len(ids) + len(key_ids))])
                     answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                     hits.append(first_number(answer) == key)
                     if len(examples) < 3 and s == 0:
@@ -79,4 +86,6 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
             grid[str(n)] = row
     return {"accuracy": accuracy(all_hits), "samples": len(all_hits),
             "by_length": {n: sum(r.values()) / len(r) for n, r in grid.items()},
-            "by_depth": {d: accuracy(h) for d, h in by_depth.items()}, "grid": grid, "examples": examples}
+            "by_depth": {d: accuracy(h) for d, h in by_depth.items()}, "grid": grid, "examples": examples,
+            "forced_accuracy": accuracy([h for hs in forced.values() for h in hs]),
+            "forced_by_length": {n: accuracy(h) for n, h in forced.items()}}

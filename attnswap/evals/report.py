@@ -206,6 +206,8 @@ class Report:
 
         table("Passkey accuracy by context length:", "", int, "{:.0%}", "passkey", "by_length")
         table("Passkey accuracy by depth:", "depth ", float, "{:.0%}", "passkey", "by_depth")
+        table("Passkey, the key scored by teacher forcing, by context length:", "", int, "{:.0%}", "passkey",
+              "forced_by_length")
         table("NIAH accuracy by context length:", "", int, "{:.0%}", "niah", "by_length")
         table("MQAR accuracy by number of key-value pairs:", "", int, "{:.0%}", "mqar", "by_pairs")
         pos = [(n, r["ppl"]["by_position"]) for n, r in sides if "ppl" in r]
@@ -353,6 +355,9 @@ def _accuracy_by(r, where, key, keytype=int, what="integer"):
 def _passkey(r, where):
     _accuracy_by(r, where, "by_length")
     _field(r, "by_depth", where, lambda v, w: _keyed(v, w, _number, key=float, what="number", nonempty=False))
+    # reports written before the teacher-forced score have neither field
+    _field(r, "forced_accuracy", where, _number, optional=True)
+    _field(r, "forced_by_length", where, lambda v, w: _keyed(v, w, _number, key=int, what="integer"), optional=True)
 
 
 def _niah(r, where):
