@@ -133,11 +133,14 @@ lizdiag25) # issue 16: lizard with 9 exact heads at 1000 steps (2ad8b13's recipe
           # now with the key also scored by teacher forcing; then the saved model's passkey at 4k on the PyTorch path
   $L lizdiag25 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 --tasks passkey --lengths 1024,2048,4096,8192 --samples 6 --ood-data none --json ~/res/lizdiag25.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192 && ATTNSWAP_KERNELS=torch python -m attnswap.cli eval ~/runs/lizard-x9 --baseline $M --tasks passkey --lengths 4096 --samples 6 --report-dir ~/runs/lizard-x9-torch --json ~/res/lizdiag25t.json"
   ;;
-twentyfifth2) # the same session's second machine (the first was released while idle, galone24 lost with it): k25, then
-          # galone24, each alone
+twentyfifth2) # the same session's second machine (the first was released while idle, galone24 lost with it; ~14
+          # minutes left): lizard's passkey diagnosis, then every warps knob at SmolLM2's shape at 8k, alone
   mkdir -p ~/res
-  setsid nohup bash -c "$J k25; $W kernels25; $J galone24; $W galone24; echo done > ~/res/twentyfifth2.rc" > ~/res/twentyfifth2.log 2>&1 &
-  : > ~/res/kernels25.log; echo "twentyfifth2 chain launched"
+  setsid nohup bash -c "$J lizdiag25; $W lizdiag25; $J k25s; $W kernels25s; echo done > ~/res/twentyfifth2.rc" > ~/res/twentyfifth2.log 2>&1 &
+  : > ~/res/lizdiag25.log; echo "twentyfifth2 chain launched"
+  ;;
+k25s)     # every warps knob at SmolLM2's shape at 8k (kernels24 reached only 32 heads x 16k)
+  $L kernels25s "python kernel_speed.py --warps-sweep --shapes smollm2 --lengths 8192"
   ;;
 k25)      # kernels24 broke at hybrid_warps=16 (illegal memory access, the process's CUDA context lost with it): the
           # knobs it did not reach at 32 heads x 16k, then every knob at SmolLM2's shape at 8k
