@@ -131,7 +131,7 @@ twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts,
   ;;
 lizdiag25) # issue 16: lizard with 9 exact heads at 1000 steps (2ad8b13's recipe: 100 / 100 / 3 / 0%), passkey only,
           # now with the key also scored by teacher forcing; then the saved model's passkey at 4k on the PyTorch path
-  $L lizdiag25 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 --tasks passkey --lengths 1024,2048,4096,8192 --samples 6 --ood-data none --json ~/res/lizdiag25.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192 && ATTNSWAP_KERNELS=torch python -m attnswap.cli eval ~/runs/lizard-x9 --baseline $M --tasks passkey --lengths 4096 --samples 6 --report-dir ~/runs/lizard-x9-torch --json ~/res/lizdiag25t.json"
+  $L lizdiag25 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/lizdiag25.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192 && ATTNSWAP_KERNELS=torch python -m attnswap.cli eval ~/runs/lizard-x9 --baseline $M --tasks passkey --lengths 4096 --samples 4 --report-dir ~/runs/lizard-x9-torch --json ~/res/lizdiag25t.json"
   ;;
 twentyfifth2) # the same session's second machine (the first was released while idle, galone24 lost with it; ~14
           # minutes left): lizard's passkey diagnosis, then every warps knob at SmolLM2's shape at 8k, alone
