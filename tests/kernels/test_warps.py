@@ -113,6 +113,11 @@ def test_the_warps_sweep_prints_a_row_a_setting(monkeypatch, capsys):
     assert [r.split(" | ")[2] for r in rows] == ["defaults", "la_fwd_warps=2", "hybrid_bwd_dkv_warps=4"]
     assert all(r.count("1.000") == 10 and "err" not in r for r in rows)
     assert lc.TUNING == before
+    ks.warps_sweep(["tiny"], [96], ["hybrid_bwd_dkv_warps"])  # --warps-knobs: only the knobs named
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert [r.split(" | ")[2] for r in rows] == ["defaults", "hybrid_bwd_dkv_warps=4"]
+    with pytest.raises(SystemExit, match="unknown hybrid_wraps"):
+        ks.warps_sweep(["tiny"], [96], ["hybrid_wraps"])
     sys.modules.pop("kernel_speed", None)
 
 
