@@ -120,6 +120,15 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
     $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
+twentysixth) # for the next session (~25 minutes): what twentyfifth could not reach. Alone, in turn: the warps at SmolLM2's
+         # shape (k25s, ~2 min), the 32-head knobs kernels24 did not reach (k25, ~4 min), the default command at the
+         # committed defaults (galone24, ~3.5 min); then side by side (neither times anything): GQA's four (b24) and
+         # lizard's passkey diagnosis (lizdiag25), ~14 min
+  mkdir -p ~/res
+  setsid nohup bash -c "$J k25s; $W kernels25s; $J k25; $W kernels25; $J galone24; $W galone24; $J b24; $J lizdiag25
+    $W gqalr3e5 gqalr3e4 gqarm25 gqahw lizdiag25; echo done > ~/res/twentysixth.rc" > ~/res/twentysixth.log 2>&1 &
+  : > ~/res/kernels25s.log; echo "twentysixth chain launched"
+  ;;
 twentyfifth) # twentyfourth cut to the ~25 minutes left after two failed starts, GQA's b24 (~14 minutes) left out: in
          # parallel (neither times anything) the warps / mixed-layer CUDA tests and the real model's long-prompt
          # parity (issue 16: is lizard's passkey cliff at 4k the fast path?); then alone, in turn: the warps
@@ -143,9 +152,9 @@ k25s)     # every warps knob at SmolLM2's shape at 8k (kernels24 reached only 32
   $L kernels25s "python kernel_speed.py --warps-sweep --shapes smollm2 --lengths 8192"
   ;;
 k25)      # kernels24 broke at hybrid_warps=16 (illegal memory access, the process's CUDA context lost with it): the
-          # knobs it did not reach at 32 heads x 16k, then every knob at SmolLM2's shape at 8k
+          # knobs it did not reach at 32 heads x 16k, and the linear forward's again (its rule now 4 warps here)
   K="python kernel_speed.py --warps-sweep"
-  $L kernels25 "$K --shapes 32h --lengths 16384 --warps-knobs seg_state_warps,la_bwd_warps,la_bwd_dv_warps,rev_seg_warps,bwd_dq_warps,hybrid_bwd_dkv_warps && $K --shapes smollm2 --lengths 8192"
+  $L kernels25 "$K --shapes 32h --lengths 16384 --warps-knobs la_fwd_warps,seg_state_warps,la_bwd_warps,la_bwd_dv_warps,rev_seg_warps,bwd_dq_warps,hybrid_bwd_dkv_warps"
   ;;
 parity25) # generate() and the passkey loop on the real model from 2k / 4k / 8k prompts against one fp32 forward, 9 exact
           # heads; then lizard with strong decays (gate bias 2: 0.88 a token), as trained gates may have
