@@ -56,6 +56,11 @@ def apply_tuning(items) -> dict:
         if not eq or key not in chunk.TUNING or number is None or isinstance(chunk.TUNING[key], tuple):
             knobs = ", ".join(sorted(k for k, v in chunk.TUNING.items() if not isinstance(v, tuple)))
             raise SystemExit(f"--tuning {item}: expected KEY=NUMBER with KEY one of {knobs}")
+        if key.endswith("_warps") and (number not in (0, 1, 2, 4, 8, 16) or (key == "hybrid_warps" and number > 8)):
+            # Triton takes powers of two; the hybrid forward on 16 made an illegal memory access on the H100
+            # (afb04c4), after which the process's CUDA context is unusable
+            raise SystemExit(f"--tuning {item}: warps are 0 (the launch's rule) or 1, 2, 4, 8"
+                             + ("" if key == "hybrid_warps" else ", 16"))
         chunk.TUNING[key] = done[key] = type(chunk.TUNING[key])(number)
     return done
 

@@ -39,3 +39,8 @@ def test_tuning_option_sets_knobs_with_their_types_and_refuses_bad_items(monkeyp
     for bad in ("no_such_knob=1", "min_segment_chunks=two", "min_segment_chunks"):
         with pytest.raises(SystemExit, match="expected KEY=NUMBER"):
             apply_tuning([bad])
+    monkeypatch.setitem(chunk.TUNING, "la_fwd_warps", 0)
+    assert apply_tuning(["la_fwd_warps=16"]) == {"la_fwd_warps": 16}
+    for bad in ("la_fwd_warps=3", "la_fwd_warps=32", "hybrid_warps=16"):
+        with pytest.raises(SystemExit, match="warps are 0"):
+            apply_tuning([bad])
