@@ -5,8 +5,8 @@ layers calibration picked, builds a passkey prompt of each length, and prints, p
 how far the first decoded positions' logits sit from one fp32 PyTorch-path forward without a cache:
 
 - ``generate()``: generate() in bf16 (``--dtype``) on the default backend (Triton prefill in pieces, decode step);
-- ``eval loop``: the passkey evaluation's own loop (one cached forward over the prompt, then a forward a
-  token), on the default backend;
+- ``eval loop``: the passkey evaluation's own loop (``HFModel.greedy_steps``: one cached forward over the
+  prompt, then a forward a token), on the default backend;
 - ``torch``: one bf16 PyTorch-path forward over the same tokens: bf16's own noise, the yardstick.
 
 A fast-path fault shows as the first two far above ``torch`` (or top-1 agreement far below) at the lengths
@@ -25,6 +25,7 @@ import torch
 
 from attnswap import loading
 from attnswap.convert.swap import make_swap
+from attnswap.evals.common import HFModel
 from attnswap.evals.passkey import build_prompt
 from attnswap.modeling import convert_model
 from _common import commit
@@ -63,21 +64,11 @@ def generated_logits(m, ids, new: int, backend: str) -> tuple[torch.Tensor, torc
 
 
 def eval_loop_logits(m, ids, new: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same through the evals' own loop (``evals.common.HFModel.complete``: the whole prompt in one
-    cached forward keeping the last position's logits, then one forward a token), which passkey uses."""
-    from attnswap.hf_compat import cache_kwargs, new_cache, output_cache
-
+    """The same through the evaluations' own loop (``HFModel.greedy_steps``, what passkey decodes with)."""
     os.environ["ATTNSWAP_KERNELS"] = backend
-    logits, seq = [], ids
-    with torch.no_grad():
-        out = m(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(new_cache()))
-        for i in range(new):
-            logits.append(out.logits[:, -1].float())
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            if i + 1 < new:
-                out = m(input_ids=nxt, use_cache=True, **cache_kwargs(output_cache(out)))
-    return torch.stack(logits, 1), seq
+    steps = list(HFModel(m).greedy_steps(ids[0].tolist(), new))
+    seq = torch.cat([ids, torch.tensor([[t for t, _ in steps]], device=ids.device)], 1)
+    return torch.stack([lg.float() for _, lg in steps])[None], seq
 
 
 def main():
@@ -102,16 +93,15 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for method in a.methods.split(","):
         m32 = converted(base, method, exact, seed=3, gate_bias=a.gate_bias).to(a.device)
+        m16 = copy.deepcopy(m32).to(dt)
         for length in (int(x) for x in a.lengths.split(",")):
             ids, _ = build_prompt(tok, length, 0.5, "48613")
             ids = torch.tensor([ids], device=a.device)
-            m16 = copy.deepcopy(m32).to(dt)
             got, seq = generated_logits(m16, ids, a.new, "triton")
             loop, seq2 = eval_loop_logits(m16, ids, a.new, "triton")
             os.environ["ATTNSWAP_KERNELS"] = "torch"
             with torch.no_grad():  # both follow the Triton run's tokens
                 yard = m16(seq[:, :-1], use_cache=False).logits[:, ids.shape[1] - 1:].float()
-                del m16
                 ref = m32(seq[:, :-1], use_cache=False).logits[:, ids.shape[1] - 1:].float()
             scale = ref.abs().max()
 
@@ -125,8 +115,9 @@ def main():
             print(f"| {method} | {ids.shape[1]} | {rel(got):.2e} | {rel(loop) if same else float('nan'):.2e} | {rel(yard):.2e} "
                   f"| {agree(got):.0%} | {agree(loop):.0%}{'' if same else ' (other tokens)'} | {agree(yard):.0%} |", flush=True)
             del ref
-            torch.cuda.empty_cache() if a.device == "cuda" else None
-        del m32
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+        del m32, m16
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ def test_hf_adapter_predicts_agrees_with_greedy_completion(tok):
     assert lm.predicts(seq, [(10, 16), (12, 14)]) == [True, True]
     wrong = seq[:12] + [(seq[12] + 1) % len(tok)] + seq[13:]
     assert lm.predicts(wrong, [(10, 16)]) == [False]
+    steps = list(lm.greedy_steps(ids[:10], 6))  # complete's tokens, with the logits each came from
+    assert [t for t, _ in steps] == greedy and all(int(lg.argmax()) == t for t, lg in steps)
+    assert HFModel(m, eos_token_id=greedy[1]).complete(ids[:10], 6) == greedy[: greedy.index(greedy[1]) + 1]
 
 
 def test_perplexity_at_lengths_matches_perplexity():

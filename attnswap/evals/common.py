@@ -52,22 +52,27 @@ class HFModel:
         self.model = model
         self.eos = eos_token_id
 
-    @torch.no_grad()
     def complete(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        return [t for t, _ in self.greedy_steps(ids, max_new_tokens)]
+
+    @torch.no_grad()
+    def greedy_steps(self, ids: Sequence[int], max_new_tokens: int):
+        """``complete``'s decoding a step at a time: (token, the logits (V,) it was picked from). The
+        prompt goes through one cached forward keeping the last position's logits, then one forward a
+        token; it stops after ``max_new_tokens`` or at ``eos``."""
         from ..hf_compat import cache_kwargs, new_cache, output_cache
 
         dev = model_device(self.model)
         x = torch.tensor([list(ids)], device=dev)
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(new_cache()))
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
-            new.append(nxt)
-            if nxt == self.eos or len(new) == max_new_tokens:
-                break
+        for i in range(max_new_tokens):
+            logits = out.logits[0, -1]
+            nxt = int(logits.argmax())
+            yield nxt, logits
+            if nxt == self.eos or i + 1 == max_new_tokens:
+                return
             out = self.model(input_ids=torch.tensor([[nxt]], device=dev), use_cache=True,
                              **cache_kwargs(output_cache(out)))
-        return new
 
     @torch.no_grad()
     def predicts(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[bool]:

@@ -8,8 +8,8 @@ then the question "What is the pass key? The pass key is". The model decodes a f
 the sample counts as correct when the first number in them is the key. Beside it, ``forced``: the
 same prompt followed by the key, scored by teacher forcing (correct when the model's top token at every
 position of the key is the key's): whether the model holds the key at all, apart from what greedy
-decoding makes of it. Prompts are built from token
-pieces (no re-tokenisation at the seams), so lengths are exact to within one filler sentence.
+decoding makes of it. Prompts are built from token pieces (no re-tokenisation at the seams), so
+lengths are exact to within one filler sentence.
 """
 
 from __future__ import annotations
