@@ -139,3 +139,22 @@ def test_the_hybrid_forward_asks_the_rule_for_its_warps(monkeypatch):
         triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=20, scale=0.25, chunk_size=16)
     triton_gated_hybrid_attn(q, k, v, fq, fk, g, gamma, window=20, scale=0.25, chunk_size=16)
     assert asked == [(True, False, False), (True, True, False), (True, True, True)]
+
+
+def test_the_linear_backward_asks_its_rule_for_its_warps(monkeypatch):
+    """la_backward takes its warps from ``la_backward_warps`` with its block sizes and whether it is gated;
+    the rule gives 8 only to gated blocks of at least 64 x 128 (4 was faster ungated on the H100)."""
+    skip_triton_on("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU check of the launch's wiring")
+    assert [lc.la_backward_warps(64, 128, gated) for gated in (False, True)] == [4, 8]
+    assert lc.la_backward_warps(64, 64, True) == 4
+    asked = []
+    rule = lc.la_backward_warps
+    monkeypatch.setattr(lc, "la_backward_warps", lambda *a: asked.append(a) or rule(*a))
+    x = _inputs("cpu", torch.float32)
+    fq, fk, v, g = (x[n] for n in ("fq", "fk", "v", "g"))
+    triton_linear_attn(fq, fk, v, chunk_size=16)[0].sum().backward()
+    triton_gated_linear_attn(fq, fk, v, g, chunk_size=16)[0].sum().backward()
+    assert [a[2] for a in asked] == [False, True]
+    assert all(a[:2] == (16, 16) for a in asked)

@@ -735,6 +735,15 @@ def reverse_segment_states(q, do, rden, dden, Hk: int, C: int, nch: int, nseg: i
     return _after_each(per), _after_each(perz)
 
 
+def la_backward_warps(BFB: int, BDV: int, gated: bool) -> int:
+    """Warps of the linear backward's dq and dk programs: 8 only for gated blocks of at least 64 x 128.
+    On the H100 (74524bc, benchmarks/kernel_speed.py --warps-sweep, 32 heads x 128 at 16k, two runs) 4
+    warps against 8 took the linear forward+backward from 3.87 to 3.50 ms and the hybrid's (window 64)
+    from 8.55 to 8.31 ms, but the gated one from 7.93 to 8.13 ms and lizard's from 18.9 to 19.3 ms.
+    Smaller blocks (SmolLM2's 64 x 64) always took 4."""
+    return 8 if gated and BFB * BDV >= 64 * 128 else 4
+
+
 def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, chunk_size=64,
                 qk_grad_dtype=None, segment_chunks=None):
     """Gradients of sum_{j<=i-lag} a_ij v_j with a_ij = q_i.k_j (times the gate decay).
@@ -762,7 +771,7 @@ def la_backward(q, k, v, do, rden, dden, *, lag=0, Gc=None, initial_state=None, 
         S0, z0 = (x.float().contiguous() for x in initial_state)
     BF, BDV = p2(F), p2(Dv)
     BFB = min(BF, 64)
-    nw = warps("la_bwd_warps", 8 if BFB * BDV >= 64 * 128 else 4)
+    nw = warps("la_bwd_warps", la_backward_warps(BFB, BDV, Gc is not None))
     N = cdiv(T, C)
     nch, nseg = N, 1
     programs = cdiv(F, BFB) * B * Hk
