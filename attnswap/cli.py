@@ -403,7 +403,6 @@ def gqa(
     transfer_steps: Optional[int] = typer.Option(None, help="Attention-block transfer steps, taken first out of --steps: each layer's attention (q/k/v/o in full) learns to reproduce the original layer's output on the original's inputs (default: 20% of --steps with --train all, 0 otherwise; docs/GQA.md has the measurements; not with FSDP)."),
     transfer_lr: float = typer.Option(3e-4, help="Learning rate of the attention-block transfer."),
     teacher_text: float = typer.Option(0.0, help="Fraction of the training rows read that are replaced by text the original model samples itself (from BOS, top-p 0.9; cached in $ATTNSWAP_CACHE/teacher-text; 0 disables; docs/GQA.md has the measurements)."),
-    hidden_weight: float = typer.Option(0.0, help="Weight of layer matching beside the KL in the --train stage: every decoder layer's output is pulled towards the original model's on the same rows (mean relative squared error per token; 0 disables; docs/GQA.md has the measurements)."),
     seq_len: int = SEQ_LEN_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     seed: int = SEED_OPT,
@@ -459,8 +458,6 @@ def _gqa_summary(r: dict) -> None:
         t.add_row("steps (attention-block transfer + --train)", f"{r['transfer_steps']} + {r['train_steps']}")
         t.add_row("params trained (attention-block transfer)", f"{r['transfer_params']:,}")
     t.add_row(f"params trained ({r['train']})", f"{r['trained_params']:,}")
-    if r.get("hidden_weight"):
-        t.add_row("layer matching (--hidden-weight)", f"{r['hidden_weight']:g} x the layers' relative output error")
     _retrieval_row(t, r)
     t.add_row("tokens seen", f"{r['tokens_seen']:,}")
     t.add_row("wall time", f"{r['wall_seconds']:.1f} s (merge {r['merge_seconds']:.1f} s, training {r['train_seconds']:.1f} s)")

@@ -343,8 +343,6 @@ def _refused(res, out, needle):
     (["--kv-heads", 2, "--steps", 4, "--transfer-steps", 5], "--transfer-steps 5 is more than --steps 4"),
     (["--kv-heads", 2, "--transfer-steps", -1], "--transfer-steps must be at least 0"),
     (["--kv-heads", 2, "--transfer-lr", 0], "--transfer-lr must be positive"),
-    (["--kv-heads", 2, "--hidden-weight", -1], "--hidden-weight must be at least 0"),
-    (["--kv-heads", 2, "--train", "none", "--hidden-weight", 1], "--train none"),
     (["--kv-heads", 2, "--train", "none", "--transfer-steps", 2], "--transfer-steps does not apply to --train none"),
 ])
 def test_bad_inputs(mha_dir, tiny_text, tmp_path, extra, needle):
@@ -413,26 +411,6 @@ def test_gqa_command_end_to_end(mha_dir, tiny_text, tmp_path, train, merge):
     assert rep["transfer_params"] == transfer * sum(v.numel() for k, v in m.state_dict().items() if ".self_attn." in k)
     assert not any("lora" in k for k in m.state_dict())
     assert m.model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
-
-
-def test_hidden_weight_adds_layer_matching_to_the_training(mha_dir, tiny_text, tmp_path):
-    """--hidden-weight changes what --train all learns (the same run without it ends elsewhere) and is
-    reported; the loss the stage reports includes the term."""
-    from safetensors.torch import load_file
-
-    reps, weights = [], []
-    for w in (0, 2):
-        out = tmp_path / f"w{w}"
-        res = _run(*_args(mha_dir, tiny_text, out, "--kv-heads", 2, "--steps", 3, "--train", "all",
-                          "--transfer-steps", 0, "--hidden-weight", w, "--json", tmp_path / f"w{w}.json"))
-        assert res.exit_code == 0, res.output
-        assert ("layer matching (--hidden-weight)" in res.output) is bool(w)
-        reps.append(json.loads((tmp_path / f"w{w}.json").read_text()))
-        weights.append(load_file(out / "model.safetensors"))
-    assert [r["hidden_weight"] for r in reps] == [0, 2]
-    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    loss = [next(iter(r["final_losses"].values())) for r in reps]
-    assert loss[1] > loss[0]  # KL plus a positive matching term, from the same start
 
 
 def test_saved_model_loads_without_attnswap(mha_dir, tiny_text, tmp_path):

@@ -13,7 +13,6 @@ with an FSDP accelerate config (``sharding.wanted``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -29,7 +28,6 @@ from ..hf_compat import pop_cache, unpadded_rows
 from ..progress import console, progress_bar
 from . import sharding
 from .checkpoint import FULL_STAGE, current_run
-from .hidden_match import HiddenMatch
 from .logit_loss import LogitLoss, next_token_targets
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,7 +49,6 @@ class DistillConfig:
     full_train: tuple[str, ...] = ()  # stage 2 trains these modules (e.g. k_proj, v_proj) in full instead of LoRA
     transfer_blocks: tuple[str, ...] = ()  # no swapped modules: stage 1 trains these attention linears in full (block_transfer)
     step_offset: int = 0  # global steps run before stage 1 (by an earlier stage, e.g. calibration)
-    hidden_weight: float = 0.0  # stage 2 adds this times the layers' relative output error (hidden_match.py)
 
 
 @dataclass
@@ -283,28 +280,19 @@ def lora_finetune(model, batches: Batches, cfg: DistillConfig, acc: Accelerator,
     sched = _schedule(opt, cfg.warmup, cfg.lora_steps)
 
     kl = LogitLoss(peft_model, teacher)  # a block of rows at a time where the split holds (logit_loss.py)
-    match = HiddenMatch(peft_model, teacher) if cfg.hidden_weight else None
-    side = match.recording if match is not None else (lambda _side: contextlib.nullcontext())
 
     def loss_fn(ids):
         if teacher is not None:
-            with torch.no_grad(), side("teacher"):
+            with torch.no_grad():
                 t_out = kl.teacher(ids)
         else:
-            with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"), side("teacher"):
+            with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "teacher"):
                 t_out = kl.teacher(ids)
         targets = next_token_targets(ids) if cfg.ce_weight else None
-        with side("student"):
-            s_out = kl.student(ids)
-        loss = kl(s_out, t_out, targets=targets, ce_weight=cfg.ce_weight)
-        return loss if match is None else loss + cfg.hidden_weight * match.loss()
+        return kl(kl.student(ids), t_out, targets=targets, ce_weight=cfg.ce_weight)
 
-    try:
-        _loop(FULL_STAGE if cfg.full_train else "LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params,
-              loss_fn, step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)
-    finally:
-        if match is not None:
-            match.close()
+    _loop(FULL_STAGE if cfg.full_train else "LoRA distillation", cfg.lora_steps, batches, acc, stats, opt, sched, params, loss_fn,
+          step_offset=cfg.step_offset + cfg.transfer_steps, module=peft_model)
     if cfg.full_train:
         undo()
         return model

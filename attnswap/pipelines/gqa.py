@@ -16,7 +16,7 @@ FULL_TRAIN = {"kv": ("k_proj", "v_proj"), "attn": _ATTN, "all": (*_ATTN, "gate_p
 
 # the settings only a run that trains uses
 TRAINING = ("steps", "lr", "lora_rank", "ce_weight", "retrieval_mix", "save_every", "checkpoint_dir", "resume", "keep_checkpoints",
-            "nan_retries", "transfer_steps", "transfer_lr", "teacher_text", "hidden_weight")
+            "nan_retries", "transfer_steps", "transfer_lr", "teacher_text")
 
 
 @dataclass
@@ -34,7 +34,6 @@ class GqaConfig(RunConfig):
     transfer_steps: int | None = None  # attention-block transfer, the first part of steps (None: transfer_default)
     transfer_lr: float = 3e-4
     teacher_text: float = 0.0  # share of the rows read that the teacher writes itself (teacher_text.py)
-    hidden_weight: float = 0.0  # weight of the layers' output matching beside the KL (distill/hidden_match.py)
 
 
 TRANSFER_SHARE_ALL = 0.2  # of --steps, with --train all (docs/GQA.md: 1000 steps on the H200)
@@ -70,8 +69,6 @@ def check(cfg: GqaConfig) -> None:
         raise AttnSwapError("--transfer-steps must be at least 0")
     if not cfg.transfer_lr > 0:
         raise AttnSwapError("--transfer-lr must be positive")
-    if not cfg.hidden_weight >= 0:  # also refuses NaN
-        raise AttnSwapError(f"--hidden-weight must be at least 0 (got {cfg.hidden_weight:g})")
     if cfg.train != "none":
         split_steps(cfg.steps, transfer_default(cfg))
     if cfg.merge == "subspace" and cfg.value_refit:
@@ -137,8 +134,7 @@ def run(cfg: GqaConfig) -> dict | None:
                     "transfer_lr": cfg.transfer_lr,
                     "batch_size": bs, "seed": cfg.seed, "dtype": str(dt)}
                    | ({} if written is None else {"teacher_text": cfg.teacher_text,  # absent: older checkpoints resume
-                                                  "teacher_rows": tokens_hash(train_rows[written])})
-                   | ({"hidden_weight": cfg.hidden_weight} if cfg.hidden_weight else {}), cfg.resume)
+                                                  "teacher_rows": tokens_hash(train_rows[written])}), cfg.resume)
     teacher = copy.deepcopy(net).eval()  # the original model, frozen: the distillation target
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -172,14 +168,13 @@ def run(cfg: GqaConfig) -> dict | None:
     if trains:
         dcfg = DistillConfig(transfer_steps=n_transfer, lora_steps=n_train, batch_size=bs, lr=lr, lora_rank=cfg.lora_rank,
                              ce_weight=cfg.ce_weight, seed=cfg.seed, full_train=FULL_TRAIN.get(cfg.train, ()),
-                             transfer_lr=cfg.transfer_lr, transfer_blocks=_ATTN, hidden_weight=cfg.hidden_weight)
+                             transfer_lr=cfg.transfer_lr, transfer_blocks=_ATTN)
         mixed, report["retrieval_sequences"] = retrieval_mix(train_rows, ld.tokenizer, cfg.retrieval_mix, cfg.seed)
         if written is not None:
             report.update(teacher_text=cfg.teacher_text, teacher_sequences=written.numel(),
                           teacher_text_seconds=clock.seconds["teacher text"])
         report.update(retrieval_mix=cfg.retrieval_mix, training_sequences=ld.train.shape[0],  # training only
-                      transfer_steps=n_transfer, train_steps=n_train, transfer_lr=cfg.transfer_lr,
-                      hidden_weight=cfg.hidden_weight)
+                      transfer_steps=n_transfer, train_steps=n_train, transfer_lr=cfg.transfer_lr)
         hint = resume_command(cfg.command, "gqa")
         with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
             net, dstats = distill(net, mixed, dcfg, teacher=teacher, shard=shard)

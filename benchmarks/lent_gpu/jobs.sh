@@ -195,10 +195,8 @@ b23)      # issue 14's GQA, three side by side (each ~14 GB): the learning rate 
   q gqalr3e4 gqa gqa-lr3e4 8192 "--kv-heads 1 --train all --steps 1000 --lr 3e-4"
   q gqarm25 gqa gqa-rm25 8192 "--kv-heads 1 --train all --steps 1000 --retrieval-mix 0.25"
   ;;
-b24)      # b23's three, and layer matching beside the KL (--hidden-weight, off by default: at weights 0.1 and 1 it lost
-          # at 60 CPU steps, as the attention-block transfer did before it won at 1000 GPU steps); four side by side (~14 GB each)
+b24)      # b23's three (run at 74524bc with a fourth, --hidden-weight 1, since removed: it lost); side by side (~14 GB each)
   $J b23
-  q gqahw gqa gqa-hw 8192 "--kv-heads 1 --train all --steps 1000 --hidden-weight 1"
   ;;
 galone22)
   $L galone22 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-alone --tasks none --json ~/res/galone22.json -- --steps 1000"
