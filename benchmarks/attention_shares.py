@@ -19,7 +19,9 @@ comparison. Heads are split into the linear ones and those a mixed layer keeps e
 
 It prints, per length and depth, averages over samples: whether the key is predicted by teacher forcing
 (every key token top-1, as the passkey evaluation's ``forced_accuracy``; also with every layer in teacher
-mode), the linear heads' mean window share, the largest needle share of any linear head and of any exact
+mode, and with ``--baseline`` for the original model), the same for the key's digits once its leading
+space is given (``digits``: a model that answers " a" or " the" where the teacher starts the number
+misses the first score, not this one), the linear heads' mean window share, the largest needle share of any linear head and of any exact
 head, and the needle shares summed over each kind.
 
 ``--caps 0,1024`` repeats everything with the linear branch's weight capped, an experiment that needs no
@@ -137,10 +139,20 @@ def linear_cap(cap: int):
         lolcats.hybrid_attn, lizard.gated_hybrid_attn = old
 
 
-def forced(model, ids: list[int], key_ids: list[int], mode: str = "student") -> bool:
-    """Every key token top-1 after the prompt, by teacher forcing (the passkey evaluation's forced score)."""
-    with attention_mode(model, mode):
-        return HFModel(model).predicts(ids + key_ids, [(len(ids), len(ids) + len(key_ids))])[0]
+def forced(model, ids: list[int], key_ids: list[int], mode: str | None = "student", skip: int = 0) -> bool:
+    """Every key token (after the first ``skip``) top-1 after the prompt, by teacher forcing (the passkey
+    evaluation's forced score with ``skip`` 0); ``mode`` None for a model without converted layers."""
+    span = [(len(ids) + skip, len(ids) + len(key_ids))]
+    with attention_mode(model, mode) if mode else contextlib.nullcontext():
+        return HFModel(model).predicts(ids + key_ids, span)[0]
+
+
+def leading_blanks(tok, key_ids: list[int]) -> int:
+    """How many of the key's first tokens decode to whitespace only (SmolLM2: the space before the digits)."""
+    n = 0
+    while n < len(key_ids) - 1 and not tok.decode([key_ids[n]]).strip():
+        n += 1
+    return n
 
 
 def summary(layers: list[dict]) -> dict:
@@ -168,20 +180,24 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", default=None, help="the original model, for its forced scores on the same prompts")
     ap.add_argument("--caps", default="0", help="comma-separated caps on the linear branch's weight (0: none)")
     ap.add_argument("--json", default=None, help="write every layer's shares here")
     a = ap.parse_args()
     dev = loading.pick_device(a.device)
-    model, tok = loading.load_model(loading.resolve(a.model), dtype=loading.pick_dtype(a.dtype, dev), device=dev)
+    dtype = loading.pick_dtype(a.dtype, dev)
+    model, tok = loading.load_model(loading.resolve(a.model), dtype=dtype, device=dev)
     model.eval()
     if not swapped_modules(model):
         raise SystemExit(f"{a.model}: no converted attention layers to probe")
+    base = loading.load_model(loading.resolve(a.baseline), dtype=dtype, device=dev)[0].eval() if a.baseline else None
     lengths = [int(s) for s in a.lengths.split(",")]
     depths = [float(s) for s in a.depths.split(",")]
     print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
     print("# shares of each head's attention at the prompt's last position, and the key by teacher forcing; "
           "mean over samples")
-    cols = ["forced", "forced (teacher mode)", "linear window mean", "linear meta mean", "linear needle max",
+    cols = ["forced", "forced (teacher mode)", "forced (baseline)", "digits", "digits (teacher mode)",
+            "digits (baseline)", "linear window mean", "linear meta mean", "linear needle max",
             "linear needle sum", "exact needle max", "exact needle sum", "softmax needle max", "softmax needle sum"]
     print("| cap | length | depth | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
@@ -198,8 +214,14 @@ def main():
                     key_ids = encode(tok, " " + key)
                     with linear_cap(cap):
                         layers = shares(model, ids, span)
-                        row = summary(layers) | {"forced": float(forced(model, ids, key_ids))}
-                    row["forced (teacher mode)"] = float(forced(model, ids, key_ids, "teacher")) if cap == 0 else float("nan")
+                        blanks = leading_blanks(tok, key_ids)
+                        row = summary(layers) | {"forced": float(forced(model, ids, key_ids)),
+                                                 "digits": float(forced(model, ids, key_ids, skip=blanks))}
+                    nan = float("nan")
+                    for mode, m, name in (("teacher", model, "teacher mode"), (None, base, "baseline")):
+                        run = cap == 0 and m is not None  # neither depends on the cap
+                        row[f"forced ({name})"] = float(forced(m, ids, key_ids, mode)) if run else nan
+                        row[f"digits ({name})"] = float(forced(m, ids, key_ids, mode, blanks)) if run else nan
                     rows.append(row)
                     records.append({"cap": cap, "length": n, "depth": d, "key": key, "tokens": len(ids),
                                     "needle": span, "summary": row, "layers": layers})

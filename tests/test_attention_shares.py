@@ -103,6 +103,23 @@ def test_forced_is_every_key_token_top1():
             key.append(m(torch.tensor([prompt + key]), use_cache=False).logits[0, -1].argmax().item())
     assert ash.forced(m, prompt, key)
     assert not ash.forced(m, prompt, [(key[0] + 1) % 300, key[1]])
+    other = (key[0] + 1) % 300  # a first token the model does not pick, and its own next token after it
+    with torch.no_grad():
+        after = m(torch.tensor([prompt + [other]]), use_cache=False).logits[0, -1].argmax().item()
+    assert ash.forced(m, prompt, [other, after], skip=1) and not ash.forced(m, prompt, [other, after])
+    assert ash.forced(m, prompt, [other, after], mode=None, skip=1)  # no attention modes to set
+
+
+class _Tok:
+    def decode(self, ids):
+        return {0: " ", 1: "\t", 2: "4", 3: " 7"}[ids[0]]
+
+
+def test_leading_blanks_counts_whitespace_tokens_before_the_digits():
+    assert ash.leading_blanks(_Tok(), [0, 2, 2]) == 1
+    assert ash.leading_blanks(_Tok(), [0, 1, 3]) == 2
+    assert ash.leading_blanks(_Tok(), [3, 2]) == 0
+    assert ash.leading_blanks(_Tok(), [0]) == 0  # never the whole key
 
 
 def test_lizard_meta_tokens_take_what_the_tokens_leave_and_keep_their_values():

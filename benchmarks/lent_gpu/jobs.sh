@@ -122,10 +122,11 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
   ;;
 twentyseventh) # for the next session (~25 minutes). Alone: the linear backward's new warps rule against fla in one run
          # (kfla27, ~2 min). Then side by side (neither times anything): lizard and lolcats with 9 exact heads at 1000
-         # steps, each followed by attention_shares.py (issue 16: does the window's share of each head shrink with the
-         # prompt, and does capping the linear branch's weight bring the key back?), ~15 min
+         # steps (lizard also on rows of 4,096), each followed by attention_shares.py (issue 16: does the window's share
+         # of each head shrink with the prompt, does capping the linear branch's weight bring the key back, and does the
+         # model in teacher mode miss where the student does?), ~18 min
   mkdir -p ~/res
-  setsid nohup bash -c "$J kfla27; $W kfla27; $J shares27; $W shliz27 shlol27; echo done > ~/res/twentyseventh.rc" \
+  setsid nohup bash -c "$J kfla27; $W kfla27; $J shares27; $W shliz27 shliz4k27 shlol27; echo done > ~/res/twentyseventh.rc" \
     > ~/res/twentyseventh.log 2>&1 &
   : > ~/res/kfla27.log; echo "twentyseventh chain launched"
   ;;
@@ -133,9 +134,12 @@ kfla27)   # linear / hybrid forward+backward at 16k / 64k with la_backward_warps
   $L kfla27 "python kernel_speed.py --shapes 32h --lengths 16384,65536"
   ;;
 shares27) # train, save, then probe where each head looks at the last position of passkey prompts; caps 0 (none) and the
-          # method's training row length (lizard 1,024, lolcats 4,096)
-  P="--lengths 2048,4096,8192 --depths 0,0.5,1 --samples 2"
+          # method's training row length (lizard 1,024, lolcats 4,096); lizard again on rows of 4,096 (does the converted
+          # model in teacher mode, its LoRA-merged weights with full softmax, lose the key's format at 4k / 8k as the
+          # 120-step CPU lizard did, and do longer rows keep it?)
+  P="--baseline $M --lengths 2048,4096,8192 --depths 0,0.5,1 --samples 2"
   $L shliz27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz27q.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9 $P --caps 0,1024,256 --json ~/res/shliz27.json"
+  $L shliz4k27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9-4k --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz4k27q.json -- --attention lizard --exact-heads 9 --steps 1000 --seq-len 4096 --batch-size 2 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9-4k $P --caps 0 --json ~/res/shliz4k27.json"
   $L shlol27 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shlol27q.json -- --exact-heads 9 --steps 1000 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lolcats-x9 $P --caps 0,4096,1024 --json ~/res/shlol27.json"
   ;;
 twentysixth) # for the next session (~25 minutes): what twentyfifth could not reach. Alone, in turn: the warps at SmolLM2's
