@@ -46,7 +46,7 @@ from attnswap import loading
 from attnswap.convert import lizard, lolcats
 from attnswap.convert.base import attention_mode, swapped_modules
 from attnswap.evals.common import HFModel, encode, split_head
-from attnswap.evals.passkey import NEEDLE, build_prompt
+from attnswap.evals.passkey import NEEDLE, build_prompt, leading_blanks
 from _common import commit
 
 CHANNELS = ("window", "needle", "first4", "all")
@@ -146,13 +146,6 @@ def forced(model, ids: list[int], key_ids: list[int], mode: str | None = "studen
     with attention_mode(model, mode) if mode else contextlib.nullcontext():
         return HFModel(model).predicts(ids + key_ids, span)[0]
 
-
-def leading_blanks(tok, key_ids: list[int]) -> int:
-    """How many of the key's first tokens decode to whitespace only (SmolLM2: the space before the digits)."""
-    n = 0
-    while n < len(key_ids) - 1 and not tok.decode([key_ids[n]]).strip():
-        n += 1
-    return n
 
 
 def summary(layers: list[dict]) -> dict:

@@ -109,6 +109,9 @@ def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = Non
             if "forced_by_length" in pk:
                 forced = ", ".join(f"{n}: {v:.0%}" for n, v in pk["forced_by_length"].items())
                 print(f"passkey by teacher forcing, by length, {side['name']}: {forced}")
+            if "forced_digits_by_length" in pk:
+                digits = ", ".join(f"{n}: {v:.0%}" for n, v in pk["forced_digits_by_length"].items())
+                print(f"passkey digits by teacher forcing (leading space given), by length, {side['name']}: {digits}")
     if "mqar" in c:
         for side in (report.baseline, report.candidate):
             pairs = ", ".join(f"{p}: {v:.0%}" for p, v in side["results"]["mqar"].get("by_pairs", {}).items())

@@ -110,18 +110,6 @@ def test_forced_is_every_key_token_top1():
     assert ash.forced(m, prompt, [other, after], mode=None, skip=1)  # no attention modes to set
 
 
-class _Tok:
-    def decode(self, ids):
-        return {0: " ", 1: "\t", 2: "4", 3: " 7"}[ids[0]]
-
-
-def test_leading_blanks_counts_whitespace_tokens_before_the_digits():
-    assert ash.leading_blanks(_Tok(), [0, 2, 2]) == 1
-    assert ash.leading_blanks(_Tok(), [0, 1, 3]) == 2
-    assert ash.leading_blanks(_Tok(), [3, 2]) == 0
-    assert ash.leading_blanks(_Tok(), [0]) == 0  # never the whole key
-
-
 def test_lizard_meta_tokens_take_what_the_tokens_leave_and_keep_their_values():
     m = _converted("lizard", {0: [0]})
     before = {n: p.clone() for n, p in m.named_parameters()}

@@ -234,6 +234,47 @@ def test_passkey_forced_score_separates_holding_the_key_from_decoding_it(tok):
     assert r["accuracy"] == 0.0 and r["forced_accuracy"] == 1.0
 
 
+class Answers:
+    """Holds the key but would begin with " a": misses each key's first (space) token, predicts the rest."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def complete(self, ids, n):
+        return encode(self.tok, " a number.")[:n]
+
+    def predicts(self, ids, spans):
+        start = min(s for s, _ in spans)  # the key starts at the earliest span
+        return [s > start and hit for (s, _), hit in zip(spans, Oracle(self.tok).predicts(ids, spans))]
+
+
+class _Blanks:
+    def decode(self, ids):
+        return {0: " ", 1: "\t", 2: "4", 3: " 7"}[ids[0]]
+
+
+def test_leading_blanks_counts_whitespace_tokens_before_the_digits():
+    assert passkey.leading_blanks(_Blanks(), [0, 2, 2]) == 1
+    assert passkey.leading_blanks(_Blanks(), [0, 1, 3]) == 2
+    assert passkey.leading_blanks(_Blanks(), [3, 2]) == 0
+    assert passkey.leading_blanks(_Blanks(), [0]) == 0  # never the whole key
+
+
+def test_passkey_digits_score_tells_a_choice_of_format_from_a_lost_key(tok):
+    """The tiny tokenizer, like SmolLM2's, splits " 48213" into a space and one token a digit (it never saw
+    digits). A model that misses only the leading space scores 0 forced and 100% on the digits; the oracle
+    scores 100% on both, the guesser 0."""
+    key_ids = encode(tok, " 48213")
+    assert passkey.leading_blanks(tok, key_ids) == 1 and len(key_ids) == 6
+    kw = dict(lengths=[300], depths=[0, 1], samples=2, seed=1)
+    r = passkey.run(Answers(tok), tok, **kw)
+    assert r["forced_accuracy"] == 0.0 and r["forced_digits_accuracy"] == 1.0
+    assert r["forced_digits_by_length"] == {"300": 1.0}
+    good = passkey.run(Oracle(tok), tok, **kw)
+    assert good["forced_accuracy"] == 1.0 and good["forced_digits_accuracy"] == 1.0
+    assert passkey.run(Guesser(tok), tok, **kw)["forced_digits_accuracy"] == 0.0
+
+
 def test_passkey_forced_score_on_a_real_model_scores_the_keys_tokens(tok):
     """HFModel.predicts on the prompt plus the key reads the logits one position before each key token
     (an off-by-one here would score the question's last word or the key's second token instead)."""

@@ -63,6 +63,9 @@ def test_all_tasks_report_and_pass(conv_dir, tiny_dir, tiny_text, tmp_path):
     assert cs["16"]["cache_bytes"] == cs["32"]["cache_bytes"] and bs["16"]["cache_bytes"] < bs["32"]["cache_bytes"]
     md = (rd / "report.md").read_text()
     assert md.splitlines()[2].startswith("**PASS**") and "![" in md and "CPU is the only device" in md
+    pk = rep["models"]["candidate"]["results"]["passkey"]
+    assert set(pk["forced_by_length"]) == set(pk["forced_digits_by_length"]) == {"256"}
+    assert "the key scored by teacher forcing" in md and "the key's digits by teacher forcing" in md
 
 
 def test_regression_exits_1_against_saved_report(conv_dir, tiny_dir, tiny_text, tmp_path):

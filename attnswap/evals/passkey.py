@@ -8,7 +8,9 @@ then the question "What is the pass key? The pass key is". The model decodes a f
 the sample counts as correct when the first number in them is the key. Beside it, ``forced``: the
 same prompt followed by the key, scored by teacher forcing (correct when the model's top token at every
 position of the key is the key's): whether the model holds the key at all, apart from what greedy
-decoding makes of it. Prompts are built from token pieces (no re-tokenisation at the seams), so
+decoding makes of it; and ``forced_digits``: the key's tokens after its leading whitespace (SmolLM2's
+space before the digits) given that whitespace, which a model that would begin its answer with " a" or
+" the" (a choice of format, not a lost key) still passes. Prompts are built from token pieces (no re-tokenisation at the seams), so
 lengths are exact to within one filler sentence.
 """
 
@@ -49,6 +51,14 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[i
     return ids, len(intro) + len(before)
 
 
+def leading_blanks(tokenizer, key_ids: Sequence[int]) -> int:
+    """How many of the key's first tokens decode to whitespace only (never all of them)."""
+    n = 0
+    while n < len(key_ids) - 1 and not tokenizer.decode([key_ids[n]]).strip():
+        n += 1
+    return n
+
+
 def first_number(text: str) -> str | None:
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
@@ -61,6 +71,7 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
     grid: dict[str, dict[str, float]] = {}
     all_hits: list[bool] = []
     forced: dict[str, list[bool]] = {str(n): [] for n in lengths}
+    digits: dict[str, list[bool]] = {str(n): [] for n in lengths}
     by_depth: dict[str, list[bool]] = {f"{d:g}": [] for d in depths}
     examples = []
     with progress_bar() as bar:
@@ -74,7 +85,10 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                     ids, _ = build_prompt(tokenizer, n, d, key)
                     key_ids = encode(tokenizer, " " + key)
                     new = lm.complete(ids, len(key_ids) + 3)
-                    forced[str(n)] += lm.predicts(ids + key_ids, [(len(ids), len(ids) + len(key_ids))])
+                    end, skip = len(ids) + len(key_ids), leading_blanks(tokenizer, key_ids)
+                    whole, after_blanks = lm.predicts(ids + key_ids, [(len(ids), end), (len(ids) + skip, end)])
+                    forced[str(n)].append(whole)
+                    digits[str(n)].append(after_blanks)
                     answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                     hits.append(first_number(answer) == key)
                     if len(examples) < 3 and s == 0:
@@ -88,4 +102,6 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
             "by_length": {n: sum(r.values()) / len(r) for n, r in grid.items()},
             "by_depth": {d: accuracy(h) for d, h in by_depth.items()}, "grid": grid, "examples": examples,
             "forced_accuracy": accuracy([h for hs in forced.values() for h in hs]),
-            "forced_by_length": {n: accuracy(h) for n, h in forced.items()}}
+            "forced_by_length": {n: accuracy(h) for n, h in forced.items()},
+            "forced_digits_accuracy": accuracy([h for hs in digits.values() for h in hs]),
+            "forced_digits_by_length": {n: accuracy(h) for n, h in digits.items()}}

@@ -208,6 +208,8 @@ class Report:
         table("Passkey accuracy by depth:", "depth ", float, "{:.0%}", "passkey", "by_depth")
         table("Passkey, the key scored by teacher forcing, by context length:", "", int, "{:.0%}", "passkey",
               "forced_by_length")
+        table("Passkey, the key's digits by teacher forcing once its leading space is given, by context length:", "",
+              int, "{:.0%}", "passkey", "forced_digits_by_length")
         table("NIAH accuracy by context length:", "", int, "{:.0%}", "niah", "by_length")
         table("MQAR accuracy by number of key-value pairs:", "", int, "{:.0%}", "mqar", "by_pairs")
         pos = [(n, r["ppl"]["by_position"]) for n, r in sides if "ppl" in r]
@@ -358,6 +360,9 @@ def _passkey(r, where):
     # reports written before the teacher-forced score have neither field
     _field(r, "forced_accuracy", where, _number, optional=True)
     _field(r, "forced_by_length", where, lambda v, w: _keyed(v, w, _number, key=int, what="integer"), optional=True)
+    _field(r, "forced_digits_accuracy", where, _number, optional=True)
+    _field(r, "forced_digits_by_length", where, lambda v, w: _keyed(v, w, _number, key=int, what="integer"),
+           optional=True)
 
 
 def _niah(r, where):
