@@ -21,8 +21,8 @@ It prints, per length and depth, averages over samples: whether the key is predi
 (every key token top-1, as the passkey evaluation's ``forced_accuracy``; also with every layer in teacher
 mode, and with ``--baseline`` for the original model), the same for the key's digits once its leading
 space is given (``digits``: a model that answers " a" or " the" where the teacher starts the number
-misses the first score, not this one), the linear heads' mean window share, the largest needle share of any linear head and of any exact
-head, and the needle shares summed over each kind.
+misses the first score, not this one), the linear heads' mean window share, the largest needle share
+of any linear head and of any exact head, and the needle shares summed over each kind.
 
 ``--caps 0,1024`` repeats everything with the linear branch's weight capped, an experiment that needs no
 training: the query features of position i are scaled by min(1, CAP / n_i), n_i the keys older than the
