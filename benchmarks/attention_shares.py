@@ -46,7 +46,7 @@ from attnswap import loading
 from attnswap.convert import lizard, lolcats
 from attnswap.convert.base import attention_mode, swapped_modules
 from attnswap.evals.common import HFModel, encode, split_head
-from attnswap.evals.passkey import NEEDLE, build_prompt, leading_blanks
+from attnswap.evals.passkey import NEEDLE, build_prompt, key_forced, leading_blanks
 from _common import commit
 
 CHANNELS = ("window", "needle", "first4", "all")
@@ -91,17 +91,15 @@ def shares(model, ids: list[int], needle: tuple[int, int]) -> list[dict]:
         x = m.project(h, pe)
         window = int(getattr(m, "window", 0) or T)
         x = x._replace(v=probe_values(x.v, T, window, needle))
-        saved = []
-        for name in ("meta_v",):  # lizard's learned sink values: zero, so they add to no channel
-            p = getattr(m, name, None)
-            if isinstance(p, torch.nn.Parameter):
-                saved.append((p, p.detach().clone()))
-                p.zero_()
+        meta_v = getattr(m, "meta_v", None)  # lizard's learned sink values: zero, so they add to no channel
+        old = meta_v.detach().clone() if meta_v is not None else None
+        if meta_v is not None:
+            meta_v.zero_()
         try:
             mixed = m._student_padded(x, None)[0, -1, :, :4].float()  # (H, 4)
         finally:
-            for p, old in saved:
-                p.copy_(old)
+            if meta_v is not None:
+                meta_v.copy_(old)
         soft = m.softmax_attention(x.q, x.k, x.v)[0, -1, :, :4].float()
         exact_q = list(m._heads["ex_q"]) if m.exact_heads else []
         lin_q = [q for q in range(m.num_heads) if q not in exact_q]
@@ -139,13 +137,17 @@ def linear_cap(cap: int):
         lolcats.hybrid_attn, lizard.gated_hybrid_attn = old
 
 
-def forced(model, ids: list[int], key_ids: list[int], mode: str | None = "student", skip: int = 0) -> bool:
-    """Every key token (after the first ``skip``) top-1 after the prompt, by teacher forcing (the passkey
-    evaluation's forced score with ``skip`` 0); ``mode`` None for a model without converted layers."""
-    span = [(len(ids) + skip, len(ids) + len(key_ids))]
+def forced_pair(model, ids: list[int], key_ids: list[int], mode: str | None = "student", skip: int = 0):
+    """(the whole key, the key after its first ``skip`` tokens) top-1 by teacher forcing, in one forward
+    (``passkey.key_forced``); ``mode`` None for a model without converted layers."""
     with attention_mode(model, mode) if mode else contextlib.nullcontext():
-        return HFModel(model).predicts(ids + key_ids, span)[0]
+        return tuple(key_forced(HFModel(model), ids, key_ids, skip))
 
+
+def forced(model, ids: list[int], key_ids: list[int], mode: str | None = "student", skip: int = 0) -> bool:
+    """Every key token after the first ``skip`` top-1 after the prompt (``skip`` 0: the passkey
+    evaluation's forced score)."""
+    return forced_pair(model, ids, key_ids, mode, skip)[1]
 
 
 def summary(layers: list[dict]) -> dict:
@@ -153,7 +155,7 @@ def summary(layers: list[dict]) -> dict:
     lin = [h for L in layers for h in L["linear"]]
     ex = [h for L in layers for h in L["exact"]]
     soft = [h for L in layers for h in L["softmax"]]
-    s = {"linear window mean": sum(h[0] for h in lin) / max(1, len(lin)),
+    return {"linear window mean": sum(h[0] for h in lin) / max(1, len(lin)),
          "linear meta mean": sum(1 - h[3] for h in lin) / max(1, len(lin)),
          "linear needle max": max((h[1] for h in lin), default=0.0),
          "linear needle sum": sum(h[1] for h in lin),
@@ -161,7 +163,6 @@ def summary(layers: list[dict]) -> dict:
          "exact needle sum": sum(h[1] for h in ex),
          "softmax needle max": max((h[1] for h in soft), default=0.0),
          "softmax needle sum": sum(h[1] for h in soft)}
-    return s
 
 
 def main():
@@ -205,16 +206,16 @@ def main():
                     ids, start = build_prompt(tok, n, d, key)
                     span = (start, start + len(encode(tok, NEEDLE.format(key=key))))
                     key_ids = encode(tok, " " + key)
+                    blanks = leading_blanks(tok, key_ids)
                     with linear_cap(cap):
                         layers = shares(model, ids, span)
-                        blanks = leading_blanks(tok, key_ids)
-                        row = summary(layers) | {"forced": float(forced(model, ids, key_ids)),
-                                                 "digits": float(forced(model, ids, key_ids, skip=blanks))}
-                    nan = float("nan")
+                        whole, digits = forced_pair(model, ids, key_ids, skip=blanks)
+                    row = summary(layers) | {"forced": float(whole), "digits": float(digits)}
                     for mode, m, name in (("teacher", model, "teacher mode"), (None, base, "baseline")):
-                        run = cap == 0 and m is not None  # neither depends on the cap
-                        row[f"forced ({name})"] = float(forced(m, ids, key_ids, mode)) if run else nan
-                        row[f"digits ({name})"] = float(forced(m, ids, key_ids, mode, blanks)) if run else nan
+                        # neither depends on the cap
+                        pair = forced_pair(m, ids, key_ids, mode, blanks) if cap == 0 and m is not None else (None, None)
+                        row[f"forced ({name})"], row[f"digits ({name})"] = (float("nan") if p is None else float(p)
+                                                                            for p in pair)
                     rows.append(row)
                     records.append({"cap": cap, "length": n, "depth": d, "key": key, "tokens": len(ids),
                                     "needle": span, "summary": row, "layers": layers})

@@ -10,8 +10,8 @@ same prompt followed by the key, scored by teacher forcing (correct when the mod
 position of the key is the key's): whether the model holds the key at all, apart from what greedy
 decoding makes of it; and ``forced_digits``: the key's tokens after its leading whitespace (SmolLM2's
 space before the digits) given that whitespace, which a model that would begin its answer with " a" or
-" the" (a choice of format, not a lost key) still passes. Prompts are built from token pieces (no re-tokenisation at the seams), so
-lengths are exact to within one filler sentence.
+" the" (a choice of format, not a lost key) still passes. Prompts are built from token pieces (no
+re-tokenisation at the seams), so lengths are exact to within one filler sentence.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def leading_blanks(tokenizer, key_ids: Sequence[int]) -> int:
     return n
 
 
+def key_forced(lm: LM, ids: Sequence[int], key_ids: Sequence[int], skip: int) -> list[bool]:
+    """[every key token top-1 after the prompt ``ids``, the same for the key's tokens after its first
+    ``skip``], by teacher forcing, in one scoring pass over the prompt and the key."""
+    end = len(ids) + len(key_ids)
+    return lm.predicts(list(ids) + list(key_ids), [(len(ids), end), (len(ids) + skip, end)])
+
+
 def first_number(text: str) -> str | None:
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
@@ -85,8 +92,7 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                     ids, _ = build_prompt(tokenizer, n, d, key)
                     key_ids = encode(tokenizer, " " + key)
                     new = lm.complete(ids, len(key_ids) + 3)
-                    end, skip = len(ids) + len(key_ids), leading_blanks(tokenizer, key_ids)
-                    whole, after_blanks = lm.predicts(ids + key_ids, [(len(ids), end), (len(ids) + skip, end)])
+                    whole, after_blanks = key_forced(lm, ids, key_ids, leading_blanks(tokenizer, key_ids))
                     forced[str(n)].append(whole)
                     digits[str(n)].append(after_blanks)
                     answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
