@@ -126,7 +126,7 @@ twentyseventh) # for the next session (~25 minutes). Alone: the linear backward'
          # of each head shrink with the prompt, does capping the linear branch's weight bring the key back, and does the
          # model in teacher mode miss where the student does?), ~18 min
   mkdir -p ~/res
-  setsid nohup bash -c "$J kfla27; $W kfla27; $J shares27; $W shliz27 shliz4k27 shlol27; echo done > ~/res/twentyseventh.rc" \
+  setsid nohup bash -c "$J kfla27; $W kfla27; $J shares27; $W shliz27 shliz4k27 shlol27 shliz0l27; echo done > ~/res/twentyseventh.rc" \
     > ~/res/twentyseventh.log 2>&1 &
   : > ~/res/kfla27.log; echo "twentyseventh chain launched"
   ;;
@@ -140,6 +140,9 @@ shares27) # train, save, then probe where each head looks at the last position o
   P="--baseline $M --lengths 2048,4096,8192 --depths 0,0.5,1 --samples 2"
   $L shliz27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz27q.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9 $P --caps 0,1024,256 --json ~/res/shliz27.json"
   $L shliz4k27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9-4k --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz4k27q.json -- --attention lizard --exact-heads 9 --steps 1000 --seq-len 4096 --batch-size 2 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9-4k $P --caps 0 --json ~/res/shliz4k27.json"
+  # the same lizard without its LoRA stage (400 transfer + 100 calibration steps): is the format lost at 4k / 8k by the
+  # LoRA trained on rows of 1,024, or already by the converted attention?
+  $L shliz0l27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9-nolora --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz0l27q.json -- --attention lizard --exact-heads 9 --steps 500 --transfer-steps 400 --calib-steps 100 --lora-steps 0 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9-nolora $P --caps 0 --json ~/res/shliz0l27.json"
   $L shlol27 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shlol27q.json -- --exact-heads 9 --steps 1000 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lolcats-x9 $P --caps 0,4096,1024 --json ~/res/shlol27.json"
   ;;
 twentysixth) # for the next session (~25 minutes): what twentyfifth could not reach. Alone, in turn: the warps at SmolLM2's
