@@ -143,6 +143,8 @@ shares27) # train, save, then probe where each head looks at the last position o
   # the same lizard without its LoRA stage (400 transfer + 100 calibration steps): is the format lost at 4k / 8k by the
   # LoRA trained on rows of 1,024, or already by the converted attention?
   $L shliz0l27 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9-nolora --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz0l27q.json -- --attention lizard --exact-heads 9 --steps 500 --transfer-steps 400 --calib-steps 100 --lora-steps 0 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9-nolora $P --caps 0 --json ~/res/shliz0l27.json"
+  # (at c03e738 shlol27 ran out of GPU memory beside the three lizards; it was resumed alone from its step-500
+  # checkpoint with --resume, and attention_shares.py run with --lengths 4096,8192 --caps 0)
   $L shlol27 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9 --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shlol27q.json -- --exact-heads 9 --steps 1000 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lolcats-x9 $P --caps 0,4096,1024 --json ~/res/shlol27.json"
   ;;
 twentysixth) # for the next session (~25 minutes): what twentyfifth could not reach. Alone, in turn: the warps at SmolLM2's
