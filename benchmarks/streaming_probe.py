@@ -1,0 +1,175 @@
+"""Does a passkey miss need training to appear? Issue 16: every converted model with 9 exact heads
+misses the key at 8k when it sits just before the question, inside the softmax window, yet finds its
+digits once the leading space is given: it answers " the" where the original starts the number.
+
+This asks the original model, untrained. Its attention is replaced (transformers' AttentionInterface)
+by one in which every KV head is either exact (causal softmax over the whole prompt) or streaming
+(softmax over the first ``--sinks`` tokens and the last ``--window``), the cheap attention that a
+converted head keeps exactly; what the linear branch adds is left out. Exact are the heads of
+``--exact`` (``LAYER.HEAD`` items, or a converted model's directory, whose exact heads are read from its
+config) and every head of ``--full-layers``. Each variant (``--variants``: ``teacher``, every head
+exact; ``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits
+by teacher forcing (``passkey.key_forced``) and the top token after the prompt with its probability.
+
+If the streaming variant misses where the converted models do, the miss comes from the far attention
+the streaming heads leave out, not from training; ``--full-layers`` then bisects which layers' far
+attention the answer needs. A benchmark: it prints a table and writes JSON, it asserts nothing. One
+unpadded sequence at a time.
+
+    python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --lengths 2048,4096,8192 --depths 1
+    python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --full-layers 0-14 --variants streaming
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from attnswap import loading
+from attnswap.convert.swap import parse_layers
+from attnswap.evals.common import HFModel, encode
+from attnswap.evals.passkey import build_prompt, key_forced, leading_blanks
+from _common import commit
+
+NAME = "attnswap_streaming_probe"
+QUERY_BLOCK = 1024  # queries a score block holds: (heads, 1024, keys) at a time
+SETTINGS: dict = {}  # what the registered function reads: exact {layer: set of KV heads}, sinks, window
+
+
+def parse_exact(spec: str | None) -> dict[int, set[int]]:
+    """``LAYER.HEAD`` items ('3.1,20.1,20.2'), or a converted model's directory: {layer: KV heads}."""
+    if not spec:
+        return {}
+    if Path(spec).is_dir():
+        swaps = json.loads((Path(spec) / "config.json").read_text())["attnswap"]["swaps"]
+        return {i: set(s["options"]["exact_heads"]) for s in swaps if s["options"].get("exact_heads")
+                for i in s["layers"]}
+    out: dict[int, set[int]] = {}
+    for item in spec.split(","):
+        layer, dot, head = item.strip().partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise SystemExit(f"--exact: {item!r} is not LAYER.HEAD (e.g. 3.1) and {spec!r} is not a directory")
+        out.setdefault(int(layer), set()).add(int(head))
+    return out
+
+
+def streaming_mask(q_pos: torch.Tensor, n_keys: int, exact: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """(H, Q, K) bool, True where query head h at position ``q_pos`` may see key j: j <= q for exact
+    heads, and also j < sinks or q - j < window for the others."""
+    j = torch.arange(n_keys, device=q_pos.device)
+    causal = j[None] <= q_pos[:, None]
+    local = causal & ((q_pos[:, None] - j[None] < window) | (j[None] < sinks))
+    return torch.where(exact.to(q_pos.device)[:, None, None], causal[None], local[None])
+
+
+def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The AttentionInterface function: (B, H, T, D) queries against (B, Hk, S, D) keys and values,
+    T queries being the last T of S positions; returns (B, T, H, D) and no weights."""
+    B, H, T, D = query.shape
+    Hk, S = key.shape[1], key.shape[2]
+    if B != 1:
+        raise ValueError("streaming_probe attention takes one unpadded sequence at a time")
+    G = H // Hk
+    kv_exact = SETTINGS["exact"].get(module.layer_idx, set())
+    exact = torch.tensor([h // G in kv_exact for h in range(H)])
+    k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+    out = torch.empty_like(query)
+    for s in range(0, T, QUERY_BLOCK):
+        e = min(T, s + QUERY_BLOCK)
+        pos = torch.arange(s, e, device=query.device) + (S - T)
+        mask = streaming_mask(pos, S, exact, SETTINGS["sinks"], SETTINGS["window"])[None]
+        out[:, :, s:e] = F.scaled_dot_product_attention(query[:, :, s:e], k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, probe_attention)
+
+
+@contextlib.contextmanager
+def streaming(model, exact: dict[int, set[int]], sinks: int, window: int):
+    """The model's attention replaced by ``probe_attention`` with these settings, restored after."""
+    before = model.config._attn_implementation
+    SETTINGS.update(exact=exact, sinks=sinks, window=window)
+    model.set_attn_implementation(NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+@torch.no_grad()
+def score(model, tok, ids: list[int], key: str) -> dict:
+    """The key and its digits by teacher forcing, and the top token after the prompt."""
+    key_ids = encode(tok, " " + key)
+    whole, digits = key_forced(HFModel(model), ids, key_ids, leading_blanks(tok, key_ids))
+    p = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().softmax(-1)
+    top = int(p.argmax())
+    return {"forced": float(whole), "digits": float(digits), "top": tok.decode([top]), "top_p": float(p[top]),
+            "key_p": float(p[key_ids[0]])}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama", help="the original model (anything attnswap loads)")
+    ap.add_argument("--exact", default=None, help="LAYER.HEAD items kept exact, or a converted model's directory")
+    ap.add_argument("--full-layers", default=None, help="layers whose every head is exact too ('0-14,20')")
+    ap.add_argument("--sinks", type=int, default=4, help="first tokens a streaming head sees (lolcats' default)")
+    ap.add_argument("--window", type=int, default=256, help="last tokens a streaming head sees (the converters' default)")
+    ap.add_argument("--variants", default="teacher,streaming")
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--depths", default="0.5,1")
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    variants = a.variants.split(",")
+    if bad := [v for v in variants if v not in ("teacher", "streaming")]:
+        raise SystemExit(f"--variants: unknown {bad}; use teacher and/or streaming")
+    dev = loading.pick_device(a.device)
+    model, tok = loading.load_model(loading.resolve(a.model), dtype=loading.pick_dtype(a.dtype, dev), device=dev)
+    model.eval()
+    exact = parse_exact(a.exact)
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    for i in parse_layers(a.full_layers, n_layers) if a.full_layers else []:
+        exact[i] = set(range(n_kv))
+    if any(i >= n_layers or max(h) >= n_kv for i, h in exact.items() if h):
+        raise SystemExit(f"--exact names a head beyond the model's {n_layers} layers x {n_kv} KV heads")
+    n_exact = sum(len(h) for h in exact.values())
+    print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
+    print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}")
+    print("| variant | length | depth | forced | digits | top token (p) | key's first token p |")
+    print("|---|---|---|---|---|---|---|")
+    records = []
+    for variant in variants:
+        every = {i: set(range(n_kv)) for i in range(n_layers)}
+        rng = random.Random(a.seed)  # the same prompts for every variant
+        with streaming(model, every if variant == "teacher" else exact, a.sinks, a.window):
+            for n in (int(s) for s in a.lengths.split(",")):
+                for d in (float(s) for s in a.depths.split(",")):
+                    rows = []
+                    for _ in range(a.samples):
+                        key = str(rng.randint(10000, 99999))
+                        ids, _ = build_prompt(tok, n, d, key)
+                        rows.append(score(model, tok, ids, key) | {"key": key})
+                    records.append({"variant": variant, "length": n, "depth": d, "samples": rows})
+                    mean = {c: sum(r[c] for r in rows) / len(rows) for c in ("forced", "digits", "key_p")}
+                    tops = ", ".join(f"{r['top']!r} ({r['top_p']:.2f})" for r in rows)
+                    print(f"| {variant} | {n} | {d:g} | {mean['forced']:.2f} | {mean['digits']:.2f} | {tops} | "
+                          f"{mean['key_p']:.2f} |", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in exact.items()},
+                       "sinks": a.sinks, "window": a.window, "prompts": records}, f)
+
+
+if __name__ == "__main__":
+    main()

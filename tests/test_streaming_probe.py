@@ -1,0 +1,82 @@
+"""benchmarks/streaming_probe.py: its mask and attention against per-head loops written out by hand,
+and on a tiny Llama, through transformers' AttentionInterface, the stock attention's logits when every
+head is exact (or the window covers the prompt)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import streaming_probe as sp  # noqa: E402
+
+
+def _naive(q, k, v, exact_kv: set[int], sinks: int, window: int, scale: float):
+    """(H, T, D) by loops: query i (position S - T + i) of head h over the keys its rule lets it see."""
+    H, T, D = q.shape
+    Hk, S = k.shape[0], k.shape[1]
+    G = H // Hk
+    out = torch.zeros_like(q)
+    for h in range(H):
+        for i in range(T):
+            p = S - T + i
+            keys = [j for j in range(p + 1) if h // G in exact_kv or j < sinks or p - j < window]
+            s = torch.stack([q[h, i] @ k[h // G, j] for j in keys]) * scale
+            w = torch.softmax(s, 0)
+            out[h, i] = sum(w[n] * v[h // G, j] for n, j in enumerate(keys))
+    return out
+
+
+@pytest.mark.parametrize("T,S,sinks,window", [(9, 9, 2, 3), (4, 11, 1, 2), (7, 7, 0, 7)])
+def test_attention_matches_loops(T, S, sinks, window):
+    g = torch.Generator().manual_seed(T * 100 + S)
+    H, Hk, D = 6, 3, 8
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((H, T, D), (Hk, S, D), (Hk, S, D)))
+    layer = type("Layer", (), {"layer_idx": 5})()
+    sp.SETTINGS.update(exact={5: {1}}, sinks=sinks, window=window)
+    got, weights = sp.probe_attention(layer, q[None], k[None], v[None], None, scaling=D ** -0.5)
+    want = _naive(q, k, v, {1}, sinks, window, D ** -0.5)
+    assert weights is None and got.shape == (1, T, H, D)
+    torch.testing.assert_close(got[0].transpose(0, 1), want, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_rule():
+    m = sp.streaming_mask(torch.arange(3, 6), 6, torch.tensor([True, False]), sinks=1, window=2)
+    assert m[0].tolist() == [[j <= p for j in range(6)] for p in range(3, 6)]
+    assert m[1].tolist() == [[j <= p and (j < 1 or p - j < 2) for j in range(6)] for p in range(3, 6)]
+
+
+@pytest.mark.compat  # transformers' AttentionInterface and set_attn_implementation, on both versions
+@torch.no_grad()
+def test_model_through_attention_interface():
+    m = tiny_model()  # 4 heads, 2 KV heads
+    ids = torch.randint(0, 200, (1, 21), generator=torch.Generator().manual_seed(1))
+    stock = m(ids).logits
+    n_layers, n_kv = m.config.num_hidden_layers, m.config.num_key_value_heads
+    every = {i: set(range(n_kv)) for i in range(n_layers)}
+    with sp.streaming(m, every, sinks=0, window=1):
+        torch.testing.assert_close(m(ids).logits, stock, rtol=1e-5, atol=1e-5)
+    with sp.streaming(m, {}, sinks=0, window=21):  # the window covers the prompt
+        torch.testing.assert_close(m(ids).logits, stock, rtol=1e-5, atol=1e-5)
+    with sp.streaming(m, {0: {1}}, sinks=1, window=3):
+        cut = m(ids).logits
+    assert not torch.allclose(cut[0, 4:], stock[0, 4:], atol=1e-3)  # the rule acts beyond the window
+    torch.testing.assert_close(cut[0, :3], stock[0, :3], rtol=1e-5, atol=1e-5)  # and not within it
+    torch.testing.assert_close(m(ids).logits, stock)  # restored
+
+
+def test_parse_exact(tmp_path):
+    assert sp.parse_exact("3.1,20.1,20.2") == {3: {1}, 20: {1, 2}}
+    assert sp.parse_exact(None) == {}
+    swaps = [{"layers": [0, 2], "method": "lizard", "options": {"window": 256}},
+             {"layers": [1, 3], "method": "lizard", "options": {"exact_heads": [0, 2], "window": 256}}]
+    (tmp_path / "config.json").write_text(json.dumps({"attnswap": {"swaps": swaps}}))
+    assert sp.parse_exact(str(tmp_path)) == {1: {0, 2}, 3: {0, 2}}
+    with pytest.raises(SystemExit, match="LAYER.HEAD"):
+        sp.parse_exact("3,4")
