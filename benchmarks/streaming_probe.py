@@ -7,8 +7,9 @@ by one in which every KV head is either exact (causal softmax over the whole pro
 (softmax over the first ``--sinks`` tokens and the last ``--window``), the cheap attention that a
 converted head keeps exactly; what the linear branch adds is left out. Exact are the heads of
 ``--exact`` (``LAYER.HEAD`` items, or a converted model's directory, whose exact heads are read from its
-config) and every head of ``--full-layers``. Each variant (``--variants``: ``teacher``, every head
-exact; ``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits
+config) and every head of ``--full-layers`` (alternatives separated by ';', each a streaming variant
+of its own, as '0-14;0-7;8-14'). Each variant (``--variants``: ``teacher``, every head exact;
+``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits
 by teacher forcing (``passkey.key_forced``) and the top token after the prompt with its probability.
 
 If the streaming variant misses where the converted models do, the miss comes from the far attention
@@ -17,7 +18,7 @@ attention the answer needs. A benchmark: it prints a table and writes JSON, it a
 unpadded sequence at a time.
 
     python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --lengths 2048,4096,8192 --depths 1
-    python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --full-layers 0-14 --variants streaming
+    python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --full-layers "0-14;0-7;8-14" --variants streaming
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from transformers import AttentionInterface
 
 from attnswap import loading
 from attnswap.convert.swap import parse_layers
+from attnswap.errors import AttnSwapError
 from attnswap.evals.common import HFModel, encode
 from attnswap.evals.passkey import build_prompt, key_forced, leading_blanks
 from _common import commit
@@ -115,11 +117,28 @@ def score(model, tok, ids: list[int], key: str) -> dict:
             "key_p": float(p[key_ids[0]])}
 
 
+def plan_runs(variants: list[str], base: dict[int, set[int]], full_layers: str | None, n_layers: int,
+              n_kv: int) -> list[tuple[str, dict[int, set[int]]]]:
+    """(label, exact KV heads by layer) for each variant: ``teacher`` every head; ``streaming`` the
+    ``base`` heads, once for each ';'-separated alternative of ``full_layers`` with its layers' heads."""
+    runs = []
+    for v in variants:
+        if v == "teacher":
+            runs.append(("teacher", {i: set(range(n_kv)) for i in range(n_layers)}))
+            continue
+        for spec in full_layers.split(";") if full_layers else [None]:
+            full = parse_layers(spec, n_layers) if spec else []
+            runs.append((f"streaming, layers {spec} exact" if spec else "streaming",
+                         base | {i: set(range(n_kv)) for i in full}))
+    return runs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama", help="the original model (anything attnswap loads)")
     ap.add_argument("--exact", default=None, help="LAYER.HEAD items kept exact, or a converted model's directory")
-    ap.add_argument("--full-layers", default=None, help="layers whose every head is exact too ('0-14,20')")
+    ap.add_argument("--full-layers", default=None,
+                    help="layers whose every head is exact too ('0-14,20'); alternatives separated by ';' ('0-14;0-7')")
     ap.add_argument("--sinks", type=int, default=4, help="first tokens a streaming head sees (lolcats' default)")
     ap.add_argument("--window", type=int, default=256, help="last tokens a streaming head sees (the converters' default)")
     ap.add_argument("--variants", default="teacher,streaming")
@@ -137,22 +156,23 @@ def main():
     dev = loading.pick_device(a.device)
     model, tok = loading.load_model(loading.resolve(a.model), dtype=loading.pick_dtype(a.dtype, dev), device=dev)
     model.eval()
-    exact = parse_exact(a.exact)
+    base = parse_exact(a.exact)
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    for i in parse_layers(a.full_layers, n_layers) if a.full_layers else []:
-        exact[i] = set(range(n_kv))
-    if any(i >= n_layers or max(h) >= n_kv for i, h in exact.items() if h):
+    if any(i >= n_layers or max(h) >= n_kv for i, h in base.items() if h):
         raise SystemExit(f"--exact names a head beyond the model's {n_layers} layers x {n_kv} KV heads")
-    n_exact = sum(len(h) for h in exact.values())
+    try:
+        runs = plan_runs(variants, base, a.full_layers, n_layers, n_kv)
+    except AttnSwapError as e:
+        raise SystemExit(f"--full-layers: {e}") from None
+    n_exact = sum(len(h) for h in base.values())
     print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
     print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}")
     print("| variant | length | depth | forced | digits | top token (p) | key's first token p |")
     print("|---|---|---|---|---|---|---|")
     records = []
-    for variant in variants:
-        every = {i: set(range(n_kv)) for i in range(n_layers)}
+    for label, exact in runs:
         rng = random.Random(a.seed)  # the same prompts for every variant
-        with streaming(model, every if variant == "teacher" else exact, a.sinks, a.window):
+        with streaming(model, exact, a.sinks, a.window):
             for n in (int(s) for s in a.lengths.split(",")):
                 for d in (float(s) for s in a.depths.split(",")):
                     rows = []
@@ -160,14 +180,14 @@ def main():
                         key = str(rng.randint(10000, 99999))
                         ids, _ = build_prompt(tok, n, d, key)
                         rows.append(score(model, tok, ids, key) | {"key": key})
-                    records.append({"variant": variant, "length": n, "depth": d, "samples": rows})
+                    records.append({"variant": label, "length": n, "depth": d, "samples": rows})
                     mean = {c: sum(r[c] for r in rows) / len(rows) for c in ("forced", "digits", "key_p")}
                     tops = ", ".join(f"{r['top']!r} ({r['top_p']:.2f})" for r in rows)
-                    print(f"| {variant} | {n} | {d:g} | {mean['forced']:.2f} | {mean['digits']:.2f} | {tops} | "
+                    print(f"| {label} | {n} | {d:g} | {mean['forced']:.2f} | {mean['digits']:.2f} | {tops} | "
                           f"{mean['key_p']:.2f} |", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in exact.items()},
+            json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
                        "sinks": a.sinks, "window": a.window, "prompts": records}, f)
 
 

@@ -80,3 +80,14 @@ def test_parse_exact(tmp_path):
     assert sp.parse_exact(str(tmp_path)) == {1: {0, 2}, 3: {0, 2}}
     with pytest.raises(SystemExit, match="LAYER.HEAD"):
         sp.parse_exact("3,4")
+
+
+def test_plan_runs():
+    base = {1: {0}}
+    runs = sp.plan_runs(["teacher", "streaming"], base, "0-1;3", n_layers=4, n_kv=2)
+    assert [r[0] for r in runs] == ["teacher", "streaming, layers 0-1 exact", "streaming, layers 3 exact"]
+    assert runs[0][1] == {i: {0, 1} for i in range(4)}
+    assert runs[1][1] == {0: {0, 1}, 1: {0, 1}} and runs[2][1] == {1: {0}, 3: {0, 1}}
+    assert sp.plan_runs(["streaming"], base, None, 4, 2) == [("streaming", base)]
+    with pytest.raises(sp.AttnSwapError):
+        sp.plan_runs(["streaming"], base, "7", 4, 2)
