@@ -13,7 +13,9 @@ of its own, as '0-14;0-7;8-14'). Each variant (``--variants``: ``teacher``, ever
 by teacher forcing (``passkey.key_forced``) and the top token after the prompt with its probability.
 
 If the streaming variant misses where the converted models do, the miss comes from the far attention
-the streaming heads leave out, not from training; ``--full-layers`` then bisects which layers' far
+the streaming heads leave out, not from training; ``--far mean`` gives those heads back their hidden keys at
+one shared weight (the far attention's mass kept, its content averaged: what a far branch that only
+averages could do at best); ``--full-layers`` bisects which layers' far
 attention the answer needs. A benchmark: it prints a table and writes JSON, it asserts nothing. One
 unpadded sequence at a time.
 
@@ -87,18 +89,35 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
         e = min(T, s + QUERY_BLOCK)
         pos = torch.arange(s, e, device=query.device) + (S - T)
         mask = streaming_mask(pos, S, exact, SETTINGS["sinks"], SETTINGS["window"])[None]
-        out[:, :, s:e] = F.scaled_dot_product_attention(query[:, :, s:e], k, v, attn_mask=mask, scale=scaling)
+        if SETTINGS.get("far") == "mean":
+            out[:, :, s:e] = _far_mean(query[:, :, s:e], k, v, mask, pos, scaling or D ** -0.5)
+        else:
+            out[:, :, s:e] = F.scaled_dot_product_attention(query[:, :, s:e], k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _far_mean(q, k, v, seen, pos, scale):
+    """Softmax attention in which the causal keys a head's rule hides (``seen`` False) are not dropped but
+    share their total weight equally: each takes the log-mean-exp of their scores. An oracle of a far
+    branch that gets the far attention's mass right and averages its content."""
+    dt = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs scored in fp32
+    s = torch.einsum("bhqd,bhkd->bhqk", q.to(dt), k.to(dt)) * scale
+    causal = torch.arange(k.shape[2], device=q.device)[None] <= pos[:, None]
+    far = causal & ~seen
+    n_far = far.sum(-1, keepdim=True).to(dt)
+    lme = torch.logsumexp(s.masked_fill(~far, float("-inf")), -1, keepdim=True) - n_far.clamp(min=1).log()
+    s = torch.where(far, lme, s).masked_fill(~causal, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v.to(dt)).to(q.dtype)
 
 
 AttentionInterface.register(NAME, probe_attention)
 
 
 @contextlib.contextmanager
-def streaming(model, exact: dict[int, set[int]], sinks: int, window: int):
+def streaming(model, exact: dict[int, set[int]], sinks: int, window: int, far: str = "none"):
     """The model's attention replaced by ``probe_attention`` with these settings, restored after."""
     before = model.config._attn_implementation
-    SETTINGS.update(exact=exact, sinks=sinks, window=window)
+    SETTINGS.update(exact=exact, sinks=sinks, window=window, far=far)
     model.set_attn_implementation(NAME)
     try:
         yield model
@@ -141,6 +160,9 @@ def main():
                     help="layers whose every head is exact too ('0-14,20'); alternatives separated by ';' ('0-14;0-7')")
     ap.add_argument("--sinks", type=int, default=4, help="first tokens a streaming head sees (lolcats' default)")
     ap.add_argument("--window", type=int, default=256, help="last tokens a streaming head sees (the converters' default)")
+    ap.add_argument("--far", default="none", choices=("none", "mean"),
+                    help="what a streaming head does with the keys its rule hides: none (drop them) or mean (keep "
+                         "their total weight, shared equally: an oracle of a far branch that averages)")
     ap.add_argument("--variants", default="teacher,streaming")
     ap.add_argument("--lengths", default="2048,4096,8192")
     ap.add_argument("--depths", default="0.5,1")
@@ -166,13 +188,14 @@ def main():
         raise SystemExit(f"--full-layers: {e}") from None
     n_exact = sum(len(h) for h in base.values())
     print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
-    print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}")
+    print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}"
+          + (", the keys beyond them at their mean weight" if a.far == "mean" else ""))
     print("| variant | length | depth | forced | digits | top token (p) | key's first token p |")
     print("|---|---|---|---|---|---|---|")
     records = []
     for label, exact in runs:
         rng = random.Random(a.seed)  # the same prompts for every variant
-        with streaming(model, exact, a.sinks, a.window):
+        with streaming(model, exact, a.sinks, a.window, a.far):
             for n in (int(s) for s in a.lengths.split(",")):
                 for d in (float(s) for s in a.depths.split(",")):
                     rows = []
@@ -188,7 +211,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
-                       "sinks": a.sinks, "window": a.window, "prompts": records}, f)
+                       "sinks": a.sinks, "window": a.window, "far": a.far, "prompts": records}, f)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,27 @@ def test_plan_runs():
     assert sp.plan_runs(["streaming"], base, None, 4, 2) == [("streaming", base)]
     with pytest.raises(sp.AttnSwapError):
         sp.plan_runs(["streaming"], base, "7", 4, 2)
+
+
+def test_far_mean_keeps_the_far_mass_and_averages_its_values():
+    """``--far mean``: a streaming head's output is its full softmax's weights on the keys it sees, plus
+    the total weight of those it hides times their values' mean; exact heads are unchanged."""
+    g = torch.Generator().manual_seed(7)
+    H, Hk, T, D, sinks, window = 4, 2, 12, 8, 1, 3
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((H, T, D), (Hk, T, D), (Hk, T, D)))
+    layer = type("Layer", (), {"layer_idx": 0})()
+    sp.SETTINGS.update(exact={0: {0}}, sinks=sinks, window=window, far="mean")
+    try:
+        got = sp.probe_attention(layer, q[None], k[None], v[None], None, scaling=D ** -0.5)[0][0].transpose(0, 1)
+    finally:
+        sp.SETTINGS["far"] = "none"
+    full = _naive(q, k, v, {0, 1}, 0, T, D ** -0.5)
+    torch.testing.assert_close(got[:2], full[:2], rtol=1e-10, atol=1e-10)  # KV head 0 exact
+    for h in (2, 3):
+        for p in range(T):
+            w = torch.softmax(torch.stack([q[h, p] @ k[1, j] for j in range(p + 1)]) * D ** -0.5, 0)
+            far = [j for j in range(p + 1) if not (j < sinks or p - j < window)]
+            want = sum(w[j] * v[1, j] for j in range(p + 1) if j not in far)
+            if far:
+                want = want + w[far].sum() * v[1, far].mean(0)
+            torch.testing.assert_close(got[h, p], want, rtol=1e-10, atol=1e-10)
