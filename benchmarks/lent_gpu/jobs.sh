@@ -133,7 +133,7 @@ twentyeighth) # for the next session (~20 minutes). Alone (~3 min): the untraine
 sp28)     # the streaming probe: lolcats-27's 9 exact heads, the eval's grid; then which layers' far attention the format
           # needs (8k, depth 1), and whether a wider window or more sinks stand in for it
   X="--model $M --exact 3.1,5.2,7.2,8.0,17.1,18.2,20.1,20.2,23.0"; S="python streaming_probe.py $X --variants streaming --lengths 8192 --depths 1 --samples 4"
-  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64"
+  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64 && $S --far mean && $S --far mean --full-layers 0-14"
   ;;
 long28)   # lolcats and lizard with 9 exact heads on rows of 8,192 (batch 1), passkey by depth, then attention_shares at 8k
   P="--baseline $M --lengths 4096,8192 --depths 0.5,1 --samples 2 --caps 0"
