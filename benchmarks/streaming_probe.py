@@ -9,8 +9,9 @@ converted head keeps exactly; what the linear branch adds is left out. Exact are
 ``--exact`` (``LAYER.HEAD`` items, or a converted model's directory, whose exact heads are read from its
 config) and every head of ``--full-layers`` (alternatives separated by ';', each a streaming variant
 of its own, as '0-14;0-7;8-14'). Each variant (``--variants``: ``teacher``, every head exact;
-``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits
-by teacher forcing (``passkey.key_forced``) and the top token after the prompt with its probability.
+``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits by
+teacher forcing (as ``passkey.key_forced`` scores them) and the top token after the prompt with its
+probability, all from one forward.
 
 If the streaming variant misses where the converted models do, the miss comes from the far attention
 the streaming heads leave out, not from training; ``--far mean`` gives those heads back their hidden keys at
@@ -39,7 +40,7 @@ from attnswap import loading
 from attnswap.convert.swap import parse_layers
 from attnswap.errors import AttnSwapError
 from attnswap.evals.common import HFModel, encode
-from attnswap.evals.passkey import build_prompt, key_forced, leading_blanks
+from attnswap.evals.passkey import build_prompt, leading_blanks
 from _common import commit
 
 NAME = "attnswap_streaming_probe"
@@ -127,13 +128,15 @@ def streaming(model, exact: dict[int, set[int]], sinks: int, window: int, far: s
 
 @torch.no_grad()
 def score(model, tok, ids: list[int], key: str) -> dict:
-    """The key and its digits by teacher forcing, and the top token after the prompt."""
+    """The key and its digits by teacher forcing (``passkey.key_forced``'s rule: every token top-1), and
+    the top token after the prompt, from one forward over the prompt and the key."""
     key_ids = encode(tok, " " + key)
-    whole, digits = key_forced(HFModel(model), ids, key_ids, leading_blanks(tok, key_ids))
-    p = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().softmax(-1)
+    logits = HFModel(model).logits_at(ids + key_ids, range(len(ids) - 1, len(ids) + len(key_ids) - 1))
+    hit = (logits.argmax(-1) == torch.tensor(key_ids, device=logits.device)).tolist()
+    p = logits[0].float().softmax(-1)
     top = int(p.argmax())
-    return {"forced": float(whole), "digits": float(digits), "top": tok.decode([top]), "top_p": float(p[top]),
-            "key_p": float(p[key_ids[0]])}
+    return {"forced": float(all(hit)), "digits": float(all(hit[leading_blanks(tok, key_ids):])),
+            "top": tok.decode([top]), "top_p": float(p[top]), "key_p": float(p[key_ids[0]])}
 
 
 def plan_runs(variants: list[str], base: dict[int, set[int]], full_layers: str | None, n_layers: int,

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from attnswap.evals.common import HFModel, encode
+from attnswap.evals.passkey import key_forced, leading_blanks
+from tests.conftest import tiny_model, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import streaming_probe as sp  # noqa: E402
@@ -115,3 +117,19 @@ def test_far_mean_keeps_the_far_mass_and_averages_its_values():
             if far:
                 want = want + w[far].sum() * v[1, far].mean(0)
             torch.testing.assert_close(got[h, p], want, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_score_in_one_forward_matches_key_forced_and_the_next_token():
+    """``score``'s forced scores are ``passkey.key_forced``'s, and its top token the prompt's own next one."""
+    m, tok = tiny_model(), tiny_tokenizer()
+    ids = encode(tok, "The quick brown fox jumps over the lazy dog. The key is")
+    for key in ("12345", "54321"):
+        got = sp.score(m, tok, ids, key)
+        key_ids = encode(tok, " " + key)
+        whole, digits = key_forced(HFModel(m), ids, key_ids, leading_blanks(tok, key_ids))
+        p = m(torch.tensor([ids])).logits[0, -1].softmax(-1)
+        assert (got["forced"], got["digits"]) == (float(whole), float(digits))
+        assert got["top"] == tok.decode([int(p.argmax())])
+        assert got["top_p"] == pytest.approx(float(p.max()), rel=1e-5)
+        assert got["key_p"] == pytest.approx(float(p[key_ids[0]]), rel=1e-5)

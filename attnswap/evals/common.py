@@ -75,20 +75,26 @@ class HFModel:
                              **cache_kwargs(output_cache(out)))
 
     @torch.no_grad()
+    def logits_at(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """(len(positions), vocab) logits at ``positions`` of one forward over ``ids``, without the
+        (T, vocab) logits of every position where the model splits into trunk and head."""
+        dev = model_device(self.model)
+        x = torch.tensor([list(ids)], device=dev)
+        where = torch.tensor(list(positions), device=dev, dtype=torch.long)
+        parts = split_head(self.model)
+        if parts is None:
+            return self.model(input_ids=x, use_cache=False).logits[0, where]
+        trunk, head = parts
+        return head(trunk(input_ids=x, use_cache=False).last_hidden_state[0, where])
+
     def predicts(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[bool]:
         if not spans:
             return []
-        dev = model_device(self.model)
         end = max(e for _, e in spans)
-        x = torch.tensor([list(ids[:end])], device=dev)
-        where = torch.tensor([p for s, e in spans for p in range(s - 1, e - 1)], device=dev)
-        parts = split_head(self.model)
-        if parts is None:
-            logits = self.model(input_ids=x, use_cache=False).logits[0, where]
-        else:
-            trunk, head = parts
-            logits = head(trunk(input_ids=x, use_cache=False).last_hidden_state[0, where])
-        hit = (logits.argmax(-1) == x[0, where + 1]).tolist()
+        where = [p for s, e in spans for p in range(s - 1, e - 1)]
+        logits = self.logits_at(ids[:end], where)
+        nxt = torch.tensor([ids[p + 1] for p in where], device=logits.device)
+        hit = (logits.argmax(-1) == nxt).tolist()
         out, i = [], 0
         for s, e in spans:
             out.append(all(hit[i : i + e - s]))
