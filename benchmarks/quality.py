@@ -112,6 +112,11 @@ def evaluate(a, candidate: str, data: str | None = None, tasks: str | None = Non
             if "forced_digits_by_length" in pk:
                 digits = ", ".join(f"{n}: {v:.0%}" for n, v in pk["forced_digits_by_length"].items())
                 print(f"passkey digits by teacher forcing (leading space given), by length, {side['name']}: {digits}")
+            if "loose_by_length" in pk:
+                loose = ", ".join(f"{n}: {v:.0%}" for n, v in pk["loose_by_length"].items())
+                print(f"passkey loose (first number in {pk['loose_tokens']} tokens), by length, {side['name']}: {loose}")
+            for miss in pk.get("misses", []):
+                print(f"passkey miss, {side['name']}: {miss}")
     if "mqar" in c:
         for side in (report.baseline, report.candidate):
             pairs = ", ".join(f"{p}: {v:.0%}" for p, v in side["results"]["mqar"].get("by_pairs", {}).items())

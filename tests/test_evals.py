@@ -275,6 +275,27 @@ def test_passkey_digits_score_tells_a_choice_of_format_from_a_lost_key(tok):
     assert passkey.run(Guesser(tok), tok, **kw)["forced_digits_accuracy"] == 0.0
 
 
+class Restater(Oracle):
+    """Knows the key but says " it is" first: the strict answer (the key's length + 3 tokens) ends
+    inside the key, a longer one holds it whole."""
+
+    def complete(self, ids, n):
+        m = re.search(r"pass key is (\d+)", self.tok.decode(ids))
+        return encode(self.tok, " it is " + m.group(1) + ".")[:n]
+
+
+def test_passkey_loose_score_reads_a_longer_answer_and_misses_are_kept(tok):
+    kw = dict(lengths=[300, 400], depths=[0, 1], samples=2, seed=3)
+    late = passkey.run(Restater(tok), tok, **kw)
+    assert late["accuracy"] == 0.0 and late["loose_accuracy"] == 1.0
+    assert late["loose_by_length"] == {"300": 1.0, "400": 1.0} and late["loose_tokens"] == passkey.LOOSE_TOKENS
+    assert len(late["misses"]) == passkey.MISSES_KEPT and {m["length"] for m in late["misses"]} == {300, 400}
+    assert all(m["answer"].startswith(" it is " + m["key"]) for m in late["misses"])
+    good, bad = passkey.run(Oracle(tok), tok, **kw), passkey.run(Guesser(tok), tok, **kw)
+    assert good["accuracy"] == good["loose_accuracy"] == 1.0 and good["misses"] == []
+    assert bad["loose_accuracy"] == 0.0 and len(bad["misses"]) == 8
+
+
 def test_passkey_forced_score_on_a_real_model_scores_the_keys_tokens(tok):
     """HFModel.predicts on the prompt plus the key reads the logits one position before each key token
     (an off-by-one here would score the question's last word or the key's second token instead)."""

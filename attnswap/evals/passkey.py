@@ -10,8 +10,12 @@ same prompt followed by the key, scored by teacher forcing (correct when the mod
 position of the key is the key's): whether the model holds the key at all, apart from what greedy
 decoding makes of it; and ``forced_digits``: the key's tokens after its leading whitespace (SmolLM2's
 space before the digits) given that whitespace, which a model that would begin its answer with " a" or
-" the" (a choice of format, not a lost key) still passes. Prompts are built from token pieces (no
-re-tokenisation at the seams), so lengths are exact to within one filler sentence.
+" the" (a choice of format, not a lost key) still passes; and ``loose``: the same greedy answer read
+to ``LOOSE_TOKENS`` tokens, correct when its first number is the key (an answer that restates the
+question first, " the pass key is 48213", passes here and fails the strict score, whose few tokens end
+before the key). The headline ``accuracy`` is the strict one. ``misses`` keeps the first few answers
+that failed the strict score, to show what a model says instead. Prompts are built from token pieces
+(no re-tokenisation at the seams), so lengths are exact to within one filler sentence.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
 FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again.")
 NEEDLE = " The pass key is {key}. Remember it."
 QUESTION = " What is the pass key? The pass key is"
+LOOSE_TOKENS = 16  # the loose score's answer length, in tokens (the strict one reads the key's length + 3)
+MISSES_KEPT = 8
 
 
 def build_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
@@ -80,7 +86,8 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
     forced: dict[str, list[bool]] = {str(n): [] for n in lengths}
     digits: dict[str, list[bool]] = {str(n): [] for n in lengths}
     by_depth: dict[str, list[bool]] = {f"{d:g}": [] for d in depths}
-    examples = []
+    examples, misses = [], []
+    loose: dict[str, list[bool]] = {str(n): [] for n in lengths}
     with progress_bar() as bar:
         task = bar.add_task(label, total=len(lengths) * len(depths) * samples)
         for n in lengths:
@@ -91,14 +98,19 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                     key = str(rng_for(seed, "passkey", n, d, s).randint(10000, 99999))
                     ids, _ = build_prompt(tokenizer, n, d, key)
                     key_ids = encode(tokenizer, " " + key)
-                    new = lm.complete(ids, len(key_ids) + 3)
+                    strict_n = len(key_ids) + 3
+                    new = lm.complete(ids, max(strict_n, LOOSE_TOKENS))  # greedy: its head is the strict answer
                     whole, after_blanks = key_forced(lm, ids, key_ids, leading_blanks(tokenizer, key_ids))
                     forced[str(n)].append(whole)
                     digits[str(n)].append(after_blanks)
-                    answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    answer, longer = (tokenizer.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                                      for t in (new[:strict_n], new))
                     hits.append(first_number(answer) == key)
+                    loose[str(n)].append(first_number(longer) == key)
                     if len(examples) < 3 and s == 0:
                         examples.append({"length": n, "depth": d, "key": key, "answer": answer.strip()[:40]})
+                    if not hits[-1] and len(misses) < MISSES_KEPT:
+                        misses.append({"length": n, "depth": d, "key": key, "answer": longer[:60]})
                     bar.update(task, advance=1)
                 row[f"{d:g}"] = accuracy(hits)
                 by_depth[f"{d:g}"] += hits
@@ -107,6 +119,9 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
     return {"accuracy": accuracy(all_hits), "samples": len(all_hits),
             "by_length": {n: sum(r.values()) / len(r) for n, r in grid.items()},
             "by_depth": {d: accuracy(h) for d, h in by_depth.items()}, "grid": grid, "examples": examples,
+            "misses": misses, "loose_tokens": LOOSE_TOKENS,
+            "loose_accuracy": accuracy([h for hs in loose.values() for h in hs]),
+            "loose_by_length": {n: accuracy(h) for n, h in loose.items()},
             "forced_accuracy": accuracy([h for hs in forced.values() for h in hs]),
             "forced_by_length": {n: accuracy(h) for n, h in forced.items()},
             "forced_digits_accuracy": accuracy([h for hs in digits.values() for h in hs]),

@@ -210,6 +210,8 @@ class Report:
               "forced_by_length")
         table("Passkey, the key's digits by teacher forcing once its leading space is given, by context length:", "",
               int, "{:.0%}", "passkey", "forced_digits_by_length")
+        table("Passkey, loose: the first number of a longer greedy answer (`loose_tokens` tokens), by context length:",
+              "", int, "{:.0%}", "passkey", "loose_by_length")
         table("NIAH accuracy by context length:", "", int, "{:.0%}", "niah", "by_length")
         table("MQAR accuracy by number of key-value pairs:", "", int, "{:.0%}", "mqar", "by_pairs")
         pos = [(n, r["ppl"]["by_position"]) for n, r in sides if "ppl" in r]
@@ -363,6 +365,8 @@ def _passkey(r, where):
     _field(r, "forced_digits_accuracy", where, _number, optional=True)
     _field(r, "forced_digits_by_length", where, lambda v, w: _keyed(v, w, _number, key=int, what="integer"),
            optional=True)
+    _field(r, "loose_accuracy", where, _number, optional=True)  # reports before the loose score lack these
+    _field(r, "loose_by_length", where, lambda v, w: _keyed(v, w, _number, key=int, what="integer"), optional=True)
 
 
 def _niah(r, where):

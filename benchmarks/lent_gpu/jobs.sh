@@ -120,25 +120,30 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
     $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
-twentyeighth) # for the next session (~20 minutes). Alone (~3 min): the untrained streaming probe over the passkey grid
-         # and its bisections (issue 16: on the CPU at 470899d the original model with 81 of 90 KV heads streaming missed
-         # the key's format at 8k, depth 1, as every trained conversion does, and every head of layers 0-14 exact brought
-         # it back, no quarter of them did). Then side by side: lolcats and lizard with 9 exact heads on rows of 8,192
-         # (does a linear branch trained at the prompt's length carry the far attention the format needs?), ~15 min
+twentyeighth) # for the next session (~18 minutes). Side by side (none times anything): lolcats with 9 exact heads on
+         # the default rows and on rows of 8,192, lizard with 9 on its default rows, each with passkey at 1k-8k, 8
+         # prompts a cell, scored strict and loose (a 16-token answer: does the model at 8k, depth 1, restate the
+         # question before the key, or lose it?) with its misses printed; the untrained streaming probe over the
+         # passkey grid and its bisections. Then alone: decode at 8k through the compiled step (issue 16: lizard
+         # with 9 exact heads was 4.8x the teacher at d96fde1, window 128; the window is 256 since)
   mkdir -p ~/res
-  setsid nohup bash -c "$J sp28; $W sp28; $J long28; $W shlol8k28 shliz8k28; echo done > ~/res/twentyeighth.rc" \
+  setsid nohup bash -c "$J long28; $J sp28; $W shlol28 shlol8k28 shliz28 sp28; $J dec28; $W dec28; echo done > ~/res/twentyeighth.rc" \
     > ~/res/twentyeighth.log 2>&1 &
-  : > ~/res/sp28.log; echo "twentyeighth chain launched"
+  : > ~/res/shlol28.log; echo "twentyeighth chain launched"
   ;;
 sp28)     # the streaming probe: lolcats-27's 9 exact heads, the eval's grid; then which layers' far attention the format
           # needs (8k, depth 1), and whether a wider window or more sinks stand in for it
   X="--model $M --exact 3.1,5.2,7.2,8.0,17.1,18.2,20.1,20.2,23.0"; S="python streaming_probe.py $X --variants streaming --lengths 8192 --depths 1 --samples 4"
   $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64 && $S --far mean && $S --far mean --full-layers 0-14"
   ;;
-long28)   # lolcats and lizard with 9 exact heads on rows of 8,192 (batch 1), passkey by depth, then attention_shares at 8k
-  P="--baseline $M --lengths 4096,8192 --depths 0.5,1 --samples 2 --caps 0"
-  $L shlol8k28 "python quality.py --model $M --convert linearize --out ~/runs/lolcats-x9-8k --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shlol8k28q.json -- --exact-heads 9 --steps 1000 --seq-len 8192 --batch-size 1 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lolcats-x9-8k $P --json ~/res/shlol8k28.json"
-  $L shliz8k28 "python quality.py --model $M --convert linearize --out ~/runs/lizard-x9-8k --tasks passkey --lengths 2048,4096,8192 --samples 4 --ood-data none --json ~/res/shliz8k28q.json -- --attention lizard --exact-heads 9 --steps 1000 --seq-len 8192 --batch-size 1 --eval-tokens 8192 && python attention_shares.py --model ~/runs/lizard-x9-8k $P --json ~/res/shliz8k28.json"
+long28)   # 9 exact heads, 1000 steps, passkey only (strict, loose, misses) at 1k-8k with 8 prompts a cell
+  P="--tasks passkey --lengths 1024,2048,4096,8192 --samples 8 --ood-data none"
+  $L shlol28 "python quality.py --model $M --convert linearize --out ~/runs/lol28 $P --json ~/res/shlol28.json -- --exact-heads 9 --steps 1000 --eval-tokens 8192"
+  $L shlol8k28 "python quality.py --model $M --convert linearize --out ~/runs/lol8k28 $P --json ~/res/shlol8k28.json -- --exact-heads 9 --steps 1000 --seq-len 8192 --batch-size 1 --eval-tokens 8192"
+  $L shliz28 "python quality.py --model $M --convert linearize --out ~/runs/liz28 $P --json ~/res/shliz28.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192"
+  ;;
+dec28)    # alone: decode at 8k, the teacher and 9-exact-head models (the fixed layout, and the trained models' own)
+  $L dec28 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9,~/runs/lol28,~/runs/liz28 --lengths 8192 --repeats 3 --json ~/res/dec28.json"
   ;;
 twentyseventh) # for the next session (~25 minutes). Alone: the linear backward's new warps rule against fla in one run
          # (kfla27, ~2 min). Then side by side (neither times anything): lizard and lolcats with 9 exact heads at 1000
