@@ -11,7 +11,9 @@ config) and every head of ``--full-layers`` (alternatives separated by ';', each
 of its own, as '0-14;0-7;8-14'). Each variant (``--variants``: ``teacher``, every head exact;
 ``streaming``, the rule above) is scored on the same passkey prompts: the key and its digits by
 teacher forcing (as ``passkey.key_forced`` scores them) and the top token after the prompt with its
-probability, all from one forward.
+probability, all from one forward; with ``--answer N`` also the greedy answer of N tokens (decoded
+through the cache, under the same rule) and whether its first number is the key (``passkey``'s loose
+score when N is its ``LOOSE_TOKENS``).
 
 If the streaming variant misses where the converted models do, the miss comes from the far attention
 the streaming heads leave out, not from training; ``--far mean`` gives those heads back their hidden keys at
@@ -40,7 +42,7 @@ from attnswap import loading
 from attnswap.convert.swap import parse_layers
 from attnswap.errors import AttnSwapError
 from attnswap.evals.common import HFModel, encode
-from attnswap.evals.passkey import build_prompt, leading_blanks
+from attnswap.evals.passkey import build_prompt, first_number, leading_blanks
 from _common import commit
 
 NAME = "attnswap_streaming_probe"
@@ -127,16 +129,23 @@ def streaming(model, exact: dict[int, set[int]], sinks: int, window: int, far: s
 
 
 @torch.no_grad()
-def score(model, tok, ids: list[int], key: str) -> dict:
+def score(model, tok, ids: list[int], key: str, answer_tokens: int = 0) -> dict:
     """The key and its digits by teacher forcing (``passkey.key_forced``'s rule: every token top-1), and
-    the top token after the prompt, from one forward over the prompt and the key."""
+    the top token after the prompt, from one forward over the prompt and the key; with ``answer_tokens``
+    also the greedy answer of that many tokens and whether its first number is the key (``loose``)."""
     key_ids = encode(tok, " " + key)
-    logits = HFModel(model).logits_at(ids + key_ids, range(len(ids) - 1, len(ids) + len(key_ids) - 1))
+    lm = HFModel(model)
+    logits = lm.logits_at(ids + key_ids, range(len(ids) - 1, len(ids) + len(key_ids) - 1))
     hit = (logits.argmax(-1) == torch.tensor(key_ids, device=logits.device)).tolist()
     p = logits[0].float().softmax(-1)
     top = int(p.argmax())
-    return {"forced": float(all(hit)), "digits": float(all(hit[leading_blanks(tok, key_ids):])),
-            "top": tok.decode([top]), "top_p": float(p[top]), "key_p": float(p[key_ids[0]])}
+    out = {"forced": float(all(hit)), "digits": float(all(hit[leading_blanks(tok, key_ids):])),
+           "top": tok.decode([top]), "top_p": float(p[top]), "key_p": float(p[key_ids[0]])}
+    if answer_tokens > 0:
+        answer = tok.decode(lm.complete(ids, answer_tokens), skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)
+        out |= {"answer": answer, "loose": float(first_number(answer) == key)}
+    return out
 
 
 def plan_runs(variants: list[str], base: dict[int, set[int]], full_layers: str | None, n_layers: int,
@@ -173,6 +182,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answer", type=int, default=0, metavar="N",
+                    help="also decode a greedy answer of N tokens (16: the passkey evaluation's loose score)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     variants = a.variants.split(",")
@@ -193,8 +204,9 @@ def main():
     print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
     print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}"
           + (", the keys beyond them at their mean weight" if a.far == "mean" else ""))
-    print("| variant | length | depth | forced | digits | top token (p) | key's first token p |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | length | depth | forced | digits | top token (p) | key's first token p |"
+          + (" loose | answers |" if a.answer else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if a.answer else ""))
     records = []
     for label, exact in runs:
         rng = random.Random(a.seed)  # the same prompts for every variant
@@ -205,16 +217,21 @@ def main():
                     for _ in range(a.samples):
                         key = str(rng.randint(10000, 99999))
                         ids, _ = build_prompt(tok, n, d, key)
-                        rows.append(score(model, tok, ids, key) | {"key": key})
+                        rows.append(score(model, tok, ids, key, a.answer) | {"key": key})
                     records.append({"variant": label, "length": n, "depth": d, "samples": rows})
                     mean = {c: sum(r[c] for r in rows) / len(rows) for c in ("forced", "digits", "key_p")}
                     tops = ", ".join(f"{r['top']!r} ({r['top_p']:.2f})" for r in rows)
+                    extra = ""
+                    if a.answer:
+                        loose = sum(r["loose"] for r in rows) / len(rows)
+                        extra = f" {loose:.2f} | " + "; ".join(repr(r["answer"][:40]) for r in rows) + " |"
                     print(f"| {label} | {n} | {d:g} | {mean['forced']:.2f} | {mean['digits']:.2f} | {tops} | "
-                          f"{mean['key_p']:.2f} |", flush=True)
+                          f"{mean['key_p']:.2f} |" + extra, flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
-                       "sinks": a.sinks, "window": a.window, "far": a.far, "prompts": records}, f)
+                       "sinks": a.sinks, "window": a.window, "far": a.far, "answer_tokens": a.answer,
+                       "prompts": records}, f)
 
 
 if __name__ == "__main__":

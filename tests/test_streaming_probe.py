@@ -133,3 +133,20 @@ def test_score_in_one_forward_matches_key_forced_and_the_next_token():
         assert got["top"] == tok.decode([int(p.argmax())])
         assert got["top_p"] == pytest.approx(float(p.max()), rel=1e-5)
         assert got["key_p"] == pytest.approx(float(p[key_ids[0]]), rel=1e-5)
+
+
+@pytest.mark.compat  # the cached decoding path: queries that are the last T of S positions
+@torch.no_grad()
+def test_greedy_answer_through_the_cache_matches_whole_forwards():
+    """``score``'s answer decodes through the KV cache, one query against all earlier keys; under the
+    streaming rule it must pick what a whole forward over the grown sequence picks at every step."""
+    m, tok = tiny_model(), tiny_tokenizer()
+    ids = encode(tok, "The quick brown fox jumps over the lazy dog. The key is 12345. The key is")
+    with sp.streaming(m, {0: {1}}, sinks=2, window=5):
+        got = sp.score(m, tok, ids, "12345", answer_tokens=6)
+        seq = list(ids)
+        for _ in range(6):
+            seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert got["answer"] == tok.decode(seq[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert got["loose"] == float(sp.first_number(got["answer"]) == "12345")
+    assert "answer" not in sp.score(m, tok, ids, "12345")

@@ -133,8 +133,8 @@ twentyeighth) # for the next session (~18 minutes). Side by side (none times any
   ;;
 sp28)     # the streaming probe: lolcats-27's 9 exact heads, the eval's grid; then which layers' far attention the format
           # needs (8k, depth 1), and whether a wider window or more sinks stand in for it
-  X="--model $M --exact 3.1,5.2,7.2,8.0,17.1,18.2,20.1,20.2,23.0"; S="python streaming_probe.py $X --variants streaming --lengths 8192 --depths 1 --samples 4"
-  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64 && $S --far mean && $S --far mean --full-layers 0-14"
+  X="--model $M --exact 3.1,5.2,7.2,8.0,17.1,18.2,20.1,20.2,23.0"; S="python streaming_probe.py $X --variants streaming --lengths 8192 --depths 1 --samples 4 --answer 16"
+  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --answer 16 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64 && $S --far mean && $S --far mean --full-layers 0-14"
   ;;
 long28)   # 9 exact heads, 1000 steps, passkey only (strict, loose, misses) at 1k-8k with 8 prompts a cell
   P="--tasks passkey --lengths 1024,2048,4096,8192 --samples 8 --ood-data none"
