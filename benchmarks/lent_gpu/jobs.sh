@@ -134,7 +134,7 @@ twentyeighth) # for the next session (~18 minutes). Side by side (none times any
 sp28)     # the streaming probe: lolcats-27's 9 exact heads, the eval's grid; then which layers' far attention the format
           # needs (8k, depth 1), and whether a wider window or more sinks stand in for it
   X="--model $M --exact 3.1,5.2,7.2,8.0,17.1,18.2,20.1,20.2,23.0"; S="python streaming_probe.py $X --variants streaming --lengths 8192 --depths 1 --samples 4 --answer 16"
-  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --answer 16 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;8-14;15-29;0-3;4-7' && $S --window 1024 && $S --window 2048 && $S --sinks 64 && $S --far mean && $S --far mean --full-layers 0-14"
+  $L sp28 "python streaming_probe.py $X --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --answer 16 --json ~/res/sp28.json && $S --full-layers '0-14;0-7;15-29' && $S --window 1024 && $S --far mean"
   ;;
 long28)   # 9 exact heads, 1000 steps, passkey only (strict, loose, misses) at 1k-8k with 8 prompts a cell
   P="--tasks passkey --lengths 1024,2048,4096,8192 --samples 8 --ood-data none"
@@ -142,8 +142,8 @@ long28)   # 9 exact heads, 1000 steps, passkey only (strict, loose, misses) at 1
   $L shlol8k28 "python quality.py --model $M --convert linearize --out ~/runs/lol8k28 $P --json ~/res/shlol8k28.json -- --exact-heads 9 --steps 1000 --seq-len 8192 --batch-size 1 --eval-tokens 8192"
   $L shliz28 "python quality.py --model $M --convert linearize --out ~/runs/liz28 $P --json ~/res/shliz28.json -- --attention lizard --exact-heads 9 --steps 1000 --eval-tokens 8192"
   ;;
-dec28)    # alone: decode at 8k, the teacher and 9-exact-head models (the fixed layout, and the trained models' own)
-  $L dec28 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9,~/runs/lol28,~/runs/liz28 --lengths 8192 --repeats 3 --json ~/res/dec28.json"
+dec28)    # alone: decode at 8k, the teacher and the fixed 9-exact-head layouts (speed does not depend on the weights)
+  $L dec28 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lizard-x9,lolcats-x9 --lengths 8192 --repeats 3 --json ~/res/dec28.json"
   ;;
 twentyseventh) # for the next session (~25 minutes). Alone: the linear backward's new warps rule against fla in one run
          # (kfla27, ~2 min). Then side by side (neither times anything): lizard and lolcats with 9 exact heads at 1000
