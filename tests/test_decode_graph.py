@@ -145,6 +145,35 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager(monkeypatch, caplog)
     assert sum("decoding without a CUDA graph" in r.message for r in caplog.records) == 1  # tried once, then eager
 
 
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_whole_step_that_fails_to_compile_is_tried_again_then_taken_uncompiled(monkeypatch, caplog, failing):
+    """compile_decode="model": a compiled variant that raises (as Inductor did for Lizard on the H100)
+    hands over to the next, and past the last compiled one to the plain step, still a captured step
+    rather than eager decoding."""
+    import attnswap.modeling.decode as gen
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("SubprocException: An exception occurred in a subprocess:\n...\nPassManager::run failed")
+
+    variants = list(gen.COMPILE_VARIANTS)
+    monkeypatch.setattr(gen, "compiled_step", lambda v: raises if variants.index(v) < failing else gen._pure_step_plain_reductions)
+    m = _converted(method="lizard")
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(7))
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "off")
+    ref, ref_scores = _greedy(m, ids, n=5)
+    monkeypatch.setenv("ATTNSWAP_DECODE_GRAPH", "static")
+    monkeypatch.setenv("ATTNSWAP_COMPILE_DECODE", "model")
+    with caplog.at_level("WARNING", logger="attnswap.modeling.decode"):
+        seq, scores = _greedy(m, ids, n=5)
+    assert torch.equal(seq, ref)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    (g,) = m._attnswap_decode_graphs.values()
+    assert g is not False and g.step_fn is (gen._pure_step if failing == 2 else gen._pure_step_plain_reductions)
+    msgs = [r.message for r in caplog.records]
+    assert sum("decode step failed" in x for x in msgs) == failing and "PassManager::run failed" in msgs[0]
+    assert not any("without a CUDA graph" in x for x in msgs)
+
+
 def test_captured_steps_are_bounded(monkeypatch):
     import attnswap.modeling.decode as gen
 

@@ -20,7 +20,11 @@ the path: ``auto`` (default; CUDA graphs on CUDA, eager elsewhere), ``off`` (alw
 ``static`` (the same static-buffer step without graph capture, on any device: for tests and
 debugging). ``compile_decode`` (env ``ATTNSWAP_COMPILE_DECODE``) also compiles with torch.compile
 (fewer, fused kernels inside the graph; the first step of each batch size compiles): ``model`` the
-whole one-token step, ``attn`` each layer's attention step only.
+whole one-token step, ``attn`` each layer's attention step only. A whole step that fails to compile
+is compiled again without Inductor's persistent reductions (on the H100 with Triton 3.6 one of
+Lizard's fused step kernels failed Triton's compiler with them, and compiled without them), and
+then taken uncompiled, still as a CUDA graph; a warning says which. Only a step that cannot be
+captured at all decodes eagerly.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def graph_mode(device: torch.device) -> str:
 class DecodeGraph:
     """One captured decode step for a given model, batch size, dtype and device."""
 
-    def __init__(self, model, cache, ids: torch.Tensor, pos: torch.Tensor, use_graph: bool):
+    def __init__(self, model, cache, ids: torch.Tensor, pos: torch.Tensor, use_graph: bool, step_fn=None):
         self.model = model
+        self.step_fn = step_fn or _pure_step  # the step itself, compiled or not (step_variants)
         self.ids = ids.clone()
         self.pos = pos.clone()
         self.state = [{k: t.clone() for k, t in layer.state.items()} for layer in cache.layers]
@@ -64,20 +69,16 @@ class DecodeGraph:
         self.graph = None
         if use_graph:
             self._capture()
+        else:  # one step run and undone, as the capture's warm-up does: a step that fails, fails here
+            saved = [{k: t.clone() for k, t in st.items()} for st in self.state]
+            self._body()
+            copy_states(self.state, saved)
 
     def _body(self):
         """One step on the static buffers: the new state is written into them in place."""
-        logits, new = self._step_fn()(self.model, self.ids, self.pos, self.state)
+        logits, new = self.step_fn(self.model, self.ids, self.pos, self.state)
         copy_states(self.state, new)
         return logits
-
-    def _step_fn(self):
-        if compile_setting() != "model":
-            return _pure_step
-        global _COMPILED_STEP
-        if _COMPILED_STEP is None:
-            _COMPILED_STEP = torch.compile(_pure_step, dynamic=False)
-        return _COMPILED_STEP
 
     def _capture(self):
         self.graph, self.logits = capture_graph(self._body, self.state)
@@ -107,8 +108,6 @@ class DecodeGraph:
         self.owner = weakref.ref(cache)
         return logits.clone()
 
-
-_COMPILED_STEP = None
 
 
 def copy_states(static: list[dict], fresh: list[dict]) -> None:
@@ -142,6 +141,39 @@ def _pure_step(model, ids, pos, states):
     cache = step_cache(states)
     out = model.stock_forward(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(cache))
     return out.logits, [layer.state for layer in cache.layers]
+
+
+def _pure_step_plain_reductions(model, ids, pos, states):
+    """``_pure_step`` under a code object of its own, so that its compiled entry (other Inductor options)
+    never meets the default one's in dynamo's cache."""
+    return _pure_step(model, ids, pos, states)
+
+
+# the whole step compiled, by name: Inductor's defaults, then without persistent reductions
+COMPILE_VARIANTS = {"default": (_pure_step, None),
+                    "no persistent reductions": (_pure_step_plain_reductions, {"triton.persistent_reductions": False})}
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_step(variant: str):
+    if variant not in _COMPILED:
+        fn, options = COMPILE_VARIANTS[variant]
+        _COMPILED[variant] = torch.compile(fn, dynamic=False, options=options)
+    return _COMPILED[variant]
+
+
+def step_variants() -> list[tuple[str, object]]:
+    """(label, step function) to try in turn for a new captured step: under ``compile_decode="model"`` the
+    compiled variants and then the plain step; otherwise the plain step alone."""
+    compiled = [(f"compiled ({v})", compiled_step(v)) for v in COMPILE_VARIANTS] if compile_setting() == "model" else []
+    return compiled + [("uncompiled", _pure_step)]
+
+
+def _brief(err: Exception) -> str:
+    """An error's first line, and its last one when they differ (Inductor wraps a compiler's failure in
+    a subprocess traceback: the last line names it)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [""]
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")[:400]
 
 
 def _is(a: dict, b: dict) -> bool:
@@ -187,12 +219,21 @@ def try_decode_step(model, input_ids, position_ids, past_key_values, inputs_embe
     if g is None:
         while len(graphs) >= MAX_GRAPHS:  # each holds a copy of the state and a memory pool
             graphs.pop(next(iter(graphs)))
-        try:
-            g = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda")
-        except Exception as err:  # never fail a generation over the fast path: decode eagerly instead
-            logger.warning("attnswap: decoding without a CUDA graph for batch size %d (%s: %s); set "
-                           "ATTNSWAP_DECODE_GRAPH=off to skip this attempt", input_ids.shape[0], type(err).__name__, err)
-            g = False
+        variants = step_variants()
+        for i, (label, fn) in enumerate(variants):
+            try:
+                g = DecodeGraph(model, past_key_values, input_ids, position_ids, use_graph=mode == "cuda", step_fn=fn)
+                break
+            except Exception as err:  # never fail a generation over the fast path
+                first = _brief(err)
+                if i + 1 < len(variants):
+                    logger.warning("attnswap: the %s decode step failed for batch size %d (%s: %s); trying it %s",
+                                   label, input_ids.shape[0], type(err).__name__, first, variants[i + 1][0])
+                    continue
+                logger.warning("attnswap: decoding without a CUDA graph for batch size %d (%s: %s); set "
+                               "ATTNSWAP_DECODE_GRAPH=off to skip this attempt", input_ids.shape[0],
+                               type(err).__name__, first)
+                g = False
         graphs[key] = g
     if g is False:
         return None
