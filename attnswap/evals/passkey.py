@@ -13,8 +13,8 @@ space before the digits) given that whitespace, which a model that would begin i
 " the" (a choice of format, not a lost key) still passes; and ``loose``: the same greedy answer read
 to ``LOOSE_TOKENS`` tokens, correct when its first number is the key (an answer that restates the
 question first, " the pass key is 48213", passes here and fails the strict score, whose few tokens end
-before the key). The headline ``accuracy`` is the strict one. ``misses`` keeps the first few answers
-that failed the strict score, to show what a model says instead. Prompts are built from token pieces
+before the key). The headline ``accuracy`` is the strict one. ``misses`` keeps, for each (length,
+depth) cell, the first answer that failed the strict score, to show what a model says instead. Prompts are built from token pieces
 (no re-tokenisation at the seams), so lengths are exact to within one filler sentence.
 """
 
@@ -33,7 +33,6 @@ FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " 
 NEEDLE = " The pass key is {key}. Remember it."
 QUESTION = " What is the pass key? The pass key is"
 LOOSE_TOKENS = 16  # the loose score's answer length, in tokens (the strict one reads the key's length + 3)
-MISSES_KEPT = 8
 
 
 def build_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
@@ -109,7 +108,7 @@ def run(lm: LM, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], s
                     loose[str(n)].append(first_number(longer) == key)
                     if len(examples) < 3 and s == 0:
                         examples.append({"length": n, "depth": d, "key": key, "answer": answer.strip()[:40]})
-                    if not hits[-1] and len(misses) < MISSES_KEPT:
+                    if not hits[-1] and hits.count(False) == 1:  # the cell's first miss
                         misses.append({"length": n, "depth": d, "key": key, "answer": longer[:60]})
                     bar.update(task, advance=1)
                 row[f"{d:g}"] = accuracy(hits)
