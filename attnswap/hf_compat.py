@@ -22,7 +22,9 @@ What still relies on internals, and how each is guarded:
   ``get_seq_length``, and ``get_mask_sizes`` reading the latter): ``StateLayer``, ``BlockSummaryLayer``,
   ``summary_slot``, ``StreamingLayer``, ``layer_slot``;
 - ``model.hf_quantizer`` left behind by a GGUF load: ``forget_quantizer``;
-- peft's module-name prefix ``base_model.model.``: ``strip_peft_prefix``.
+- peft's module-name prefix ``base_model.model.``: ``strip_peft_prefix``;
+- layer checkpointing's switch, ``gradient_checkpointing_enable`` up to 5.24 and
+  ``activation_checkpointing_enable`` from 5.25 (the old name warns there): ``layer_checkpointing``.
 
 The versions the test suite runs on are ``TESTED``; another version warns once, at import.
 """
@@ -117,6 +119,17 @@ def call_decoder_layer(layer, hidden_states, *, position_embeddings, position_id
     out = layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
                 position_ids=position_ids, use_cache=cache is not None, **cache_kwargs(cache))
     return out[0] if isinstance(out, tuple) else out
+
+
+def layer_checkpointing(model, on: bool, checkpoint_kwargs: dict | None = None) -> None:
+    """Turn transformers' per-layer activation checkpointing on (``checkpoint_kwargs`` go to
+    ``torch.utils.checkpoint.checkpoint``) or off, under whichever names this release gives the switch
+    and its keyword argument."""
+    stem = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{stem}_checkpointing_enable")(**{f"{stem}_checkpointing_kwargs": checkpoint_kwargs})
+    else:
+        getattr(model, f"{stem}_checkpointing_disable")()
 
 
 def new_cache(config=None) -> Cache:

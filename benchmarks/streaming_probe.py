@@ -19,11 +19,15 @@ If the streaming variant misses where the converted models do, the miss comes fr
 the streaming heads leave out, not from training; ``--far mean`` gives those heads back their hidden keys at
 one shared weight (the far attention's mass kept, its content averaged: what a far branch that only
 averages could do at best); ``--full-layers`` bisects which layers' far
-attention the answer needs. A benchmark: it prints a table and writes JSON, it asserts nothing. One
-unpadded sequence at a time.
+attention the answer needs; ``--attribute`` ranks the streaming heads instead, by the gradient of the
+key's first token's log-probability with respect to a weight per KV head that would move the head's
+output toward its exact attention (taken at 0: every one of them streaming), which says whether the
+far attention the answer needs sits in a few heads or is spread. A benchmark: it prints a table and
+writes JSON, it asserts nothing. One unpadded sequence at a time.
 
     python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --lengths 2048,4096,8192 --depths 1
     python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --full-layers "0-14;0-7;8-14" --variants streaming
+    python benchmarks/streaming_probe.py --model llama --exact runs/lolcats-x9 --attribute --lengths 8192 --depths 1
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from transformers import AttentionInterface
 from attnswap import loading
 from attnswap.convert.swap import parse_layers
 from attnswap.errors import AttnSwapError
-from attnswap.evals.common import HFModel, encode
+from attnswap.evals.common import HFModel, encode, split_head
+from attnswap.hf_compat import layer_checkpointing
 from attnswap.evals.passkey import build_prompt, first_number, leading_blanks
 from _common import commit
 
@@ -87,16 +92,23 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
     kv_exact = SETTINGS["exact"].get(module.layer_idx, set())
     exact = torch.tensor([h // G in kv_exact for h in range(H)])
     k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
-    out = torch.empty_like(query)
+    mix = SETTINGS.get("mix")
+    m = None if mix is None else mix[module.layer_idx].repeat_interleave(G)[None, :, None, None].to(query.dtype)
+    blocks = []
     for s in range(0, T, QUERY_BLOCK):
         e = min(T, s + QUERY_BLOCK)
         pos = torch.arange(s, e, device=query.device) + (S - T)
         mask = streaming_mask(pos, S, exact, SETTINGS["sinks"], SETTINGS["window"])[None]
+        q = query[:, :, s:e]
         if SETTINGS.get("far") == "mean":
-            out[:, :, s:e] = _far_mean(query[:, :, s:e], k, v, mask, pos, scaling or D ** -0.5)
+            o = _far_mean(q, k, v, mask, pos, scaling or D ** -0.5)
         else:
-            out[:, :, s:e] = F.scaled_dot_product_attention(query[:, :, s:e], k, v, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        if m is not None:  # attribution: each KV head's output moved toward its exact one by its weight
+            causal = streaming_mask(pos, S, torch.ones(H, dtype=torch.bool), 0, 1)[None]
+            o = o + m * (F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scaling) - o)
+        blocks.append(o)
+    return torch.cat(blocks, 2).transpose(1, 2).contiguous(), None
 
 
 def _far_mean(q, k, v, seen, pos, scale):
@@ -148,6 +160,37 @@ def score(model, tok, ids: list[int], key: str, answer_tokens: int = 0) -> dict:
     return out
 
 
+def attribute(model, tok, ids: list[int], key: str, exact: dict[int, set[int]], sinks: int, window: int) -> torch.Tensor:
+    """(layers, KV heads): the gradient of log p(the key's first token | prompt) with respect to a weight
+    m per KV head that moves the head's output from streaming (m = 0; every head streaming but
+    ``exact``'s) toward its exact attention (m = 1), taken at m = 0: by how much each head's far
+    attention alone would raise the answer. One forward and backward, layers recomputed (checkpointed)."""
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    dev = next(model.parameters()).device
+    mix = torch.zeros(n_layers, n_kv, device=dev, requires_grad=True)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    layer_checkpointing(model, True, {"use_reentrant": False})
+    model.train()  # transformers checkpoints layers only in training mode (SmolLM2 has no dropout)
+    SETTINGS["mix"] = mix
+    try:
+        with streaming(model, exact, sinks, window):
+            x = torch.tensor([ids], device=dev)
+            parts = split_head(model)  # the head at the last position only, where the model splits so
+            if parts is None:
+                logits = model(input_ids=x, use_cache=False).logits[0, -1]
+            else:
+                logits = parts[1](parts[0](input_ids=x, use_cache=False).last_hidden_state[0, -1])
+            logits.float().log_softmax(-1)[encode(tok, " " + key)[0]].backward()
+    finally:
+        SETTINGS.pop("mix", None)
+        layer_checkpointing(model, False)
+        model.eval()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return mix.grad.detach().cpu()
+
+
 def plan_runs(variants: list[str], base: dict[int, set[int]], full_layers: str | None, n_layers: int,
               n_kv: int) -> list[tuple[str, dict[int, set[int]]]]:
     """(label, exact KV heads by layer) for each variant: ``teacher`` every head; ``streaming`` the
@@ -184,6 +227,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--answer", type=int, default=0, metavar="N",
                     help="also decode a greedy answer of N tokens (16: the passkey evaluation's loose score)")
+    ap.add_argument("--attribute", action="store_true",
+                    help="instead of scoring: each streaming KV head's gradient toward its exact attention, on the "
+                         "log-probability of the key's first token, averaged over the prompts; prints the heads "
+                         "ranked and the top ones as an --exact list")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     variants = a.variants.split(",")
@@ -201,6 +248,8 @@ def main():
     except AttnSwapError as e:
         raise SystemExit(f"--full-layers: {e}") from None
     n_exact = sum(len(h) for h in base.values())
+    if a.attribute:
+        return attribute_main(a, model, tok, base, n_layers, n_kv)
     print(f"# {a.model}  device {dev}  dtype {next(model.parameters()).dtype}  attnswap commit {commit()}")
     print(f"# streaming: {n_exact} of {n_layers * n_kv} KV heads exact, the rest sinks {a.sinks} + window {a.window}"
           + (", the keys beyond them at their mean weight" if a.far == "mean" else ""))
@@ -232,6 +281,37 @@ def main():
             json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
                        "sinks": a.sinks, "window": a.window, "far": a.far, "answer_tokens": a.answer,
                        "prompts": records}, f)
+
+
+def attribute_main(a, model, tok, base, n_layers: int, n_kv: int) -> None:
+    rng = random.Random(a.seed)
+    grads, prompts = [], []
+    for n in (int(x) for x in a.lengths.split(",")):
+        for d in (float(x) for x in a.depths.split(",")):
+            for _ in range(a.samples):
+                key = str(rng.randint(10000, 99999))
+                ids, _ = build_prompt(tok, n, d, key)
+                grads.append(attribute(model, tok, ids, key, base, a.sinks, a.window))
+                prompts.append({"length": n, "depth": d, "key": key})
+                print(f"# attributed: length {n}, depth {d:g}, key {key}", flush=True)
+    g = torch.stack(grads).mean(0)
+    order = sorted(((float(g[i, h]), i, h) for i in range(n_layers) for h in range(n_kv)
+                    if h not in base.get(i, set())), reverse=True)
+    print(f"# {a.model}, attnswap commit {commit()}: d log p(key's first token) / d m at m = 0, mean of {len(grads)} "
+          f"prompts; streaming heads sinks {a.sinks} + window {a.window}, {sum(map(len, base.values()))} exact already")
+    print("| rank | head | gradient |\n|---|---|---|")
+    for r, (v, i, h) in enumerate(order[:20], 1):
+        print(f"| {r} | {i}.{h} | {v:+.4f} |")
+    total = sum(v for v, _, _ in order)
+    top = sum(v for v, _, _ in order[:9])
+    print(f"# sum over the {len(order)} streaming heads {total:+.4f}, the top 9 {top:+.4f}; by layer: "
+          + ", ".join(f"{i}: {float(g[i].sum()):+.3f}" for i in range(n_layers)))
+    print("# top 9 as --exact: " + ",".join(f"{i}.{h}" for _, i, h in order[:9]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
+                       "sinks": a.sinks, "window": a.window, "prompts": prompts, "gradient": g.tolist(),
+                       "per_prompt": [x.tolist() for x in grads]}, f)
 
 
 if __name__ == "__main__":

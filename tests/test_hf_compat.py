@@ -366,3 +366,17 @@ def test_summaries_grow_without_copying_all_rows_at_every_block():
         stores.add(layer._rows.data_ptr())
     assert layer.summaries("t", 2, 1)[0, :, 0].tolist() == [float(i) for i in range(40)]
     assert len(stores) <= 3  # capacity doubles: 16, 32, 64
+
+
+def test_layer_checkpointing_switches_every_layer_without_a_deprecation_warning():
+    """Under the name this release gives the switch (``activation_checkpointing_enable`` from 5.25,
+    ``gradient_checkpointing_enable`` before) and its keyword argument, with no FutureWarning."""
+    import warnings
+
+    m = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_compat.layer_checkpointing(m, True, {"use_reentrant": False})
+        assert all(layer.gradient_checkpointing for layer in m.model.layers)
+        hf_compat.layer_checkpointing(m, False)
+    assert not any(layer.gradient_checkpointing for layer in m.model.layers)

@@ -150,3 +150,38 @@ def test_greedy_answer_through_the_cache_matches_whole_forwards():
     assert got["answer"] == tok.decode(seq[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert got["loose"] == float(sp.first_number(got["answer"]) == "12345")
     assert "answer" not in sp.score(m, tok, ids, "12345")
+
+
+@pytest.mark.compat  # gradient checkpointing of transformers' layers, on both versions
+def test_attribution_is_the_gradient_toward_each_heads_exact_attention():
+    """``attribute``'s gradient agrees with central differences of the same objective (log p of the key's
+    first token) in each head's mixing weight; a head already exact gets 0; the model comes back in eval
+    mode with its parameters' flags; at weight 1 everywhere the model is the original."""
+    m, tok = tiny_model(), tiny_tokenizer()
+    m.model.embed_tokens.weight.requires_grad_(False)  # a flag to come back as it was
+    ids = encode(tok, "The quick brown fox jumps. The key is 12345. The lazy dog sleeps all day. The key is")
+    exact, first = {0: {1}}, encode(tok, " 12345")[0]
+    g = sp.attribute(m, tok, ids, "12345", exact, sinks=1, window=4)
+    n_layers, n_kv = m.config.num_hidden_layers, m.config.num_key_value_heads
+    assert g.shape == (n_layers, n_kv) and g[0, 1] == 0 and g.abs().sum() > 0
+    assert not m.training and not m.model.embed_tokens.weight.requires_grad and m.lm_head.weight.requires_grad
+
+    @torch.no_grad()
+    def objective(mix):
+        sp.SETTINGS["mix"] = mix
+        try:
+            with sp.streaming(m, exact, 1, 4):
+                logits = m(torch.tensor([ids])).logits[0, -1]
+        finally:
+            sp.SETTINGS.pop("mix")
+        return float(logits.double().log_softmax(-1)[first])
+
+    eps = 1e-3
+    for i in range(n_layers):
+        for h in range(n_kv):
+            e = torch.zeros(n_layers, n_kv)
+            e[i, h] = eps
+            fd = (objective(e) - objective(-e)) / (2 * eps)
+            assert fd == pytest.approx(float(g[i, h]), rel=2e-2, abs=1e-4), (i, h)
+    stock = m(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[first]
+    assert objective(torch.ones(n_layers, n_kv)) == pytest.approx(float(stock), rel=1e-5)
