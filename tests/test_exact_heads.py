@@ -242,7 +242,11 @@ def _tiny_args(tiny_dir, tiny_text, out):
 
 @pytest.mark.parametrize("value,needle", [("-1", "--exact-heads must not be negative (got -1)"),
                                           ("two", "--exact-heads takes a non-negative integer"),
-                                          ("7", "--exact-heads 7 is more than the 6 KV heads")])
+                                          ("7", "--exact-heads 7 is more than the 6 KV heads"),
+                                          ("0.x", "--exact-heads: '0.x' is not LAYER.HEAD"),
+                                          ("0.1,2.0,0.1", "--exact-heads names 0.1 twice"),
+                                          ("3.0", "--exact-heads 3.0: not a KV head of the converted layers"),
+                                          ("1.2", "--exact-heads 1.2: not a KV head of the converted layers")])
 def test_bad_exact_heads_flag_exits_2_in_one_line(tiny_dir, tiny_text, tmp_path, value, needle):
     out = tmp_path / "o"
     res = _cli(*_tiny_args(tiny_dir, tiny_text, out), "--exact-heads", value)
@@ -261,6 +265,25 @@ def test_flags_that_do_not_apply_are_refused(tiny_dir, tiny_text, tmp_path, extr
     last = res.output.strip().splitlines()[-1]  # (the last refusal comes after the model and data loaded)
     assert res.exit_code == 2 and needle in last and "Traceback" not in res.output, res.output
     assert not out.exists()
+
+
+def test_linearize_keeps_the_exact_heads_it_is_given(tiny_dir, tiny_text, tmp_path):
+    """--exact-heads LAYER.HEAD,...: those heads exact whatever calibration says (it still runs and is
+    reported); the saved model has them, and ranking flags are refused beside them."""
+    from attnswap.pipelines.linearize import parse_exact_heads
+
+    assert parse_exact_heads(" 2.1, 0.0") == ((2, 1), (0, 0)) and parse_exact_heads("3") == 3
+    out = tmp_path / "given"
+    res = _cli(*_tiny_args(tiny_dir, tiny_text, out), "--exact-heads", "2.1,0.0", "--steps", 6, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["exact_heads"] == {"0": [0], "2": [1]} and rep["exact_heads_by"] == "given"
+    assert rep["exact_head_count"] == 2 and sorted(rep["alpha"]) == ["0", "1", "2"]  # calibration ran
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert sorted((mod.layer_idx, h) for mod in swapped_modules(m) for h in mod.exact_heads) == [(0, 0), (2, 1)]
+    assert m.config.attnswap["calibration"]["ranked_by"] == "given"
+    bad = _cli(*_tiny_args(tiny_dir, tiny_text, tmp_path / "o"), "--exact-heads", "0.1", "--exact-heads-by", "probe")
+    assert bad.exit_code == 2 and "--exact-heads names them here" in bad.output and not (tmp_path / "o").exists()
 
 
 def test_steps_split_with_exact_heads():

@@ -90,11 +90,23 @@ def default_rows(attention: str, seq_len: int | None, batch_size: int | None, ma
 PROBE_ROWS = 16  # --exact-heads auto: retrieval rows of the calibration mix that the recall probe reads
 
 
-def parse_exact_heads(value) -> int | str:
-    """--exact-heads: a non-negative integer, or 'auto'."""
+def parse_exact_heads(value) -> int | str | tuple:
+    """--exact-heads: a non-negative integer, 'auto', or the heads themselves as LAYER.HEAD items
+    ('3.1,20.0': a tuple of (layer, KV head), in the order given, without repeats)."""
     text = str(value).strip().lower()
     if text == AUTO:
         return AUTO
+    if "." in text:
+        units = []
+        for item in text.split(","):
+            layer, _, head = item.strip().partition(".")
+            if not (layer.isdigit() and head.isdigit()):
+                raise AttnSwapError(f"--exact-heads: {item.strip()[:20]!r} is not LAYER.HEAD (e.g. 3.1, KV head 1 of "
+                                    "layer 3)")
+            if (int(layer), int(head)) in units:
+                raise AttnSwapError(f"--exact-heads names {item.strip()} twice")
+            units.append((int(layer), int(head)))
+        return tuple(units)
     try:
         n = int(text)
     except ValueError:
@@ -155,6 +167,11 @@ def run(cfg: LinearizeConfig) -> dict | None:
     if any(v is not None and v < 0 for v in (cfg.transfer_steps, cfg.lora_steps)):
         raise AttnSwapError("--transfer-steps and --lora-steps must not be negative")
     n_exact = parse_exact_heads(cfg.exact_heads)
+    given = n_exact if isinstance(n_exact, tuple) else None  # the heads named on the command line
+    if given:
+        n_exact = len(given)
+        if "exact_heads_by" in cfg.given:
+            raise AttnSwapError("--exact-heads-by ranks heads for a count; --exact-heads names them here")
     if cfg.retrieval_mix is None:
         cfg.retrieval_mix = EXACT_RETRIEVAL_MIX if n_exact else 0.0
     if n_exact:
@@ -205,6 +222,10 @@ def run(cfg: LinearizeConfig) -> dict | None:
     if window >= cfg.seq_len:
         console.print(f"warning: the {window}-token window covers every {cfg.seq_len}-token training row, so the linear "
                       "attention gets no training signal; use a --seq-len above the window, or a smaller --window")
+    for layer, head in given or ():
+        if layer not in chosen or head >= mcfg.num_key_value_heads:
+            raise AttnSwapError(f"--exact-heads {layer}.{head}: not a KV head of the converted layers ({len(chosen)} "
+                                f"layers of {n_layers}, {mcfg.num_key_value_heads} KV heads each)")
     if n_exact != AUTO and n_exact > len(chosen) * mcfg.num_key_value_heads:
         raise AttnSwapError(f"--exact-heads {n_exact} is more than the {len(chosen) * mcfg.num_key_value_heads} KV "
                             f"heads of the converted layers ({len(chosen)} x {mcfg.num_key_value_heads})")
@@ -219,7 +240,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
                 "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": str(ld.dtype), "transfer_lr": cfg.transfer_lr,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "ce_weight": cfg.ce_weight,
                 "lora_feature_maps": cfg.lora_feature_maps, "retrieval_mix": cfg.retrieval_mix,
-                **({"exact_heads": n_exact, "calib_steps": n_calib, "exact_heads_by": cfg.exact_heads_by,
+                **({"exact_heads": [list(u) for u in given] if given else n_exact, "calib_steps": n_calib,
+                    "exact_heads_by": "given" if given else cfg.exact_heads_by,
                     "calib_loss": cfg.calib_loss} if n_exact else {}),
                 **({"recall_floor": cfg.recall_floor} if n_exact == AUTO else {})}, cfg.resume)
 
@@ -243,7 +265,8 @@ def run(cfg: LinearizeConfig) -> dict | None:
     hint = resume_command(cfg.command, "linearize")
     with use_run(TrainingRun(ckpts, max_retries=cfg.nan_retries, resume_hint=hint)), clock.phase("training"):
         if n_exact:
-            net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report, calib_rows)
+            net, stats = _train_exact_heads(net, ld, cfg, swap, dcfg, mixed, n_exact, n_calib, report, calib_rows,
+                                            given)
         else:
             net, stats = distill(net, mixed, dcfg, shard=shard)
     if not ld.main and not shard:  # the other processes helped train; the main one evaluates and saves
@@ -267,10 +290,11 @@ def run(cfg: LinearizeConfig) -> dict | None:
 
 
 def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n_exact, n_calib: int, report: dict,
-                       calib_rows):
+                       calib_rows, given: tuple | None = None):
     """Attention transfer; per-KV-head calibration on retrieval-bearing text; the ``n_exact`` heads with the
     highest alpha stay exact (mixed layers), the others linear (``auto``: the fewest that meet the recall
-    floor); then LoRA against the teacher's logits."""
+    floor; ``given``: the heads named, calibration run and reported all the same); then LoRA against the
+    teacher's logits."""
     import dataclasses
 
     from ..distill.calibrate import CalibrationConfig, calibrate
@@ -290,7 +314,8 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
                       CalibrationConfig(steps=n_calib, batch_size=cfg.batch_size, per_head=True, seed=cfg.seed,
                                         step_offset=dcfg.transfer_steps, answers_only=answers))
     alphas = calib.units()  # (layer, KV head) -> alpha
-    ranked = rank_heads(alphas, scores, cfg.exact_heads_by)
+    ranked = list(given) if given else rank_heads(alphas, scores, cfg.exact_heads_by)
+    by = "given" if given else cfg.exact_heads_by
     if n_exact == AUTO:
         record = current_run().done_stages.setdefault("calibration", {})
         if "auto" not in record:  # a resumed run takes the N found before (the scan ran on the weights of then)
@@ -303,9 +328,9 @@ def _train_exact_heads(net, ld, cfg: LinearizeConfig, swap: dict, dcfg, train, n
     exact_report = {str(i): h for i, h in per_layer.items() if h}
     net.config.attnswap = {**net.config.attnswap, "swaps": swaps,
                            "calibration": {"unit": "kv_head", "alpha": alpha_report, "exact_heads": exact_report,
-                                           "steps": n_calib, "retrieval_mix": share, "ranked_by": cfg.exact_heads_by,
+                                           "steps": n_calib, "retrieval_mix": share, "ranked_by": by,
                                            "loss": cfg.calib_loss}}
-    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact, exact_heads_by=cfg.exact_heads_by,
+    report.update(alpha=alpha_report, exact_heads=exact_report, exact_head_count=n_exact, exact_heads_by=by,
                   calib_loss=cfg.calib_loss,
                   calibration_retrieval_mix=share, calibration_seconds=calib.seconds, calibration_loss=calib.loss,
                   calibration_tokens=calib.tokens, kv_cache=kv_cache_bytes(net.config, swaps, ld.dtype))
