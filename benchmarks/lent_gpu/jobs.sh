@@ -120,6 +120,20 @@ twentyfourth) # for the next session. Everything detached, each job alone, in th
     $J b24; $W gqalr3e5 gqalr3e4 gqarm25 gqahw; echo done > ~/res/twentyfourth.rc" > ~/res/twentyfourth.log 2>&1 &
   : > ~/res/tests24.log; echo "twentyfourth chain launched"
   ;;
+twentyninth) # for the next session (~15 minutes). Alone: decode at 8k through the compiled step (3f77fb9 retries a
+         # failed compile without persistent reductions in-process: lizard-x9 should compile, ~4 min). Then the heads
+         # ranked by their gradient toward exact attention on the 8k answer, and lolcats with those 9 exact (attr29.sh)
+  mkdir -p ~/res
+  setsid nohup bash -c "$J dec29; $W dec29; $J attr29; $W attr29; echo done > ~/res/twentyninth.rc" \
+    > ~/res/twentyninth.log 2>&1 &
+  : > ~/res/dec29.log; echo "twentyninth chain launched"
+  ;;
+dec29)    # alone: the teacher and the fixed 9-exact-head layouts, compiled whole step, in one run
+  $L dec29 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9 --lengths 8192 --repeats 3 --json ~/res/dec29.json"
+  ;;
+attr29)   # streaming_probe --attribute over 8k passkey prompts, the top 9 probed, then lolcats with them exact
+  $L attr29 "bash $REPO/benchmarks/lent_gpu/attr29.sh"
+  ;;
 twentyeighth) # ~15 minutes. Side by side (none times anything): lolcats with 9 exact heads on the default rows and
          # on rows of 8,192 (lizard's shliz28 left out for device time), each with passkey at 1k-8k, 8 prompts a cell, scored strict and loose (a 16-token answer: does the model at 8k, depth 1, restate the
          # question before the key, or lose it?) with its misses printed; the untrained streaming probe over the
