@@ -131,7 +131,7 @@ twentyninth) # for the next session (~15 minutes). Alone: decode at 8k through t
 dec29)    # alone: the teacher and the fixed 9-exact-head layouts, compiled whole step, in one run
   $L dec29 "ATTNSWAP_COMPILE_DECODE=model python generation.py --model $M --methods teacher,lolcats-x9,lizard-x9 --lengths 8192 --repeats 3 --json ~/res/dec29.json"
   ;;
-attr29)   # streaming_probe --attribute over 8k passkey prompts, the top 9 probed, then lolcats with them exact
+attr29)   # streaming_probe --attribute over 8k passkey prompts (depth 1; depths 0.5 and 1), each top 9 probed, then lolcats with each exact
   $L attr29 "bash $REPO/benchmarks/lent_gpu/attr29.sh"
   ;;
 twentyeighth) # ~15 minutes. Side by side (none times anything): lolcats with 9 exact heads on the default rows and
