@@ -231,8 +231,13 @@ def main():
                     help="instead of scoring: each streaming KV head's gradient toward its exact attention, on the "
                          "log-probability of the key's first token, averaged over the prompts; prints the heads "
                          "ranked and the top ones as an --exact list")
+    ap.add_argument("--rounds", type=int, default=0, metavar="N",
+                    help="with --attribute: also choose N heads greedily, each round making the best head exact and "
+                         "taking the gradient again from there (a forward and backward a prompt a round)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.rounds < 0 or (a.rounds and not a.attribute):
+        raise SystemExit("--rounds takes a non-negative count, and only with --attribute")
     variants = a.variants.split(",")
     if bad := [v for v in variants if v not in ("teacher", "streaming")]:
         raise SystemExit(f"--variants: unknown {bad}; use teacher and/or streaming")
@@ -285,33 +290,48 @@ def main():
 
 def attribute_main(a, model, tok, base, n_layers: int, n_kv: int) -> None:
     rng = random.Random(a.seed)
-    grads, prompts = [], []
+    prompts = []
     for n in (int(x) for x in a.lengths.split(",")):
         for d in (float(x) for x in a.depths.split(",")):
             for _ in range(a.samples):
                 key = str(rng.randint(10000, 99999))
-                ids, _ = build_prompt(tok, n, d, key)
-                grads.append(attribute(model, tok, ids, key, base, a.sinks, a.window))
-                prompts.append({"length": n, "depth": d, "key": key})
-                print(f"# attributed: length {n}, depth {d:g}, key {key}", flush=True)
-    g = torch.stack(grads).mean(0)
-    order = sorted(((float(g[i, h]), i, h) for i in range(n_layers) for h in range(n_kv)
-                    if h not in base.get(i, set())), reverse=True)
-    print(f"# {a.model}, attnswap commit {commit()}: d log p(key's first token) / d m at m = 0, mean of {len(grads)} "
+                prompts.append({"length": n, "depth": d, "key": key, "ids": build_prompt(tok, n, d, key)[0]})
+
+    def mean_gradient(exact):
+        grads = [attribute(model, tok, p["ids"], p["key"], exact, a.sinks, a.window) for p in prompts]
+        return torch.stack(grads).mean(0), grads
+
+    def ranked(g, exact):
+        return sorted(((float(g[i, h]), i, h) for i in range(n_layers) for h in range(n_kv)
+                       if h not in exact.get(i, set())), reverse=True)
+
+    g, grads = mean_gradient(base)
+    order = ranked(g, base)
+    print(f"# {a.model}, attnswap commit {commit()}: d log p(key's first token) / d m at m = 0, mean of {len(prompts)} "
           f"prompts; streaming heads sinks {a.sinks} + window {a.window}, {sum(map(len, base.values()))} exact already")
     print("| rank | head | gradient |\n|---|---|---|")
     for r, (v, i, h) in enumerate(order[:20], 1):
         print(f"| {r} | {i}.{h} | {v:+.4f} |")
-    total = sum(v for v, _, _ in order)
-    top = sum(v for v, _, _ in order[:9])
-    print(f"# sum over the {len(order)} streaming heads {total:+.4f}, the top 9 {top:+.4f}; by layer: "
-          + ", ".join(f"{i}: {float(g[i].sum()):+.3f}" for i in range(n_layers)))
-    print("# top 9 as --exact: " + ",".join(f"{i}.{h}" for _, i, h in order[:9]))
+    print(f"# sum over the {len(order)} streaming heads {sum(v for v, _, _ in order):+.4f}, the top 9 "
+          f"{sum(v for v, _, _ in order[:9]):+.4f}; by layer: " + ", ".join(f"{i}: {float(g[i].sum()):+.3f}" for i in range(n_layers)))
+    print("# top 9 as --exact: " + ",".join(f"{i}.{h}" for _, i, h in order[:9]), flush=True)
+    greedy = []
+    if a.rounds:  # greedy: the best head made exact, the gradient taken again from there, a round each
+        exact = {i: set(h) for i, h in base.items()}
+        v, i, h = order[0]
+        for r in range(a.rounds):
+            if r:
+                v, i, h = ranked(mean_gradient(exact)[0], exact)[0]
+            greedy.append({"head": f"{i}.{h}", "gradient": v})
+            exact.setdefault(i, set()).add(h)
+            print(f"# round {r + 1}: {i}.{h} ({v:+.4f})", flush=True)
+        print(f"# greedy {a.rounds} as --exact: " + ",".join(x["head"] for x in greedy))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "commit": commit(), "exact": {i: sorted(h) for i, h in base.items()},
-                       "sinks": a.sinks, "window": a.window, "prompts": prompts, "gradient": g.tolist(),
-                       "per_prompt": [x.tolist() for x in grads]}, f)
+                       "sinks": a.sinks, "window": a.window,
+                       "prompts": [{k: p[k] for k in ("length", "depth", "key")} for p in prompts],
+                       "gradient": g.tolist(), "per_prompt": [x.tolist() for x in grads], "greedy": greedy}, f)
 
 
 if __name__ == "__main__":

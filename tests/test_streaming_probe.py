@@ -185,3 +185,32 @@ def test_attribution_is_the_gradient_toward_each_heads_exact_attention():
             assert fd == pytest.approx(float(g[i, h]), rel=2e-2, abs=1e-4), (i, h)
     stock = m(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[first]
     assert objective(torch.ones(n_layers, n_kv)) == pytest.approx(float(stock), rel=1e-5)
+
+
+def test_attribute_rounds_pick_heads_greedily(tmp_path, monkeypatch):
+    """--rounds N: round r takes the best head of the gradient computed with the r - 1 heads before it
+    exact (the first from the single ranking); the picks are distinct and written to the JSON."""
+    m, tok = tiny_model(), tiny_tokenizer()
+    monkeypatch.setattr(sp.loading, "load_model", lambda *args, **kwargs: (m, tok))
+    monkeypatch.setattr(sp.loading, "resolve", lambda x: x)
+    seen = []
+    real = sp.attribute
+
+    def spy(model, tok_, ids, key, exact, sinks, window):
+        seen.append({i: set(h) for i, h in exact.items()})
+        return real(model, tok_, ids, key, exact, sinks, window)
+
+    monkeypatch.setattr(sp, "attribute", spy)
+    monkeypatch.setattr(sp, "build_prompt", lambda tok_, n, d, key: (encode(tok_, f"The key is {key}. The dog sleeps. The key is"), 0))
+    out = tmp_path / "a.json"
+    monkeypatch.setattr(sys, "argv", ["streaming_probe.py", "--attribute", "--rounds", "3", "--lengths", "64", "--depths", "1",
+                                      "--samples", "2", "--window", "3", "--sinks", "1", "--device", "cpu", "--json", str(out)])
+    sp.main()
+    picks = [tuple(map(int, x["head"].split("."))) for x in json.loads(out.read_text())["greedy"]]
+    assert len(picks) == len(set(picks)) == 3
+    assert len(seen) == 2 * 3  # the single ranking, then rounds 2 and 3, each over both prompts
+    assert seen[0] == {} and seen[2] == {picks[0][0]: {picks[0][1]}}
+    merged = {}
+    for layer, head in picks[:2]:
+        merged.setdefault(layer, set()).add(head)
+    assert seen[4] == merged

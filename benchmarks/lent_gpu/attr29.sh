@@ -6,11 +6,13 @@
 # heads, side by side, and score passkey as long28 did (issue 16: better than calibration's 62.5% at 8k?)
 set -e
 M=~/smollm2.gguf
-top() { grep "top 9 as --exact" "$1" | sed 's/.*: //'; }
-python streaming_probe.py --model $M --attribute --lengths 8192 --depths 1 --samples 4 --json ~/res/attr29a.json | tee ~/res/attr29a.out
-python streaming_probe.py --model $M --attribute --lengths 8192 --depths 0.5,1 --samples 4 --json ~/res/attr29b.json | tee ~/res/attr29b.out
+top() { grep "greedy 9 as --exact" "$1" | sed 's/.*: //'; }
+# greedy: 9 rounds, each making the best head exact and taking the gradient again (on the CPU at bb4ba5b the
+# single ranking from every head streaming brought the format back but lost one key's digits)
+python streaming_probe.py --model $M --attribute --rounds 9 --lengths 8192 --depths 1 --samples 4 --json ~/res/attr29a.json | tee ~/res/attr29a.out
+python streaming_probe.py --model $M --attribute --rounds 9 --lengths 8192 --depths 0.5,1 --samples 4 --json ~/res/attr29b.json | tee ~/res/attr29b.out
 A=$(top ~/res/attr29a.out); B=$(top ~/res/attr29b.out)
-echo "top 9, depth 1: $A; depths 0.5 and 1: $B"
+echo "greedy 9, depth 1: $A; depths 0.5 and 1: $B"
 for X in "$A" "$B"; do
   python streaming_probe.py --model $M --exact "$X" --variants streaming --lengths 4096,8192 --depths 0.5,1 --samples 4 --answer 16
 done
