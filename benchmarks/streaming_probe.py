@@ -45,7 +45,7 @@ from transformers import AttentionInterface
 from attnswap import loading
 from attnswap.convert.swap import parse_layers
 from attnswap.errors import AttnSwapError
-from attnswap.evals.common import HFModel, encode, split_head
+from attnswap.evals.common import HFModel, encode
 from attnswap.hf_compat import layer_checkpointing
 from attnswap.evals.passkey import build_prompt, first_number, leading_blanks
 from _common import commit
@@ -175,12 +175,7 @@ def attribute(model, tok, ids: list[int], key: str, exact: dict[int, set[int]], 
     SETTINGS["mix"] = mix
     try:
         with streaming(model, exact, sinks, window):
-            x = torch.tensor([ids], device=dev)
-            parts = split_head(model)  # the head at the last position only, where the model splits so
-            if parts is None:
-                logits = model(input_ids=x, use_cache=False).logits[0, -1]
-            else:
-                logits = parts[1](parts[0](input_ids=x, use_cache=False).last_hidden_state[0, -1])
+            logits = HFModel(model).logits_at(ids, [len(ids) - 1])[0]
             logits.float().log_softmax(-1)[encode(tok, " " + key)[0]].backward()
     finally:
         SETTINGS.pop("mix", None)

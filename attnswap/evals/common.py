@@ -24,6 +24,7 @@ from ..errors import AttnSwapError
 class LM(Protocol):
     def complete(self, ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
 
+    @torch.no_grad()
     def predicts(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[bool]: ...
 
 
@@ -74,10 +75,10 @@ class HFModel:
             out = self.model(input_ids=torch.tensor([[nxt]], device=dev), use_cache=True,
                              **cache_kwargs(output_cache(out)))
 
-    @torch.no_grad()
     def logits_at(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """(len(positions), vocab) logits at ``positions`` of one forward over ``ids``, without the
-        (T, vocab) logits of every position where the model splits into trunk and head."""
+        (T, vocab) logits of every position where the model splits into trunk and head. Under the
+        caller's grad mode (a gradient through it is ``streaming_probe.attribute``'s)."""
         dev = model_device(self.model)
         x = torch.tensor([list(ids)], device=dev)
         where = torch.tensor(list(positions), device=dev, dtype=torch.long)
@@ -87,6 +88,7 @@ class HFModel:
         trunk, head = parts
         return head(trunk(input_ids=x, use_cache=False).last_hidden_state[0, where])
 
+    @torch.no_grad()
     def predicts(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[bool]:
         if not spans:
             return []

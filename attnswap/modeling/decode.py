@@ -109,7 +109,6 @@ class DecodeGraph:
         return logits.clone()
 
 
-
 def copy_states(static: list[dict], fresh: list[dict]) -> None:
     """Write each layer's new state into its static buffers, in place (a tensor already there is kept)."""
     for dst, src in zip(static, fresh):
